@@ -1,0 +1,249 @@
+"""The one config tree: typed schema, YAML files with `include:`, command-line overrides.
+
+Every value a run uses lives here, with its default and why. Config files are merged onto the
+schema one at a time so that an error names the file (or the command line) it came from, in one
+line, with the closest valid key when a key is unknown.
+"""
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass, field
+from typing import Any, List, Optional, Sequence
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A config problem; its message is one line naming the key and where it came from."""
+
+
+@dataclass
+class RunConfig:
+    name: str = "mixer"
+    # Every artefact of a run (checkpoints, TensorBoard, eval records, resolved config) lives here.
+    dir: str = "runs/${run.name}"
+
+
+@dataclass
+class ModelConfig:
+    name: str = "mixer_b16_224"  # any name from pretrain.models.list_models()
+    num_classes: int = 1000
+    img_size: Optional[int] = None  # None: the variant's own resolution
+    drop_rate: float = 0.0
+    drop_path_rate: float = 0.0
+
+
+@dataclass
+class AugmentConfig:
+    # Inception-style crop as in the paper's pre-training; scale lower bound 0.08 is the usual default.
+    scale: List[float] = field(default_factory=lambda: [0.08, 1.0])
+    ratio: List[float] = field(default_factory=lambda: [3 / 4, 4 / 3])
+    hflip: bool = True
+
+
+@dataclass
+class DataConfig:
+    # `demo` generates the synthetic shapes set and the digits downstream set under `root` on first
+    # use; `none` expects `train`/`val` to exist already.
+    prepare: str = "none"
+    root: str = "data/demo"
+    # Shard specs: a brace pattern (`s3://b/train-{000000..000999}.tar`), a `::`-separated list, or a
+    # manifest `.json` written by data_pipeline.
+    train: str = MISSING
+    val: str = ""  # held-out upstream shards; "" disables the upstream evaluation
+    image_size: int = 224
+    num_workers: int = 8
+    shuffle_buffer: int = 10_000
+    crop_fraction: float = 0.875  # eval: resize to size/0.875, centre-crop size
+    # Normalisation happens on the device, after the uint8 batch has been copied there.
+    mean: List[float] = field(default_factory=lambda: [127.5, 127.5, 127.5])
+    std: List[float] = field(default_factory=lambda: [127.5, 127.5, 127.5])
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass
+class OptimConfig:
+    # Paper recipe: Adam(0.9, 0.999), linear warm-up, linear decay, global-norm clipping at 1.
+    lr: float = 1e-3  # peak learning rate for the global batch below
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    weight_decay: float = 0.1  # decoupled (AdamW); never applied to norms and biases
+    warmup_steps: int = 10_000
+    schedule: str = "linear"  # linear | cosine decay after warm-up
+    end_lr_ratio: float = 0.0  # lr at the last step, as a fraction of the peak
+    grad_clip: float = 1.0  # global L2 norm; 0 disables clipping
+    label_smoothing: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    steps: int = MISSING
+    global_batch_size: int = 4096  # split evenly across ranks
+    seed: int = 0
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; fp16 adds dynamic loss scaling)
+    device: str = "auto"  # auto (cuda if present) | cpu | cuda
+    log_every: int = 50
+
+
+@dataclass
+class EngineConfig:
+    kind: str = "ddp"  # single | ddp; with one process `ddp` runs as `single`
+    backend: str = "auto"  # auto: nccl on cuda, gloo on cpu
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 1000
+    keep_last: int = 3
+    # auto: continue from the newest valid checkpoint in run.dir if there is one; never: refuse to
+    # start in a run dir that already holds checkpoints (so nothing is overwritten by accident).
+    resume: str = "auto"
+
+
+@dataclass
+class UpstreamEvalConfig:
+    enabled: bool = True  # top-1/top-5/loss on data.val
+
+
+@dataclass
+class FewShotEvalConfig:
+    enabled: bool = False
+    train: str = ""  # shard spec of the downstream train split
+    test: str = ""
+    shots: List[int] = field(default_factory=lambda: [1, 5, 10, 25])
+    seeds: int = 3
+    # Ridge strengths tried; the one with the best accuracy on held-out training samples is used.
+    l2_regs: List[float] = field(default_factory=lambda: [2.0**k for k in range(-6, 15, 2)])
+
+
+@dataclass
+class EvalConfig:
+    # Runs after every checkpoint; a failing evaluator is logged and recorded, never fatal.
+    batch_size: int = 256
+    upstream: UpstreamEvalConfig = field(default_factory=UpstreamEvalConfig)
+    fewshot: FewShotEvalConfig = field(default_factory=FewShotEvalConfig)
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# Values with a closed set of choices; checked after merging so the message can name the source.
+CHOICES = {
+    "data.prepare": ("none", "demo"),
+    "optim.schedule": ("linear", "cosine"),
+    "train.precision": ("fp32", "bf16", "fp16"),
+    "train.device": ("auto", "cpu", "cuda"),
+    "engine.kind": ("single", "ddp"),
+    "engine.backend": ("auto", "gloo", "nccl"),
+    "checkpoint.resume": ("auto", "never"),
+}
+INCLUDE_KEY = "include"
+
+
+def _all_keys(node: Any, prefix: str = "") -> list[str]:
+    keys = []
+    for k in node.keys() if isinstance(node, DictConfig) else ():
+        full = f"{prefix}{k}"
+        keys.append(full)
+        child = node._get_node(k)
+        if isinstance(child, DictConfig):
+            keys.extend(_all_keys(child, full + "."))
+    return keys
+
+
+def _one_line(err: OmegaConfBaseException, source: str, schema: DictConfig) -> ConfigError:
+    key = getattr(err, "full_key", None) or getattr(err, "key", None) or "?"
+    first = str(err).splitlines()[0] if str(err) else type(err).__name__
+    if "not in" in first or "Key '" in first and "not" in first:
+        close = difflib.get_close_matches(str(key), _all_keys(schema), n=1, cutoff=0.5)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        return ConfigError(f"{source}: unknown key '{key}'{hint}")
+    if key == "?":
+        return ConfigError(f"{source}: {first}")
+    return ConfigError(f"{source}: bad value for '{key}': {first}")
+
+
+def _load_yaml(path: str, seen: tuple[str, ...] = ()) -> list[tuple[str, DictConfig]]:
+    """The file and everything it includes, in merge order (includes first)."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"{path}: config file not found")
+    if path in seen:
+        raise ConfigError(f"{path}: include cycle through {' -> '.join(seen)}")
+    try:
+        node = OmegaConf.load(path)
+    except Exception as e:  # YAML syntax errors carry multi-line context; keep the first line.
+        raise ConfigError(f"{path}: cannot parse YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(node, DictConfig):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    out: list[tuple[str, DictConfig]] = []
+    includes = node.pop(INCLUDE_KEY, None)
+    if isinstance(includes, str):
+        includes = [includes]
+    for inc in includes or []:
+        out += _load_yaml(os.path.join(os.path.dirname(path), str(inc)), seen + (path,))
+    out.append((path, node))
+    return out
+
+
+def load_config(path: str | None, overrides: Sequence[str] = ()) -> DictConfig:
+    """Schema defaults <- YAML file (and its includes) <- `dotted.key=value` overrides, validated."""
+    schema = OmegaConf.structured(Config)
+    sources = _load_yaml(path) if path else []
+    try:
+        cli = OmegaConf.from_dotlist(list(overrides))
+    except Exception as e:
+        raise ConfigError(f"command line: cannot parse override: {str(e).splitlines()[0]}") from None
+    sources.append(("command line", cli))
+
+    cfg = schema.copy()
+    for source, node in sources:
+        try:
+            cfg = OmegaConf.merge(cfg, node)
+        except OmegaConfBaseException as e:
+            raise _one_line(e, source, schema) from None
+    where = path or "command line"
+    try:
+        missing = sorted(OmegaConf.missing_keys(cfg))
+        if missing:
+            raise ConfigError(f"{where}: missing value for '{missing[0]}'")
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as e:
+        raise _one_line(e, where, schema) from None
+    for key, allowed in CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"{where}: '{key}' is {value!r}; choose one of {', '.join(allowed)}")
+    _check_ranges(cfg, where)
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def _check_ranges(cfg: DictConfig, where: str) -> None:
+    positive = ["train.steps", "train.global_batch_size", "train.log_every", "checkpoint.every_steps",
+                "checkpoint.keep_last", "data.image_size", "eval.batch_size"]
+    for key in positive:
+        if OmegaConf.select(cfg, key) <= 0:
+            raise ConfigError(f"{where}: '{key}' must be > 0, got {OmegaConf.select(cfg, key)}")
+    if cfg.data.num_workers < 0:
+        raise ConfigError(f"{where}: 'data.num_workers' must be >= 0")
+    if cfg.optim.warmup_steps < 0 or cfg.optim.lr <= 0:
+        raise ConfigError(f"{where}: 'optim.lr' must be > 0 and 'optim.warmup_steps' >= 0")
+    if len(cfg.optim.betas) != 2:
+        raise ConfigError(f"{where}: 'optim.betas' needs two values, got {list(cfg.optim.betas)}")
+    if cfg.eval.fewshot.enabled and not (cfg.eval.fewshot.train and cfg.eval.fewshot.test):
+        raise ConfigError(f"{where}: 'eval.fewshot.enabled' needs 'eval.fewshot.train' and 'eval.fewshot.test'")
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)

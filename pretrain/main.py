@@ -1,0 +1,59 @@
+"""Pre-train an MLP-Mixer.
+
+  python pretrain/main.py                                      # the demo: CPU, a few minutes
+  python pretrain/main.py --config configs/b16.yaml train.steps=1000 optim.lr=3e-3
+  torchrun --nproc_per_node 2 pretrain/main.py --config configs/demo.yaml   # DDP over gloo/nccl
+  deepspeed pretrain/main.py --config configs/h14.yaml        # the launcher passes --local_rank
+  python pretrain/main.py --config configs/l16.yaml --print-config
+
+Any `dotted.key=value` after the options overrides the config file.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: import the project packages, not this folder's files
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
+DEFAULT_CONFIG = str(Path(__file__).resolve().parent.parent / "configs" / "demo.yaml")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=DEFAULT_CONFIG, help="YAML config (default: the demo)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint (= checkpoint.resume=auto)")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from data_pipeline.urls import DataSpecError
+    from pretrain.checkpoint import CheckpointError
+    from pretrain.config import ConfigError, load_config, to_yaml
+
+    overrides = list(args.overrides) + (["checkpoint.resume=auto"] if args.resume else [])
+    trainer = None
+    try:
+        cfg = load_config(args.config, overrides)
+        if args.print_config:
+            print(to_yaml(cfg), end="")
+            return 0
+        from pretrain.trainer import Trainer
+        trainer = Trainer(cfg, config_source=args.config, local_rank=args.local_rank)
+        trainer.train()
+    except (ConfigError, DataSpecError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if trainer is not None:
+            trainer.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

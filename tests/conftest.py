@@ -1,0 +1,40 @@
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MAIN = str(ROOT / "pretrain" / "main.py")
+
+
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory) -> str:
+    """The demo data (shapes + digits shards), generated once per test session."""
+    from data_pipeline.demo import ensure_demo_data
+
+    root = str(tmp_path_factory.mktemp("demo_data"))
+    ensure_demo_data(root, image_size=32)
+    return root
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tiny_args(run_dir, demo_root, steps=30, every=15, *extra, batch=32) -> list[str]:
+    """The demo config shrunk to seconds: the 2-block test model, small batches, 1 few-shot seed."""
+    return ["--config", str(ROOT / "configs/demo.yaml"), f"run.dir={run_dir}", f"data.root={demo_root}",
+            "model.name=mixer_p4_32", f"train.steps={steps}", f"train.global_batch_size={batch}", "optim.lr=3e-3",
+            f"checkpoint.every_steps={every}", "train.log_every=5", "optim.warmup_steps=5",
+            "data.num_workers=1", "eval.fewshot.shots=[1,5]", "eval.fewshot.seeds=1", *extra]
+
+
+def run_main(args, launcher=None, timeout=300, **kw) -> subprocess.CompletedProcess:
+    cmd = (launcher or [sys.executable]) + [MAIN] + list(args)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT, **kw)
