@@ -90,6 +90,7 @@ class _PendingShard:
         return {"url": self.name, "num_samples": self.count, "sha256": self._hasher.sha256.hexdigest()}
 
     def abort(self) -> None:
+        self._tar.close()  # else tarfile's finaliser later writes to the closed file
         self._file.close()
         self.fs.rm(self.tmp)
 

@@ -61,6 +61,9 @@ class DataConfig:
     mean: List[float] = field(default_factory=lambda: [127.5, 127.5, 127.5])
     std: List[float] = field(default_factory=lambda: [127.5, 127.5, 127.5])
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # Corrupt or unreadable samples are skipped and counted; above this fraction the run stops,
+    # because a silently shrinking data set is worse than a clear failure.
+    max_skip_fraction: float = 0.01
 
 
 @dataclass

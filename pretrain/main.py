@@ -30,6 +30,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def one_line(err: BaseException) -> str:
+    """The message of a user-facing error, one line even when a DataLoader worker re-raised it
+    with the worker's traceback folded into the text."""
+    lines = [line for line in str(err).strip().splitlines() if line.strip()]
+    if len(lines) > 1 and "Original Traceback" in lines[1]:
+        return lines[-1].split(": ", 1)[-1]
+    return lines[0] if lines else type(err).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from data_pipeline.urls import DataSpecError
@@ -47,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         trainer = Trainer(cfg, config_source=args.config, local_rank=args.local_rank)
         trainer.train()
     except (ConfigError, DataSpecError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     finally:
         if trainer is not None:

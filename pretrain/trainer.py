@@ -14,7 +14,10 @@ from omegaconf import DictConfig
 from . import build
 from .checkpoint import Checkpointer, capture_rng, restore_rng
 from .config import ConfigError, to_yaml
-from .dist import init_distributed, shutdown
+from data_pipeline.errors import DataSpecError
+from data_pipeline.stream import SKIP_KINDS
+
+from .dist import all_reduce_sum, init_distributed, shutdown
 from .evaluation import EvalRunner
 from .monitor import Monitor, itstime
 
@@ -91,6 +94,20 @@ class Trainer:
         self.monitor.scalars(self.step, {"perf/checkpoint_s": t1 - t0, "perf/eval_s": time.perf_counter() - t1})
         self.monitor.pause(time.perf_counter() - t0)  # keep img/s a training-only figure
 
+    def check_data_health(self) -> None:
+        """Collective: report skipped samples, and stop if too large a fraction of the data is bad."""
+        skipped = self.loader.skipped
+        counts = all_reduce_sum(torch.tensor([skipped[k] for k in SKIP_KINDS] + [self.loader.delivered],
+                                             dtype=torch.float64)).tolist()
+        bad, delivered = sum(counts[:-1]), counts[-1]
+        if bad:
+            self.monitor.scalars(self.step, {f"data/skipped_{k}": v for k, v in zip(SKIP_KINDS, counts)})
+        fraction = bad / max(1.0, bad + delivered)
+        if fraction > self.cfg.data.max_skip_fraction:
+            raise DataSpecError(f"{fraction:.1%} of the samples read so far were skipped as unusable "
+                                f"({', '.join(f'{k} {int(v)}' for k, v in zip(SKIP_KINDS, counts) if v)}), above "
+                                f"data.max_skip_fraction={self.cfg.data.max_skip_fraction}; see the warnings above")
+
     def train(self) -> None:
         cfg = self.cfg
         if cfg.checkpoint.resume == "auto":
@@ -114,6 +131,8 @@ class Trainer:
             grad_norm = self.engine.step()
             self.step += 1
             self.monitor.step(self.step, loss, grad_norm, lr, data_wait)
+            if itstime(self.step, cfg.train.log_every, cfg.train.steps):
+                self.check_data_health()
             if itstime(self.step, cfg.checkpoint.every_steps, cfg.train.steps):
                 self.save_and_evaluate()
         log.info("done: %d steps, run dir %s", self.step, self.run_dir)

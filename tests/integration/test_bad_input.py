@@ -1,0 +1,55 @@
+"""Bad input stops a run at once with one line naming what is wrong, never a traceback wall."""
+import numpy as np
+import pytest
+
+from data_pipeline.shards import encode_jpeg, write_shards
+from tests.conftest import ROOT, run_main
+
+pytestmark = pytest.mark.slow
+
+
+def base_args(run_dir, train_spec):
+    return ["--config", str(ROOT / "configs/demo.yaml"), f"run.dir={run_dir}", "data.prepare=none",
+            f"data.train={train_spec}", "data.val=''", "eval.fewshot.enabled=false", "model.name=mixer_p4_32",
+            "train.steps=20", "train.global_batch_size=16", "train.log_every=5", "data.num_workers=0"]
+
+
+def test_missing_shards_name_the_spec(tmp_path):
+    spec = tmp_path / "nowhere" / "train.json"
+    r = run_main(base_args(tmp_path / "run", spec))
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and str(spec) in lines[0], r.stderr[-2000:]
+
+
+def test_too_many_corrupt_samples_stop_the_run(tmp_path):
+    rng = np.random.default_rng(0)
+    good = encode_jpeg(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    # Every 4th sample is a truncated JPEG: 25% bad, far above the 1% default limit.
+    samples = [(f"s{i:04d}", good[:40] if i % 4 == 0 else good, i % 10) for i in range(400)]
+    manifest = write_shards(samples, str(tmp_path / "shards"), "train", samples_per_shard=100)
+    assert manifest["num_samples"] == 400
+    r = run_main(base_args(tmp_path / "run", tmp_path / "shards/train.json"))
+    assert r.returncode == 2, r.stderr[-2000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "data.max_skip_fraction=0.01" in last and "bad_image" in last
+    # With a tolerant limit the same data trains to the end.
+    ok = run_main(base_args(tmp_path / "run2", tmp_path / "shards/train.json") + ["data.max_skip_fraction=0.5"])
+    assert ok.returncode == 0, ok.stderr[-2000:]
+
+
+def test_image_size_mismatch_is_a_config_error(tmp_path):
+    r = run_main(["--config", str(ROOT / "configs/demo.yaml"), f"run.dir={tmp_path}", "data.image_size=64"])
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [
+        f"error: {ROOT / 'configs/demo.yaml'}: 'data.image_size' is 64 but mixer_t4_32 takes 32 px; "
+        "set model.img_size=64 or data.image_size"]
+
+
+def test_all_shards_missing_is_one_line_not_a_worker_traceback(tmp_path):
+    r = run_main(base_args(tmp_path / "run", tmp_path / "none-{000..003}.tar") + ["data.num_workers=1"])
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1] == (
+        "error: rank 0 worker 0: no usable sample in its shards for epoch 0 (see the warnings above); "
+        "check the data spec")
