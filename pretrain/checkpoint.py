@@ -38,7 +38,11 @@ STEP_DIR = re.compile(r"^step_(\d{7,})$")
 
 
 class CheckpointError(RuntimeError):
-    pass
+    """A checkpoint that cannot be used (corrupt, partial, or of another format)."""
+
+
+class CheckpointLayoutError(CheckpointError):
+    """A valid checkpoint that this run cannot take (e.g. another world size): never skipped silently."""
 
 
 def capture_rng() -> dict[str, Any]:
@@ -176,7 +180,7 @@ class Checkpointer:
         if meta.get("format_version") != FORMAT_VERSION:
             raise CheckpointError(f"{path}: format_version {meta.get('format_version')} != {FORMAT_VERSION}")
         if meta["world_size"] != self.dist.world_size:
-            raise CheckpointError(
+            raise CheckpointLayoutError(
                 f"{path}: written by {meta['world_size']} ranks, this run has {self.dist.world_size}; "
                 "resuming on a different world size is not supported by this engine")
         model = st_load(self._read_verified(path, meta, "model.safetensors"))
@@ -191,8 +195,8 @@ class Checkpointer:
         for step in reversed(self.list_steps()):
             try:
                 return self.load(step)
+            except CheckpointLayoutError:
+                raise
             except CheckpointError as e:
-                if "world size" in str(e):
-                    raise
                 log.warning("skipping checkpoint: %s", e)
         return None

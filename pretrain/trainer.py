@@ -52,7 +52,7 @@ class Trainer:
         self.loader = build.build_train_loader(cfg, self.dist, self.batch_size)
         self.checkpointer = Checkpointer(self.run_dir, self.dist, keep_last=cfg.checkpoint.keep_last)
         self.monitor = Monitor(self.run_dir, self.dist, cfg.train.steps, cfg.train.log_every,
-                               cfg.train.global_batch_size, getattr(model, "flops_per_image", lambda: None)())
+                               cfg.train.global_batch_size, model.flops_per_image())
         self.evaluate = EvalRunner(build.build_evaluators(cfg, self.dist, self.forward), self.run_dir,
                                    self.dist, self.monitor.scalars)
         self.step = 0  # optimiser steps taken; everything else is owned by the components

@@ -38,8 +38,19 @@ def test_single_process_run_trains_checkpoints_and_evaluates(tmp_path, demo_root
     # clears chance (0.1) by far more than sampling noise (~0.007).
     losses = [float(m) for m in re.findall(r"step \d+/150  loss ([0-9.]+)", r.stderr)]
     assert len(losses) == 30 and losses[0] > 2.25 and losses[-1] < losses[0] - 0.1
+    # ...and it is the reference curve: any change to data order, init, schedule or loss shows up here.
+    ref = json.loads((ROOT / "tests/assets/losses/tiny_p4_150.json").read_text())
+    worst = max(abs(a - b) for a, b in zip(losses, ref["losses"]))
+    assert worst <= ref["tolerance"], f"loss curve left the reference by {worst:.4f}: {losses}"
     assert records[-1]["results"]["upstream"]["top1"] > 0.15
-    assert list((run_dir / "tb").glob("events.out.tfevents.*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    tb = EventAccumulator(str(run_dir / "tb"))
+    tb.Reload()
+    tags = set(tb.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "train/grad_norm", "perf/img_per_s", "eval/upstream/top1",
+            "eval/fewshot/5shot"} <= tags
+    assert [e.step for e in tb.Scalars("eval/upstream/top1")] == [75, 150]
+    assert [e.step for e in tb.Scalars("train/loss")] == list(range(5, 151, 5))
     assert (run_dir / "config.yaml").read_text().count("mixer_p4_32") == 1
     # A second launch finds the finished run and does nothing.
     again = run_main(args)
@@ -86,3 +97,23 @@ def test_kill_and_resume_is_bit_exact(tmp_path, demo_root):
     ra = {r["step"]: r["results"] for r in eval_records(straight)}
     rb = {r["step"]: r["results"] for r in eval_records(killed)}
     assert ra[40] == rb[40]
+
+
+def short_run_losses(run_dir, demo_root, precision):
+    r = run_main(tiny_args(run_dir, demo_root, 20, 20, f"train.precision={precision}", "eval.fewshot.enabled=false"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert eval_records(run_dir)[0]["errors"] == {}
+    return [float(m) for m in re.findall(r"step \d+/20  loss ([0-9.]+)", r.stderr)]
+
+
+def test_mixed_precision_switch_on_cpu(tmp_path, demo_root):
+    fp32 = short_run_losses(tmp_path / "fp32", demo_root, "fp32")
+    for precision in ("bf16", "fp16"):
+        low = short_run_losses(tmp_path / precision, demo_root, precision)
+        assert len(low) == len(fp32) == 4
+        # Autocast really ran (the weights differ from fp32's in their bits) and stayed sane (the
+        # losses agree closely).
+        w32 = load_file(tmp_path / "fp32/checkpoints/step_0000020/model.safetensors")
+        wlow = load_file(tmp_path / precision / "checkpoints/step_0000020/model.safetensors")
+        assert any(not (w32[k] == wlow[k]).all() for k in w32), f"{precision} gave fp32's exact weights"
+        assert max(abs(a - b) for a, b in zip(low, fp32)) < 0.05, (precision, low, fp32)
