@@ -65,21 +65,18 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
-    """Mean over ranks (identity with one process)."""
-    if dist.is_available() and dist.is_initialized():
-        values = values.clone()
-        dist.all_reduce(values)
-        values /= dist.get_world_size()
-    return values
-
-
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     """Sum over ranks (identity with one process)."""
     if dist.is_available() and dist.is_initialized():
         values = values.clone()
         dist.all_reduce(values)
     return values
+
+
+def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
+    """Mean over ranks (identity with one process)."""
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    return all_reduce_sum(values) / world
 
 
 def shutdown() -> None:

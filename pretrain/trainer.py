@@ -11,12 +11,12 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
-from . import build
-from .checkpoint import Checkpointer, capture_rng, restore_rng
-from .config import ConfigError, to_yaml
 from data_pipeline.errors import DataSpecError
 from data_pipeline.stream import SKIP_KINDS
 
+from . import build
+from .checkpoint import Checkpointer, capture_rng, restore_rng
+from .config import ConfigError, to_yaml
 from .dist import all_reduce_sum, init_distributed, shutdown
 from .evaluation import EvalRunner
 from .monitor import Monitor, itstime
