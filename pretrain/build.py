@@ -16,7 +16,7 @@ from .config import ConfigError
 from .dist import DistInfo, barrier
 from .engine import Engine, build_engine
 from .evaluation import Evaluator, FewShotEvaluator, Forward, UpstreamEvaluator
-from .models import create_model
+from .models import apply_mlp_impl, create_model
 from .optim import build_optimizer, build_scheduler
 
 
@@ -48,7 +48,7 @@ def build_model(cfg: DictConfig, where: str = "config") -> nn.Module:
     if tuple(model.stem.img_size) != (size, size):
         raise ConfigError(f"{where}: 'data.image_size' is {size} but {cfg.model.name} takes "
                           f"{model.stem.img_size[0]} px; set model.img_size={size} or data.image_size")
-    return model
+    return apply_mlp_impl(model, cfg.model.mlp_impl)
 
 
 def build_train_engine(cfg: DictConfig, model: nn.Module, dist_info: DistInfo) -> Engine:

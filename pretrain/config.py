@@ -33,6 +33,9 @@ class ModelConfig:
     img_size: Optional[int] = None  # None: the variant's own resolution
     drop_rate: float = 0.0
     drop_path_rate: float = 0.0
+    # How the Mixer MLPs run: eager | compile (torch.compile per block) | fused (Triton, bf16/fp16
+    # autocast only; falls back to eager with one warning where Triton or CUDA is missing).
+    mlp_impl: str = "eager"
 
 
 @dataclass
@@ -144,6 +147,7 @@ class Config:
 # Values with a closed set of choices; checked after merging so the message can name the source.
 CHOICES = {
     "data.prepare": ("none", "demo"),
+    "model.mlp_impl": ("eager", "compile", "fused"),
     "optim.schedule": ("linear", "cosine"),
     "train.precision": ("fp32", "bf16", "fp16"),
     "train.device": ("auto", "cpu", "cuda"),

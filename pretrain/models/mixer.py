@@ -16,7 +16,7 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
-__all__ = ["DropPath", "Mlp", "MixerBlock", "PatchEmbed", "MlpMixer", "MODEL_CFGS"]
+__all__ = ["DropPath", "Mlp", "TokenMixingMlp", "MixerBlock", "PatchEmbed", "MlpMixer", "MODEL_CFGS"]
 
 IntOrPair = Union[int, Sequence[int]]
 
@@ -98,6 +98,18 @@ class Mlp(nn.Module):
         return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
 
 
+class TokenMixingMlp(Mlp):
+    """The token-mixing MLP: an ``Mlp`` over the token axis of [B, N, C] activations.
+
+    Same parameters and names as ``Mlp``; taking [B, N, C] itself (rather than the caller
+    transposing) lets the fused implementation mix tokens without materialising a transpose.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: [B, N, C] -> [B, N, C], mixing along N."""
+        return super().forward(x.transpose(1, 2)).transpose(1, 2)
+
+
 class MixerBlock(nn.Module):
     """One Mixer layer: a token-mixing MLP then a channel-mixing MLP, each pre-norm + residual.
 
@@ -122,14 +134,14 @@ class MixerBlock(nn.Module):
         tokens_dim, channels_dim = int(ratios[0] * dim), int(ratios[1] * dim)
         self.norm1 = norm_layer(dim)
         # Token mixing acts along the sequence axis: in/out features are the token count.
-        self.mlp_tokens = Mlp(seq_len, tokens_dim, act_layer=act_layer, drop=drop)
+        self.mlp_tokens = TokenMixingMlp(seq_len, tokens_dim, act_layer=act_layer, drop=drop)
         self.drop_path = DropPath(drop_path)
         self.norm2 = norm_layer(dim)
         self.mlp_channels = Mlp(dim, channels_dim, act_layer=act_layer, drop=drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: [B, N, C] -> [B, N, C]."""
-        x = x + self.drop_path(self.mlp_tokens(self.norm1(x).transpose(1, 2)).transpose(1, 2))
+        x = x + self.drop_path(self.mlp_tokens(self.norm1(x)))
         x = x + self.drop_path(self.mlp_channels(self.norm2(x)))
         return x
 

@@ -1,0 +1,201 @@
+"""The fused mixed-precision Mixer MLPs (``model.mlp_impl: fused``).
+
+Forward per MLP, in bf16/fp16 with fp32 accumulation (see ``triton_kernels``):
+
+* fc1 as one Triton matmul whose epilogue adds the bias and applies GELU; it writes the
+  pre-activation (kept for backward) and the activation (consumed by fc2, then freed);
+* fc2 as one Triton matmul with the bias in its epilogue;
+* token mixing as ``W @ x[b]`` on the ``[B, N, C]`` activations through strides: no transposes.
+
+Backward recomputes GELU from the saved pre-activation inside the kernel that forms
+``dL/dpre = (dL/dout @ W2) * gelu'(pre)``; the remaining weight/input gradients are plain GEMMs
+and reductions left to cuBLAS through torch.
+
+The fused modules keep the eager modules' ``fc1``/``fc2`` parameters (same objects, same
+names), so checkpoints, optimisers and engines do not notice the swap. They run the eager code
+whenever fusing does not apply: fp32 math, dropout inside the MLP while training, tanh-GELU, or
+a device Triton cannot run on.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+from torch import nn
+
+from .mixer import MixerBlock, Mlp, TokenMixingMlp
+
+__all__ = ["fused_unavailable_reason", "use_fused_mlp", "FusedMlp", "FusedTokenMixingMlp",
+           "fused_channel_mlp", "fused_token_mlp"]
+
+_FUSED_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def fused_unavailable_reason() -> str | None:
+    """Why the Triton path cannot run in this process, or None if it can."""
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    if not torch.cuda.is_available() and not _interpreting():
+        return "no CUDA device (and TRITON_INTERPRET is not set)"
+    try:
+        from . import triton_kernels  # noqa: F401
+    except Exception as e:  # a Triton that does not match this torch/driver
+        return f"triton cannot be imported: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return None
+
+
+def _kernels():
+    from . import triton_kernels
+
+    return triton_kernels
+
+
+# ------------------------------------------------------------------------- autograd functions
+class _ChannelMlpFn(torch.autograd.Function):
+    """``gelu(x @ W1^T + b1) @ W2^T + b2`` on rows x [M, C]."""
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2):
+        k = _kernels()
+        act, pre = k.fused_matmul(x[None], w1.t()[None], b1, k.BIAS_COL, k.EPI_GELU)
+        out, _ = k.fused_matmul(act, w2.t()[None], b2, k.BIAS_COL)
+        ctx.save_for_backward(x, w1, w2, pre)
+        return out[0]
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        k = _kernels()
+        x, w1, w2, pre = ctx.saved_tensors
+        g = grad_out.contiguous()
+        d_pre, act = k.fused_matmul(g[None], w2[None], epilogue=k.EPI_DGELU, aux=pre)
+        d_pre, act = d_pre[0], act[0]
+        grad_w2 = g.t() @ act
+        grad_b2 = g.sum(0, dtype=torch.float32).to(g.dtype)
+        grad_w1 = d_pre.t() @ x
+        grad_b1 = d_pre.sum(0, dtype=torch.float32).to(g.dtype)
+        grad_x = d_pre @ w1
+        return grad_x, grad_w1, grad_b1, grad_w2, grad_b2
+
+
+class _TokenMlpFn(torch.autograd.Function):
+    """Token mixing on x [B, N, C]: ``out[b] = W2 @ gelu(W1 @ x[b] + b1) + b2`` (biases per row)."""
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2):
+        k = _kernels()
+        batch = x.shape[0]
+        # expand(): the shared weight gets batch stride 0, read once per tile, never copied.
+        act, pre = k.fused_matmul(w1.expand(batch, *w1.shape), x, b1, k.BIAS_ROW, k.EPI_GELU)
+        out, _ = k.fused_matmul(w2.expand(batch, *w2.shape), act, b2, k.BIAS_ROW)
+        ctx.save_for_backward(x, w1, w2, pre)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        k = _kernels()
+        x, w1, w2, pre = ctx.saved_tensors
+        g = grad_out.contiguous()
+        batch = g.shape[0]
+        w2t = w2.t()
+        d_pre, act = k.fused_matmul(w2t.expand(batch, *w2t.shape), g, epilogue=k.EPI_DGELU, aux=pre)
+        # Weight gradients sum over the batch; per-sample products are [N, D_S]-sized, so small.
+        grad_w2 = torch.matmul(g, act.transpose(1, 2)).sum(0, dtype=torch.float32).to(g.dtype)
+        grad_b2 = g.sum((0, 2), dtype=torch.float32).to(g.dtype)
+        grad_w1 = torch.matmul(d_pre, x.transpose(1, 2)).sum(0, dtype=torch.float32).to(g.dtype)
+        grad_b1 = d_pre.sum((0, 2), dtype=torch.float32).to(g.dtype)
+        grad_x = torch.matmul(w1.t(), d_pre)
+        return grad_x, grad_w1, grad_b1, grad_w2, grad_b2
+
+
+def fused_channel_mlp(x, w1, b1, w2, b2):
+    """Channel MLP over the last axis of x [..., C], all operands in one 16-bit dtype."""
+    shape = x.shape
+    out = _ChannelMlpFn.apply(x.reshape(-1, shape[-1]).contiguous(), w1, b1, w2, b2)
+    return out.view(*shape[:-1], out.shape[-1])
+
+
+def fused_token_mlp(x, w1, b1, w2, b2):
+    """Token MLP over axis 1 of x [B, N, C], all operands in one 16-bit dtype."""
+    return _TokenMlpFn.apply(x.contiguous(), w1, b1, w2, b2)
+
+
+# ------------------------------------------------------------------------------------ modules
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
+
+
+class _FusedMixin:
+    """Shared by both fused MLPs: adopt an eager Mlp's submodules and decide when to fuse."""
+
+    def _adopt(self, mlp: Mlp) -> None:
+        nn.Module.__init__(self)
+        # The same submodules (and so the same Parameter objects, under the same names).
+        self.fc1, self.act, self.drop1, self.fc2, self.drop2 = mlp.fc1, mlp.act, mlp.drop1, mlp.fc2, mlp.drop2
+
+    def _fusable(self, x: torch.Tensor) -> torch.dtype | None:
+        dtype = _compute_dtype(x)
+        if dtype not in _FUSED_DTYPES:
+            return None
+        if self.training and self.drop1.p > 0:  # dropout between fc1 and fc2 is not fused
+            return None
+        if not isinstance(self.act, nn.GELU) or self.act.approximate != "none":
+            return None
+        if not (x.is_cuda or _interpreting()):
+            return None
+        return dtype
+
+    def _operands(self, x: torch.Tensor, dtype: torch.dtype):
+        # The casts autocast would do for F.linear; their backward returns fp32 grads to the params.
+        return (x.to(dtype), self.fc1.weight.to(dtype), self.fc1.bias.to(dtype),
+                self.fc2.weight.to(dtype), self.fc2.bias.to(dtype))
+
+
+class FusedMlp(_FusedMixin, Mlp):
+    """Channel MLP with the Triton path; eager ``Mlp`` semantics and parameters."""
+
+    def __init__(self, mlp: Mlp) -> None:
+        self._adopt(mlp)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = self._fusable(x)
+        if dtype is None:
+            return super().forward(x)
+        return self.drop2(fused_channel_mlp(*self._operands(x, dtype)))
+
+
+class FusedTokenMixingMlp(_FusedMixin, TokenMixingMlp):
+    """Token MLP with the Triton path on [B, N, C], no transposes; eager semantics and parameters."""
+
+    def __init__(self, mlp: TokenMixingMlp) -> None:
+        self._adopt(mlp)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = self._fusable(x)
+        if dtype is None:
+            return super().forward(x)
+        return self.drop2(fused_token_mlp(*self._operands(x, dtype)))
+
+
+def use_fused_mlp(model: nn.Module) -> int:
+    """Swap every MixerBlock's MLPs for the fused ones in place; returns the number of blocks changed.
+
+    Parameters are shared, not copied, so call this before building the optimiser or after: either works.
+    """
+    count = 0
+    for block in model.modules():
+        if isinstance(block, MixerBlock):
+            if not isinstance(block.mlp_tokens, FusedTokenMixingMlp):
+                block.mlp_tokens = FusedTokenMixingMlp(block.mlp_tokens)
+            if not isinstance(block.mlp_channels, FusedMlp):
+                block.mlp_channels = FusedMlp(block.mlp_channels)
+            count += 1
+    return count
