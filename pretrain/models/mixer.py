@@ -213,6 +213,11 @@ class MlpMixer(nn.Module):
         self.num_features = self.embed_dim = embed_dim
         self.global_pool = global_pool
         self.grad_checkpointing = False
+        # The constructor arguments, so a variant of this model (new resolution) can be built.
+        self.init_kwargs = dict(
+            num_classes=num_classes, img_size=img_hw, in_chans=in_chans, patch_size=patch_hw, num_blocks=num_blocks,
+            embed_dim=embed_dim, mlp_ratio=mlp_ratio, drop_rate=drop_rate, proj_drop_rate=proj_drop_rate,
+            drop_path_rate=drop_path_rate, global_pool=global_pool, act=act)
 
         self.stem = PatchEmbed(img_hw, patch_hw, in_chans, embed_dim)
         self.num_tokens = self.stem.num_patches
