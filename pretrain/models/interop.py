@@ -176,18 +176,18 @@ def check_compatible(model: nn.Module, state_dict: Mapping[str, torch.Tensor], s
                      skip: tuple[str, ...] = ()) -> None:
     """Raise CheckpointMismatchError (one line) at the first missing, unexpected or mis-shaped key."""
     ours = {k: v for k, v in model.state_dict().items() if k not in skip}
-    for key, value in state_dict.items():
-        if key in skip:
-            continue
-        if key not in ours:
-            raise CheckpointMismatchError(f"{source}: unexpected key {key!r} (not in the model)")
-        if tuple(value.shape) != tuple(ours[key].shape):
+    # Walk in the model's order (files may store keys sorted), so "first" means first in the network.
+    for key, value in ours.items():
+        if key not in state_dict:
+            missing = [k for k in ours if k not in state_dict]
+            raise CheckpointMismatchError(f"{source}: missing key {key!r} ({len(missing)} missing in all)")
+        if tuple(state_dict[key].shape) != tuple(value.shape):
             raise CheckpointMismatchError(
-                f"{source}: shape mismatch at {key!r}: checkpoint {tuple(value.shape)}, "
-                f"model {tuple(ours[key].shape)}")
-    missing = [k for k in ours if k not in state_dict]
-    if missing:
-        raise CheckpointMismatchError(f"{source}: missing key {missing[0]!r} ({len(missing)} missing in all)")
+                f"{source}: shape mismatch at {key!r}: checkpoint {tuple(state_dict[key].shape)}, "
+                f"model {tuple(value.shape)}")
+    unexpected = [k for k in state_dict if k not in ours and k not in skip]
+    if unexpected:
+        raise CheckpointMismatchError(f"{source}: unexpected key {unexpected[0]!r} (not in the model)")
 
 
 def load_pretrained(model: nn.Module, source: str | Mapping[str, torch.Tensor], reset_head: bool = False) -> nn.Module:
