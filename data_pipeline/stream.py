@@ -142,7 +142,7 @@ def resolve_source(source: DataSource, index: int, storage: StorageOptions) -> _
             part = part.strip()
             if part.endswith(".json"):
                 try:
-                    shards = read_manifest(part)["shards"]
+                    shards = read_manifest(part, storage)["shards"]
                 except DataSpecError as exc:
                     raise DataSpecError(f"data spec {source.spec!r}: {exc}") from None
                 urls += [s["url"] for s in shards]

@@ -11,9 +11,24 @@ import math
 import numpy as np
 from PIL import Image
 
+try:  # libjpeg-turbo with DCT scaling, without PIL's per-call overhead; PIL's draft mode otherwise
+    import simplejpeg
+except ImportError:  # pragma: no cover - depends on the platform's wheels
+    simplejpeg = None
+
+_JPEG_MAGIC = b"\xff\xd8"
+
 
 def decode_image(data: bytes, min_size: int | None = None) -> Image.Image:
     """Decode image bytes to RGB; JPEGs at least twice ``min_size`` are DCT-downscaled while decoding."""
+    if simplejpeg is not None and data[:2] == _JPEG_MAGIC:
+        try:
+            # min_height/min_width: the largest 1/2, 1/4, 1/8 DCT scale that keeps both sides >= min_size,
+            # as PIL's draft(); strict (the default) raises on corrupt or truncated data.
+            kw = {"min_height": min_size, "min_width": min_size} if min_size else {}
+            return Image.fromarray(simplejpeg.decode_jpeg(data, colorspace="RGB", **kw), "RGB")
+        except ValueError:
+            pass  # e.g. CMYK or progressive oddities simplejpeg refuses: let PIL decide
     img = Image.open(io.BytesIO(data))
     if min_size is not None:
         # draft() picks the largest 1/2, 1/4, 1/8 DCT scale that keeps both sides >= min_size;

@@ -9,7 +9,8 @@ from torch import nn
 
 from data_pipeline.demo import ensure_demo_data
 from data_pipeline.device import normalize
-from data_pipeline.stream import Batch, TrainLoader, eval_batches
+from data_pipeline.storage import StorageOptions
+from data_pipeline.stream import Batch, DataSource, TrainLoader, eval_batches
 from data_pipeline.transforms import EvalTransform, TrainTransform
 
 from .config import ConfigError
@@ -66,9 +67,14 @@ def build_train_loader(cfg: DictConfig, dist_info: DistInfo, batch_size: int) ->
     d = cfg.data
     transform = TrainTransform(d.image_size, scale=tuple(d.augment.scale), ratio=tuple(d.augment.ratio),
                                hflip=d.augment.hflip)
-    return TrainLoader(d.train, batch_size=batch_size, transform=transform, seed=cfg.train.seed,
+    sources = [DataSource(s.train, s.weight, s.name) for s in d.sources] or d.train
+    st = d.storage
+    storage = StorageOptions(s3_endpoint=st.s3_endpoint, s3_profile=st.s3_profile, s3_anon=st.s3_anon,
+                             retries=st.retries, backoff_s=st.backoff_s)
+    return TrainLoader(sources, batch_size=batch_size, transform=transform, seed=cfg.train.seed,
                        rank=dist_info.rank, world_size=dist_info.world_size, num_workers=d.num_workers,
-                       shuffle_buffer=d.shuffle_buffer, pin_memory=dist_info.device.type == "cuda")
+                       shuffle_buffer=d.shuffle_buffer, pin_memory=dist_info.device.type == "cuda",
+                       epoch_mode=d.epoch_mode, storage=storage)
 
 
 def build_forward(cfg: DictConfig, dist_info: DistInfo, engine: Engine) -> Forward:

@@ -44,6 +44,24 @@ class AugmentConfig:
 
 
 @dataclass
+class SourceConfig:
+    # One weighted training source; weights are normalised over data.sources.
+    train: str = MISSING  # shard spec, as data.train
+    weight: float = 1.0
+    name: str = ""
+
+
+@dataclass
+class StorageConfig:
+    # Object storage access; credentials come from the environment / the SDK chain, never from here.
+    s3_endpoint: str = ""  # e.g. http://minio:9000; "" = AWS (or AWS_ENDPOINT_URL in the environment)
+    s3_profile: str = ""  # ~/.aws profile name; "" = default chain
+    s3_anon: bool = False  # public buckets
+    retries: int = 5  # further attempts after a failed shard open/read, with exponential back-off
+    backoff_s: float = 0.5
+
+
+@dataclass
 class DataConfig:
     # `demo` generates the synthetic shapes set and the digits downstream set under `root` on first
     # use; `none` expects `train`/`val` to exist already.
@@ -61,6 +79,12 @@ class DataConfig:
     mean: List[float] = field(default_factory=lambda: [127.5, 127.5, 127.5])
     std: List[float] = field(default_factory=lambda: [127.5, 127.5, 127.5])
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # Several weighted sources mixed per batch; when non-empty it replaces `train`.
+    sources: List[SourceConfig] = field(default_factory=list)
+    # exact: every epoch visits each sample once (at most world_size - 1 dropped per epoch end);
+    # resampled: each epoch draws its shards with replacement.
+    epoch_mode: str = "exact"
+    storage: StorageConfig = field(default_factory=StorageConfig)
     # Corrupt or unreadable samples are skipped and counted; above this fraction the run stops,
     # because a silently shrinking data set is worse than a clear failure.
     max_skip_fraction: float = 0.01
@@ -144,6 +168,7 @@ class Config:
 # Values with a closed set of choices; checked after merging so the message can name the source.
 CHOICES = {
     "data.prepare": ("none", "demo"),
+    "data.epoch_mode": ("exact", "resampled"),
     "optim.schedule": ("linear", "cosine"),
     "train.precision": ("fp32", "bf16", "fp16"),
     "train.device": ("auto", "cpu", "cuda"),
