@@ -50,8 +50,20 @@ DEFAULT_STORAGE = StorageOptions()
 _PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 
 
+def _transient_cause(exn: BaseException) -> bool:
+    # fsspec's HTTP back-end reports "connection refused" as FileNotFoundError(url) raised from the
+    # connection error; look through the chain so an outage is retried, not mistaken for a missing file.
+    seen = exn.__cause__ or exn.__context__
+    while seen is not None:
+        if isinstance(seen, (ConnectionError, TimeoutError)) or "Connect" in type(seen).__name__:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def is_permanent(exn: BaseException) -> bool:
-    return isinstance(exn, _PERMANENT)
+    """True when retrying cannot help: the object is missing or forbidden (and not because of an outage)."""
+    return isinstance(exn, _PERMANENT) and not _transient_cause(exn)
 
 
 def open_url(url: str, storage: StorageOptions = DEFAULT_STORAGE, mode: str = "rb") -> IO:

@@ -75,22 +75,18 @@ def test_elastic_resume_local_2x2_to_1x3_and_4x1(tmp_path):
     check_elastic(tmp_path, [[spec, 1.0]], keys, first_steps=4)
 
 
-def test_elastic_resume_two_weighted_sources(tmp_path):
-    # 3:1 weights; 216 + 72 samples = 12 global batches of 18 + 6, so both epochs end together.
-    spec_a, keys_a = write_uneven(tmp_path / "shards", "a", [16, 50, 70, 80])
-    spec_b, keys_b = write_uneven(tmp_path / "shards", "b", [30, 42])
-    # After 4 steps 144 + 48 remain: divisible by 1, 2, 3 and 4 ranks, so nothing is dropped at the end.
-    check_elastic(tmp_path, [[spec_a, 3.0], [spec_b, 1.0]], keys_a + keys_b, first_steps=4)
-
-
-def test_elastic_resume_from_s3(tmp_path, s3_server):
+def test_elastic_resume_two_weighted_sources_from_s3(tmp_path, s3_server):
     import s3fs
 
-    spec, keys = write_uneven(tmp_path / "shards", "a", [10, 20, 30, 40, 50, 90])
+    # 3:1 weights; 216 + 72 samples = 12 global batches of 18 + 6, so both epochs end together.
+    # After 4 steps 144 + 48 remain: divisible by 1, 2, 3 and 4 ranks, so nothing is dropped at the end.
+    spec_a, keys_a = write_uneven(tmp_path / "shards", "a", [16, 50, 70, 80])
+    spec_b, keys_b = write_uneven(tmp_path / "shards", "b", [30, 42])
     fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server.endpoint})
     fs.put(str(tmp_path / "shards") + "/", s3_server.url("train") + "/", recursive=True)
-    s3_spec = spec.replace(str(tmp_path / "shards"), s3_server.url("train"))
-    check_elastic(tmp_path, [[s3_spec, 1.0]], keys, first_steps=3, s3_endpoint=s3_server.endpoint)
+    sources = [[spec.replace(str(tmp_path / "shards"), s3_server.url("train")), weight]
+               for spec, weight in ((spec_a, 3.0), (spec_b, 1.0))]
+    check_elastic(tmp_path, sources, keys_a + keys_b, first_steps=4, s3_endpoint=s3_server.endpoint)
 
 
 def test_uneven_shards_give_every_rank_the_same_batches(tmp_path):
