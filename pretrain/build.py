@@ -7,6 +7,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from data_pipeline.augment import MixupCutmix, RandAugment
 from data_pipeline.demo import ensure_demo_data
 from data_pipeline.device import normalize
 from data_pipeline.storage import StorageOptions
@@ -65,8 +66,10 @@ def build_train_engine(cfg: DictConfig, model: nn.Module, dist_info: DistInfo) -
 
 def build_train_loader(cfg: DictConfig, dist_info: DistInfo, batch_size: int) -> TrainLoader:
     d = cfg.data
-    transform = TrainTransform(d.image_size, scale=tuple(d.augment.scale), ratio=tuple(d.augment.ratio),
-                               hflip=d.augment.hflip)
+    a = d.augment
+    randaugment = RandAugment(a.randaugment_ops, a.randaugment_magnitude) if a.randaugment_ops else None
+    transform = TrainTransform(d.image_size, scale=tuple(a.scale), ratio=tuple(a.ratio), hflip=a.hflip,
+                               randaugment=randaugment)
     sources = [DataSource(s.train, s.weight, s.name) for s in d.sources] or d.train
     st = d.storage
     storage = StorageOptions(s3_endpoint=st.s3_endpoint, s3_profile=st.s3_profile, s3_anon=st.s3_anon,
@@ -77,19 +80,30 @@ def build_train_loader(cfg: DictConfig, dist_info: DistInfo, batch_size: int) ->
                        epoch_mode=d.epoch_mode, storage=storage)
 
 
-def build_forward(cfg: DictConfig, dist_info: DistInfo, engine: Engine) -> Forward:
-    mean, std, device = list(cfg.data.mean), list(cfg.data.std), dist_info.device
+def _prepare(cfg: DictConfig, device: torch.device, mix: MixupCutmix | None):
+    mean, std = list(cfg.data.mean), list(cfg.data.std)
 
     def prepare(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         # uint8 crosses the bus (4x fewer bytes than float32); normalisation runs on the device.
         images = batch.images.to(device, non_blocking=True)
-        return normalize(images, mean, std), batch.labels.to(device, non_blocking=True)
+        images, labels = normalize(images, mean, std), batch.labels.to(device, non_blocking=True)
+        if mix is not None and mix.enabled:  # soft targets [B, num_classes]; F.cross_entropy takes them as is
+            images, labels = mix(images, labels, batch.keys)
+        return images, labels
 
-    return Forward(prepare=prepare, autocast=engine.autocast)
+    return prepare
+
+
+def build_forward(cfg: DictConfig, dist_info: DistInfo, engine: Engine) -> Forward:
+    a = cfg.data.augment
+    mix = MixupCutmix(cfg.model.num_classes, a.mixup_alpha, a.cutmix_alpha, a.mix_prob, a.mix_switch_prob,
+                      seed=cfg.train.seed)
+    return Forward(prepare=_prepare(cfg, dist_info.device, mix), autocast=engine.autocast)
 
 
 def build_evaluators(cfg: DictConfig, dist_info: DistInfo, forward: Forward) -> list[Evaluator]:
     e, d = cfg.eval, cfg.data
+    forward = Forward(prepare=_prepare(cfg, dist_info.device, None), autocast=forward.autocast)  # never mixed
     transform = EvalTransform(d.image_size, crop_fraction=d.crop_fraction)
     batches = partial(eval_batches, batch_size=e.batch_size, transform=transform, num_workers=0)
     evaluators: list[Evaluator] = []

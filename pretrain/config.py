@@ -41,6 +41,14 @@ class AugmentConfig:
     scale: List[float] = field(default_factory=lambda: [0.08, 1.0])
     ratio: List[float] = field(default_factory=lambda: [3 / 4, 4 / 3])
     hflip: bool = True
+    # RandAugment on the CPU workers: ops per image (0 = off) and magnitude (0..30, 9 is the usual).
+    randaugment_ops: int = 0
+    randaugment_magnitude: int = 9
+    # Batch-wise mixup / cutmix on the device (0 = off); targets become soft [B, num_classes].
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    mix_prob: float = 1.0  # fraction of batches mixed
+    mix_switch_prob: float = 0.5  # cutmix instead of mixup when both are on
 
 
 @dataclass
@@ -84,6 +92,9 @@ class DataConfig:
     # exact: every epoch visits each sample once (at most world_size - 1 dropped per epoch end);
     # resampled: each epoch draws its shards with replacement.
     epoch_mode: str = "exact"
+    # cpu: decode + crop/flip in the DataLoader workers; gpu: JPEG bytes go to the device and are decoded
+    # there in batches (nvJPEG via torchvision), falling back to cpu with one warning where unavailable.
+    decode: str = "cpu"
     storage: StorageConfig = field(default_factory=StorageConfig)
     # Corrupt or unreadable samples are skipped and counted; above this fraction the run stops,
     # because a silently shrinking data set is worse than a clear failure.
@@ -169,6 +180,7 @@ class Config:
 CHOICES = {
     "data.prepare": ("none", "demo"),
     "data.epoch_mode": ("exact", "resampled"),
+    "data.decode": ("cpu", "gpu"),
     "optim.schedule": ("linear", "cosine"),
     "train.precision": ("fp32", "bf16", "fp16"),
     "train.device": ("auto", "cpu", "cuda"),
