@@ -47,10 +47,14 @@ class Batch:
     labels: torch.Tensor  # int64 [B]
     keys: list[str]
     sources: list[int] | None = None  # index of the source of each sample (mixing statistics)
+    # decode "gpu": JPEG bytes (uint8 1-D tensors) and [B, 5] (top, left, h, w, flip) instead of pixels
+    encoded: list[torch.Tensor] | None = None
+    crops: torch.Tensor | None = None
 
     def pin_memory(self) -> Batch:
         """Page-locked copy (DataLoader's pin thread calls this)."""
-        return replace(self, images=self.images.pin_memory(), labels=self.labels.pin_memory())
+        encoded = [e.pin_memory() for e in self.encoded] if self.encoded is not None else None
+        return replace(self, images=self.images.pin_memory(), labels=self.labels.pin_memory(), encoded=encoded)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
         """Copy the tensors to ``device`` (images stay uint8: normalise there with ``device.normalize``)."""
@@ -125,8 +129,13 @@ def decode_sample(sample: dict[str, Any], image_fn: Callable[[bytes], np.ndarray
     return pixels, label
 
 
-def _make_batch(images: list[np.ndarray], labels: list[int], keys: list[str], size: int = 0,
+def _make_batch(images: list, labels: list[int], keys: list[str], size: int = 0,
                 sources: list[int] | None = None) -> Batch:
+    if images and isinstance(images[0], tuple):  # gpu decode: (jpeg bytes, crop) pairs
+        return Batch(images=torch.zeros((0, size, size, 3), dtype=torch.uint8),
+                     labels=torch.tensor(labels, dtype=torch.int64), keys=list(keys), sources=sources,
+                     encoded=[torch.frombuffer(bytearray(b), dtype=torch.uint8) for b, _ in images],
+                     crops=torch.tensor([c for _, c in images], dtype=torch.int64))
     stacked = np.stack(images) if images else np.zeros((0, size, size, 3), dtype=np.uint8)
     return Batch(images=torch.from_numpy(stacked), labels=torch.tensor(labels, dtype=torch.int64),
                  keys=list(keys), sources=sources)

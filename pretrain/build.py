@@ -1,6 +1,7 @@
 """The one place where the config tree becomes objects: model, data streams, engine, evaluators."""
 from __future__ import annotations
 
+import logging
 from functools import partial
 
 import torch
@@ -10,6 +11,7 @@ from torch import nn
 from data_pipeline.augment import MixupCutmix, RandAugment
 from data_pipeline.demo import ensure_demo_data
 from data_pipeline.device import normalize
+from data_pipeline.gpu_decode import CropPlanner, decode_batch, gpu_decode_available
 from data_pipeline.storage import StorageOptions
 from data_pipeline.stream import Batch, DataSource, TrainLoader, eval_batches
 from data_pipeline.transforms import EvalTransform, TrainTransform
@@ -20,6 +22,8 @@ from .engine import Engine, build_engine
 from .evaluation import Evaluator, FewShotEvaluator, Forward, UpstreamEvaluator
 from .models import create_model
 from .optim import build_optimizer, build_scheduler
+
+log = logging.getLogger("pretrain")
 
 
 def per_device_batch_size(cfg: DictConfig, dist_info: DistInfo, where: str) -> int:
@@ -70,6 +74,12 @@ def build_train_loader(cfg: DictConfig, dist_info: DistInfo, batch_size: int) ->
     randaugment = RandAugment(a.randaugment_ops, a.randaugment_magnitude) if a.randaugment_ops else None
     transform = TrainTransform(d.image_size, scale=tuple(a.scale), ratio=tuple(a.ratio), hflip=a.hflip,
                                randaugment=randaugment)
+    if d.decode == "gpu":
+        why_not = gpu_decode_available(dist_info.device)
+        if why_not:
+            log.warning("data.decode is 'gpu' but %s: decoding on the CPU workers instead", why_not)
+        else:
+            transform = CropPlanner(transform)  # workers read headers and draw crops; pixels come later
     sources = [DataSource(s.train, s.weight, s.name) for s in d.sources] or d.train
     st = d.storage
     storage = StorageOptions(s3_endpoint=st.s3_endpoint, s3_profile=st.s3_profile, s3_anon=st.s3_anon,
@@ -84,11 +94,16 @@ def _prepare(cfg: DictConfig, device: torch.device, mix: MixupCutmix | None):
     mean, std = list(cfg.data.mean), list(cfg.data.std)
 
     def prepare(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        # uint8 crosses the bus (4x fewer bytes than float32); normalisation runs on the device.
-        images = batch.images.to(device, non_blocking=True)
-        images, labels = normalize(images, mean, std), batch.labels.to(device, non_blocking=True)
+        keys, labels = batch.keys, batch.labels
+        if batch.encoded is not None:  # data.decode gpu: JPEG bytes in, decoded + cropped on the device
+            images, keep = decode_batch(batch.encoded, batch.crops, cfg.data.image_size, device)
+            labels, keys = labels[keep], [k for k, ok in zip(keys, keep.tolist()) if ok]
+        else:
+            # uint8 crosses the bus (4x fewer bytes than float32); normalisation runs on the device.
+            images = batch.images.to(device, non_blocking=True)
+        images, labels = normalize(images, mean, std), labels.to(device, non_blocking=True)
         if mix is not None and mix.enabled:  # soft targets [B, num_classes]; F.cross_entropy takes them as is
-            images, labels = mix(images, labels, batch.keys)
+            images, labels = mix(images, labels, keys)
         return images, labels
 
     return prepare
