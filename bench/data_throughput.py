@@ -7,7 +7,10 @@ Both pipelines do decode + RandomResizedCrop(224) + flip + collate to uint8 batc
     baseline  torch.utils.data.DataLoader over the JPEGs as files, PIL decode, numpy crop/flip
     ours_s3   (--s3) the same shards served by a moto S3 server on loopback
 
-    python bench/data_throughput.py --workers 2 --images 2000 --out bench/results/data_cpu.json
+    python bench/data_throughput.py --workers 2 --images 2000 --s3 --out bench/results/data_cpu.json
+
+``img_s`` is wall-clock images/s; ``img_per_cpu_s`` divides by the CPU seconds the main process and
+its workers actually used, which stays meaningful when other jobs share the machine's cores.
 
 With CUDA present, ``--gpu`` also times decode on the device (torchvision.io.decode_jpeg) when available.
 """
@@ -49,11 +52,20 @@ def make_images(n: int, seed: int = 0) -> list[bytes]:
     return [out[i % len(out)] for i in range(n)]
 
 
-class FilesDataset(torch.utils.data.Dataset):
-    """The plain baseline: one JPEG file per sample, PIL decode, crop, flip."""
+_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+_STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
 
-    def __init__(self, paths: list[str]) -> None:
-        self.paths = paths
+
+class FilesDataset(torch.utils.data.Dataset):
+    """The plain baseline: one JPEG file per sample, PIL decode, crop, flip.
+
+    ``recipe="torchvision"`` is the canonical ImageNet recipe written out without torchvision:
+    RandomResizedCrop (crop, then resize), RandomHorizontalFlip, ToTensor (float / 255), Normalize,
+    float32 batches. ``recipe="uint8"`` is a stronger baseline: one-pass crop+resize, uint8 out.
+    """
+
+    def __init__(self, paths: list[str], recipe: str) -> None:
+        self.paths, self.recipe = paths, recipe
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -62,20 +74,92 @@ class FilesDataset(torch.utils.data.Dataset):
         rng = np.random.default_rng(i)
         img = Image.open(self.paths[i]).convert("RGB")
         top, left, h, w = random_resized_crop_params(img.width, img.height, rng)
-        img = img.resize((SIZE, SIZE), Image.Resampling.BILINEAR, box=(left, top, left + w, top + h))
+        if self.recipe == "uint8":
+            img = img.resize((SIZE, SIZE), Image.Resampling.BILINEAR, box=(left, top, left + w, top + h))
+        else:
+            img = img.crop((left, top, left + w, top + h)).resize((SIZE, SIZE), Image.Resampling.BILINEAR)
         if rng.random() < 0.5:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return torch.from_numpy(np.asarray(img, dtype=np.uint8)), 0
+        pixels = torch.from_numpy(np.array(img, dtype=np.uint8))
+        if self.recipe == "uint8":
+            return pixels, 0
+        return (pixels.permute(2, 0, 1).float().div(255) - _MEAN) / _STD, 0
 
 
-def time_loader(batches, n_images: int, batch: int) -> float:
+def _cpu_seconds() -> float:
+    """CPU time (user + system) of this process and its live children (the DataLoader workers)."""
+    import psutil
+
+    procs = [psutil.Process()] + psutil.Process().children(recursive=True)
+    total = 0.0
+    for proc in procs:
+        try:
+            t = proc.cpu_times()
+            total += t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def time_loader(batches, n_images: int) -> dict:
+    """Wall-clock img/s and img per CPU-second (robust to other load on a shared machine)."""
     it = iter(batches)
-    next(it)  # start-up (worker spawn, first shard open) is not throughput
-    t0, seen = time.perf_counter(), 0
+    for _ in range(2):
+        next(it)  # start-up (worker spawn, first shard open) is not throughput
+    t0, c0, seen = time.perf_counter(), _cpu_seconds(), 0
     while seen < n_images:
         b = next(it)
         seen += b[0].shape[0] if isinstance(b, (list, tuple)) else len(b)
-    return seen / (time.perf_counter() - t0)
+    wall, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
+    del it
+    return {"img_s": seen / wall, "img_per_cpu_s": seen / cpu}
+
+
+def time_gpu_path(spec: str, workers: int, n_images: int, batch: int) -> dict:
+    """decode: gpu — workers plan crops from headers, the device decodes (nvJPEG) and crops."""
+    from data_pipeline.gpu_decode import CropPlanner, decode_batch
+
+    device = torch.device("cuda")
+    loader = TrainLoader(spec, batch_size=batch, transform=CropPlanner(TrainTransform(SIZE)), seed=0,
+                         num_workers=workers, shuffle_buffer=1000, pin_memory=True)
+    it = iter(loader)
+    for _ in range(2):
+        b = next(it)
+        decode_batch(b.encoded, b.crops, SIZE, device)
+    torch.cuda.synchronize()
+    t0, seen = time.perf_counter(), 0
+    while seen < n_images:
+        b = next(it)
+        images, keep = decode_batch(b.encoded, b.crops, SIZE, device)
+        seen += int(keep.sum())
+    torch.cuda.synchronize()
+    return {"img_s": seen / (time.perf_counter() - t0)}
+
+
+def time_b16_step(batch: int = 256, steps: int = 10) -> dict:
+    """Images/s one Mixer-B/16 bf16 training step consumes on this GPU (the rate the input must beat)."""
+    from pretrain.models import create_model
+
+    model = create_model("mixer_b16_224", num_classes=1000).cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    x = torch.randn(batch, 3, SIZE, SIZE, device="cuda")
+    y = torch.randint(0, 1000, (batch,), device="cuda")
+
+    def step() -> None:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = torch.nn.functional.cross_entropy(model(x).float(), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    torch.cuda.synchronize()
+    return {"img_s": batch * steps / (time.perf_counter() - t0), "batch": batch}
 
 
 def main() -> None:
@@ -84,9 +168,11 @@ def main() -> None:
     p.add_argument("--images", type=int, default=2000, help="images timed per pipeline")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--s3", action="store_true", help="also read the shards from a moto S3 server")
+    p.add_argument("--gpu", action="store_true", help="also time gpu decode and a B/16 bf16 step (CUDA)")
     p.add_argument("--out", default="")
     a = p.parse_args()
     torch.set_num_threads(1)
+    load0 = os.getloadavg()[0]
     tmp = Path(tempfile.mkdtemp(prefix="bench_data_"))
     images = make_images(2000)
     files = []
@@ -102,12 +188,13 @@ def main() -> None:
     def ours(spec: str, **kw) -> float:
         loader = TrainLoader(spec, batch_size=a.batch, transform=TrainTransform(SIZE), seed=0,
                              num_workers=a.workers, shuffle_buffer=1000, **kw)
-        return time_loader(loader, a.images, a.batch)
+        return time_loader(loader, a.images)
 
-    baseline = torch.utils.data.DataLoader(FilesDataset(files * 10), batch_size=a.batch, shuffle=True,
-                                           num_workers=a.workers)
-    results["baseline_img_s"] = time_loader(baseline, a.images, a.batch)
-    results["ours_img_s"] = ours(str(tmp / "shards" / "train.json"))
+    for recipe in ("torchvision", "uint8"):
+        baseline = torch.utils.data.DataLoader(FilesDataset(files * 10, recipe), batch_size=a.batch, shuffle=True,
+                                               num_workers=a.workers)
+        results[f"baseline_{recipe}"] = time_loader(baseline, a.images)
+    results["ours"] = ours(str(tmp / "shards" / "train.json"))
     if a.s3:
         sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
         import s3fs
@@ -115,18 +202,35 @@ def main() -> None:
         from data_pipeline.storage import StorageOptions
         from tests.servers import S3Server
 
+        import logging
+
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)
         server = S3Server()
         fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": server.endpoint})
         fs.put(str(tmp / "shards") + "/", server.url("shards") + "/", recursive=True)
-        results["ours_s3_img_s"] = ours(server.url("shards/train.json"),
+        results["ours_s3"] = ours(server.url("shards/train.json"),
                                         storage=StorageOptions(s3_endpoint=server.endpoint))
         server.stop()
-    for k in list(results):
-        results[k.replace("_img_s", "_img_s_per_core")] = results[k] / cores
-    results["speedup_vs_baseline"] = results["ours_img_s"] / results["baseline_img_s"]
+    if a.gpu:
+        from data_pipeline.gpu_decode import gpu_decode_available
+
+        why_not = gpu_decode_available(torch.device("cuda"))
+        if why_not:
+            results["gpu_unavailable"] = why_not
+        else:
+            results["gpu_decode"] = time_gpu_path(str(tmp / "shards" / "train.json"), a.workers, a.images, a.batch)
+            results["b16_bf16_train_step"] = time_b16_step()
+            results["gpu_decode"]["vs_b16_step"] = results["gpu_decode"]["img_s"] / results["b16_bf16_train_step"]["img_s"]
+            results["gpu_decode"]["vs_cpu_path"] = results["gpu_decode"]["img_s"] / results["ours"]["img_s"]
+    for r in (v for v in results.values() if isinstance(v, dict) and "img_s" in v and "batch" not in v):
+        r["img_s_per_core"] = r["img_s"] / cores
+    for recipe in ("torchvision", "uint8"):
+        base = results[f"baseline_{recipe}"]
+        results[f"speedup_vs_baseline_{recipe}"] = {"per_cpu_s": results["ours"]["img_per_cpu_s"] / base["img_per_cpu_s"],
+                                                    "wall": results["ours"]["img_s"] / base["img_s"]}
     record = {"bench": "data_throughput", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-              "device": "cpu", "cpu": platform.processor() or platform.machine(), "cores_used": cores,
-              "os_cpu_count": os.cpu_count(), "loadavg_1m_at_end": os.getloadavg()[0],
+              "device": torch.cuda.get_device_name() if a.gpu and torch.cuda.is_available() else "cpu", "cpu": platform.processor() or platform.machine(), "cores_used": cores,
+              "os_cpu_count": os.cpu_count(), "loadavg_1m_at_start": load0, "loadavg_1m_at_end": os.getloadavg()[0],
               "python": platform.python_version(), "torch": torch.__version__, "images": a.images,
               "batch": a.batch, "output_px": SIZE, "input_px": 256, **results}
     print(json.dumps(record, indent=1))
