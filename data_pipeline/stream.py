@@ -332,6 +332,20 @@ class TrainLoader:
         schedule = self._schedule or RankSchedule(**self._schedule_args())
         return sum(c.dropped for c in schedule.cursors)
 
+    def metrics(self) -> dict[str, float]:
+        """TensorBoard scalars (local, no collective): per source the requested and observed share of
+        the samples delivered on this rank and its current epoch, plus the samples dropped at epoch ends."""
+        out: dict[str, float] = {"data/dropped_at_epoch_end": float(self.dropped_at_epoch_end)}
+        total = max(1, sum(self.source_counts))
+        weight_sum = sum(s.weight for s in self.sources)
+        schedule = self._schedule or RankSchedule(**self._schedule_args())
+        for s, n, cursor in zip(self.sources, self.source_counts, schedule.cursors):
+            out[f"data/{s.name}/epoch"] = float(cursor.epoch)
+            if len(self.sources) > 1:
+                out[f"data/{s.name}/requested_share"] = s.weight / weight_sum
+                out[f"data/{s.name}/observed_share"] = n / total
+        return out
+
     def __iter__(self) -> Iterator[Batch]:
         dataset = _TrainStream(self)
         self._schedule = RankSchedule(**self._schedule_args())
