@@ -414,9 +414,10 @@ class TrainLoader:
 class _EvalStream(IterableDataset):
     """One unshuffled pass over this rank's (and worker's) shards, batched in the worker."""
 
-    def __init__(self, urls: list[str], batch_size: int, transform: EvalTransform) -> None:
+    def __init__(self, urls: list[str], batch_size: int, transform: EvalTransform,
+                 storage: StorageOptions = DEFAULT_STORAGE) -> None:
         super().__init__()
-        self.urls, self.batch_size, self.transform = urls, batch_size, transform
+        self.urls, self.batch_size, self.transform, self.storage = urls, batch_size, transform, storage
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
@@ -424,7 +425,7 @@ class _EvalStream(IterableDataset):
         images: list[np.ndarray] = []
         labels: list[int] = []
         keys: list[str] = []
-        for sample in raw_samples(urls):
+        for sample in raw_samples(urls, self.storage):
             out = decode_sample(sample, self.transform)
             if isinstance(out, str):
                 continue
@@ -446,6 +447,7 @@ def eval_batches(
     rank: int = 0,
     world_size: int = 1,
     num_workers: int = 0,
+    storage: StorageOptions = DEFAULT_STORAGE,
 ) -> Iterator[Batch]:
     """One finite, unshuffled pass; shards are split across ranks so each sample is seen exactly once.
 
@@ -455,10 +457,10 @@ def eval_batches(
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
-    mine = expand_urls(urls)[rank::world_size]
+    mine = expand_urls(urls, storage)[rank::world_size]
     if not mine:
         return iter(())
-    dataset = _EvalStream(mine, batch_size, transform)
+    dataset = _EvalStream(mine, batch_size, transform, storage)
     # No more workers than shards: an idle worker would only cost a process start.
     workers = min(num_workers, len(mine))
     return iter(DataLoader(dataset, batch_size=None, num_workers=workers, collate_fn=_identity))

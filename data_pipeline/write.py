@@ -177,8 +177,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--quality", type=int, default=90)
     p.add_argument("--processes", type=int, default=os.cpu_count() or 1)
     p.add_argument("--shuffle-seed", type=int, default=None, help="shuffle samples before sharding")
+    p.add_argument("--s3-endpoint", default="", help="S3-compatible endpoint (else AWS_ENDPOINT_URL or AWS)")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
+    if a.s3_endpoint:  # fsspec's per-protocol defaults reach every s3fs instance, here and in the pool
+        fsspec.config.conf.setdefault("s3", {}).setdefault("client_kwargs", {})["endpoint_url"] = a.s3_endpoint
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     try:
         classes = None

@@ -68,6 +68,12 @@ def build_train_engine(cfg: DictConfig, model: nn.Module, dist_info: DistInfo) -
         precision=cfg.train.precision, grad_clip=o.grad_clip)
 
 
+def build_storage(cfg: DictConfig) -> StorageOptions:
+    st = cfg.data.storage
+    return StorageOptions(s3_endpoint=st.s3_endpoint, s3_profile=st.s3_profile, s3_anon=st.s3_anon,
+                          retries=st.retries, backoff_s=st.backoff_s)
+
+
 def build_train_loader(cfg: DictConfig, dist_info: DistInfo, batch_size: int) -> TrainLoader:
     d = cfg.data
     a = d.augment
@@ -81,13 +87,10 @@ def build_train_loader(cfg: DictConfig, dist_info: DistInfo, batch_size: int) ->
         else:
             transform = CropPlanner(transform)  # workers read headers and draw crops; pixels come later
     sources = [DataSource(s.train, s.weight, s.name) for s in d.sources] or d.train
-    st = d.storage
-    storage = StorageOptions(s3_endpoint=st.s3_endpoint, s3_profile=st.s3_profile, s3_anon=st.s3_anon,
-                             retries=st.retries, backoff_s=st.backoff_s)
     return TrainLoader(sources, batch_size=batch_size, transform=transform, seed=cfg.train.seed,
                        rank=dist_info.rank, world_size=dist_info.world_size, num_workers=d.num_workers,
                        shuffle_buffer=d.shuffle_buffer, pin_memory=dist_info.device.type == "cuda",
-                       epoch_mode=d.epoch_mode, storage=storage)
+                       epoch_mode=d.epoch_mode, storage=build_storage(cfg))
 
 
 def _prepare(cfg: DictConfig, device: torch.device, mix: MixupCutmix | None):
@@ -120,7 +123,8 @@ def build_evaluators(cfg: DictConfig, dist_info: DistInfo, forward: Forward) -> 
     e, d = cfg.eval, cfg.data
     forward = Forward(prepare=_prepare(cfg, dist_info.device, None), autocast=forward.autocast)  # never mixed
     transform = EvalTransform(d.image_size, crop_fraction=d.crop_fraction)
-    batches = partial(eval_batches, batch_size=e.batch_size, transform=transform, num_workers=0)
+    batches = partial(eval_batches, batch_size=e.batch_size, transform=transform, num_workers=0,
+                      storage=build_storage(cfg))
     evaluators: list[Evaluator] = []
     if e.upstream.enabled and d.val:
         evaluators.append(UpstreamEvaluator(

@@ -69,8 +69,8 @@ def test_reshard_keeps_every_sample(folder, tmp_path):
 def test_list_file_to_s3(folder, tmp_path, s3_server):
     paths = sorted(p for p in folder.rglob("*") if p.suffix in (".jpg", ".png"))
     (tmp_path / "list.txt").write_text("# path label\n" + "".join(f"{p}\t{i % 3}\n" for i, p in enumerate(paths)))
-    env = {"AWS_ENDPOINT_URL": s3_server.endpoint}  # the SDK's own variable: no option needed
-    r = _cli("--list", tmp_path / "list.txt", "--out", s3_server.url("lst"), "--samples-per-shard", 5, env=env)
+    r = _cli("--list", tmp_path / "list.txt", "--out", s3_server.url("lst"), "--samples-per-shard", 5,
+             "--s3-endpoint", s3_server.endpoint)
     assert r.returncode == 0, r.stderr
     import s3fs
 
