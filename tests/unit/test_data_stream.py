@@ -207,3 +207,29 @@ def test_exact_resume_over_corrupt_data_keeps_counts(corrupt_dataset):
     assert all(_same(a, b) for a, b in zip(before + after, reference))
     # Skips inside the region dropped on resume are neither lost nor counted twice.
     assert second.skipped == reference_loader.skipped and sum(second.skipped.values()) >= 5
+
+
+def test_weighted_sources_mix_in_proportion_whatever_the_worker_count(tmp_path):
+    from data_pipeline.stream import DataSource
+
+    write_shards(((f"a{i:03d}", jpg, c) for i, (_, jpg, c) in enumerate(_samples(60))), str(tmp_path), "a", 15)
+    write_shards(((f"b{i:03d}", jpg, c) for i, (_, jpg, c) in enumerate(_samples(30))), str(tmp_path), "b", 10)
+    sources = [DataSource(str(tmp_path / "a.json"), 3.0, "big"), DataSource(str(tmp_path / "b.json"), 1.0, "small")]
+    loader = _loader(sources, batch_size=8, num_workers=0)
+    batches = _take(loader, 20)
+    keys = [k for b in batches for k in b.keys]
+    assert sum(k.startswith("a") for k in keys) == 120 and sum(k.startswith("b") for k in keys) == 40
+    metrics = loader.metrics()
+    assert metrics["data/big/requested_share"] == 0.75 and metrics["data/big/observed_share"] == 0.75
+    assert metrics["data/small/epoch"] == 1.0  # 40 draws from 30 samples: into its second epoch
+    resumed = _loader(sources, batch_size=8, num_workers=2)
+    resumed.load_state_dict(_loader(sources, batch_size=8, num_workers=0).state_dict())
+    assert [b.keys for b in _take(resumed, 20)] == [b.keys for b in batches]
+
+
+def test_resampled_mode_runs_and_refuses_an_exact_state(dataset):
+    loader = _loader(dataset, epoch_mode="resampled", num_workers=0)
+    batches = _take(loader, 30)  # 150 draws from 96 samples: crosses an epoch
+    assert all(len(b) == 5 for b in batches) and loader.state_dict()["epoch_mode"] == "resampled"
+    with pytest.raises(DataSpecError, match="epoch_mode"):
+        _loader(dataset).load_state_dict(loader.state_dict())
