@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+import re
 import tarfile
 import time
 from typing import Any, Iterable, Iterator, Sequence
@@ -28,6 +29,75 @@ SHARD_ERROR_KEY = "__shard_error__"
 _CONTENT_ERRORS = (tarfile.TarError, EOFError, UnicodeDecodeError, ValueError)
 
 
+_BLOCK = 512
+_META = re.compile(r"__[^/]*__($|/)")  # webdataset's metadata members, skipped as it does
+
+
+def _read_exact(f, n: int) -> bytes:
+    # Streaming back-ends (HTTP) may return fewer bytes than asked for before the end.
+    chunks, left = [], n
+    while left > 0:
+        chunk = f.read(left)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def _number(field: bytes) -> int:
+    if field[:1] and field[0] & 0x80:  # GNU base-256 for sizes >= 8 GiB
+        return tarfile.nti(field)
+    field = field.replace(b"\0", b" ").strip()
+    return int(field, 8) if field else 0
+
+
+def _fast_tar_members(f) -> Iterator[dict[str, Any]]:
+    """Regular members of an uncompressed tar as ``{"fname", "data"}``, like webdataset's iterator.
+
+    About 10x less Python per member than ``tarfile``'s stream mode (which the profile showed as the
+    largest cost after decode and resize); handles ustar prefixes, GNU long names and PAX paths, and
+    raises ``tarfile.ReadError`` for truncated archives or damaged headers.
+    """
+    long_name = None
+    while True:
+        header = _read_exact(f, _BLOCK)
+        if not header or header == b"\0" * _BLOCK:
+            return  # end of archive (a missing end-of-archive marker is tolerated, as tarfile does)
+        if len(header) < _BLOCK:
+            raise tarfile.ReadError("unexpected end of data")
+        if _number(header[148:156]) != sum(header[:148]) + 256 + sum(header[156:]):
+            raise tarfile.ReadError("bad checksum in a tar header")
+        size, kind = _number(header[124:136]), header[156:157]
+        data = _read_exact(f, size)
+        if len(data) < size or len(_read_exact(f, -size % _BLOCK)) < -size % _BLOCK:
+            raise tarfile.ReadError("unexpected end of data")
+        if kind == b"L":  # GNU long name for the next member
+            long_name = data.rstrip(b"\0").decode("utf-8")
+            continue
+        if kind == b"x":  # PAX extended header: only the path matters here
+            for record in data.decode("utf-8").split("\n"):
+                if " path=" in record:
+                    long_name = record.split(" path=", 1)[1]
+            continue
+        if kind not in (b"0", b"\0", b"7"):
+            long_name = None  # directories, links, global headers: nothing to read
+            continue
+        name = header[:100].split(b"\0", 1)[0].decode("utf-8")
+        if header[257:263] == b"ustar\x00" and header[345:346] != b"\0":  # POSIX prefix field
+            name = header[345:500].split(b"\0", 1)[0].decode("utf-8") + "/" + name
+        fname, long_name = long_name or name, None
+        if not _META.match(fname):
+            yield {"fname": fname, "data": data}
+
+
+def tar_members(f, url: str) -> Iterator[dict[str, Any]]:
+    """Members of the shard at ``url``: the fast reader for plain tars, webdataset's for compressed ones."""
+    if url.endswith((".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")):
+        return tar_file_iterator(f)
+    return _fast_tar_members(f)
+
+
 def _log_and_continue(exn: Exception) -> bool:
     # group_by_keys reports e.g. duplicate member names; the sample keeps its first copy.
     log.warning("tar grouping problem, member ignored: %s", exn)
@@ -39,7 +109,7 @@ def _shard_members(urls: Iterable[str], storage: StorageOptions) -> Iterator[dic
     for url in urls:
         try:
             with open_url(url, storage) as f:
-                for member in tar_file_iterator(f):
+                for member in tar_members(f, url):
                     member["__url__"] = url
                     yield member
         except Exception as exn:  # noqa: BLE001 - any storage or tar failure is a skipped shard
@@ -68,7 +138,7 @@ class ShardSamples:
 
     def _open(self) -> None:
         self._file = open_url(self.url, self.storage)
-        members = ({**m, "__url__": self.url} for m in tar_file_iterator(self._file))
+        members = ({**m, "__url__": self.url} for m in tar_members(self._file, self.url))
         self._samples = group_by_keys(members, handler=_log_and_continue)
         for _ in range(self.index):  # after a reopen: skip what was already delivered, undecoded
             next(self._samples)
