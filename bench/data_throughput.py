@@ -167,6 +167,7 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--images", type=int, default=2000, help="images timed per pipeline")
     p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--repeat", type=int, default=3, help="interleaved repetitions; the median is reported")
     p.add_argument("--s3", action="store_true", help="also read the shards from a moto S3 server")
     p.add_argument("--gpu", action="store_true", help="also time gpu decode and a B/16 bf16 step (CUDA)")
     p.add_argument("--out", default="")
@@ -190,11 +191,20 @@ def main() -> None:
                              num_workers=a.workers, shuffle_buffer=1000, **kw)
         return time_loader(loader, a.images)
 
-    for recipe in ("torchvision", "uint8"):
-        baseline = torch.utils.data.DataLoader(FilesDataset(files * 10, recipe), batch_size=a.batch, shuffle=True,
-                                               num_workers=a.workers)
-        results[f"baseline_{recipe}"] = time_loader(baseline, a.images)
-    results["ours"] = ours(str(tmp / "shards" / "train.json"))
+    def baseline(recipe: str) -> dict:
+        loader = torch.utils.data.DataLoader(FilesDataset(files * 10, recipe), batch_size=a.batch, shuffle=True,
+                                             num_workers=a.workers)
+        return time_loader(loader, a.images)
+
+    runs: dict[str, list[dict]] = {}
+    for _ in range(a.repeat):  # interleaved, so load from other jobs hits every pipeline alike
+        for name, fn in (("baseline_torchvision", lambda: baseline("torchvision")),
+                         ("baseline_uint8", lambda: baseline("uint8")),
+                         ("ours", lambda: ours(str(tmp / "shards" / "train.json")))):
+            runs.setdefault(name, []).append(fn())
+    for name, rs in runs.items():
+        results[name] = {k: float(np.median([r[k] for r in rs])) for k in rs[0]}
+        results[name]["runs_img_per_cpu_s"] = [round(r["img_per_cpu_s"], 1) for r in rs]
     if a.s3:
         sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
         import s3fs
@@ -222,7 +232,7 @@ def main() -> None:
             results["b16_bf16_train_step"] = time_b16_step()
             results["gpu_decode"]["vs_b16_step"] = results["gpu_decode"]["img_s"] / results["b16_bf16_train_step"]["img_s"]
             results["gpu_decode"]["vs_cpu_path"] = results["gpu_decode"]["img_s"] / results["ours"]["img_s"]
-    for r in (v for v in results.values() if isinstance(v, dict) and "img_s" in v and "batch" not in v):
+    for r in (v for v in list(results.values()) if isinstance(v, dict) and "img_s" in v and "batch" not in v):
         r["img_s_per_core"] = r["img_s"] / cores
     for recipe in ("torchvision", "uint8"):
         base = results[f"baseline_{recipe}"]
@@ -232,7 +242,7 @@ def main() -> None:
               "device": torch.cuda.get_device_name() if a.gpu and torch.cuda.is_available() else "cpu", "cpu": platform.processor() or platform.machine(), "cores_used": cores,
               "os_cpu_count": os.cpu_count(), "loadavg_1m_at_start": load0, "loadavg_1m_at_end": os.getloadavg()[0],
               "python": platform.python_version(), "torch": torch.__version__, "images": a.images,
-              "batch": a.batch, "output_px": SIZE, "input_px": 256, **results}
+              "batch": a.batch, "repeat": a.repeat, "output_px": SIZE, "input_px": 256, **results}
     print(json.dumps(record, indent=1))
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
