@@ -26,6 +26,7 @@ from PIL import Image
 from webdataset import TarWriter
 
 from data_pipeline.errors import DataSpecError
+from data_pipeline.storage import DEFAULT_STORAGE, StorageOptions
 
 # Fixed member mtime so that the same samples always give byte-identical shards (stable sha256).
 _MTIME = 0  # an int: a float mtime makes tarfile add a PAX header to every member
@@ -156,10 +157,10 @@ def _absolute(base_url: str, name: str) -> str:
     return f"{protocol}://{joined}"
 
 
-def read_manifest(url: str) -> dict:
+def read_manifest(url: str, storage: StorageOptions = DEFAULT_STORAGE) -> dict:
     """Load a manifest written by :func:`write_shards`, with shard URLs made absolute."""
     try:
-        with fsspec.open(url, "r") as f:
+        with fsspec.open(url, "r", **storage.fsspec_kwargs(url)) as f:
             manifest = json.load(f)
     except FileNotFoundError:
         raise DataSpecError(f"manifest {url!r} not found") from None

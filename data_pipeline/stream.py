@@ -1,32 +1,32 @@
-"""The training stream (infinite, sharded by rank and worker, exactly resumable) and one-pass eval batches.
+"""The training stream (infinite, elastic, exactly resumable) and one-pass eval batches.
 
-Per worker and epoch the sample order is a pure function of (seed, epoch, rank, worker):
+The order of samples is the global epoch plan of ``plan.py``: a pure function of (seed, source,
+epoch, manifest counts, world size), the same for any number of DataLoader workers. Rank batch ``i``
+is built by worker ``i % num_workers``; each worker runs the rank's schedule itself (arithmetic only)
+and reads, through an ``EpochReader`` per source and epoch, just the samples of its own batches;
+skipped samples are never decoded.
 
-    shards permuted by (seed, epoch) -> this worker's slice -> raw tar samples
-    -> shuffle buffer seeded by (seed, epoch, rank, worker) -> [skip `consumed` on resume]
-    -> decode + augment (seeded by (seed, epoch, crc32(key))) -> batch
-
-Every batch carries the worker's position (epoch, raw samples consumed in that epoch). The loader
-keeps the positions of the batches it has *delivered*; resuming restarts each worker at its epoch
-and drops the consumed raw samples before any decoding, so the delivered sequence continues exactly.
-DataLoader hands out worker batches round robin; the loader also records which worker is next and
-rotates the worker ids on resume, so the interleaving continues exactly as well.
+The saved position (``state_dict``) is global and world-size independent: per source the epoch and
+the sigma ranges consumed in it, plus the mixing counters. Any world size and worker count continues
+from it with every unseen sample of the epoch delivered exactly once.
 """
 from __future__ import annotations
 
-import itertools
 import logging
-import zlib
+from collections import deque
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.filters import shuffle as wds_shuffle
 
 from data_pipeline.errors import DataSpecError
-from data_pipeline.reader import SHARD_ERROR_KEY, raw_samples
+from data_pipeline.plan import TAG_AUGMENT, EpochPlan, RankSchedule
+from data_pipeline.reader import SHARD_ERROR_KEY, EpochReader, count_samples, raw_samples
+from data_pipeline.shards import read_manifest
+from data_pipeline.storage import DEFAULT_STORAGE, StorageOptions
 from data_pipeline.transforms import EvalTransform, TrainTransform
 from data_pipeline.urls import expand_urls
 
@@ -35,9 +35,8 @@ log = logging.getLogger(__name__)
 # Why a sample was dropped. The order is part of the saved state format (lists indexed by kind).
 SKIP_KINDS = ("bad_image", "bad_label", "missing_member", "bad_shard")
 _IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-_STATE_VERSION = 1
-# Leading domain tags keep the three seed streams apart even when their other entries coincide.
-_TAG_SHARDS, _TAG_SHUFFLE, _TAG_AUGMENT = 1, 2, 3
+_STATE_VERSION = 2
+EPOCH_MODES = ("exact", "resampled")
 
 
 @dataclass
@@ -47,10 +46,15 @@ class Batch:
     images: torch.Tensor  # uint8 [B, H, W, 3]
     labels: torch.Tensor  # int64 [B]
     keys: list[str]
+    sources: list[int] | None = None  # index of the source of each sample (mixing statistics)
+    # decode "gpu": JPEG bytes (uint8 1-D tensors) and [B, 5] (top, left, h, w, flip) instead of pixels
+    encoded: list[torch.Tensor] | None = None
+    crops: torch.Tensor | None = None
 
     def pin_memory(self) -> Batch:
         """Page-locked copy (DataLoader's pin thread calls this)."""
-        return replace(self, images=self.images.pin_memory(), labels=self.labels.pin_memory())
+        encoded = [e.pin_memory() for e in self.encoded] if self.encoded is not None else None
+        return replace(self, images=self.images.pin_memory(), labels=self.labels.pin_memory(), encoded=encoded)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
         """Copy the tensors to ``device`` (images stay uint8: normalise there with ``device.normalize``)."""
@@ -62,14 +66,29 @@ class Batch:
 
 
 @dataclass
+class DataSource:
+    """One weighted source of training shards."""
+
+    spec: str | Sequence[str]  # brace pattern, ``::`` list, manifest .json, or a list of these
+    weight: float = 1.0
+    name: str = ""
+
+
+@dataclass
+class _ResolvedSource:
+    name: str
+    urls: list[str]
+    counts: list[int]
+    weight: float
+
+
+@dataclass
 class _WorkerBatch:
-    """A batch plus the producing worker's stream position after it."""
+    """A batch plus its index in the rank's stream and the samples skipped while building it."""
 
     batch: Batch
-    worker: int
-    epoch: int
-    consumed: int
-    skipped: list[int]  # cumulative per SKIP_KINDS for this worker
+    index: int
+    skipped: list[int]  # per SKIP_KINDS, for this batch only
 
     def pin_memory(self) -> _WorkerBatch:
         return replace(self, batch=self.batch.pin_memory())
@@ -79,37 +98,17 @@ def _identity(x: Any) -> Any:
     return x
 
 
-class _NumpyRandint:
-    """Adapter giving webdataset's shuffle (which wants ``random.Random.randint``) a numpy Generator."""
-
-    def __init__(self, rng: np.random.Generator) -> None:
-        self._rng = rng
-
-    def randint(self, a: int, b: int) -> int:
-        return int(self._rng.integers(a, b + 1))
-
-
-def shard_order(num_shards: int, seed: int, epoch: int) -> np.ndarray:
-    """Permutation of shard indices for ``epoch`` (identical on every rank and worker)."""
-    return np.random.default_rng([_TAG_SHARDS, seed, epoch]).permutation(num_shards)
-
-
-def worker_shards(urls: Sequence[str], seed: int, epoch: int, slot: int, num_slots: int) -> list[str]:
-    """Shards of global worker ``slot`` (= rank * workers + worker) of ``num_slots`` for ``epoch``."""
-    order = shard_order(len(urls), seed, epoch)
-    return [urls[j] for i, j in enumerate(order) if i % num_slots == slot]
-
-
-def augment_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
-    """Per-sample augmentation randomness, independent of sample order and of skipped samples."""
-    return np.random.default_rng([_TAG_AUGMENT, seed, epoch, zlib.crc32(key.encode("utf-8"))])
+def augment_rng(seed: int, source: int, epoch: int, raw: int) -> np.random.Generator:
+    """Per-sample augmentation randomness: a function of the sample's place in the plan only."""
+    return np.random.default_rng([TAG_AUGMENT, seed, source, epoch, raw])
 
 
 def decode_sample(sample: dict[str, Any], image_fn: Callable[[bytes], np.ndarray]) -> tuple[np.ndarray, int] | str:
     """``(pixels, label)`` for a raw tar sample, or the SKIP_KINDS entry saying why it is unusable."""
     url, key = sample.get("__url__"), sample.get("__key__")
     if key == SHARD_ERROR_KEY:
-        log.warning("skipping unreadable shard %s: %s", url, sample.get("err", b"").decode(errors="replace"))
+        if not sample.get("__logged__"):
+            log.warning("skipping unreadable shard %s: %s", url, sample.get("err", b"").decode(errors="replace"))
         return "bad_shard"
     image = next((sample[e] for e in _IMAGE_EXTS if e in sample), None)
     if image is None or "cls" not in sample:
@@ -124,86 +123,133 @@ def decode_sample(sample: dict[str, Any], image_fn: Callable[[bytes], np.ndarray
         return "bad_label"
     try:
         pixels = image_fn(image)
-    except Exception as exn:  # noqa: BLE001 - PIL raises many types for corrupt data; never crash the run
+    except Exception as exn:  # noqa: BLE001 - decoders raise many types for corrupt data; never crash the run
         log.warning("skipping sample %s in %s: undecodable image (%s: %s)", key, url, type(exn).__name__, exn)
         return "bad_image"
     return pixels, label
 
 
-def _make_batch(images: list[np.ndarray], labels: list[int], keys: list[str]) -> Batch:
-    return Batch(images=torch.from_numpy(np.stack(images)), labels=torch.tensor(labels, dtype=torch.int64),
-                 keys=list(keys))
+def _make_batch(images: list, labels: list[int], keys: list[str], size: int = 0,
+                sources: list[int] | None = None) -> Batch:
+    if images and isinstance(images[0], tuple):  # gpu decode: (jpeg bytes, crop) pairs
+        return Batch(images=torch.zeros((0, size, size, 3), dtype=torch.uint8),
+                     labels=torch.tensor(labels, dtype=torch.int64), keys=list(keys), sources=sources,
+                     encoded=[torch.frombuffer(bytearray(b), dtype=torch.uint8) for b, _ in images],
+                     crops=torch.tensor([c for _, c in images], dtype=torch.int64))
+    stacked = np.stack(images) if images else np.zeros((0, size, size, 3), dtype=np.uint8)
+    return Batch(images=torch.from_numpy(stacked), labels=torch.tensor(labels, dtype=torch.int64),
+                 keys=list(keys), sources=sources)
+
+
+def resolve_source(source: DataSource, index: int, storage: StorageOptions) -> _ResolvedSource:
+    """Shard URLs and per-shard sample counts: from manifests, else by reading the shards once."""
+    parts = [source.spec] if isinstance(source.spec, str) else list(source.spec)
+    urls: list[str] = []
+    counts: list[int | None] = []
+    for item in parts:
+        for part in str(item).split("::"):
+            part = part.strip()
+            if part.endswith(".json"):
+                try:
+                    shards = read_manifest(part, storage)["shards"]
+                except DataSpecError as exc:
+                    raise DataSpecError(f"data spec {source.spec!r}: {exc}") from None
+                urls += [s["url"] for s in shards]
+                counts += [int(s["num_samples"]) if "num_samples" in s else None for s in shards]
+            elif part:
+                more = expand_urls(part)
+                urls += more
+                counts += [None] * len(more)
+    if not urls:
+        raise DataSpecError(f"data spec {source.spec!r} expands to no shard URLs")
+    unknown = [i for i, c in enumerate(counts) if c is None]
+    if unknown:
+        log.info("source %s: counting the samples of %d shard(s) without a manifest", source.name or index,
+                 len(unknown))
+        for i in unknown:
+            counts[i], err = count_samples(urls[i], storage)
+            if err:
+                log.warning("shard %s is unreadable after %d samples: %s", urls[i], counts[i], err)
+    if sum(counts) == 0:
+        raise DataSpecError(f"data spec {source.spec!r}: no readable sample in its {len(urls)} shard(s) "
+                            f"(see the warnings above); check the data spec")
+    return _ResolvedSource(source.name or f"source{index}", urls, [int(c) for c in counts], float(source.weight))
 
 
 class _TrainStream(IterableDataset):
-    """Runs inside each DataLoader worker: yields that worker's batches forever."""
+    """Runs inside each DataLoader worker: yields the rank batches ``i`` with ``i % workers == worker``."""
 
-    def __init__(self, urls: list[str], batch_size: int, transform: TrainTransform, seed: int, rank: int,
-                 world_size: int, num_workers: int, shuffle_buffer: int, epochs: list[int],
-                 consumed: list[int], skipped: list[list[int]], first_worker: int) -> None:
+    def __init__(self, loader: TrainLoader) -> None:
         super().__init__()
-        self.urls, self.batch_size, self.transform, self.seed = urls, batch_size, transform, seed
-        self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
-        self.shuffle_buffer = shuffle_buffer
-        self.epochs, self.consumed, self.skipped = epochs, consumed, skipped
-        self.first_worker = first_worker
+        self.sources = loader.sources
+        self.schedule_args = loader._schedule_args()
+        self.batch_size, self.transform, self.seed = loader.batch_size, loader.transform, loader.seed
+        self.window, self.resampled, self.storage = loader.window, loader.resampled, loader.storage
+        self.num_workers = max(1, loader.num_workers)
+        self.lookahead = loader.lookahead
 
     def __iter__(self) -> Iterator[_WorkerBatch]:
         info = get_worker_info()
-        # DataLoader starts its round robin at process 0; rotating ids makes the logical worker
-        # that was next when the state was saved deliver first.
-        worker = ((info.id if info else 0) + self.first_worker) % self.num_workers
-        return self._batches(worker)
-
-    def _epoch_samples(self, epoch: int, worker: int) -> Iterator[dict[str, Any]]:
-        slot = self.rank * self.num_workers + worker
-        shards = worker_shards(self.urls, self.seed, epoch, slot, self.world_size * self.num_workers)
-        samples = raw_samples(shards)
-        if self.shuffle_buffer > 1:
-            rng = np.random.default_rng([_TAG_SHUFFLE, self.seed, epoch, self.rank, worker])
-            samples = wds_shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=_NumpyRandint(rng))(samples)
-        return samples
+        return self._batches(info.id if info else 0)
 
     def _batches(self, worker: int) -> Iterator[_WorkerBatch]:
-        epoch, consumed = self.epochs[worker], self.consumed[worker]
-        skipped = list(self.skipped[worker])
-        images: list[np.ndarray] = []
-        labels: list[int] = []
-        keys: list[str] = []
+        schedule = RankSchedule(**self.schedule_args)
+        readers: dict[tuple[int, int], EpochReader] = {}
+        queue: deque[tuple[int, list]] = deque()  # this worker's upcoming batches, positions announced
+        next_index = 0
+
+        def reader(s: int, epoch: int) -> EpochReader:
+            if (s, epoch) not in readers:
+                plan = EpochPlan(self.sources[s].counts, self.seed, s, epoch, self.window, self.resampled)
+                readers[(s, epoch)] = EpochReader(self.sources[s].urls, plan, self.storage)
+            return readers[(s, epoch)]
+
+        def enqueue() -> None:
+            nonlocal next_index
+            parts = schedule.next()
+            if next_index % self.num_workers == worker:
+                parts = [(s, e, reader(s, e).plan.raw(sigma)) for s, e, sigma in parts]
+                for s, e, raw in parts:
+                    readers[(s, e)].want(raw)
+                queue.append((next_index, parts))
+            next_index += 1
+
         while True:
-            samples = self._epoch_samples(epoch, worker)
-            fresh_epoch = consumed == 0
-            if consumed:
-                # Resume: drop raw samples already consumed, before any decoding.
-                samples = itertools.islice(samples, consumed, None)
-            usable = 0
-            for sample in samples:
-                consumed += 1
-                key = sample["__key__"]
-                out = decode_sample(sample, lambda b: self.transform(b, augment_rng(self.seed, epoch, key)))
-                if isinstance(out, str):
-                    skipped[SKIP_KINDS.index(out)] += 1
-                    continue
-                usable += 1
-                images.append(out[0])
-                labels.append(out[1])
-                keys.append(key)
-                if len(keys) == self.batch_size:
-                    yield _WorkerBatch(_make_batch(images, labels, keys), worker, epoch, consumed, list(skipped))
-                    images, labels, keys = [], [], []
-            if fresh_epoch and usable == 0:
-                # Without this, a worker whose shards are all unreadable would spin through epochs forever.
-                raise DataSpecError(f"rank {self.rank} worker {worker}: no usable sample in its shards for "
-                                    f"epoch {epoch} (see the warnings above); check the data spec")
-            epoch, consumed = epoch + 1, 0
+            while len(queue) < self.lookahead:
+                enqueue()
+            index, parts = queue.popleft()
+            images, labels, keys, srcs = [], [], [], []
+            skipped = [0] * len(SKIP_KINDS)
+            for s, epoch, raws in parts:
+                rd = reader(s, epoch)
+                for raw in raws:
+                    sample = rd.fetch(raw)
+                    rng = augment_rng(self.seed, s, epoch, int(raw))
+                    out = decode_sample(sample, lambda b: self.transform(b, rng))
+                    if isinstance(out, str):
+                        skipped[SKIP_KINDS.index(out)] += 1
+                        continue
+                    images.append(out[0])
+                    labels.append(out[1])
+                    keys.append(sample["__key__"])
+                    srcs.append(s)
+            live = {(s, e) for _, queued in queue for s, e, _ in queued}
+            for key in [k for k in readers if k not in live and any(k[0] == s and k[1] < e for s, e in live)]:
+                readers.pop(key).close()  # an epoch of that source this worker has finished
+            yield _WorkerBatch(_make_batch(images, labels, keys, self.transform.image_size, srcs), index, skipped)
+
+
+def _is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
 
 
 class TrainLoader:
-    """Infinite training batches for one rank; ``state_dict``/``load_state_dict`` resume to the sample."""
+    """Infinite training batches for one rank; ``state_dict``/``load_state_dict`` resume to the sample
+    under any world size and worker count."""
 
     def __init__(
         self,
-        urls: str | Sequence[str],
+        urls: str | Sequence[str] | Sequence[DataSource],
         *,
         batch_size: int,
         transform: TrainTransform,
@@ -213,6 +259,9 @@ class TrainLoader:
         num_workers: int = 2,
         shuffle_buffer: int = 1000,
         pin_memory: bool = False,
+        epoch_mode: str = "exact",
+        storage: StorageOptions = DEFAULT_STORAGE,
+        lookahead: int = 0,
     ) -> None:
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -222,95 +271,153 @@ class TrainLoader:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-        self.urls = expand_urls(urls)
+        if epoch_mode not in EPOCH_MODES:
+            raise ValueError(f"epoch_mode must be one of {EPOCH_MODES}, got {epoch_mode!r}")
+        specs = [urls] if isinstance(urls, (str, DataSource)) else list(urls)
+        if not specs:
+            raise DataSpecError("the data spec is empty")
+        if not all(isinstance(s, DataSource) for s in specs):
+            if any(isinstance(s, DataSource) for s in specs):
+                raise DataSpecError("mix either shard specs or DataSource entries, not both")
+            specs = [DataSource(list(specs) if len(specs) > 1 else specs[0])]
+        if any(s.weight <= 0 for s in specs):
+            raise DataSpecError(f"source weights must be > 0, got {[s.weight for s in specs]}")
+        self.storage = storage
+        self.sources = self._resolve(specs)
+        self.urls = [u for s in self.sources for u in s.urls]
         self.batch_size, self.transform, self.seed = batch_size, transform, seed
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
-        self.shuffle_buffer, self.pin_memory = shuffle_buffer, pin_memory
-        # num_workers=0 runs the single logical worker in-process: same stream as num_workers=1.
-        self._slots = max(1, num_workers)
-        needed = world_size * self._slots
-        if len(self.urls) < needed:
-            raise DataSpecError(
-                f"data spec {urls!r} has {len(self.urls)} shard(s) but world_size {world_size} x "
-                f"{self._slots} worker(s) needs at least {needed}; write more, smaller shards or use fewer workers")
-        self._epochs = [0] * self._slots
-        self._consumed = [0] * self._slots
-        self._skipped = [[0] * len(SKIP_KINDS) for _ in range(self._slots)]
-        self._next_worker = 0
-        self.delivered = 0  # samples delivered to the caller (for skip-fraction checks)
+        self.window, self.pin_memory = max(1, shuffle_buffer), pin_memory
+        self.resampled = epoch_mode == "resampled"
+        # Batches a worker plans ahead: enough that it reads each window of the plan once.
+        self.lookahead = lookahead or max(2, 2 * -(-self.window // batch_size) // max(1, num_workers) + 2)
+        for s in self.sources:
+            if sum(s.counts) < world_size:
+                raise DataSpecError(f"source {s.name}: {sum(s.counts)} sample(s) cannot feed {world_size} ranks")
+        self._source_state: list[dict] | None = None
+        self._total = 0
+        self.delivered = 0  # samples delivered to the caller on this rank (+ the saved global count on rank 0)
+        self._skipped = [0] * len(SKIP_KINDS)  # this rank's share (+ the saved global counts on rank 0)
+        self._schedule: RankSchedule | None = None
+        self.source_counts = [0] * len(self.sources)  # samples delivered per source on this rank
+
+    def _resolve(self, specs: list[DataSource]) -> list[_ResolvedSource]:
+        # Counting shards without a manifest reads them; do it once and let every rank agree on the result.
+        if _is_distributed() and any(not str(s.spec).endswith(".json") for s in specs):
+            box = [None]
+            if dist.get_rank() == 0:
+                try:
+                    box = [[resolve_source(s, i, self.storage) for i, s in enumerate(specs)]]
+                except DataSpecError as exc:
+                    box = [str(exc)]
+            dist.broadcast_object_list(box, src=0)
+            if isinstance(box[0], str):
+                raise DataSpecError(box[0])
+            return box[0]
+        return [resolve_source(s, i, self.storage) for i, s in enumerate(specs)]
+
+    def _schedule_args(self) -> dict:
+        return dict(counts=[s.counts for s in self.sources], weights=[s.weight for s in self.sources],
+                    batch_size=self.batch_size, seed=self.seed, window=self.window, resampled=self.resampled,
+                    rank=self.rank, world_size=self.world_size, state=self._source_state, total=self._total)
 
     @property
     def skipped(self) -> dict[str, int]:
-        """Samples dropped so far, per kind (``SKIP_KINDS``), as of the batches delivered."""
-        return {kind: sum(w[i] for w in self._skipped) for i, kind in enumerate(SKIP_KINDS)}
+        """Samples dropped so far on this rank, per kind (``SKIP_KINDS``), as of the batches delivered."""
+        return dict(zip(SKIP_KINDS, self._skipped))
+
+    @property
+    def dropped_at_epoch_end(self) -> int:
+        """Samples left out at epoch ends (at most world_size - 1 per epoch and source), all ranks."""
+        schedule = self._schedule or RankSchedule(**self._schedule_args())
+        return sum(c.dropped for c in schedule.cursors)
+
+    def metrics(self) -> dict[str, float]:
+        """TensorBoard scalars (local, no collective): per source the requested and observed share of
+        the samples delivered on this rank and its current epoch, plus the samples dropped at epoch ends."""
+        out: dict[str, float] = {"data/dropped_at_epoch_end": float(self.dropped_at_epoch_end)}
+        total = max(1, sum(self.source_counts))
+        weight_sum = sum(s.weight for s in self.sources)
+        schedule = self._schedule or RankSchedule(**self._schedule_args())
+        for s, n, cursor in zip(self.sources, self.source_counts, schedule.cursors):
+            out[f"data/{s.name}/epoch"] = float(cursor.epoch)
+            if len(self.sources) > 1:
+                out[f"data/{s.name}/requested_share"] = s.weight / weight_sum
+                out[f"data/{s.name}/observed_share"] = n / total
+        return out
 
     def __iter__(self) -> Iterator[Batch]:
-        dataset = _TrainStream(
-            self.urls, self.batch_size, self.transform, self.seed, self.rank, self.world_size, self._slots,
-            self.shuffle_buffer, list(self._epochs), list(self._consumed), [list(s) for s in self._skipped],
-            self._next_worker)
+        dataset = _TrainStream(self)
+        self._schedule = RankSchedule(**self._schedule_args())
         loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers, collate_fn=_identity,
                             pin_memory=self.pin_memory)
-        for item in loader:
-            w = item.worker
-            self._epochs[w], self._consumed[w], self._skipped[w] = item.epoch, item.consumed, item.skipped
-            self._next_worker = (w + 1) % self._slots
+        for expected, item in enumerate(loader):
+            if item.index != expected:
+                raise RuntimeError(f"data loader delivered batch {item.index}, expected {expected}")
+            self._schedule.next()
+            self._source_state, self._total = self._schedule.state(), self._schedule.total
+            self._skipped = [a + b for a, b in zip(self._skipped, item.skipped)]
             self.delivered += len(item.batch)
+            for s in item.batch.sources or ():
+                self.source_counts[s] += 1
             yield item.batch
 
     def state_dict(self) -> dict:
-        """Position of the delivered stream: JSON-serialisable ints and lists of ints only."""
+        """The global data position; a collective call when torch.distributed is initialised.
+
+        Every rank returns the same record: plain ints, strings and lists (``weights_only`` loadable).
+        """
+        counts = torch.tensor(self._skipped + [self.delivered], dtype=torch.int64)
+        if _is_distributed():
+            dist.all_reduce(counts)
+        counts = counts.tolist()
+        sources = self._source_state or RankSchedule(**self._schedule_args()).state()
         return {
             "version": _STATE_VERSION,
             "seed": self.seed,
-            "rank": self.rank,
-            "world_size": self.world_size,
-            "num_workers": self.num_workers,
-            "num_shards": len(self.urls),
-            "next_worker": self._next_worker,
-            "epoch": list(self._epochs),
-            "consumed": list(self._consumed),
-            "skipped": [list(s) for s in self._skipped],
-            "delivered": self.delivered,
+            "window": self.window,
+            "epoch_mode": "resampled" if self.resampled else "exact",
+            "total": self._total,
+            "sources": [dict(st, name=s.name, num_shards=len(s.urls), num_samples=sum(s.counts))
+                        for st, s in zip(sources, self.sources)],
+            "skipped": counts[:-1],
+            "delivered": counts[-1],
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue from ``state`` on the next iteration (same seed and rank/worker layout required)."""
+        """Continue from a ``state_dict`` record saved under any world size and worker count."""
         if state.get("version") != _STATE_VERSION:
             raise DataSpecError(f"data loader state version {state.get('version')!r} is not supported "
-                                f"(expected {_STATE_VERSION})")
-        saved_slots = max(1, int(state["num_workers"]))
-        if state["world_size"] != self.world_size or saved_slots != self._slots:
-            raise DataSpecError(
-                f"data loader state was saved with world_size {state['world_size']} x num_workers "
-                f"{state['num_workers']}, now {self.world_size} x {self.num_workers}: resume across a different "
-                f"worker/rank layout is not supported yet")
-        if state["rank"] != self.rank:
-            raise DataSpecError(f"data loader state belongs to rank {state['rank']}, not rank {self.rank}; "
-                                f"save and load one state per rank")
-        if state["seed"] != self.seed:
-            raise DataSpecError(f"data loader state was saved with seed {state['seed']}, now {self.seed}: "
-                                f"the saved position is meaningless under another seed")
-        if state.get("num_shards") != len(self.urls):
-            log.warning("data loader state was saved with %s shards, now %d: resume will not be exact",
-                        state.get("num_shards"), len(self.urls))
-        epochs, consumed, skipped = state["epoch"], state["consumed"], state["skipped"]
-        if not (len(epochs) == len(consumed) == len(skipped) == self._slots) or any(
-                len(s) != len(SKIP_KINDS) for s in skipped):
-            raise DataSpecError("data loader state is malformed: per-worker lists do not match num_workers")
-        self._epochs = [int(e) for e in epochs]
-        self._consumed = [int(c) for c in consumed]
-        self._skipped = [[int(x) for x in s] for s in skipped]
-        self._next_worker = int(state["next_worker"]) % self._slots
-        self.delivered = int(state.get("delivered", 0))
+                                f"(expected {_STATE_VERSION}); this checkpoint's data position cannot be used")
+        mode = "resampled" if self.resampled else "exact"
+        for key, now in (("seed", self.seed), ("window", self.window), ("epoch_mode", mode)):
+            if state.get(key) != now:
+                raise DataSpecError(f"data loader state was saved with {key} {state.get(key)!r}, now {now!r}: "
+                                    f"the saved position means other samples under another {key}")
+        saved = state.get("sources", [])
+        if len(saved) != len(self.sources):
+            raise DataSpecError(f"data loader state has {len(saved)} source(s), the config {len(self.sources)}")
+        for st, s in zip(saved, self.sources):
+            if st.get("num_shards") != len(s.urls) or st.get("num_samples") != sum(s.counts):
+                raise DataSpecError(
+                    f"data loader state of source {s.name} was saved with {st.get('num_shards')} shards / "
+                    f"{st.get('num_samples')} samples, now {len(s.urls)} / {sum(s.counts)}: the data changed")
+        self._source_state = [{k: st[k] for k in ("epoch", "consumed", "taken", "dropped")} for st in saved]
+        self._total = int(state["total"])
+        self._schedule = None
+        # Counters are summed over ranks by their readers: the saved global totals go to rank 0 only.
+        first = self.rank == 0
+        self._skipped = [int(x) if first else 0 for x in state["skipped"]]
+        self.delivered = int(state["delivered"]) if first else 0
 
 
 class _EvalStream(IterableDataset):
     """One unshuffled pass over this rank's (and worker's) shards, batched in the worker."""
 
-    def __init__(self, urls: list[str], batch_size: int, transform: EvalTransform) -> None:
+    def __init__(self, urls: list[str], batch_size: int, transform: EvalTransform,
+                 storage: StorageOptions = DEFAULT_STORAGE) -> None:
         super().__init__()
-        self.urls, self.batch_size, self.transform = urls, batch_size, transform
+        self.urls, self.batch_size, self.transform, self.storage = urls, batch_size, transform, storage
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
@@ -318,7 +425,7 @@ class _EvalStream(IterableDataset):
         images: list[np.ndarray] = []
         labels: list[int] = []
         keys: list[str] = []
-        for sample in raw_samples(urls):
+        for sample in raw_samples(urls, self.storage):
             out = decode_sample(sample, self.transform)
             if isinstance(out, str):
                 continue
@@ -340,6 +447,7 @@ def eval_batches(
     rank: int = 0,
     world_size: int = 1,
     num_workers: int = 0,
+    storage: StorageOptions = DEFAULT_STORAGE,
 ) -> Iterator[Batch]:
     """One finite, unshuffled pass; shards are split across ranks so each sample is seen exactly once.
 
@@ -349,10 +457,10 @@ def eval_batches(
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
-    mine = expand_urls(urls)[rank::world_size]
+    mine = expand_urls(urls, storage)[rank::world_size]
     if not mine:
         return iter(())
-    dataset = _EvalStream(mine, batch_size, transform)
+    dataset = _EvalStream(mine, batch_size, transform, storage)
     # No more workers than shards: an idle worker would only cost a process start.
     workers = min(num_workers, len(mine))
     return iter(DataLoader(dataset, batch_size=None, num_workers=workers, collate_fn=_identity))

@@ -11,9 +11,26 @@ import math
 import numpy as np
 from PIL import Image
 
+from data_pipeline.augment import RandAugment
+
+try:  # libjpeg-turbo with DCT scaling, without PIL's per-call overhead; PIL's draft mode otherwise
+    import simplejpeg
+except ImportError:  # pragma: no cover - depends on the platform's wheels
+    simplejpeg = None
+
+_JPEG_MAGIC = b"\xff\xd8"
+
 
 def decode_image(data: bytes, min_size: int | None = None) -> Image.Image:
     """Decode image bytes to RGB; JPEGs at least twice ``min_size`` are DCT-downscaled while decoding."""
+    if simplejpeg is not None and data[:2] == _JPEG_MAGIC:
+        try:
+            # min_height/min_width: the largest 1/2, 1/4, 1/8 DCT scale that keeps both sides >= min_size,
+            # as PIL's draft(); strict (the default) raises on corrupt or truncated data.
+            kw = {"min_height": min_size, "min_width": min_size} if min_size else {}
+            return Image.fromarray(simplejpeg.decode_jpeg(data, colorspace="RGB", **kw), "RGB")
+        except ValueError:
+            pass  # e.g. CMYK or progressive oddities simplejpeg refuses: let PIL decide
     img = Image.open(io.BytesIO(data))
     if min_size is not None:
         # draft() picks the largest 1/2, 1/4, 1/8 DCT scale that keeps both sides >= min_size;
@@ -89,6 +106,7 @@ class TrainTransform:
         scale: tuple[float, float] = (0.08, 1.0),
         ratio: tuple[float, float] = (3 / 4, 4 / 3),
         hflip: bool = True,
+        randaugment: RandAugment | None = None,
     ) -> None:
         if not 0 < scale[0] <= scale[1] or not 0 < ratio[0] <= ratio[1]:
             raise ValueError(f"need 0 < scale[0] <= scale[1] and 0 < ratio[0] <= ratio[1], got {scale}, {ratio}")
@@ -96,6 +114,7 @@ class TrainTransform:
         self.scale = (float(scale[0]), float(scale[1]))
         self.ratio = (float(ratio[0]), float(ratio[1]))
         self.hflip = bool(hflip)
+        self.randaugment = randaugment
         # Draft only as far as keeps even the smallest possible crop at >= image_size pixels,
         # so reduced-size decoding never costs resolution in the output.
         min_side = math.sqrt(self.scale[0] * min(self.ratio[0], 1 / self.ratio[1]))
@@ -106,10 +125,13 @@ class TrainTransform:
         img = random_resized_crop(img, self.image_size, rng, self.scale, self.ratio)
         if self.hflip and rng.random() < 0.5:
             img = horizontal_flip(img)
+        if self.randaugment is not None:
+            img = self.randaugment(img, rng)
         return np.asarray(img, dtype=np.uint8)
 
     def __repr__(self) -> str:
-        return f"TrainTransform(image_size={self.image_size}, scale={self.scale}, ratio={self.ratio}, hflip={self.hflip})"
+        return (f"TrainTransform(image_size={self.image_size}, scale={self.scale}, ratio={self.ratio}, "
+                f"hflip={self.hflip}, randaugment={self.randaugment})")
 
 
 class EvalTransform:

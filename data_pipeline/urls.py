@@ -7,20 +7,21 @@ from braceexpand import braceexpand
 
 from data_pipeline.errors import DataSpecError
 from data_pipeline.shards import read_manifest
+from data_pipeline.storage import DEFAULT_STORAGE, StorageOptions
 
 __all__ = ["DataSpecError", "expand_urls"]
 
 
-def _expand_one(part: str, spec: object) -> list[str]:
+def _expand_one(part: str, spec: object, storage: StorageOptions) -> list[str]:
     if part.endswith(".json"):
         try:
-            return [s["url"] for s in read_manifest(part)["shards"]]
+            return [s["url"] for s in read_manifest(part, storage)["shards"]]
         except DataSpecError as exc:
             raise DataSpecError(f"data spec {spec!r}: {exc}") from None
     return list(braceexpand(part))
 
 
-def expand_urls(spec: str | Sequence[str]) -> list[str]:
+def expand_urls(spec: str | Sequence[str], storage: StorageOptions = DEFAULT_STORAGE) -> list[str]:
     """Expand a brace pattern, a ``::``-separated list, a manifest ``.json`` path/URL, or a list of these."""
     parts = [spec] if isinstance(spec, str) else list(spec)
     urls: list[str] = []
@@ -30,7 +31,7 @@ def expand_urls(spec: str | Sequence[str]) -> list[str]:
         for part in item.split("::"):
             part = part.strip()
             if part:
-                urls.extend(_expand_one(part, spec))
+                urls.extend(_expand_one(part, spec, storage))
     if not urls:
         raise DataSpecError(f"data spec {spec!r} expands to no shard URLs")
     return urls

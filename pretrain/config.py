@@ -44,6 +44,32 @@ class AugmentConfig:
     scale: List[float] = field(default_factory=lambda: [0.08, 1.0])
     ratio: List[float] = field(default_factory=lambda: [3 / 4, 4 / 3])
     hflip: bool = True
+    # RandAugment on the CPU workers: ops per image (0 = off) and magnitude (0..30, 9 is the usual).
+    randaugment_ops: int = 0
+    randaugment_magnitude: int = 9
+    # Batch-wise mixup / cutmix on the device (0 = off); targets become soft [B, num_classes].
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    mix_prob: float = 1.0  # fraction of batches mixed
+    mix_switch_prob: float = 0.5  # cutmix instead of mixup when both are on
+
+
+@dataclass
+class SourceConfig:
+    # One weighted training source; weights are normalised over data.sources.
+    train: str = MISSING  # shard spec, as data.train
+    weight: float = 1.0
+    name: str = ""
+
+
+@dataclass
+class StorageConfig:
+    # Object storage access; credentials come from the environment / the SDK chain, never from here.
+    s3_endpoint: str = ""  # e.g. http://minio:9000; "" = AWS (or AWS_ENDPOINT_URL in the environment)
+    s3_profile: str = ""  # ~/.aws profile name; "" = default chain
+    s3_anon: bool = False  # public buckets
+    retries: int = 5  # further attempts after a failed shard open/read, with exponential back-off
+    backoff_s: float = 0.5
 
 
 @dataclass
@@ -64,6 +90,15 @@ class DataConfig:
     mean: List[float] = field(default_factory=lambda: [127.5, 127.5, 127.5])
     std: List[float] = field(default_factory=lambda: [127.5, 127.5, 127.5])
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # Several weighted sources mixed per batch; when non-empty it replaces `train`.
+    sources: List[SourceConfig] = field(default_factory=list)
+    # exact: every epoch visits each sample once (at most world_size - 1 dropped per epoch end);
+    # resampled: each epoch draws its shards with replacement.
+    epoch_mode: str = "exact"
+    # cpu: decode + crop/flip in the DataLoader workers; gpu: JPEG bytes go to the device and are decoded
+    # there in batches (nvJPEG via torchvision), falling back to cpu with one warning where unavailable.
+    decode: str = "cpu"
+    storage: StorageConfig = field(default_factory=StorageConfig)
     # Corrupt or unreadable samples are skipped and counted; above this fraction the run stops,
     # because a silently shrinking data set is worse than a clear failure.
     max_skip_fraction: float = 0.01
@@ -148,6 +183,8 @@ class Config:
 CHOICES = {
     "data.prepare": ("none", "demo"),
     "model.mlp_impl": ("eager", "compile", "fused"),
+    "data.epoch_mode": ("exact", "resampled"),
+    "data.decode": ("cpu", "gpu"),
     "optim.schedule": ("linear", "cosine"),
     "train.precision": ("fp32", "bf16", "fp16"),
     "train.device": ("auto", "cpu", "cuda"),

@@ -102,6 +102,7 @@ class Trainer:
         bad, delivered = sum(counts[:-1]), counts[-1]
         if bad:
             self.monitor.scalars(self.step, {f"data/skipped_{k}": v for k, v in zip(SKIP_KINDS, counts)})
+        self.monitor.scalars(self.step, self.loader.metrics())  # epochs, mixing shares, epoch-end drops
         fraction = bad / max(1.0, bad + delivered)
         if fraction > self.cfg.data.max_skip_fraction:
             raise DataSpecError(f"{fraction:.1%} of the samples read so far were skipped as unusable "

@@ -38,3 +38,25 @@ def run_main(args, launcher=None, timeout=300, **kw) -> subprocess.CompletedProc
     cmd = (launcher or [sys.executable]) + [MAIN] + list(args)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT, **kw)
+
+
+@pytest.fixture
+def s3_server():
+    """A moto S3 server on a free loopback port with an empty bucket (see tests/servers.py)."""
+    pytest.importorskip("moto.server", reason="moto[server] is not installed (pip install -e '.[dev]')")
+    from tests.servers import S3Server
+
+    server = S3Server()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def http_server(tmp_path):
+    """A threaded HTTP server over a temporary directory (see tests/servers.py)."""
+    from tests.servers import HttpServer
+
+    server = HttpServer(tmp_path / "www")
+    server.root.mkdir(parents=True, exist_ok=True)
+    yield server
+    server.stop()

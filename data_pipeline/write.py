@@ -1,0 +1,209 @@
+"""Shard writer CLI: image folder / list file / existing shards -> webdataset shards + manifest, any fsspec URL.
+
+    python -m data_pipeline.write --folder /data/imagenet/train --out s3://bucket/in1k/train \\
+        --prefix train --shard-mb 256 --resize 256 --quality 90 --processes 16 --shuffle-seed 0
+    python -m data_pipeline.write --list files.tsv --out /data/shards --samples-per-shard 1000
+    python -m data_pipeline.write --shards '/old/train-{000000..000099}.tar' --out /new --shard-mb 512
+
+Each process writes whole shards (tmp name, renamed when complete); the manifest ``{prefix}.json``
+(shards, sample counts, sha256, classes) is written last, and the reader uses it for exact epochs.
+Shuffling the samples here (``--shuffle-seed``) matters: the reader shuffles within a window only.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import os
+import posixpath
+import re
+import sys
+import uuid
+from concurrent.futures import ProcessPoolExecutor
+from typing import Iterator, Sequence
+
+import fsspec
+import numpy as np
+from fsspec.core import url_to_fs
+from PIL import Image
+
+from data_pipeline.errors import DataSpecError
+from data_pipeline.reader import raw_samples
+from data_pipeline.shards import _PendingShard
+from data_pipeline.urls import expand_urls
+
+log = logging.getLogger("data_pipeline.write")
+_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+Item = tuple[str, object, int]  # key, path/URL (str) or image bytes, label
+
+
+def _key(text: str) -> str:
+    # Keys may not contain dots (webdataset splits member names at the first dot) nor start with "__".
+    return re.sub(r"[^A-Za-z0-9_-]", "_", text).lstrip("_") or "x"
+
+
+def items_from_folder(root: str) -> tuple[list[Item], list[str]]:
+    """``root/<class>/<image>``: classes are the sorted sub-folder names."""
+    fs, base = url_to_fs(root)
+    classes = sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(base, detail=False) if fs.isdir(p))
+    if not classes:
+        raise DataSpecError(f"{root}: no class sub-folders")
+    protocol = root.split("://")[0] + "://" if "://" in root else ""
+    items = []
+    for label, name in enumerate(classes):
+        for path in sorted(fs.find(posixpath.join(base, name))):
+            if path.lower().endswith(_IMAGE_SUFFIXES):
+                stem = posixpath.splitext(posixpath.relpath(path, base))[0]
+                items.append((_key(stem), protocol + path, label))
+    return items, classes
+
+
+def items_from_list(list_url: str) -> list[Item]:
+    """Lines ``<path or URL> <label>`` (whitespace or tab separated; '#' comments)."""
+    items = []
+    with fsspec.open(list_url, "r") as f:
+        for n, line in enumerate(f, 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            parts = line.rsplit(None, 1)
+            if len(parts) != 2 or not parts[1].lstrip("-").isdigit() or int(parts[1]) < 0:
+                raise DataSpecError(f"{list_url}:{n}: expected '<path> <label>' with a label >= 0, got {line!r}")
+            items.append((f"{len(items):09d}", parts[0], int(parts[1])))
+    return items
+
+
+def items_from_shards(spec: str) -> Iterator[Item]:
+    for sample in raw_samples(expand_urls(spec)):
+        image = next((sample[e] for e in ("jpg", "jpeg", "png", "webp") if e in sample), None)
+        if image is None or "cls" not in sample:
+            log.warning("re-shard: skipping %s in %s (no image or label)", sample.get("__key__"), sample.get("__url__"))
+            continue
+        yield sample["__key__"], image, int(sample["cls"].decode().strip())
+
+
+def prepare(data: bytes, resize: int | None, quality: int) -> bytes:
+    """JPEG bytes, short side resized down to ``resize`` if larger; JPEGs pass through untouched otherwise."""
+    img = Image.open(io.BytesIO(data))
+    if resize is None and img.format == "JPEG" and img.mode == "RGB":
+        return data
+    img = img.convert("RGB")
+    if resize is not None and min(img.size) > resize:
+        scale = resize / min(img.size)
+        img.draft("RGB", (int(img.width * scale), int(img.height * scale)))
+        img = img.resize((max(resize, round(img.width * scale)), max(resize, round(img.height * scale))),
+                         Image.Resampling.BICUBIC, reducing_gap=3.0)
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def _write_one(args: tuple) -> tuple[dict, int]:
+    out_url, name, token, items, resize, quality = args
+    fs, root = url_to_fs(out_url)
+    shard = _PendingShard(fs, root, name, token)
+    bad = 0
+    try:
+        for key, src, label in items:
+            try:
+                data = src if isinstance(src, bytes) else fsspec.open(src, "rb").open().read()
+                shard.write(key, prepare(data, resize, quality), label)
+            except (OSError, ValueError) as exn:
+                bad += 1
+                log.warning("skipping %s (%s): %s", key, src if isinstance(src, str) else "bytes", exn)
+        return shard.publish(), bad
+    except BaseException:
+        shard.abort()
+        raise
+
+
+def write(items: Sequence[Item], out_url: str, prefix: str, *, samples_per_shard: int = 0, shard_mb: float = 0,
+          resize: int | None = None, quality: int = 90, processes: int = 1, classes: list[str] | None = None,
+          progress: bool = True) -> dict:
+    """Write the items as shards in parallel; return the manifest (also written as ``{prefix}.json``)."""
+    if not items:
+        raise DataSpecError("nothing to write: the input holds no images")
+    if not samples_per_shard:
+        if shard_mb <= 0:
+            raise DataSpecError("give --samples-per-shard or --shard-mb")
+        sample_bytes = np.mean([len(_write_size(it, resize, quality)) for it in items[:50]])
+        samples_per_shard = max(1, int(shard_mb * 2**20 / (sample_bytes + 1536)))  # + tar headers
+    fs, root = url_to_fs(out_url)
+    fs.makedirs(root, exist_ok=True)
+    token = uuid.uuid4().hex[:8]
+    groups = [items[i:i + samples_per_shard] for i in range(0, len(items), samples_per_shard)]
+    jobs = [(out_url, f"{prefix}-{i:06d}.tar", token, g, resize, quality) for i, g in enumerate(groups)]
+    shards, bad = [], 0
+    with ProcessPoolExecutor(max(1, processes)) as pool:
+        done = pool.map(_write_one, jobs)
+        if progress:
+            try:
+                from tqdm import tqdm
+
+                done = tqdm(done, total=len(jobs), unit="shard", desc=f"writing {out_url}")
+            except ImportError:
+                pass
+        for entry, n_bad in done:
+            shards.append(entry)
+            bad += n_bad
+    labels = [label for _, _, label in items]
+    manifest = {"shards": shards, "num_samples": sum(s["num_samples"] for s in shards),
+                "classes": classes, "num_classes": len(classes) if classes else max(labels) + 1, "skipped": bad}
+    tmp = posixpath.join(root, f"{prefix}.json.tmp-{token}")
+    with fs.open(tmp, "w") as f:
+        json.dump(manifest, f, indent=1)
+    fs.mv(tmp, posixpath.join(root, f"{prefix}.json"))
+    return manifest
+
+
+def _write_size(item: Item, resize: int | None, quality: int) -> bytes:
+    src = item[1]
+    return prepare(src if isinstance(src, bytes) else fsspec.open(src, "rb").open().read(), resize, quality)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m data_pipeline.write", description=__doc__.splitlines()[0])
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--folder", help="image folder with one sub-folder per class (any fsspec URL)")
+    src.add_argument("--list", help="text file of '<path or URL> <label>' lines")
+    src.add_argument("--shards", help="existing shards to re-shard (brace pattern, list or manifest)")
+    p.add_argument("--out", required=True, help="output directory URL (local, s3://, gs://, ...)")
+    p.add_argument("--prefix", default="train")
+    p.add_argument("--samples-per-shard", type=int, default=0)
+    p.add_argument("--shard-mb", type=float, default=0, help="target shard size (default 256 MB)")
+    p.add_argument("--resize", type=int, default=None, help="resize the short side down to this many px")
+    p.add_argument("--quality", type=int, default=90)
+    p.add_argument("--processes", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--shuffle-seed", type=int, default=None, help="shuffle samples before sharding")
+    p.add_argument("--s3-endpoint", default="", help="S3-compatible endpoint (else AWS_ENDPOINT_URL or AWS)")
+    p.add_argument("--no-progress", action="store_true")
+    a = p.parse_args(argv)
+    if a.s3_endpoint:  # fsspec's per-protocol defaults reach every s3fs instance, here and in the pool
+        fsspec.config.conf.setdefault("s3", {}).setdefault("client_kwargs", {})["endpoint_url"] = a.s3_endpoint
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        classes = None
+        if a.folder:
+            items, classes = items_from_folder(a.folder)
+        elif a.list:
+            items = items_from_list(a.list)
+        else:
+            items = list(items_from_shards(a.shards))
+        if a.shuffle_seed is not None:
+            order = np.random.default_rng(a.shuffle_seed).permutation(len(items))
+            items = [items[i] for i in order]
+        manifest = write(items, a.out, a.prefix, samples_per_shard=a.samples_per_shard,
+                         shard_mb=a.shard_mb or (0 if a.samples_per_shard else 256), resize=a.resize,
+                         quality=a.quality, processes=a.processes, classes=classes, progress=not a.no_progress)
+    except (DataSpecError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {manifest['num_samples']} samples in {len(manifest['shards'])} shards to {a.out}/{a.prefix}.json"
+          + (f" ({manifest['skipped']} unreadable images skipped)" if manifest["skipped"] else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

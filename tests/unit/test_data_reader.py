@@ -1,0 +1,41 @@
+"""The fast tar member reader agrees with tarfile on what it reads and on what it refuses."""
+import io
+import tarfile
+
+import pytest
+from webdataset.tariterators import tar_file_iterator
+
+from data_pipeline.reader import _fast_tar_members
+
+
+def _tar(fmt, members):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+MEMBERS = [("a/x0.jpg", b"\xff\xd8" + bytes(range(256)) * 3), ("a/x0.cls", b"3"), ("__meta__", b"skip me"),
+           ("d" * 150 + "/long.jpg", b"long name member"), ("empty.txt", b""), ("k.cls", b"1" * 512)]
+
+
+@pytest.mark.parametrize("fmt", [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT, tarfile.USTAR_FORMAT])
+def test_same_members_as_tarfile(fmt):
+    members = [m for m in MEMBERS if fmt != tarfile.USTAR_FORMAT or len(m[0]) < 100]
+    data = _tar(fmt, members)
+    fast = [(m["fname"], m["data"]) for m in _fast_tar_members(io.BytesIO(data))]
+    ref = [(m["fname"], m["data"]) for m in tar_file_iterator(io.BytesIO(data))]
+    assert fast == ref and len(fast) == len(members) - 1  # the __meta__ member is skipped by both
+
+
+def test_truncated_and_damaged_archives_raise():
+    data = _tar(tarfile.GNU_FORMAT, MEMBERS)
+    with pytest.raises(tarfile.ReadError):
+        list(_fast_tar_members(io.BytesIO(data[:700])))
+    damaged = bytearray(data)
+    damaged[10] ^= 0xFF  # inside the first header's name: the checksum no longer matches
+    with pytest.raises(tarfile.ReadError):
+        list(_fast_tar_members(io.BytesIO(bytes(damaged))))
