@@ -2,9 +2,15 @@
 
 Modules (import the one you need; this package root stays import-light):
     shards      write/read webdataset tar shards and their JSON manifest
+    write       the shard-writer CLI (python -m data_pipeline.write): folder / list / re-shard -> any URL
     urls        turn a data spec (brace pattern, ``::`` list, manifest) into shard URLs
-    transforms  decode + crop/flip on the CPU (PIL/numpy, uint8 out)
-    stream      TrainLoader (infinite, sharded, resumable) and eval_batches (one pass)
+    storage     fsspec options per scheme (s3 endpoint/profile/anon), retries with back-off
+    reader      tar members -> samples; EpochReader fetches samples of an epoch plan by position
+    plan        the global epoch plan: sample order, per-rank slices, world-size independent position
+    transforms  decode + crop/flip on the CPU (simplejpeg or PIL, uint8 out)
+    augment     RandAugment (CPU workers), mixup / cutmix (device)
+    gpu_decode  data.decode=gpu: crop planning from JPEG headers, batched nvJPEG decode + crop on device
+    stream      TrainLoader (infinite, elastic, exactly resumable, weighted sources) and eval_batches
     device      normalisation on the accelerator
     synthetic, digits, demo   the demo's small data sets
 """

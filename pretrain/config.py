@@ -287,6 +287,25 @@ def _check_ranges(cfg: DictConfig, where: str) -> None:
         raise ConfigError(f"{where}: 'optim.betas' needs two values, got {list(cfg.optim.betas)}")
     if cfg.eval.fewshot.enabled and not (cfg.eval.fewshot.train and cfg.eval.fewshot.test):
         raise ConfigError(f"{where}: 'eval.fewshot.enabled' needs 'eval.fewshot.train' and 'eval.fewshot.test'")
+    _check_data(cfg, where)
+
+
+def _check_data(cfg: DictConfig, where: str) -> None:
+    a, st = cfg.data.augment, cfg.data.storage
+    for key in ("mixup_alpha", "cutmix_alpha"):
+        if a[key] < 0:
+            raise ConfigError(f"{where}: 'data.augment.{key}' must be >= 0, got {a[key]}")
+    for key in ("mix_prob", "mix_switch_prob"):
+        if not 0 <= a[key] <= 1:
+            raise ConfigError(f"{where}: 'data.augment.{key}' must be in [0, 1], got {a[key]}")
+    if a.randaugment_ops < 0 or not 0 <= a.randaugment_magnitude <= 30:
+        raise ConfigError(f"{where}: 'data.augment.randaugment_ops' must be >= 0 and "
+                          f"'data.augment.randaugment_magnitude' in [0, 30]")
+    if st.retries < 0 or st.backoff_s < 0:
+        raise ConfigError(f"{where}: 'data.storage.retries' and 'data.storage.backoff_s' must be >= 0")
+    for i, source in enumerate(cfg.data.sources):
+        if source.weight <= 0:
+            raise ConfigError(f"{where}: 'data.sources.{i}.weight' must be > 0, got {source.weight}")
 
 
 def to_yaml(cfg: DictConfig) -> str:
