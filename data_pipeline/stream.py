@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import signal
 import zlib
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterator, Sequence
@@ -73,6 +74,14 @@ class _WorkerBatch:
 
     def pin_memory(self) -> _WorkerBatch:
         return replace(self, batch=self.batch.pin_memory())
+
+
+def _outlive_preemption_signals(_worker_id: int) -> None:
+    # A scheduler's SIGTERM / SIGUSR1 reaches every process of the job. The rank checkpoints on it
+    # (pretrain/preemption.py) and then shuts its workers down; a worker that died of it first
+    # (PyTorch installs a SIGTERM handler that does just that) would fail the rank before the save.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
 def _identity(x: Any) -> Any:
@@ -250,7 +259,7 @@ class TrainLoader:
             self.shuffle_buffer, list(self._epochs), list(self._consumed), [list(s) for s in self._skipped],
             self._next_worker)
         loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers, collate_fn=_identity,
-                            pin_memory=self.pin_memory)
+                            pin_memory=self.pin_memory, worker_init_fn=_outlive_preemption_signals)
         for item in loader:
             w = item.worker
             self._epochs[w], self._consumed[w], self._skipped[w] = item.epoch, item.consumed, item.skipped
