@@ -92,7 +92,7 @@ SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
 # cred_expire: a requeued job may start again only after it (default 120 s); keep the test short.
-AuthInfo=socket={root}/munge.socket,cred_expire=10
+AuthInfo=socket={root}/munge.socket,cred_expire=5
 SlurmctldPort={free_port()}
 SlurmdPort={free_port()}
 StateSaveLocation={root}/state
@@ -108,6 +108,8 @@ AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/none
 SelectType=select/linear
 SchedulerType=sched/builtin
+# The main scheduling pass every 2 s (default 60): a requeued job starts again at once.
+SchedulerParameters=sched_interval=2
 MpiDefault=none
 ReturnToService=2
 JobRequeue=1
