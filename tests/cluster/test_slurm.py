@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from cluster.hostlist import expand_hostlist
+from tests.cluster.test_hostlist import NODELISTS
 from tests.conftest import ROOT, tiny_args
 
 pytestmark = pytest.mark.slow
@@ -103,6 +104,20 @@ def test_preemption_signal_requeues_and_resumes(slurm, tmp_path, demo_root):
 
 
 def test_hostlist_expands_like_scontrol(slurm):
-    for nodelist in ["gpu[001-004,010],cpu7", "node[1-3]", "a[09-11]b,c", "r[1-2]-n[01-02]", "x"]:
+    for nodelist, _ in NODELISTS:
         real = slurm.run("scontrol", "show", "hostnames", nodelist).stdout.split()
         assert expand_hostlist(nodelist) == real, nodelist
+
+
+def test_sweep_array_gives_each_task_its_line_and_run_dir(slurm, tmp_path):
+    sweep = tmp_path / "sweep.txt"
+    sweep.write_text("# lr sweep\noptim.lr=1e-3\n\noptim.lr=2e-3 optim.warmup_steps=7\n")
+    job = submit(slurm, "cluster/slurm/sweep.sbatch", ["configs/demo.yaml", str(sweep), "train.steps=9"],
+                 tmp_path / "sweep_%a.log", "--array=0-2", DRY_RUN="1", SWEEP_DIR=str(tmp_path / "runs"))
+    for task in range(3):
+        slurm.wait(f"{job}_{task}", ("COMPLETED", "FAILED"), 60)
+    out = [(tmp_path / f"sweep_{t}.log").read_text() for t in range(3)]
+    assert "optim.lr=1e-3 run.dir=" + str(tmp_path / "runs/0") in out[0], out[0]
+    assert "train.steps=9 optim.lr=2e-3 optim.warmup_steps=7 run.dir=" + str(tmp_path / "runs/1") in out[1], out[1]
+    assert f"{sweep} has no line for array task 2" in out[2]
+    assert slurm.job(f"{job}_2")["JobState"] == "FAILED"
