@@ -7,15 +7,22 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from pretrain.export import main as export_main
 from pretrain.models import create_model
 from tests.conftest import ROOT, run_main, tiny_args
 
 pytestmark = pytest.mark.slow
 
 
-def export(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pretrain.export", *map(str, args)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120)
+def export(*args: str, capsys=None) -> subprocess.CompletedProcess:
+    """The CLI as a user runs it; with capsys, the same main() in this process (no second torch import)."""
+    argv = [str(a) for a in args]
+    if capsys is None:
+        return subprocess.run([sys.executable, "-m", "pretrain.export", *argv], cwd=ROOT, capture_output=True,
+                              text=True, timeout=120)
+    code = export_main(argv)
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(argv, code, out.out, out.err)
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +33,7 @@ def run_dir(tmp_path_factory, demo_root):
     return run_dir
 
 
-def test_export_newest_checkpoint_fp32_and_bf16(run_dir, tmp_path):
+def test_export_newest_checkpoint_fp32_and_bf16(run_dir, tmp_path, capsys):
     saved = load_file(run_dir / "checkpoints/step_0000010/model.safetensors")
     r = export(run_dir, "--out", tmp_path / "out/m.safetensors")
     assert r.returncode == 0, r.stderr
@@ -37,7 +44,8 @@ def test_export_newest_checkpoint_fp32_and_bf16(run_dir, tmp_path):
     with safe_open(tmp_path / "out/m.safetensors", "pt") as f:
         assert f.metadata()["step"] == "10" and f.metadata()["model"] == "mixer_p4_32"
 
-    r = export(run_dir / "checkpoints/step_0000005", "--out", tmp_path / "m5.safetensors", "--dtype", "bf16")
+    r = export(run_dir / "checkpoints/step_0000005", "--out", tmp_path / "m5.safetensors", "--dtype", "bf16",
+               capsys=capsys)
     assert r.returncode == 0, r.stderr
     bf16 = load_file(tmp_path / "m5.safetensors")
     older = load_file(run_dir / "checkpoints/step_0000005/model.safetensors")
@@ -46,8 +54,8 @@ def test_export_newest_checkpoint_fp32_and_bf16(run_dir, tmp_path):
     assert not all(torch.equal(older[k], saved[k]) for k in saved)  # really the step-5 weights
 
 
-def test_export_timm_state_dict_loads_into_the_model(run_dir, tmp_path):
-    r = export(run_dir, "--out", tmp_path / "mixer.pth")
+def test_export_timm_state_dict_loads_into_the_model(run_dir, tmp_path, capsys):
+    r = export(run_dir, "--out", tmp_path / "mixer.pth", capsys=capsys)
     assert r.returncode == 0, r.stderr
     assert "[timm-pth, fp32]" in r.stdout
     state = torch.load(tmp_path / "mixer.pth", weights_only=True)
@@ -56,8 +64,8 @@ def test_export_timm_state_dict_loads_into_the_model(run_dir, tmp_path):
     assert {"stem.proj.weight", "blocks.0.mlp_tokens.fc1.weight", "norm.weight", "head.weight"} <= state.keys()
 
 
-def test_corrupt_or_missing_checkpoint_is_one_line(run_dir, tmp_path):
-    r = export(tmp_path / "nothing", "--out", tmp_path / "x.safetensors")
+def test_corrupt_or_missing_checkpoint_is_one_line(run_dir, tmp_path, capsys):
+    r = export(tmp_path / "nothing", "--out", tmp_path / "x.safetensors", capsys=capsys)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "neither a checkpoint" in r.stderr
 
     bad = tmp_path / "copy"
@@ -66,10 +74,10 @@ def test_corrupt_or_missing_checkpoint_is_one_line(run_dir, tmp_path):
     data = bytearray(model.read_bytes())
     data[-10] ^= 0xFF
     model.write_bytes(bytes(data))
-    r = export(bad / "checkpoints/step_0000010", "--out", tmp_path / "x.safetensors")
+    r = export(bad / "checkpoints/step_0000010", "--out", tmp_path / "x.safetensors", capsys=capsys)
     assert r.returncode == 2 and "checksum mismatch" in r.stderr and r.stderr.count("\n") == 1
     assert not (tmp_path / "x.safetensors").exists()
     # From the run dir, the corrupt newest checkpoint is skipped for the previous one.
-    r = export(bad, "--print-step")
+    r = export(bad, "--print-step", capsys=capsys)
     assert r.returncode == 0 and r.stdout.strip() == "5", r.stderr
     assert json.loads((bad / "checkpoints/step_0000010/metadata.json").read_text())["step"] == 10
