@@ -40,9 +40,9 @@ class Preempted(Exception):
 class PreemptionWatcher:
     """Catches the preemption signals in this process and answers, collectively, "stop now?".
 
-    Construct it on every rank (it may create a process group) before the data-loader workers are
-    forked, so that they inherit the handler instead of dying of SIGUSR1's default action when a
-    scheduler signals every process of the job.
+    Construct it on every rank (it may create a process group). The data-loader workers ignore
+    these signals (data_pipeline.stream), so a scheduler that signals every process of the job does
+    not take the workers down before the rank has saved.
     """
 
     def __init__(self, dist_info: DistInfo, signals: tuple[signal.Signals, ...] = PREEMPTION_SIGNALS) -> None:

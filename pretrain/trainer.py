@@ -57,7 +57,7 @@ class Trainer:
         self.evaluate = EvalRunner(build.build_evaluators(cfg, self.dist, self.forward), self.run_dir,
                                    self.dist, self.monitor.scalars)
         self.step = 0  # optimiser steps taken; everything else is owned by the components
-        self.preemption = PreemptionWatcher(self.dist)  # before the data workers fork: they inherit it
+        self.preemption = PreemptionWatcher(self.dist)  # SIGTERM/SIGUSR1 -> checkpoint, exit for requeue
         if cfg.checkpoint.resume == "never" and self.checkpointer.list_steps():
             raise ConfigError(f"{config_source}: checkpoint.resume is 'never' but {self.run_dir} already "
                               "holds checkpoints; choose another run.dir or resume")

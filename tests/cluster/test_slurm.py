@@ -19,7 +19,7 @@ HAVE_EVALUATE_CLI = importlib.util.find_spec("pretrain.evaluate") is not None
 
 
 def submit(slurm, script: str, args: list[str], log: Path, *sbatch_opts: str, **env: str) -> str:
-    env = slurm.env(PYTHON=sys.executable, LAUNCHER="torchrun", NPROC_PER_NODE="2", **env)
+    env = slurm.env(**{"PYTHON": sys.executable, "LAUNCHER": "torchrun", "NPROC_PER_NODE": "2", **env})
     r = slurm.run("sbatch", "--parsable", f"--output={log}", *sbatch_opts, str(ROOT / script), *args,
                   env=env, cwd=ROOT)
     return r.stdout.strip().split(";")[0]
@@ -36,10 +36,12 @@ def ckpt_steps(run_dir: Path) -> list[int]:
 
 @pytest.fixture(scope="module")
 def training_job(slurm, tmp_path_factory, demo_root):
-    """One 2-rank training job, and (where the evaluate CLI exists) an eval job chained after it."""
+    """One 2-rank training job, and (where the evaluate CLI exists) an eval job chained after it.
+    Its ranks are started by srun itself (LAUNCHER=srun); the preemption test below uses torchrun."""
     tmp = tmp_path_factory.mktemp("slurm_train")
     run_dir, log = tmp / "run", tmp / "train.log"
-    job = submit(slurm, "cluster/slurm/pretrain.sbatch", sbatch_args(run_dir, demo_root, 30, 15), log)
+    job = submit(slurm, "cluster/slurm/pretrain.sbatch", sbatch_args(run_dir, demo_root, 30, 15), log,
+                 "--ntasks-per-node=2", LAUNCHER="srun")
     eval_job = None
     if HAVE_EVALUATE_CLI:
         eval_job = submit(slurm, "cluster/slurm/eval.sbatch", [str(run_dir)], tmp / "eval.log",
@@ -53,8 +55,9 @@ def test_sbatch_trains_checkpoints_and_evaluates(training_job):
     out = log.read_text()
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", out[-3000:]
     # The dry-run plan and the node checks ran first, and went into the job's log.
-    assert re.search(r"\[localhost\] .*torch\.distributed\.run --nnodes 1 --nproc_per_node 2 --rdzv_backend c10d", out)
-    assert "envcheck [" in out and "ok   run dir" in out
+    assert "# srun --nodes 1 --ntasks-per-node 2 starts on each node:" in out
+    assert re.search(r"\[localhost\] MASTER_ADDR=localhost MASTER_PORT=\d+ .*python \S+/pretrain/main.py --config", out)
+    assert out.count("ok   run dir") == 1  # envcheck: once per node, not once per rank
     assert "2 ranks x 16 images" in out
     assert ckpt_steps(run_dir) == [15, 30]
     meta = json.loads((run_dir / "checkpoints/step_0000030/metadata.json").read_text())
@@ -96,6 +99,7 @@ def test_preemption_signal_requeues_and_resumes(slurm, tmp_path, demo_root):
     stopped = int(m.group(1))
     assert 10 < stopped < steps, out[-4000:]
     assert f"requeueing job {job}" in out
+    assert re.search(r"\[localhost\] .*torch\.distributed\.run --nnodes 1 --nproc_per_node 2 --rdzv_backend c10d", out)
     assert f"job {job} restart 1" in out  # the same job id, started again (--open-mode=append keeps both)
     assert re.search(rf"resumed from \S+step_{stopped:07d} \(step {stopped}\)", out), out[-4000:]
     resumed_steps = [int(s) for s in re.findall(rf"step (\d+)/{steps}  loss", out.split("restart 1", 1)[1])]
