@@ -13,6 +13,9 @@ from it with every unseen sample of the epoch delivered exactly once.
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import threading
 from collections import deque
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterator, Sequence
@@ -92,6 +95,27 @@ class _WorkerBatch:
 
     def pin_memory(self) -> _WorkerBatch:
         return replace(self, batch=self.batch.pin_memory())
+
+
+def _outlive_preemption_signals(_worker_id: int) -> None:
+    """A scheduler's SIGTERM / SIGUSR1 reaches every process of the job. The rank checkpoints on it
+    (pretrain/preemption.py) and then shuts its workers down; a worker that died of it first would
+    fail the rank before the save. So a worker ignores SIGUSR1, and SIGTERM from anyone but its own
+    rank; the rank's SIGTERM (DataLoader shutdown, interpreter exit) still ends it at once."""
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    if not hasattr(signal, "sigwaitinfo"):  # not on macOS: keep PyTorch's default there
+        return
+    rank_pid = os.getppid()
+    # Blocked here, in the worker's only thread so far, and so in every thread it starts later:
+    # SIGTERM is then taken only by sigwaitinfo below, which tells who sent it.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+    def wait_for_the_rank() -> None:
+        while signal.sigwaitinfo({signal.SIGTERM}).si_pid != rank_pid:
+            pass
+        os._exit(0)
+
+    threading.Thread(target=wait_for_the_rank, name="sigterm-from-rank", daemon=True).start()
 
 
 def _identity(x: Any) -> Any:
@@ -350,7 +374,7 @@ class TrainLoader:
         dataset = _TrainStream(self)
         self._schedule = RankSchedule(**self._schedule_args())
         loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers, collate_fn=_identity,
-                            pin_memory=self.pin_memory)
+                            pin_memory=self.pin_memory, worker_init_fn=_outlive_preemption_signals)
         for expected, item in enumerate(loader):
             if item.index != expected:
                 raise RuntimeError(f"data loader delivered batch {item.index}, expected {expected}")

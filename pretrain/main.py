@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     from data_pipeline.urls import DataSpecError
     from pretrain.checkpoint import CheckpointError
     from pretrain.config import ConfigError, load_config, to_yaml
+    from pretrain.preemption import REQUEUE_EXIT_CODE, Preempted
 
     overrides = list(args.overrides) + (["checkpoint.resume=auto"] if args.resume else [])
     trainer = None
@@ -58,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataSpecError, CheckpointError) as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
+    except Preempted as e:
+        print(f"{e}", file=sys.stderr)
+        return REQUEUE_EXIT_CODE
     finally:
         if trainer is not None:
             trainer.close()

@@ -20,6 +20,7 @@ from .config import ConfigError, to_yaml
 from .dist import all_reduce_sum, init_distributed, shutdown
 from .evaluation import EvalRunner
 from .monitor import Monitor, itstime
+from .preemption import Preempted, PreemptionWatcher
 
 log = logging.getLogger("pretrain")
 
@@ -56,6 +57,7 @@ class Trainer:
         self.evaluate = EvalRunner(build.build_evaluators(cfg, self.dist, self.forward), self.run_dir,
                                    self.dist, self.monitor.scalars)
         self.step = 0  # optimiser steps taken; everything else is owned by the components
+        self.preemption = PreemptionWatcher(self.dist)  # SIGTERM/SIGUSR1 -> checkpoint, exit for requeue
         if cfg.checkpoint.resume == "never" and self.checkpointer.list_steps():
             raise ConfigError(f"{config_source}: checkpoint.resume is 'never' but {self.run_dir} already "
                               "holds checkpoints; choose another run.dir or resume")
@@ -80,7 +82,7 @@ class Trainer:
         self.step = loaded.step
         log.info("resumed from %s (step %d)", loaded.path, self.step)
 
-    def save_and_evaluate(self) -> None:
+    def save_and_evaluate(self, evaluate: bool = True) -> None:
         t0 = time.perf_counter()
         path = self.checkpointer.save(
             self.step, self.engine.unwrapped.state_dict(), self.engine.state_dict(),
@@ -90,7 +92,8 @@ class Trainer:
             config_yaml=to_yaml(self.cfg))
         t1 = time.perf_counter()
         log.info("checkpoint %s (%.1fs)", path, t1 - t0)
-        self.evaluate(self.engine.unwrapped, self.step, path)
+        if evaluate:
+            self.evaluate(self.engine.unwrapped, self.step, path)
         self.monitor.scalars(self.step, {"perf/checkpoint_s": t1 - t0, "perf/eval_s": time.perf_counter() - t1})
         self.monitor.pause(time.perf_counter() - t0)  # keep img/s a training-only figure
 
@@ -132,6 +135,9 @@ class Trainer:
             grad_norm = self.engine.step()
             self.step += 1
             self.monitor.step(self.step, loss, grad_norm, lr, data_wait)
+            if self.step < cfg.train.steps and self.preemption.requested():  # collective; see preemption.py
+                self.save_and_evaluate(evaluate=False)  # the grace period is short: checkpoint only
+                raise Preempted(self.step, self.preemption.reason())
             if itstime(self.step, cfg.train.log_every, cfg.train.steps):
                 self.check_data_health()
             if itstime(self.step, cfg.checkpoint.every_steps, cfg.train.steps):

@@ -1,0 +1,142 @@
+"""Check a node before training starts: GPUs visible, NCCL usable, run dir writable, data reachable.
+
+  python -m cluster.envcheck --gpus-per-node 8 --config configs/l16.yaml [key=value ...]
+  srun --ntasks-per-node=1 python -m cluster.envcheck ...     # every node of an allocation
+
+Prints one line per check (`ok` or `FAIL` with what is wrong and where) and exits 1 if any failed,
+so a broken node costs seconds instead of a hung rendezvous or a crash an hour into the run.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+import uuid
+from dataclasses import dataclass
+from typing import Callable
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+
+
+def check_gpus(expected: int) -> Check:
+    import torch
+
+    seen = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "<unset>")
+    if seen < expected:
+        return Check("gpus", False, f"expected {expected} GPU(s), CUDA sees {seen} (CUDA_VISIBLE_DEVICES={visible}, "
+                                    f"torch {torch.__version__}, built for CUDA {torch.version.cuda})")
+    return Check("gpus", True, f"{seen} visible, {expected} needed")
+
+
+def check_nccl() -> Check:
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_nccl_available():
+        return Check("nccl", False, f"torch {torch.__version__} was built without NCCL")
+    version = ".".join(map(str, torch.cuda.nccl.version())) if torch.cuda.is_available() else "?"
+    ifnames = os.environ.get("NCCL_SOCKET_IFNAME", "")
+    if ifnames and not ifnames.startswith(("^", "=")):  # a prefix list of interfaces to use
+        present = os.listdir("/sys/class/net") if os.path.isdir("/sys/class/net") else []
+        wanted = [n for n in ifnames.split(",") if n]
+        if not any(p.startswith(w) for w in wanted for p in present):
+            return Check("nccl", False, f"NCCL_SOCKET_IFNAME={ifnames} matches no interface here "
+                                        f"({', '.join(present) or 'none'})")
+    return Check("nccl", True, f"NCCL {version}" + (f", NCCL_SOCKET_IFNAME={ifnames}" if ifnames else ""))
+
+
+def check_writable(url: str) -> Check:
+    import fsspec
+
+    probe = f"{url.rstrip('/')}/.envcheck-{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
+    try:
+        fs, path = fsspec.core.url_to_fs(probe)
+        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        with fs.open(path, "wb") as f:
+            f.write(b"ok")
+        back = fs.cat_file(path)
+        fs.rm(path)
+    except Exception as e:  # any storage error is the answer: say which and where
+        return Check("run dir", False, f"{url}: not writable from {socket.gethostname()} "
+                                       f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+    if back != b"ok":
+        return Check("run dir", False, f"{url}: wrote a probe file and read back something else")
+    return Check("run dir", True, f"{url} writable")
+
+
+def check_data(spec: str) -> Check:
+    import fsspec
+
+    from data_pipeline.urls import DataSpecError, expand_urls
+
+    try:
+        urls = expand_urls(spec)
+        fs, path = fsspec.core.url_to_fs(urls[0])
+        if not fs.exists(path):
+            return Check("data", False, f"{urls[0]}: first training shard not found")
+    except DataSpecError as e:
+        return Check("data", False, str(e))
+    except Exception as e:
+        return Check("data", False, f"{spec}: cannot reach the training data ({type(e).__name__}: {e})")
+    return Check("data", True, f"{len(urls)} shard(s), first one reachable")
+
+
+def check_master() -> Check:
+    addr = os.environ.get("MASTER_ADDR")
+    if not addr:
+        return Check("master", True, "MASTER_ADDR unset (set by cluster.launch)")
+    try:
+        return Check("master", True, f"MASTER_ADDR {addr} -> {socket.gethostbyname(addr)}")
+    except OSError as e:
+        return Check("master", False, f"MASTER_ADDR {addr} does not resolve here ({e})")
+
+
+def run_checks(gpus_per_node: int, run_dir: str | None, data_spec: str | None) -> list[Check]:
+    checks: list[Callable[[], Check]] = [check_master]
+    if gpus_per_node > 0:
+        checks += [lambda: check_gpus(gpus_per_node), check_nccl]
+    if run_dir:
+        checks.append(lambda: check_writable(run_dir))
+    if data_spec:
+        checks.append(lambda: check_data(data_spec))
+    return [check() for check in checks]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--gpus-per-node", type=int, default=0, help="GPUs this node must show (0: a CPU run)")
+    p.add_argument("--config", help="the run's config: its run.dir must be writable and data.train reachable")
+    p.add_argument("--run-dir", help="check this directory / URL is writable (default: the config's run.dir)")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    args = p.parse_args(argv)
+    run_dir, data_spec = args.run_dir, None
+    if args.config:
+        from pretrain.config import ConfigError, load_config
+
+        try:
+            cfg = load_config(args.config, args.overrides)
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        run_dir = run_dir or cfg.run.dir
+        data_spec = None if cfg.data.prepare == "demo" else cfg.data.train  # demo data is generated on start
+    host = socket.gethostname()
+    results = run_checks(args.gpus_per_node, run_dir, data_spec)
+    for c in results:
+        print(f"envcheck [{host}] {'ok  ' if c.ok else 'FAIL'} {c.name}: {c.detail}", file=sys.stdout if c.ok else sys.stderr)
+    failed = [c.name for c in results if not c.ok]
+    if failed:
+        print(f"error: envcheck [{host}]: {', '.join(failed)} failed; see the lines above", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

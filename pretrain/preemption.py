@@ -1,0 +1,77 @@
+"""Preemption: a signal asks the run to checkpoint at the next step boundary and exit for a requeue.
+
+SLURM sends SIGUSR1 ahead of the time limit (`#SBATCH --signal=USR1@120` in cluster/slurm) and
+SIGTERM when it preempts or cancels a job; Kubernetes and most other schedulers send SIGTERM. The
+handler only sets a flag (nothing else is safe inside a signal handler). The trainer asks
+`requested()` once per step; the answer is agreed across ranks (a MAX all-reduce), so every rank
+saves the same step even when the signal reaches them a moment apart, or reaches only one of them.
+The process then exits with REQUEUE_EXIT_CODE, which cluster/slurm/pretrain.sbatch turns into
+`scontrol requeue`; the requeued job resumes from that checkpoint (`checkpoint.resume: auto`).
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from types import FrameType
+
+import torch
+import torch.distributed as dist
+
+from .dist import DistInfo
+
+log = logging.getLogger(__name__)
+
+# EX_TEMPFAIL from sysexits.h: "temporary failure, the user is invited to retry". Distinct from
+# 0 (done), 1 (crash) and 2 (bad input) so that a script can requeue on exactly this code.
+REQUEUE_EXIT_CODE = 75
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class Preempted(Exception):
+    """Raised by the trainer after the preemption checkpoint is safely published."""
+
+    def __init__(self, step: int, reason: str) -> None:
+        super().__init__(f"preempted ({reason}): checkpoint at step {step} saved; exit code "
+                         f"{REQUEUE_EXIT_CODE} asks the scheduler to requeue")
+        self.step = step
+
+
+class PreemptionWatcher:
+    """Catches the preemption signals in this process and answers, collectively, "stop now?".
+
+    Construct it on every rank (it may create a process group). The data-loader workers ignore
+    these signals (data_pipeline.stream), so a scheduler that signals every process of the job does
+    not take the workers down before the rank has saved.
+    """
+
+    def __init__(self, dist_info: DistInfo, signals: tuple[signal.Signals, ...] = PREEMPTION_SIGNALS) -> None:
+        self.dist = dist_info
+        self.signal_name: str | None = None
+        self._boundaries = 0  # calls of requested() so far = step boundaries seen
+        self._signal_at = 0
+        if threading.current_thread() is threading.main_thread():  # signal.signal's own rule
+            for sig in signals:
+                signal.signal(sig, self._handle)
+        # Agreement travels over gloo on CPU tensors: no device synchronisation every step on NCCL.
+        self._group = None
+        if dist.is_available() and dist.is_initialized() and dist.get_backend() != "gloo":
+            self._group = dist.new_group(backend="gloo")
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.signal_name is None:
+            self.signal_name = signal.Signals(signum).name
+            self._signal_at = self._boundaries
+
+    def requested(self) -> bool:
+        """Collective (every rank calls it at every step boundary): did any rank get a signal?"""
+        self._boundaries += 1
+        flag = torch.tensor([1 if self.signal_name else 0], dtype=torch.int32)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
+        return bool(flag.item())
+
+    def reason(self) -> str:
+        if self.signal_name is None:
+            return "signal received by another rank"
+        return f"{self.signal_name} received {self._boundaries - self._signal_at} step(s) ago"

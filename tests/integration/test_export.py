@@ -1,0 +1,83 @@
+"""`python -m pretrain.export`: a checkpoint's weights as safetensors (fp32 / bf16) and as a timm state dict."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pretrain.export import main as export_main
+from pretrain.models import create_model
+from tests.conftest import ROOT, run_main, tiny_args
+
+pytestmark = pytest.mark.slow
+
+
+def export(*args: str, capsys=None) -> subprocess.CompletedProcess:
+    """The CLI as a user runs it; with capsys, the same main() in this process (no second torch import)."""
+    argv = [str(a) for a in args]
+    if capsys is None:
+        return subprocess.run([sys.executable, "-m", "pretrain.export", *argv], cwd=ROOT, capture_output=True,
+                              text=True, timeout=120)
+    code = export_main(argv)
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(argv, code, out.out, out.err)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, demo_root):
+    run_dir = tmp_path_factory.mktemp("export") / "run"
+    r = run_main(tiny_args(run_dir, demo_root, 10, 5, "eval.fewshot.enabled=false", "eval.upstream.enabled=false"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return run_dir
+
+
+def test_export_newest_checkpoint_fp32_and_bf16(run_dir, tmp_path, capsys):
+    saved = load_file(run_dir / "checkpoints/step_0000010/model.safetensors")
+    r = export(run_dir, "--out", tmp_path / "out/m.safetensors")
+    assert r.returncode == 0, r.stderr
+    assert "step 10" in r.stdout
+    fp32 = load_file(tmp_path / "out/m.safetensors")
+    assert fp32.keys() == saved.keys() and all(torch.equal(fp32[k], saved[k]) for k in saved)
+    from safetensors import safe_open
+    with safe_open(tmp_path / "out/m.safetensors", "pt") as f:
+        assert f.metadata()["step"] == "10" and f.metadata()["model"] == "mixer_p4_32"
+
+    r = export(run_dir / "checkpoints/step_0000005", "--out", tmp_path / "m5.safetensors", "--dtype", "bf16",
+               capsys=capsys)
+    assert r.returncode == 0, r.stderr
+    bf16 = load_file(tmp_path / "m5.safetensors")
+    older = load_file(run_dir / "checkpoints/step_0000005/model.safetensors")
+    assert all(v.dtype == torch.bfloat16 for v in bf16.values())
+    assert all(torch.equal(bf16[k], older[k].to(torch.bfloat16)) for k in older)
+    assert not all(torch.equal(older[k], saved[k]) for k in saved)  # really the step-5 weights
+
+
+def test_export_timm_state_dict_loads_into_the_model(run_dir, tmp_path, capsys):
+    r = export(run_dir, "--out", tmp_path / "mixer.pth", capsys=capsys)
+    assert r.returncode == 0, r.stderr
+    assert "[timm-pth, fp32]" in r.stdout
+    state = torch.load(tmp_path / "mixer.pth", weights_only=True)
+    model = create_model("mixer_p4_32", num_classes=10)
+    model.load_state_dict(state, strict=True)  # timm's mlp_mixer names: stem.proj, blocks.N.mlp_tokens, head
+    assert {"stem.proj.weight", "blocks.0.mlp_tokens.fc1.weight", "norm.weight", "head.weight"} <= state.keys()
+
+
+def test_corrupt_or_missing_checkpoint_is_one_line(run_dir, tmp_path, capsys):
+    r = export(tmp_path / "nothing", "--out", tmp_path / "x.safetensors", capsys=capsys)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "neither a checkpoint" in r.stderr
+
+    bad = tmp_path / "copy"
+    subprocess.run(["cp", "-r", str(run_dir), str(bad)], check=True)
+    model = bad / "checkpoints/step_0000010/model.safetensors"
+    data = bytearray(model.read_bytes())
+    data[-10] ^= 0xFF
+    model.write_bytes(bytes(data))
+    r = export(bad / "checkpoints/step_0000010", "--out", tmp_path / "x.safetensors", capsys=capsys)
+    assert r.returncode == 2 and "checksum mismatch" in r.stderr and r.stderr.count("\n") == 1
+    assert not (tmp_path / "x.safetensors").exists()
+    # From the run dir, the corrupt newest checkpoint is skipped for the previous one.
+    r = export(bad, "--print-step", capsys=capsys)
+    assert r.returncode == 0 and r.stdout.strip() == "5", r.stderr
+    assert json.loads((bad / "checkpoints/step_0000010/metadata.json").read_text())["step"] == 10
