@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     from data_pipeline.urls import DataSpecError
     from pretrain.checkpoint import CheckpointError
     from pretrain.config import ConfigError, load_config, to_yaml
+    from pretrain.trainer import Trainer, TrainingDiverged
 
     overrides = list(args.overrides) + (["checkpoint.resume=auto"] if args.resume else [])
     trainer = None
@@ -52,10 +53,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             print(to_yaml(cfg), end="")
             return 0
-        from pretrain.trainer import Trainer
         trainer = Trainer(cfg, config_source=args.config, local_rank=args.local_rank)
         trainer.train()
-    except (ConfigError, DataSpecError, CheckpointError) as e:
+    except (ConfigError, DataSpecError, CheckpointError, TrainingDiverged) as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     finally:
