@@ -42,8 +42,14 @@ def deepspeed_config(*, micro_batch_size: int, accum_steps: int, world_size: int
 
 def _load_weights_only(path: str, map_location: Any = None) -> Any:
     """DeepSpeed's checkpoint reader, but with weights_only=True: its files may hold tensors,
-    numbers, strings and containers, never pickled code."""
-    return torch.load(path, map_location=map_location, weights_only=True)
+    numbers, strings, containers and the few plain DeepSpeed data classes allowed here by name,
+    never pickled code."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]):
+        return torch.load(path, map_location=map_location, weights_only=True)
 
 
 class DeepSpeedEngine(Engine):
