@@ -136,7 +136,8 @@ class Engine:
         return None
 
     def consolidated_state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().float().cpu() for k, v in self._module.state_dict().items()}
+        # A snapshot (clone): on CPU in fp32, .float().cpu() would alias the live parameters.
+        return {k: v.detach().float().cpu().clone() for k, v in self._module.state_dict().items()}
 
     def load_consolidated_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self._module.load_state_dict(state)

@@ -64,7 +64,7 @@ class FSDPEngine(Engine):
 
     def consolidated_state_dict(self) -> dict[str, torch.Tensor]:
         full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        return {k: v.float() for k, v in full.items()} if self.dist.is_main else {}
+        return {k: v.float().clone() for k, v in full.items()} if self.dist.is_main else {}
 
     def load_consolidated_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         set_model_state_dict(self.model, state, options=StateDictOptions(full_state_dict=True))
