@@ -158,4 +158,10 @@ class Engine:
         return self.scheduler.state_dict()
 
     def load_scheduler_state(self, state: dict[str, Any]) -> None:
+        """Call after load_state. The optimiser state carries the lr that the saving run's schedule
+        set; it is recomputed from this run's schedule (train.steps may have changed since)."""
         self.scheduler.load_state_dict(state)
+        groups, step = self.scheduler.optimizer.param_groups, self.scheduler.last_epoch
+        for group, base_lr, fn in zip(groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas):
+            group["lr"] = base_lr * fn(step)
+        self.scheduler._last_lr = [group["lr"] for group in groups]

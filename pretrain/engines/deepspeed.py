@@ -62,6 +62,10 @@ class DeepSpeedEngine(Engine):
         import deepspeed
 
         ensure_process_group(self.dist, self.backend)
+        # DeepSpeed reads these even when the process group exists; plain `python` sets none of them.
+        for name, value in (("LOCAL_RANK", self.dist.local_rank), ("RANK", self.dist.rank),
+                            ("WORLD_SIZE", self.dist.world_size)):
+            os.environ.setdefault(name, str(value))
         self.zero_stage = int(self.options["zero_stage"])
         self.ds_config = deepspeed_config(
             micro_batch_size=int(self.options["micro_batch_size"]), accum_steps=self.accum_steps,
