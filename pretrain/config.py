@@ -165,7 +165,6 @@ CHOICES = {
     "train.precision": ("fp32", "bf16", "fp16"),
     "train.device": ("auto", "cpu", "cuda"),
     "engine.kind": ("single", "ddp", "fsdp", "deepspeed"),
-    "engine.zero_stage": (1, 2, 3),
     "optim.loss": ("softmax", "sigmoid"),
     "engine.backend": ("auto", "gloo", "nccl"),
     "checkpoint.resume": ("auto", "never"),
@@ -267,6 +266,8 @@ def _check_ranges(cfg: DictConfig, where: str) -> None:
         value = OmegaConf.select(cfg, key)
         if value is not None and value <= 0:
             raise ConfigError(f"{where}: '{key}' must be > 0, got {value}")
+    if cfg.engine.zero_stage not in (1, 2, 3):
+        raise ConfigError(f"{where}: 'engine.zero_stage' is {cfg.engine.zero_stage}; choose one of 1, 2, 3")
     if cfg.train.spike_factor < 0 or 0 < cfg.train.spike_factor <= 1:
         raise ConfigError(f"{where}: 'train.spike_factor' must be 0 (off) or > 1, got {cfg.train.spike_factor}")
     if cfg.checkpoint.keep_every < 0:
