@@ -93,6 +93,17 @@ def build_train_loss(cfg: DictConfig) -> nn.Module:
     return build_loss(cfg.optim.loss, cfg.optim.label_smoothing)
 
 
+def memory_report(cfg: DictConfig, world_size: int, where: str) -> str:
+    """The estimate for `world_size` ranks without allocating the model (meta device)."""
+    with torch.device("meta"):
+        model = build_model(cfg, where)
+    info = DistInfo(rank=0, world_size=world_size, local_rank=0, device=torch.device("cpu"))
+    engine = cfg.engine.kind + (f" ZeRO-{cfg.engine.zero_stage}" if cfg.engine.kind == "deepspeed" else "")
+    micro, accum = batch_layout(cfg, info, where)
+    return (f"{cfg.model.name} on {engine}, {world_size} ranks, micro batch {micro} x {accum}: "
+            + build_memory_estimate(cfg, model, info, where).describe())
+
+
 def build_memory_estimate(cfg: DictConfig, model: nn.Module, dist_info: DistInfo, where: str) -> MemoryEstimate:
     micro, _ = batch_layout(cfg, dist_info, where)
     kind = "single" if cfg.engine.kind == "ddp" and not dist_info.distributed else cfg.engine.kind

@@ -35,3 +35,39 @@ def test_bf16_logits_computed_in_fp32():
 def test_unknown_loss():
     with pytest.raises(ValueError, match="unknown loss 'hinge'"):
         build_loss("hinge")
+
+
+def test_loss_guard_skips_non_finite_and_spikes_then_stops():
+    from pretrain.trainer import LossGuard, TrainingDiverged
+    guard = LossGuard(spike_factor=3.0, max_bad_steps=2)
+    assert guard.check(torch.tensor(2.0)) is None
+    assert guard.check(torch.tensor(5.0)) is None  # below 3 x 2.0
+    assert "non-finite" in guard.check(torch.tensor(float("nan")))
+    assert "non-finite" in guard.check(torch.tensor(float("inf")))
+    assert "spike" in guard.check(torch.tensor(100.0))
+    guard.end_step(1, None)
+    guard.end_step(2, "loss spike")
+    guard.end_step(3, None)  # a good step resets the streak
+    guard.end_step(4, "non-finite loss (nan)")
+    with pytest.raises(TrainingDiverged, match="2 bad steps in a row up to step 5"):
+        guard.end_step(5, "non-finite loss (nan)")
+
+
+def test_skip_step_leaves_weights_untouched():
+    from functools import partial
+
+    from pretrain.dist import DistInfo
+    from pretrain.engines import Engine
+    from pretrain.optim import build_optimizer, build_scheduler
+    one = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    engine = Engine(torch.nn.Linear(3, 2), partial(build_optimizer, lr=0.1, betas=(0.9, 0.999), eps=1e-8,
+                                                   weight_decay=0.1),
+                    partial(build_scheduler, total_steps=10, warmup_steps=0, schedule="linear", end_ratio=0.0),
+                    dist_info=one)
+    before = {k: v.clone() for k, v in engine.unwrapped.state_dict().items()}
+    engine.backward(engine.model(torch.randn(4, 3)).sum())
+    lr = engine.lr
+    engine.skip_step()
+    assert all(torch.equal(v, engine.unwrapped.state_dict()[k]) for k, v in before.items())
+    assert all(p.grad is None for p in engine.unwrapped.parameters())
+    assert engine.lr < lr  # the schedule moved on with the step count

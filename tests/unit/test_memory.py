@@ -62,3 +62,15 @@ def test_h14_line_is_printed_in_gib():
     n = sum(p.numel() for p in h14.parameters())
     assert m.params == -(-n * 2 // 8)
     assert "GiB per device" in m.describe()
+
+
+def test_h14_estimate_is_printed_from_the_command_line(capsys):
+    from pretrain.main import main
+    from tests.conftest import ROOT
+    assert main(["--config", str(ROOT / "configs/h14.yaml"), "--estimate-memory", "64"]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("mixer_h14_224 on deepspeed ZeRO-3, 64 ranks, micro batch 64 x 1: ")
+    # H/14 at 224 px: N = 256 tokens, C = 1280, D_S = 640, D_C = 5120, 32 blocks, checkpointed:
+    # 32 * 256 * 1280 block inputs + one block (4*256*1280 + 2*1280*640 + 2*256*5120 = 5,570,560)
+    # = 16,056,320 elements/image x 64 images x 2 B (bf16) = 2,055,208,960 B = 1.91 GiB.
+    assert "activations 1.91 " in line and line.endswith("GiB per device")
