@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -108,8 +109,10 @@ class Engine:
 
     def skip_step(self) -> None:
         """Drop this step's gradients without touching the weights; the schedule still advances
-        so that lr stays a function of the step count."""
-        self._end_step()
+        so that lr stays a function of the step count (torch warns about exactly that order)."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+            self._end_step()
 
     def _end_step(self) -> None:
         self.scheduler.step()
