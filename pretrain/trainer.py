@@ -83,6 +83,9 @@ class Trainer:
         model = build.build_model(cfg, config_source)
         torch.manual_seed(cfg.train.seed + 1000 * (self.dist.rank + 1))
         n_params = sum(p.numel() for p in model.parameters())
+        build.prepare_data(cfg, self.dist)
+        self.loader = build.build_train_loader(cfg, self.dist, self.micro_batch_size)  # bad data specs fail here
+        # Before the engine allocates anything: a run that cannot fit says so in its first lines.
         log.info("memory estimate for %s on %s (%d ranks, micro batch %d): %s", cfg.model.name, cfg.engine.kind
                  + (f" ZeRO-{cfg.engine.zero_stage}" if cfg.engine.kind == "deepspeed" else ""), self.dist.world_size,
                  self.micro_batch_size, build.build_memory_estimate(cfg, model, self.dist, config_source).describe())
@@ -90,8 +93,6 @@ class Trainer:
         self.loss_fn = build.build_train_loss(cfg)
         self.guard = LossGuard(cfg.train.spike_factor, cfg.train.max_bad_steps)
         self.forward = build.build_forward(cfg, self.dist, self.engine)
-        build.prepare_data(cfg, self.dist)
-        self.loader = build.build_train_loader(cfg, self.dist, self.micro_batch_size)
         self.checkpointer = Checkpointer(self.run_dir, self.dist, keep_last=cfg.checkpoint.keep_last,
                                          keep_every=cfg.checkpoint.keep_every)
         self.monitor = Monitor(self.run_dir, self.dist, cfg.train.steps, cfg.train.log_every,
