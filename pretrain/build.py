@@ -18,20 +18,42 @@ from data_pipeline.transforms import EvalTransform, TrainTransform
 
 from .config import ConfigError
 from .dist import DistInfo, barrier
-from .engine import Engine, build_engine
+from .engines import Engine, build_engine
 from .evaluation import Evaluator, FewShotEvaluator, Forward, UpstreamEvaluator
+from .loss import build_loss
+from .memory import MemoryEstimate, estimate_memory
 from .models import apply_mlp_impl, create_model
 from .optim import build_optimizer, build_scheduler
 
 log = logging.getLogger("pretrain")
 
 
+def batch_layout(cfg: DictConfig, dist_info: DistInfo, where: str) -> tuple[int, int]:
+    """(micro batch per rank, micro batches per step) with micro x accum x world = global batch.
+    The global batch (and so the lr) is given once; whichever of the two is not given is derived."""
+    g, world = cfg.train.global_batch_size, dist_info.world_size
+    micro, accum = cfg.train.micro_batch_size, cfg.train.grad_accum_steps
+    if micro is None:
+        accum = accum or 1
+        if g % (world * accum):
+            raise ConfigError(f"{where}: 'train.global_batch_size' {g} is not divisible by world size {world} x "
+                              f"'train.grad_accum_steps' {accum}")
+        return g // (world * accum), accum
+    if accum is None:
+        if g % (world * micro):
+            raise ConfigError(f"{where}: 'train.global_batch_size' {g} is not divisible by world size {world} x "
+                              f"'train.micro_batch_size' {micro}")
+        return micro, g // (world * micro)
+    if micro * accum * world != g:
+        raise ConfigError(f"{where}: 'train.micro_batch_size' {micro} x 'train.grad_accum_steps' {accum} x world "
+                          f"size {world} = {micro * accum * world}, not 'train.global_batch_size' {g}")
+    return micro, accum
+
+
 def per_device_batch_size(cfg: DictConfig, dist_info: DistInfo, where: str) -> int:
-    global_batch = cfg.train.global_batch_size
-    if global_batch % dist_info.world_size:
-        raise ConfigError(f"{where}: 'train.global_batch_size' {global_batch} is not divisible by the "
-                          f"world size {dist_info.world_size}")
-    return global_batch // dist_info.world_size
+    """Images per rank per optimiser step (all its micro batches)."""
+    micro, accum = batch_layout(cfg, dist_info, where)
+    return micro * accum
 
 
 def prepare_data(cfg: DictConfig, dist_info: DistInfo) -> None:
@@ -57,15 +79,44 @@ def build_model(cfg: DictConfig, where: str = "config") -> nn.Module:
     return apply_mlp_impl(model, cfg.model.mlp_impl)
 
 
-def build_train_engine(cfg: DictConfig, model: nn.Module, dist_info: DistInfo) -> Engine:
-    o = cfg.optim
+def build_train_engine(cfg: DictConfig, model: nn.Module, dist_info: DistInfo, where: str = "config") -> Engine:
+    o, e = cfg.optim, cfg.engine
+    micro, accum = batch_layout(cfg, dist_info, where)
+    if e.kind != "deepspeed" and e.offload_optimizer:
+        raise ConfigError(f"{where}: 'engine.offload_optimizer' needs engine.kind=deepspeed, not {e.kind!r}")
     return build_engine(
         cfg.engine.kind, model, dist_info,
         optimizer_factory=partial(build_optimizer, lr=o.lr, betas=tuple(o.betas), eps=o.eps,
                                   weight_decay=o.weight_decay),
         scheduler_factory=partial(build_scheduler, total_steps=cfg.train.steps,
                                   warmup_steps=o.warmup_steps, schedule=o.schedule, end_ratio=o.end_lr_ratio),
-        precision=cfg.train.precision, grad_clip=o.grad_clip)
+        precision=cfg.train.precision, grad_clip=o.grad_clip, accum_steps=accum,
+        activation_checkpointing=e.activation_checkpointing, backend=e.backend, zero_stage=e.zero_stage,
+        offload_optimizer=e.offload_optimizer, micro_batch_size=micro, reshard_after_forward=e.reshard_after_forward)
+
+
+def build_train_loss(cfg: DictConfig) -> nn.Module:
+    return build_loss(cfg.optim.loss, cfg.optim.label_smoothing)
+
+
+def memory_report(cfg: DictConfig, world_size: int, where: str) -> str:
+    """The estimate for `world_size` ranks without allocating the model (meta device)."""
+    with torch.device("meta"):
+        model = build_model(cfg, where)
+    info = DistInfo(rank=0, world_size=world_size, local_rank=0, device=torch.device("cpu"))
+    engine = cfg.engine.kind + (f" ZeRO-{cfg.engine.zero_stage}" if cfg.engine.kind == "deepspeed" else "")
+    micro, accum = batch_layout(cfg, info, where)
+    return (f"{cfg.model.name} on {engine}, {world_size} ranks, micro batch {micro} x {accum}: "
+            + build_memory_estimate(cfg, model, info, where).describe())
+
+
+def build_memory_estimate(cfg: DictConfig, model: nn.Module, dist_info: DistInfo, where: str) -> MemoryEstimate:
+    micro, _ = batch_layout(cfg, dist_info, where)
+    kind = "single" if cfg.engine.kind == "ddp" and not dist_info.distributed else cfg.engine.kind
+    return estimate_memory(model, engine=kind, world_size=dist_info.world_size, micro_batch_size=micro,
+                           precision=cfg.train.precision, zero_stage=cfg.engine.zero_stage,
+                           offload_optimizer=cfg.engine.offload_optimizer,
+                           activation_checkpointing=cfg.engine.activation_checkpointing)
 
 
 def build_storage(cfg: DictConfig) -> StorageOptions:

@@ -1,40 +1,54 @@
-"""Atomic, verifiable, resumable checkpoints under `<run_dir>/checkpoints/step_XXXXXXX/`.
+"""Atomic, verifiable, resumable checkpoints, one layout for every engine.
 
-Layout of one checkpoint:
-  model.safetensors   consolidated weights (rank 0)                  -- no pickle at all
-  engine.pt           optimiser / schedule / loss-scaler state (rank 0)  -- loaded weights_only
-  rank_NNNNN.pt       per-rank RNG states and data-stream position    -- loaded weights_only
-  config.yaml         the resolved config of the run that wrote it
-  metadata.json       step, world size, engine, sha256 of every file; written last
+  <run_dir>/checkpoints/step_XXXXXXX/
+    model.safetensors  consolidated fp32 weights, gathered on rank 0 (export / eval read this)
+    engine/            the engine's own state: engine.pt (single, ddp), a torch.distributed.checkpoint
+                       dir (fsdp), DeepSpeed's save_checkpoint dir (deepspeed)
+    shared.pt          world-size independent state from rank 0: lr schedule, data-stream record, step
+    rank_NNNNN.pt      per-rank RNG states
+    config.yaml        the resolved config of the run that wrote it
+    metadata.json      engine layout, world size, step, code version, sha256 of every file; written last
+  <run_dir>/checkpoints/latest   name of the newest published checkpoint, written after it
 
-Publication is atomic: everything is written into `step_XXXXXXX.tmp`, the metadata last, and the
-directory is renamed only when complete, so a crash mid-save leaves the previous checkpoint intact
-and the half-written one is never mistaken for a good one (it has the .tmp suffix, or no metadata,
-or a checksum that does not match). Storage is addressed through fsspec.
+Publication: on a local file system everything goes into `step_XXXXXXX.tmp` and the directory is
+renamed when complete. On object storage (no atomic rename) files are written in place with
+metadata.json last, then `latest`; a directory without metadata, or with a file whose checksum does
+not match, is never taken for a checkpoint. Checksums are verified before anything is loaded, and
+loading never unpickles code (safetensors; torch.load(weights_only=True)).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import logging
+import os
 import random
 import re
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 import fsspec
 import numpy as np
 import torch
+import torch.distributed as dist
+from fsspec.implementations.local import LocalFileSystem
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from .dist import DistInfo, barrier
 
-log = logging.getLogger(__name__)
-FORMAT_VERSION = 1
+if TYPE_CHECKING:
+    from .engines import Engine
+
+log = logging.getLogger("pretrain")
+FORMAT_VERSION = 2
 STEP_DIR = re.compile(r"^step_(\d{7,})$")
+ENGINE_DIR = "engine"
 
 
 class CheckpointError(RuntimeError):
@@ -42,7 +56,7 @@ class CheckpointError(RuntimeError):
 
 
 class CheckpointLayoutError(CheckpointError):
-    """A valid checkpoint that this run cannot take (e.g. another world size): never skipped silently."""
+    """A valid checkpoint that this run cannot take: never skipped silently."""
 
 
 def capture_rng() -> dict[str, Any]:
@@ -85,72 +99,109 @@ def _torch_from_bytes(data: bytes) -> Any:
     return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
 
+def _broadcast_object(obj: Any) -> Any:
+    """Rank 0's value on every rank (identity with one process)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return obj
+
+
 @dataclass
-class Loaded:
+class Restored:
     step: int
     path: str
-    model: dict[str, torch.Tensor]
-    engine: dict[str, Any]
-    rank_state: dict[str, Any]
+    shared: dict[str, Any]
+    rank_state: dict[str, Any] | None  # None when the saved rank layout differs from this run's
     metadata: dict[str, Any]
 
 
 class Checkpointer:
-    def __init__(self, run_dir: str, dist_info: DistInfo, keep_last: int = 3) -> None:
+    def __init__(self, run_dir: str, dist_info: DistInfo, keep_last: int = 3, keep_every: int = 0) -> None:
         self.fs, root = fsspec.core.url_to_fs(run_dir)
         self.root = root.rstrip("/") + "/checkpoints"
+        self.local = isinstance(self.fs, LocalFileSystem)
         self.dist = dist_info
         self.keep_last = keep_last
+        self.keep_every = keep_every
+
+    def step_path(self, step: int) -> str:
+        return f"{self.root}/step_{step:07d}"
 
     # ---- writing ---------------------------------------------------------------------------
     def _write(self, path: str, data: bytes) -> None:
         with self.fs.open(path, "wb") as f:
             f.write(data)
 
-    def save(self, step: int, model_state: dict[str, torch.Tensor], engine_state: dict[str, Any],
-             rank_state: dict[str, Any], extra_metadata: dict[str, Any], config_yaml: str) -> str:
+    @contextlib.contextmanager
+    def _local_dir(self, path: str) -> Iterator[str]:
+        """A local directory for engines that write through their own file APIs (DCP, DeepSpeed):
+        `path` itself on a local file system, else a staging dir uploaded (this rank's files) on exit."""
+        if self.local:
+            yield path
+            return
+        stage = tempfile.mkdtemp(prefix="ckpt-stage-")
+        try:
+            yield stage
+            for dirpath, _, files in os.walk(stage):
+                for name in files:
+                    src = os.path.join(dirpath, name)
+                    self.fs.put_file(src, f"{path}/{os.path.relpath(src, stage)}")
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+
+    def save(self, step: int, engine: Engine, *, shared_state: dict[str, Any], rank_state: dict[str, Any],
+             metadata: dict[str, Any], config_yaml: str) -> str:
         """Collective: every rank calls it. Returns the published path."""
-        final = f"{self.root}/step_{step:07d}"
-        tmp = final + ".tmp"
+        final = self.step_path(step)
+        work = final + ".tmp" if self.local else final
         if self.dist.is_main:
-            if self.fs.exists(tmp):  # left by a crash during an earlier save of this step
-                self.fs.rm(tmp, recursive=True)
-            self.fs.makedirs(tmp, exist_ok=True)
-        barrier()
-        rank_file = f"rank_{self.dist.rank:05d}.pt"
-        self._write(f"{tmp}/{rank_file}", _torch_bytes(rank_state))
-        if self.dist.is_main:
-            blobs = {
-                "model.safetensors": st_save({k: v.detach().cpu().contiguous() for k, v in model_state.items()}),
-                "engine.pt": _torch_bytes(engine_state),
-                "config.yaml": config_yaml.encode(),
-            }
-            for name, data in blobs.items():
-                self._write(f"{tmp}/{name}", data)
-        barrier()  # all rank files are on storage before the checksums are taken
-        if self.dist.is_main:
-            files = {name: _sha256(data) for name, data in blobs.items()}
-            for r in range(self.dist.world_size):
-                name = f"rank_{r:05d}.pt"
-                files[name] = _sha256(self.fs.cat_file(f"{tmp}/{name}"))
-            meta = {"format_version": FORMAT_VERSION, "step": step, "world_size": self.dist.world_size,
-                    "time": time.time(), "files": files, **extra_metadata}
-            self._write(f"{tmp}/metadata.json", json.dumps(meta, indent=1).encode())
-            if self.fs.exists(final):  # re-saving the same step (e.g. after a resume): replace it
+            for stale in {work, final + ".tmp"}:  # left by a crash during an earlier save of this step
+                if self.fs.exists(stale):
+                    self.fs.rm(stale, recursive=True)
+            if not self.local and self.fs.exists(final):
                 self.fs.rm(final, recursive=True)
-            self.fs.mv(tmp, final, recursive=True)
+            self.fs.makedirs(f"{work}/{ENGINE_DIR}", exist_ok=True)
+        barrier()
+        weights = engine.consolidated_state_dict()  # collective: gathered onto rank 0
+        with self._local_dir(f"{work}/{ENGINE_DIR}") as engine_dir:
+            engine.save_state(engine_dir)
+        self._write(f"{work}/rank_{self.dist.rank:05d}.pt", _torch_bytes(rank_state))
+        if self.dist.is_main:
+            self._write(f"{work}/model.safetensors",
+                        st_save({k: v.detach().cpu().contiguous() for k, v in weights.items()}))
+            self._write(f"{work}/shared.pt", _torch_bytes(shared_state))
+            self._write(f"{work}/config.yaml", config_yaml.encode())
+        del weights
+        barrier()  # every rank's files are on storage before the checksums are taken
+        if self.dist.is_main:
+            files = {}
+            for p in sorted(self.fs.find(work)):
+                files[p[len(work) + 1:]] = _sha256(self.fs.cat_file(p))
+            meta = {"format_version": FORMAT_VERSION, "step": step, "world_size": self.dist.world_size,
+                    "layout": engine.layout(), "time": time.time(), "files": files, **metadata}
+            self._write(f"{work}/metadata.json", json.dumps(meta, indent=1).encode())
+            if self.local:
+                if self.fs.exists(final):  # re-saving the same step (e.g. after a resume): replace it
+                    self.fs.rm(final, recursive=True)
+                self.fs.mv(work, final, recursive=True)
+            self._write(f"{self.root}/latest", final.rsplit("/", 1)[-1].encode())
             self._purge()
         barrier()
         return final
 
     def _purge(self) -> None:
+        """Keep the newest `keep_last`, plus every `keep_every`-th step for the long view."""
         steps = self.list_steps()
         for step in steps[: -self.keep_last]:
-            self.fs.rm(f"{self.root}/step_{step:07d}", recursive=True)
+            if self.keep_every and step % self.keep_every == 0:
+                continue
+            self.fs.rm(self.step_path(step), recursive=True)
 
     # ---- reading ---------------------------------------------------------------------------
     def list_steps(self) -> list[int]:
-        """Published checkpoints (not .tmp), oldest first. Validity is checked on load."""
+        """Published checkpoint directories (not .tmp), oldest first. Validity is checked on load."""
         if not self.fs.exists(self.root):
             return []
         steps = []
@@ -160,17 +211,8 @@ class Checkpointer:
                 steps.append(int(m.group(1)))
         return sorted(steps)
 
-    def _read_verified(self, path: str, meta: dict[str, Any], name: str) -> bytes:
-        expected = meta["files"].get(name)
-        if expected is None:
-            raise CheckpointError(f"{path}: metadata.json lists no file {name}")
-        data = self.fs.cat_file(f"{path}/{name}")
-        if _sha256(data) != expected:
-            raise CheckpointError(f"{path}/{name}: checksum mismatch (file corrupt or partly written)")
-        return data
-
-    def load(self, step: int) -> Loaded:
-        path = f"{self.root}/step_{step:07d}"
+    def read_metadata(self, step: int) -> dict[str, Any]:
+        path = self.step_path(step)
         try:
             meta = json.loads(self.fs.cat_file(f"{path}/metadata.json"))
         except FileNotFoundError:
@@ -179,24 +221,78 @@ class Checkpointer:
             raise CheckpointError(f"{path}/metadata.json: not valid JSON ({e})") from None
         if meta.get("format_version") != FORMAT_VERSION:
             raise CheckpointError(f"{path}: format_version {meta.get('format_version')} != {FORMAT_VERSION}")
-        if meta["world_size"] != self.dist.world_size:
-            raise CheckpointLayoutError(
-                f"{path}: written by {meta['world_size']} ranks, this run has {self.dist.world_size}; "
-                "resuming on a different world size is not supported by this engine")
-        model = st_load(self._read_verified(path, meta, "model.safetensors"))
-        engine = _torch_from_bytes(self._read_verified(path, meta, "engine.pt"))
-        rank_state = _torch_from_bytes(self._read_verified(path, meta, f"rank_{self.dist.rank:05d}.pt"))
-        return Loaded(step=meta["step"], path=path, model=model, engine=engine, rank_state=rank_state,
-                      metadata=meta)
+        return meta
 
-    def load_latest(self) -> Loaded | None:
-        """The newest checkpoint that verifies; a corrupt or partial one is skipped with a warning.
-        Every rank reads the same directory listing, so all ranks agree on the step."""
-        for step in reversed(self.list_steps()):
+    def verify(self, step: int) -> dict[str, Any]:
+        """Metadata of `step` after checking every file against its sha256 (CheckpointError if not)."""
+        path = self.step_path(step)
+        meta = self.read_metadata(step)
+        for name, expected in meta["files"].items():
             try:
-                return self.load(step)
-            except CheckpointLayoutError:
-                raise
-            except CheckpointError as e:
-                log.warning("skipping checkpoint: %s", e)
-        return None
+                data = self.fs.cat_file(f"{path}/{name}")
+            except FileNotFoundError:
+                raise CheckpointError(f"{path}/{name}: missing (checkpoint incomplete)") from None
+            if _sha256(data) != expected:
+                raise CheckpointError(f"{path}/{name}: checksum mismatch (file corrupt or partly written)")
+        return meta
+
+    def read_weights(self, step: int) -> dict[str, torch.Tensor]:
+        return st_load(self.fs.cat_file(f"{self.step_path(step)}/model.safetensors"))
+
+    def _newest_valid(self) -> int | None:
+        """Rank 0 checks the checksums, newest first; every rank gets its answer."""
+        found = None
+        if self.dist.is_main:
+            for step in reversed(self.list_steps()):
+                try:
+                    self.verify(step)
+                    found = step
+                    break
+                except CheckpointError as e:
+                    log.warning("skipping checkpoint: %s", e)
+        return _broadcast_object(found)
+
+    @contextlib.contextmanager
+    def _engine_dir(self, step: int) -> Iterator[str]:
+        remote = f"{self.step_path(step)}/{ENGINE_DIR}"
+        if self.local:
+            yield remote
+            return
+        stage = tempfile.mkdtemp(prefix="ckpt-load-")
+        try:
+            self.fs.get(remote + "/", stage + "/", recursive=True)
+            yield stage
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+
+    def restore(self, engine: Engine) -> Restored | None:
+        """Collective: load the newest valid checkpoint into `engine` (None if there is none).
+        A corrupt or partial checkpoint is skipped with a warning. Across a change of world size
+        or engine, the engine's own state is used when it can reshard (fsdp, single/ddp); otherwise
+        the consolidated weights are loaded and the optimiser moments restart, said in a log line."""
+        step = self._newest_valid()
+        if step is None:
+            return None
+        path = self.step_path(step)
+        meta = self.read_metadata(step)
+        blocker = engine.resume_blocker(meta["layout"])
+        if blocker is None and engine.state_has_weights:
+            with self._engine_dir(step) as d:
+                engine.load_state(d)
+        else:
+            engine.load_consolidated_state_dict(self.read_weights(step))
+            if blocker is None:
+                with self._engine_dir(step) as d:
+                    engine.load_state(d)
+            else:
+                log.warning("%s: optimizer state not restored because %s; weights, schedule, step and data "
+                            "position are restored and the optimizer moments restart", path, blocker)
+        shared = _torch_from_bytes(self.fs.cat_file(f"{path}/shared.pt"))
+        rank_state = None
+        if meta["world_size"] == self.dist.world_size:
+            rank_state = _torch_from_bytes(self.fs.cat_file(f"{path}/rank_{self.dist.rank:05d}.pt"))
+            log.info("per-rank RNG state restored (same layout: %d ranks)", self.dist.world_size)
+        else:
+            log.info("per-rank RNG state not restored: saved by %d ranks, this run has %d (fresh per-rank "
+                     "random streams from here on)", meta["world_size"], self.dist.world_size)
+        return Restored(step=step, path=path, shared=shared, rank_state=rank_state, metadata=meta)

@@ -116,6 +116,9 @@ class OptimConfig:
     end_lr_ratio: float = 0.0  # lr at the last step, as a fraction of the peak
     grad_clip: float = 1.0  # global L2 norm; 0 disables clipping
     label_smoothing: float = 0.0
+    # softmax: cross-entropy over classes. sigmoid: independent per-class binary CE summed over
+    # classes (the paper's upstream option for multi-label JFT / ImageNet-21k).
+    loss: str = "softmax"
 
 
 @dataclass
@@ -126,18 +129,32 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; fp16 adds dynamic loss scaling)
     device: str = "auto"  # auto (cuda if present) | cpu | cuda
     log_every: int = 50
+    # Per-rank micro batch; null derives it from global batch / world size (with grad_accum_steps).
+    micro_batch_size: Optional[int] = None
+    # Micro batches per optimiser step; null: 1 unless micro_batch_size forces more.
+    grad_accum_steps: Optional[int] = None
+    # A non-finite loss, or one above spike_factor x the running mean, skips the step instead of
+    # corrupting the weights; max_bad_steps in a row stop the run (something is broken, not noisy).
+    spike_factor: float = 0.0  # 0 disables spike detection (non-finite losses are always skipped)
+    max_bad_steps: int = 5
 
 
 @dataclass
 class EngineConfig:
-    kind: str = "ddp"  # single | ddp; with one process `ddp` runs as `single`
+    kind: str = "ddp"  # single | ddp | fsdp | deepspeed; with one process `ddp` runs as `single`
     backend: str = "auto"  # auto: nccl on cuda, gloo on cpu
+    zero_stage: int = 2  # deepspeed only: 1 | 2 | 3 (optimizer / +gradients / +parameters sharded)
+    offload_optimizer: bool = False  # deepspeed only: optimizer states in CPU memory
+    # fsdp: free the gathered block weights after forward (less memory, one more all-gather in backward).
+    reshard_after_forward: bool = True
+    activation_checkpointing: bool = False  # recompute each Mixer block in backward (any engine)
 
 
 @dataclass
 class CheckpointConfig:
     every_steps: int = 1000
     keep_last: int = 3
+    keep_every: int = 0  # also keep every checkpoint whose step is a multiple of this (0: none)
     # auto: continue from the newest valid checkpoint in run.dir if there is one; never: refuse to
     # start in a run dir that already holds checkpoints (so nothing is overwritten by accident).
     resume: str = "auto"
@@ -188,7 +205,8 @@ CHOICES = {
     "optim.schedule": ("linear", "cosine"),
     "train.precision": ("fp32", "bf16", "fp16"),
     "train.device": ("auto", "cpu", "cuda"),
-    "engine.kind": ("single", "ddp"),
+    "engine.kind": ("single", "ddp", "fsdp", "deepspeed"),
+    "optim.loss": ("softmax", "sigmoid"),
     "engine.backend": ("auto", "gloo", "nccl"),
     "checkpoint.resume": ("auto", "never"),
 }
@@ -285,6 +303,16 @@ def _check_ranges(cfg: DictConfig, where: str) -> None:
         raise ConfigError(f"{where}: 'optim.lr' must be > 0 and 'optim.warmup_steps' >= 0")
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"{where}: 'optim.betas' needs two values, got {list(cfg.optim.betas)}")
+    for key in ("train.micro_batch_size", "train.grad_accum_steps", "train.max_bad_steps"):
+        value = OmegaConf.select(cfg, key)
+        if value is not None and value <= 0:
+            raise ConfigError(f"{where}: '{key}' must be > 0, got {value}")
+    if cfg.engine.zero_stage not in (1, 2, 3):
+        raise ConfigError(f"{where}: 'engine.zero_stage' is {cfg.engine.zero_stage}; choose one of 1, 2, 3")
+    if cfg.train.spike_factor < 0 or 0 < cfg.train.spike_factor <= 1:
+        raise ConfigError(f"{where}: 'train.spike_factor' must be 0 (off) or > 1, got {cfg.train.spike_factor}")
+    if cfg.checkpoint.keep_every < 0:
+        raise ConfigError(f"{where}: 'checkpoint.keep_every' must be >= 0")
     if cfg.eval.fewshot.enabled and not (cfg.eval.fewshot.train and cfg.eval.fewshot.test):
         raise ConfigError(f"{where}: 'eval.fewshot.enabled' needs 'eval.fewshot.train' and 'eval.fewshot.test'")
     _check_data(cfg, where)

@@ -5,6 +5,7 @@
   torchrun --nproc_per_node 2 pretrain/main.py --config configs/demo.yaml   # DDP over gloo/nccl
   deepspeed pretrain/main.py --config configs/h14.yaml        # the launcher passes --local_rank
   python pretrain/main.py --config configs/l16.yaml --print-config
+  python pretrain/main.py --config configs/h14.yaml --estimate-memory 64   # will it fit on 64 GPUs?
 
 Any `dotted.key=value` after the options overrides the config file.
 """
@@ -25,6 +26,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--config", default=DEFAULT_CONFIG, help="YAML config (default: the demo)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint (= checkpoint.resume=auto)")
+    p.add_argument("--estimate-memory", type=int, metavar="WORLD_SIZE",
+                   help="print the per-device memory estimate for WORLD_SIZE ranks and exit")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", metavar="key=value")
     return p.parse_args(argv)
@@ -45,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     from pretrain.checkpoint import CheckpointError
     from pretrain.config import ConfigError, load_config, to_yaml
     from pretrain.preemption import REQUEUE_EXIT_CODE, Preempted
+    from pretrain.trainer import Trainer, TrainingDiverged
 
     overrides = list(args.overrides) + (["checkpoint.resume=auto"] if args.resume else [])
     trainer = None
@@ -53,10 +57,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             print(to_yaml(cfg), end="")
             return 0
-        from pretrain.trainer import Trainer
+        if args.estimate_memory:
+            from pretrain.build import memory_report
+            print(memory_report(cfg, args.estimate_memory, args.config))
+            return 0
         trainer = Trainer(cfg, config_source=args.config, local_rank=args.local_rank)
         trainer.train()
-    except (ConfigError, DataSpecError, CheckpointError) as e:
+    except (ConfigError, DataSpecError, CheckpointError, TrainingDiverged) as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     except Preempted as e:

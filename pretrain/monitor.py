@@ -23,6 +23,28 @@ def itstime(step: int, every: int, total_steps: int) -> bool:
     return step == total_steps or (every > 0 and step % every == 0)
 
 
+# Dense peak TFLOP/s per device by name (vendor data sheets, without sparsity), for MFU.
+# Half precision = bf16/fp16 tensor cores; fp32 = TF32 tensor cores (what fp32 matmuls use on
+# Ampere+ with allow_tf32, else an optimistic peak).
+PEAK_TFLOPS = {  # name substring: (half, fp32)
+    "H200": (989.0, 494.0),
+    "H100 PCIe": (756.0, 378.0),
+    "H100": (989.0, 494.0),  # SXM
+    "A100": (312.0, 156.0),
+    "L40S": (362.0, 183.0),
+    "A10G": (70.0, 35.0),
+    "V100": (125.0, 15.7),
+}
+
+
+def peak_tflops(device_name: str, precision: str) -> float | None:
+    """The device's dense peak for `precision`, None when the device is not in the table."""
+    for key, (half, fp32) in PEAK_TFLOPS.items():
+        if key in device_name:
+            return half if precision in ("bf16", "fp16") else fp32
+    return None
+
+
 def _fmt_duration(seconds: float) -> str:
     if not math.isfinite(seconds):
         return "?"
@@ -34,14 +56,21 @@ def _fmt_duration(seconds: float) -> str:
 
 class Monitor:
     def __init__(self, run_dir: str, dist_info: DistInfo, total_steps: int, log_every: int,
-                 global_batch_size: int, flops_per_image: int | None = None) -> None:
+                 global_batch_size: int, flops_per_image: int | None = None, precision: str = "fp32") -> None:
         self.dist = dist_info
         self.total_steps = total_steps
         self.log_every = log_every
         self.global_batch_size = global_batch_size
         self.flops_per_image = flops_per_image
+        self.device_name = (torch.cuda.get_device_name(dist_info.device) if dist_info.device.type == "cuda"
+                            else "cpu")
+        self.peak_tflops = peak_tflops(self.device_name, precision)
+        self.loss_scale = 1.0
+        self.skipped = 0
         self.writer = None
         if dist_info.is_main:
+            log.info("device %s: peak %s TFLOP/s for %s (MFU %s)", self.device_name, self.peak_tflops or "unknown",
+                     precision, "logged" if self.peak_tflops else "not logged: device not in the peak table")
             from torch.utils.tensorboard import SummaryWriter  # imported late: slow, rank 0 only
             self.writer = SummaryWriter(log_dir=f"{run_dir}/tb")
         self._reset()
@@ -57,8 +86,14 @@ class Monitor:
         """Exclude time spent checkpointing/evaluating from the throughput figure."""
         self._t0 += seconds
 
+    def skipped_step(self, step: int) -> None:
+        """A step whose update was skipped (bad loss): counted and logged, not averaged in."""
+        self.skipped += 1
+        self.scalars(step, {"train/skipped_steps": self.skipped})
+
     def step(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, lr: float,
-             data_wait_s: float) -> None:
+             data_wait_s: float, loss_scale: float = 1.0) -> None:
+        self.loss_scale = loss_scale
         loss, grad_norm = loss.detach().float(), grad_norm.detach().float()
         self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
         self._gnorm_sum = grad_norm if self._gnorm_sum is None else self._gnorm_sum + grad_norm
@@ -77,17 +112,27 @@ class Monitor:
             "perf/img_per_s": imgs_per_s,
             "perf/img_per_s_per_device": imgs_per_s / self.dist.world_size,
             "perf/data_wait_frac": min(1.0, self._data_wait / elapsed),
+            "perf/data_wait_s_per_step": self._data_wait / self._steps,
+            "perf/compute_s_per_step": max(0.0, elapsed - self._data_wait) / self._steps,
+            "train/loss_scale": self.loss_scale,
         }
         if self.flops_per_image:
             # Training FLOPs = 3x forward (backward costs two forwards).
-            scalars["perf/tflops_per_device"] = 3 * self.flops_per_image * imgs_per_s / self.dist.world_size / 1e12
+            tflops = 3 * self.flops_per_image * imgs_per_s / self.dist.world_size / 1e12
+            scalars["perf/tflops_per_device"] = tflops
+            if self.peak_tflops:
+                scalars["perf/mfu"] = tflops / self.peak_tflops
+                scalars["perf/peak_tflops"] = self.peak_tflops
         if self.dist.device.type == "cuda":
-            scalars["perf/max_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            scalars["perf/max_mem_gib"] = torch.cuda.max_memory_allocated(self.dist.device) / 2**30
         eta = (self.total_steps - step) * elapsed / self._steps
         if self.dist.is_main:
-            log.info("step %d/%d  loss %.4f  lr %.2e  gnorm %.3f  %.0f img/s  data %.0f%%  eta %s",
+            extra = "".join([f"  mfu {scalars['perf/mfu']:.1%}" if "perf/mfu" in scalars else "",
+                             f"  mem {scalars['perf/max_mem_gib']:.1f}G" if "perf/max_mem_gib" in scalars else "",
+                             f"  scale {self.loss_scale:g}" if self.loss_scale != 1.0 else ""])
+            log.info("step %d/%d  loss %.4f  lr %.2e  gnorm %.3f  %.0f img/s  data %.0f%%%s  eta %s",
                      step, self.total_steps, means[0], lr, means[1], imgs_per_s,
-                     100 * scalars["perf/data_wait_frac"], _fmt_duration(eta))
+                     100 * scalars["perf/data_wait_frac"], extra, _fmt_duration(eta))
             self.scalars(step, scalars)
         self._reset()
 

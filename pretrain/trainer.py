@@ -8,7 +8,6 @@ from pathlib import Path
 
 import fsspec
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from data_pipeline.errors import DataSpecError
@@ -17,7 +16,7 @@ from data_pipeline.stream import SKIP_KINDS
 from . import build
 from .checkpoint import Checkpointer, capture_rng, restore_rng
 from .config import ConfigError, to_yaml
-from .dist import all_reduce_sum, init_distributed, shutdown
+from .dist import all_reduce_mean, all_reduce_sum, init_distributed, shutdown
 from .evaluation import EvalRunner
 from .monitor import Monitor, itstime
 from .preemption import Preempted, PreemptionWatcher
@@ -33,6 +32,41 @@ def _code_version() -> str:
         return "unknown"
 
 
+class TrainingDiverged(RuntimeError):
+    """Too many bad steps in a row: the run stops rather than train on garbage."""
+
+
+class LossGuard:
+    """Judges each micro batch's loss before its backward: non-finite, or above `spike_factor` x the
+    running mean, is bad. Collective (the loss is averaged over ranks) so every rank decides alike.
+    This costs one small all-reduce and one host sync per micro batch, the price of never letting
+    a bad gradient into the weights."""
+
+    def __init__(self, spike_factor: float, max_bad_steps: int) -> None:
+        self.spike_factor, self.max_bad_steps = spike_factor, max_bad_steps
+        self.mean: float | None = None  # exponential moving average of good losses
+        self.streak = 0
+
+    def check(self, loss: torch.Tensor) -> str | None:
+        value = all_reduce_mean(loss.detach().float().reshape(1)).item()
+        if not torch.isfinite(torch.tensor(value)):
+            return f"non-finite loss ({value})"
+        if self.spike_factor and self.mean is not None and value > self.spike_factor * self.mean:
+            return f"loss spike {value:.4f} > {self.spike_factor} x running mean {self.mean:.4f}"
+        self.mean = value if self.mean is None else 0.9 * self.mean + 0.1 * value
+        return None
+
+    def end_step(self, step: int, bad: str | None) -> None:
+        if bad is None:
+            self.streak = 0
+            return
+        self.streak += 1
+        log.warning("step %d skipped: %s (%d in a row)", step, bad, self.streak)
+        if self.streak >= self.max_bad_steps:
+            raise TrainingDiverged(f"{self.streak} bad steps in a row up to step {step} (last: {bad}); stopping "
+                                   "(lower optim.lr, check the data, or raise train.max_bad_steps)")
+
+
 class Trainer:
     def __init__(self, cfg: DictConfig, config_source: str = "config", local_rank: int | None = None) -> None:
         self.cfg = cfg
@@ -41,19 +75,28 @@ class Trainer:
                             format=f"%(asctime)s [rank {self.dist.rank}] %(message)s", datefmt="%H:%M:%S",
                             force=True)
         self.run_dir = cfg.run.dir
-        self.batch_size = build.per_device_batch_size(cfg, self.dist, config_source)
+        self.micro_batch_size, self.accum_steps = build.batch_layout(cfg, self.dist, config_source)
+        self.batch_size = self.micro_batch_size * self.accum_steps  # per rank per optimiser step
         # Same seed on every rank for the weights (DDP also broadcasts rank 0's), then a per-rank
         # seed so that dropout / drop-path masks differ between ranks.
         torch.manual_seed(cfg.train.seed)
         model = build.build_model(cfg, config_source)
         torch.manual_seed(cfg.train.seed + 1000 * (self.dist.rank + 1))
-        self.engine = build.build_train_engine(cfg, model, self.dist)
-        self.forward = build.build_forward(cfg, self.dist, self.engine)
+        n_params = sum(p.numel() for p in model.parameters())
         build.prepare_data(cfg, self.dist)
-        self.loader = build.build_train_loader(cfg, self.dist, self.batch_size)
-        self.checkpointer = Checkpointer(self.run_dir, self.dist, keep_last=cfg.checkpoint.keep_last)
+        self.loader = build.build_train_loader(cfg, self.dist, self.micro_batch_size)  # bad data specs fail here
+        # Before the engine allocates anything: a run that cannot fit says so in its first lines.
+        log.info("memory estimate for %s on %s (%d ranks, micro batch %d): %s", cfg.model.name, cfg.engine.kind
+                 + (f" ZeRO-{cfg.engine.zero_stage}" if cfg.engine.kind == "deepspeed" else ""), self.dist.world_size,
+                 self.micro_batch_size, build.build_memory_estimate(cfg, model, self.dist, config_source).describe())
+        self.engine = build.build_train_engine(cfg, model, self.dist, config_source)
+        self.loss_fn = build.build_train_loss(cfg)
+        self.guard = LossGuard(cfg.train.spike_factor, cfg.train.max_bad_steps)
+        self.forward = build.build_forward(cfg, self.dist, self.engine)
+        self.checkpointer = Checkpointer(self.run_dir, self.dist, keep_last=cfg.checkpoint.keep_last,
+                                         keep_every=cfg.checkpoint.keep_every)
         self.monitor = Monitor(self.run_dir, self.dist, cfg.train.steps, cfg.train.log_every,
-                               cfg.train.global_batch_size, model.flops_per_image())
+                               cfg.train.global_batch_size, model.flops_per_image(), cfg.train.precision)
         self.evaluate = EvalRunner(build.build_evaluators(cfg, self.dist, self.forward), self.run_dir,
                                    self.dist, self.monitor.scalars)
         self.step = 0  # optimiser steps taken; everything else is owned by the components
@@ -66,29 +109,31 @@ class Trainer:
             fs.makedirs(root, exist_ok=True)
             with fs.open(f"{root}/config.yaml", "w") as f:
                 f.write(to_yaml(cfg))
-        n_params = sum(p.numel() for p in model.parameters())
-        log.info("model %s: %.2fM params | %d ranks x %d images | engine %s | device %s | run dir %s",
-                 cfg.model.name, n_params / 1e6, self.dist.world_size, self.batch_size,
-                 self.engine.kind, self.dist.device, self.run_dir)
+        log.info("model %s: %.2fM params | %d ranks x %d images (%d x %d accumulated) | engine %s | device %s | run dir %s",
+                 cfg.model.name, n_params / 1e6, self.dist.world_size, self.batch_size, self.micro_batch_size,
+                 self.accum_steps, self.engine.kind, self.dist.device, self.run_dir)
 
     def resume(self) -> None:
-        loaded = self.checkpointer.load_latest()
-        if loaded is None:
+        restored = self.checkpointer.restore(self.engine)  # weights + optimiser, in the engine's own layout
+        if restored is None:
             return
-        self.engine.unwrapped.load_state_dict(loaded.model)
-        self.engine.load_state_dict(loaded.engine)
-        restore_rng(loaded.rank_state["rng"])
-        self.loader.load_state_dict(loaded.rank_state["data"])
-        self.step = loaded.step
-        log.info("resumed from %s (step %d)", loaded.path, self.step)
+        self.engine.load_scheduler_state(restored.shared["scheduler"])
+        self.loader.load_state_dict(restored.shared["data"])  # global record: any world layout
+        if restored.rank_state is not None:
+            restore_rng(restored.rank_state["rng"])
+        self.step = restored.step
+        log.info("resumed from %s (step %d)", restored.path, self.step)
 
     def save_and_evaluate(self, evaluate: bool = True) -> None:
         t0 = time.perf_counter()
+        samples = self.step * self.cfg.train.global_batch_size
         path = self.checkpointer.save(
-            self.step, self.engine.unwrapped.state_dict(), self.engine.state_dict(),
-            rank_state={"rng": capture_rng(), "data": self.loader.state_dict(), "step": self.step},
-            extra_metadata={"engine": self.engine.kind, "model": self.cfg.model.name, "code_version": _code_version(),
-                            "samples_seen": self.step * self.cfg.train.global_batch_size},
+            self.step, self.engine,
+            shared_state={"step": self.step, "samples_seen": samples, "scheduler": self.engine.scheduler_state(),
+                          "data": self.loader.state_dict()},  # collective: the same global record on every rank
+            rank_state={"rng": capture_rng(), "step": self.step},
+            metadata={"engine": self.engine.kind, "model": self.cfg.model.name, "code_version": _code_version(),
+                      "samples_seen": samples},
             config_yaml=to_yaml(self.cfg))
         t1 = time.perf_counter()
         log.info("checkpoint %s (%.1fs)", path, t1 - t0)
@@ -123,18 +168,33 @@ class Trainer:
         batches = iter(self.loader)
         self.engine.model.train()
         while self.step < cfg.train.steps:
-            t0 = time.perf_counter()
-            batch = next(batches)
-            data_wait = time.perf_counter() - t0
-            images, labels = self.forward.prepare(batch)
-            with self.engine.autocast():
-                logits = self.engine.model(images)
-            loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.optim.label_smoothing)
-            self.engine.backward(loss)
+            # ---- one optimiser step: accum_steps micro batches, each judged before its backward
+            data_wait, losses, bad = 0.0, [], None
+            for _ in range(self.accum_steps):
+                t0 = time.perf_counter()
+                batch = next(batches)  # consumed even in a skipped step: the data stream stays in step
+                data_wait += time.perf_counter() - t0
+                if bad is not None:
+                    continue
+                images, labels = self.forward.prepare(batch)
+                with self.engine.autocast():
+                    logits = self.engine.model(images)
+                loss = self.loss_fn(logits, labels)
+                bad = self.guard.check(loss)
+                if bad is None:
+                    self.engine.backward(loss)
+                    losses.append(loss.detach())
             lr = self.engine.lr  # the rate this update uses; step() advances the schedule
-            grad_norm = self.engine.step()
+            if bad is None:
+                grad_norm = self.engine.step()
+                self.monitor.step(self.step + 1, torch.stack(losses).mean(), grad_norm, lr, data_wait,
+                                  loss_scale=self.engine.loss_scale)
+            else:
+                self.engine.skip_step()
+                self.monitor.skipped_step(self.step + 1)
+            self.guard.end_step(self.step + 1, bad)
             self.step += 1
-            self.monitor.step(self.step, loss, grad_norm, lr, data_wait)
+            # ---- step boundary: weights, schedule and data position agree on self.step here
             if self.step < cfg.train.steps and self.preemption.requested():  # collective; see preemption.py
                 self.save_and_evaluate(evaluate=False)  # the grace period is short: checkpoint only
                 raise Preempted(self.step, self.preemption.reason())

@@ -26,7 +26,8 @@ def test_single_process_run_trains_checkpoints_and_evaluates(tmp_path, demo_root
     args = tiny_args(run_dir, demo_root, 150, 75, batch=64)
     r = run_main(args)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_0000075", "step_0000150"]
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")) == ["step_0000075", "step_0000150"]
+    assert (run_dir / "checkpoints/latest").read_text() == "step_0000150"
     records = eval_records(run_dir)
     assert [rec["step"] for rec in records] == [75, 150]
     for rec in records:

@@ -1,6 +1,10 @@
-"""Checkpoints: round trip, atomic publication, corruption detection, retention, RNG restore."""
+"""Checkpoints with a real single-process engine: round trip, atomic publication, corruption
+detection, retention, pickled code refused, RNG restore."""
+import hashlib
+import io
 import json
 import random
+from functools import partial
 
 import numpy as np
 import pytest
@@ -8,87 +12,136 @@ import torch
 
 from pretrain.checkpoint import CheckpointError, Checkpointer, capture_rng, restore_rng
 from pretrain.dist import DistInfo
+from pretrain.engines import Engine
+from pretrain.optim import build_optimizer, build_scheduler
 
 ONE = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
 
-def save(ck, step, value=0.0):
-    model = {"w": torch.full((3, 2), float(value)), "b": torch.arange(4.0)}
-    engine = {"optimizer": {"state": {0: {"exp_avg": torch.ones(2)}}, "param_groups": [{"lr": 0.1}]}}
-    return ck.save(step, model, engine, rank_state={"step": step, "data": {"pos": [step, 2]}},
-                   extra_metadata={"engine": "single"}, config_yaml="a: 1\n")
+def make_engine(seed=0):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 3))
+    return Engine(model, partial(build_optimizer, lr=0.1, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1),
+                  partial(build_scheduler, total_steps=10, warmup_steps=2, schedule="linear", end_ratio=0.0),
+                  dist_info=ONE)
 
 
-def test_round_trip(tmp_path):
+def train_steps(engine, n):
+    for _ in range(n):
+        engine.backward(engine.model(torch.randn(5, 4)).square().mean())
+        engine.step()
+
+
+def save(ck, engine, step):
+    return ck.save(step, engine, shared_state={"step": step, "scheduler": engine.scheduler_state(),
+                                               "data": {"pos": [step, 2]}},
+                   rank_state={"rng": capture_rng()}, metadata={"engine": engine.kind}, config_yaml="a: 1\n")
+
+
+def weights(engine):
+    return {k: v.clone() for k, v in engine.unwrapped.state_dict().items()}
+
+
+def test_round_trip_restores_weights_optimizer_and_schedule(tmp_path):
     ck = Checkpointer(str(tmp_path), ONE)
-    path = save(ck, 5, value=1.5)
-    assert path.endswith("checkpoints/step_0000005")
-    loaded = ck.load_latest()
-    assert loaded.step == 5
-    assert torch.equal(loaded.model["w"], torch.full((3, 2), 1.5))
-    assert torch.equal(loaded.engine["optimizer"]["state"][0]["exp_avg"], torch.ones(2))
-    assert loaded.rank_state["data"] == {"pos": [5, 2]}
-    meta = json.loads((tmp_path / "checkpoints/step_0000005/metadata.json").read_text())
-    assert set(meta["files"]) == {"model.safetensors", "engine.pt", "config.yaml", "rank_00000.pt"}
+    a = make_engine()
+    train_steps(a, 3)
+    path = save(ck, a, 3)
+    assert path.endswith("checkpoints/step_0000003")
+    b = make_engine(seed=1)
+    restored = ck.restore(b)
+    b.load_scheduler_state(restored.shared["scheduler"])
+    assert restored.step == 3 and restored.shared["data"] == {"pos": [3, 2]} and restored.rank_state
+    for k, v in weights(a).items():
+        assert torch.equal(v, b.unwrapped.state_dict()[k])
+    assert b.lr == a.lr
+    # The same next step from both: optimiser moments came back too.
+    torch.manual_seed(7)
+    train_steps(a, 1)
+    torch.manual_seed(7)
+    train_steps(b, 1)
+    for k, v in weights(a).items():
+        assert torch.equal(v, b.unwrapped.state_dict()[k])
+    meta = json.loads((tmp_path / "checkpoints/step_0000003/metadata.json").read_text())
+    assert set(meta["files"]) == {"model.safetensors", "engine/engine.pt", "config.yaml", "rank_00000.pt",
+                                  "shared.pt"}
+    assert meta["layout"] == {"engine": "single", "world_size": 1}
+    assert (tmp_path / "checkpoints/latest").read_text() == "step_0000003"
 
 
 def test_partial_save_is_ignored_and_corruption_falls_back(tmp_path, caplog):
     ck = Checkpointer(str(tmp_path), ONE)
-    save(ck, 10, value=1.0)
-    save(ck, 20, value=2.0)
+    e = make_engine()
+    save(ck, e, 10)
+    first = weights(e)
+    train_steps(e, 1)
+    save(ck, e, 20)
     # A save that died before publication: only the .tmp directory exists.
     (tmp_path / "checkpoints/step_0000030.tmp").mkdir()
     (tmp_path / "checkpoints/step_0000030.tmp/model.safetensors").write_bytes(b"half")
     assert ck.list_steps() == [10, 20]
-    # Flip one byte of the newest model file: the checksum catches it, the previous one is used.
-    f = tmp_path / "checkpoints/step_0000020/model.safetensors"
+    # Flip one byte of the newest engine state: the checksum catches it, the previous one is used.
+    f = tmp_path / "checkpoints/step_0000020/engine/engine.pt"
     data = bytearray(f.read_bytes())
     data[-1] ^= 0xFF
     f.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="checksum mismatch"):
-        ck.load(20)
-    loaded = ck.load_latest()
-    assert loaded.step == 10 and float(loaded.model["w"][0, 0]) == 1.0
+        ck.verify(20)
+    fresh = make_engine(seed=3)
+    assert ck.restore(fresh).step == 10
+    assert all(torch.equal(v, fresh.unwrapped.state_dict()[k]) for k, v in first.items())
     assert "skipping checkpoint" in caplog.text
 
 
-def test_directory_without_metadata_is_not_a_checkpoint(tmp_path):
+def test_missing_file_or_metadata_is_not_a_checkpoint(tmp_path):
     ck = Checkpointer(str(tmp_path), ONE)
-    save(ck, 1)
+    save(ck, make_engine(), 1)
+    save(ck, make_engine(), 2)
+    (tmp_path / "checkpoints/step_0000002/rank_00000.pt").unlink()
+    with pytest.raises(CheckpointError, match="missing"):
+        ck.verify(2)
     (tmp_path / "checkpoints/step_0000001/metadata.json").unlink()
-    assert ck.load_latest() is None
+    assert ck.restore(make_engine()) is None
 
 
-def test_keep_last(tmp_path):
-    ck = Checkpointer(str(tmp_path), ONE, keep_last=2)
-    for s in (1, 2, 3, 4):
-        save(ck, s)
-    assert ck.list_steps() == [3, 4]
+def test_keep_last_plus_every_mth(tmp_path):
+    ck = Checkpointer(str(tmp_path), ONE, keep_last=2, keep_every=3)
+    e = make_engine()
+    for s in range(1, 8):
+        save(ck, e, s)
+    assert ck.list_steps() == [3, 6, 7]
 
 
-def test_world_size_mismatch_is_a_clear_error(tmp_path):
-    save(Checkpointer(str(tmp_path), ONE), 3)
-    two = DistInfo(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"))
-    with pytest.raises(CheckpointError, match="written by 1 ranks, this run has 2"):
-        Checkpointer(str(tmp_path), two).load_latest()
+def test_other_engine_layout_loads_weights_and_says_so(tmp_path, caplog):
+    ck = Checkpointer(str(tmp_path), ONE)
+    e = make_engine()
+    train_steps(e, 2)
+    save(ck, e, 2)
+    meta_path = tmp_path / "checkpoints/step_0000002/metadata.json"
+    meta = json.loads(meta_path.read_text())
+    meta["layout"] = {"engine": "deepspeed", "world_size": 4, "zero_stage": 3}
+    meta_path.write_text(json.dumps(meta))
+    fresh = make_engine(seed=5)
+    restored = ck.restore(fresh)
+    assert restored.step == 2 and restored.rank_state is not None
+    assert all(torch.equal(v, fresh.unwrapped.state_dict()[k]) for k, v in weights(e).items())
+    assert "optimizer state not restored because it was written by engine 'deepspeed'" in caplog.text
 
 
 def test_pickled_code_is_refused(tmp_path):
     ck = Checkpointer(str(tmp_path), ONE)
-    save(ck, 1)
-    # Replace engine.pt by a pickle that would call a function, and fix its checksum so that only
-    # the weights_only loader stands in the way.
-    import hashlib
-    import io
+    save(ck, make_engine(), 1)
+    # Replace the engine state by a pickle that would call a function, and fix its checksum so that
+    # only the weights_only loader stands in the way.
     buf = io.BytesIO()
     torch.save({"x": print}, buf)  # a callable is outside the weights_only allow-list
     d = tmp_path / "checkpoints/step_0000001"
-    (d / "engine.pt").write_bytes(buf.getvalue())
+    (d / "engine/engine.pt").write_bytes(buf.getvalue())
     meta = json.loads((d / "metadata.json").read_text())
-    meta["files"]["engine.pt"] = hashlib.sha256(buf.getvalue()).hexdigest()
+    meta["files"]["engine/engine.pt"] = hashlib.sha256(buf.getvalue()).hexdigest()
     (d / "metadata.json").write_text(json.dumps(meta))
     with pytest.raises(Exception, match="(?i)weights_only|unsupported|not allowed"):
-        ck.load(1)
+        ck.restore(make_engine())
 
 
 def test_rng_capture_restore():

@@ -1,0 +1,170 @@
+"""The engine interface and the single-process engine it is built on.
+
+The training loop sees only these methods (`model`, `autocast`, `backward`, `step`, `skip_step`,
+`lr`, `loss_scale`, `unwrapped`, and the checkpoint hooks) and never asks which engine it has.
+A step is `accum_steps` calls of `backward` then one `step` (or `skip_step`).
+
+Checkpoint hooks, all collective (every rank calls them):
+  consolidated_state_dict()      full fp32 weights on rank 0 (what export and evaluation read)
+  load_consolidated_state_dict() the same, back into whatever sharding the engine has
+  save_state(dir) / load_state(dir)  the engine's own optimiser state, in its own format
+  layout() / resume_blocker(saved)   what a saved state needs from the run that loads it
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..dist import DistInfo
+
+PRECISION_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+OptimizerFactory = Callable[[nn.Module], torch.optim.Optimizer]
+SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
+
+
+def ensure_process_group(dist_info: DistInfo, backend: str = "auto") -> None:
+    """Sharding engines need a process group even with one rank (e.g. resuming 2 ranks -> 1)."""
+    if dist.is_initialized():
+        return
+    if backend == "auto":
+        backend = "nccl" if dist_info.device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+
+
+class Engine:
+    """One process: model + optimiser + schedule, mixed precision, accumulation and clipping."""
+
+    kind = "single"
+    state_has_weights = False  # save_state holds no weights: resume also reads model.safetensors
+
+    def __init__(self, model: nn.Module, optimizer_factory: OptimizerFactory, scheduler_factory: SchedulerFactory,
+                 *, dist_info: DistInfo, precision: str = "fp32", grad_clip: float = 1.0, accum_steps: int = 1,
+                 activation_checkpointing: bool = False, backend: str = "auto", **options: Any) -> None:
+        self.dist = dist_info
+        self.device = dist_info.device
+        self.precision = precision
+        self.grad_clip = grad_clip
+        self.accum_steps = accum_steps
+        self.backend = backend
+        self.options = options
+        self.autocast_dtype = PRECISION_DTYPES[precision]
+        if activation_checkpointing:
+            model.set_grad_checkpointing(True)
+        self._micro = 0
+        self._setup(model, optimizer_factory, scheduler_factory)
+
+    # ---- construction (overridden by the sharding engines) ----------------------------------
+    def _setup(self, model: nn.Module, optimizer_factory: OptimizerFactory,
+               scheduler_factory: SchedulerFactory) -> None:
+        self._module = model.to(self.device)
+        self.model = self._wrap(self._module)
+        self.optimizer = optimizer_factory(self._module)
+        self.scheduler = scheduler_factory(self.optimizer)
+        # fp16 overflows without loss scaling; bf16 has fp32's range and needs none.
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+
+    def _wrap(self, module: nn.Module) -> nn.Module:
+        return module
+
+    def _sync_context(self, last_micro: bool) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    # ---- the step ---------------------------------------------------------------------------
+    @property
+    def unwrapped(self) -> nn.Module:
+        """The plain model, for evaluation (its weights may be sharded under fsdp / ZeRO-3)."""
+        return self._module
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """One micro batch. The loss is divided by the accumulation count so that the summed
+        gradient equals the gradient of the mean loss over the whole global batch."""
+        self._micro += 1
+        with self._sync_context(self._micro == self.accum_steps):
+            self.scaler.scale(loss / self.accum_steps).backward()
+
+    def _clip(self) -> torch.Tensor:
+        max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
+        return torch.nn.utils.clip_grad_norm_(self._module.parameters(), max_norm, foreach=True)
+
+    def step(self) -> torch.Tensor:
+        """Clip, update, advance the schedule. Returns the pre-clip global grad norm as a tensor
+        (no host sync here: the caller decides when to read it)."""
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = self._clip()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self._end_step()
+        return grad_norm.detach().float()
+
+    def skip_step(self) -> None:
+        """Drop this step's gradients without touching the weights; the schedule still advances
+        so that lr stays a function of the step count (torch warns about exactly that order)."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+            self._end_step()
+
+    def _end_step(self) -> None:
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._micro = 0
+
+    @property
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    @property
+    def loss_scale(self) -> float:
+        return float(self.scaler.get_scale()) if self.scaler.is_enabled() else 1.0
+
+    # ---- checkpoint hooks -------------------------------------------------------------------
+    def layout(self) -> dict[str, Any]:
+        return {"engine": self.kind, "world_size": self.dist.world_size}
+
+    def resume_blocker(self, saved: dict[str, Any]) -> str | None:
+        """Why this engine cannot load a state saved with `saved` layout (None: it can).
+        single and ddp keep the full optimiser state on rank 0, so any world size works."""
+        if saved.get("engine") not in ("single", "ddp"):
+            return f"it was written by engine {saved.get('engine')!r}, this run uses {self.kind!r}"
+        return None
+
+    def consolidated_state_dict(self) -> dict[str, torch.Tensor]:
+        # A snapshot (clone): on CPU in fp32, .float().cpu() would alias the live parameters.
+        return {k: v.detach().float().cpu().clone() for k, v in self._module.state_dict().items()}
+
+    def load_consolidated_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self._module.load_state_dict(state)
+
+    def save_state(self, directory: str) -> None:
+        if self.dist.is_main:
+            torch.save({"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict()},
+                       os.path.join(directory, "engine.pt"))
+
+    def load_state(self, directory: str) -> None:
+        # weights_only: tensors, numbers, strings and containers only -- never pickled code.
+        state = torch.load(os.path.join(directory, "engine.pt"), map_location="cpu", weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+
+    def scheduler_state(self) -> dict[str, Any]:
+        return self.scheduler.state_dict()
+
+    def load_scheduler_state(self, state: dict[str, Any]) -> None:
+        """Call after load_state. The optimiser state carries the lr that the saving run's schedule
+        set; it is recomputed from this run's schedule (train.steps may have changed since)."""
+        self.scheduler.load_state_dict(state)
+        groups, step = self.scheduler.optimizer.param_groups, self.scheduler.last_epoch
+        for group, base_lr, fn in zip(groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas):
+            group["lr"] = base_lr * fn(step)
+        self.scheduler._last_lr = [group["lr"] for group in groups]

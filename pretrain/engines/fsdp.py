@@ -1,0 +1,85 @@
+"""FSDP2: `fully_shard` per Mixer block, then the root (stem, final norm, head).
+
+Each block's weights are gathered just before it runs and, with `reshard_after_forward`, freed
+right after, so a rank holds one block's full weights at a time. Mixed precision is FSDP's own
+policy (compute in bf16/fp16, gradients reduced in fp32) rather than autocast. The optimiser and
+its state hold only this rank's shards; checkpoints go through torch.distributed.checkpoint, which
+reshards on load, so a run may resume on any world size.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_model_state_dict, set_state_dict)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from .base import Engine, ensure_process_group
+
+
+class FSDPEngine(Engine):
+    kind = "fsdp"
+    state_has_weights = True
+
+    def _setup(self, model, optimizer_factory, scheduler_factory) -> None:
+        ensure_process_group(self.dist, self.backend)
+        self._module = model.to(self.device)
+        mesh = init_device_mesh(self.device.type, (self.dist.world_size,))
+        policy = MixedPrecisionPolicy(param_dtype=self.autocast_dtype, reduce_dtype=torch.float32)
+        reshard = bool(self.options.get("reshard_after_forward", True))
+        for block in model.blocks:
+            fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
+        # The root's own parameters are used last (norm, head): keeping them gathered saves an all-gather.
+        fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
+        self.model = model
+        self.optimizer = optimizer_factory(model)  # built on the sharded (DTensor) parameters
+        self.scheduler = scheduler_factory(self.optimizer)
+        if self.precision == "fp16":
+            from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler  # agrees on inf across ranks
+            self.scaler = ShardedGradScaler(self.device.type)
+        else:
+            self.scaler = torch.amp.GradScaler(self.device.type, enabled=False)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()  # the MixedPrecisionPolicy casts per block
+
+    def _clip(self) -> torch.Tensor:
+        max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm, foreach=True)
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+    # Gradients are reduce-scattered in every micro batch's backward: FSDP2's no-sync mode keeps
+    # unsharded gradients outside `.grad`, which a skipped step could not drop cleanly.
+
+    def resume_blocker(self, saved: dict[str, Any]) -> str | None:
+        if saved.get("engine") != "fsdp":
+            return f"it was written by engine {saved.get('engine')!r}, this run uses 'fsdp'"
+        return None  # DCP reshards to any world size
+
+    def consolidated_state_dict(self) -> dict[str, torch.Tensor]:
+        full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return {k: v.float().clone() for k, v in full.items()} if self.dist.is_main else {}
+
+    def load_consolidated_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        set_model_state_dict(self.model, state, options=StateDictOptions(full_state_dict=True))
+
+    def save_state(self, directory: str) -> None:
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=os.path.join(directory, "dcp"))
+        if self.dist.is_main:
+            torch.save({"scaler": self.scaler.state_dict()}, os.path.join(directory, "scaler.pt"))
+
+    def load_state(self, directory: str) -> None:
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+        dcp.load(state, checkpoint_id=os.path.join(directory, "dcp"))
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        extra = torch.load(os.path.join(directory, "scaler.pt"), map_location="cpu", weights_only=True)
+        if extra.get("scaler"):
+            self.scaler.load_state_dict(extra["scaler"])
