@@ -94,4 +94,5 @@ def test_sigusr1_to_one_rank_stops_all(tmp_path, demo_root):
     assert 10 < stopped < STEPS, out[-3000:]
     assert "signal received by another rank" in out and "SIGUSR1 received" in out, out[-3000:]
     assert sorted(p.name for p in (run_dir / f"checkpoints/step_{stopped:07d}").iterdir()) == [
-        "config.yaml", "engine.pt", "metadata.json", "model.safetensors", "rank_00000.pt", "rank_00001.pt"]
+        "config.yaml", "engine", "metadata.json", "model.safetensors", "rank_00000.pt", "rank_00001.pt",
+        "shared.pt"]
