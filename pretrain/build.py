@@ -15,7 +15,8 @@ from data_pipeline.transforms import EvalTransform, TrainTransform
 from .config import ConfigError
 from .dist import DistInfo, barrier
 from .engine import Engine, build_engine
-from .evaluation import Evaluator, FewShotEvaluator, Forward, UpstreamEvaluator
+from .evaluation import (Evaluator, FewShotEvaluator, FineTuneEvaluator, Forward, LinearProbeEvaluator,
+                         UpstreamEvaluator)
 from .models import create_model
 from .optim import build_optimizer, build_scheduler
 
@@ -86,13 +87,36 @@ def build_evaluators(cfg: DictConfig, dist_info: DistInfo, forward: Forward) -> 
     e, d = cfg.eval, cfg.data
     transform = EvalTransform(d.image_size, crop_fraction=d.crop_fraction)
     batches = partial(eval_batches, batch_size=e.batch_size, transform=transform, num_workers=0)
+    # Each rank reads its share of the shards: upstream metrics and downstream features are data-parallel.
+    shared = partial(batches, rank=dist_info.rank, world_size=dist_info.world_size)
     evaluators: list[Evaluator] = []
     if e.upstream.enabled and d.val:
-        evaluators.append(UpstreamEvaluator(
-            partial(batches, d.val, rank=dist_info.rank, world_size=dist_info.world_size),
-            cfg.model.num_classes, forward, dist_info.device))
+        evaluators.append(UpstreamEvaluator(partial(shared, d.val), cfg.model.num_classes, forward, dist_info.device))
     if e.fewshot.enabled:
         evaluators.append(FewShotEvaluator(
-            partial(batches, e.fewshot.train), partial(batches, e.fewshot.test), forward,
+            partial(shared, e.fewshot.train), partial(shared, e.fewshot.test), forward,
             shots=e.fewshot.shots, seeds=e.fewshot.seeds, l2_regs=e.fewshot.l2_regs, dist_info=dist_info))
+    if e.linear_probe.enabled:
+        evaluators.append(LinearProbeEvaluator(
+            partial(shared, e.linear_probe.train), partial(shared, e.linear_probe.test), forward,
+            l2_regs=e.linear_probe.l2_regs, dist_info=dist_info))
+    if e.finetune.enabled:
+        f = e.finetune
+        # Rank 0 fine-tunes alone, so it reads whole splits.
+        evaluators.append(FineTuneEvaluator(
+            partial(batches, f.train), partial(batches, f.test), forward,
+            num_classes=f.num_classes or _manifest_classes(f.train, "eval.finetune.train"), steps=f.steps,
+            batch_size=f.batch_size, lr=f.lr, warmup_steps=f.warmup_steps, hflip=f.hflip, dist_info=dist_info,
+            seed=cfg.train.seed, time_budget_s=f.time_budget_s))
     return evaluators
+
+
+def _manifest_classes(spec: str, key: str) -> int:
+    from data_pipeline.shards import read_manifest
+
+    if not spec.endswith(".json"):
+        raise ConfigError(f"'{key}' {spec!r} is not a manifest; set 'eval.finetune.num_classes'")
+    manifest = read_manifest(spec)
+    if not manifest.get("num_classes"):
+        raise ConfigError(f"{spec}: the manifest gives no num_classes; set 'eval.finetune.num_classes'")
+    return int(manifest["num_classes"])

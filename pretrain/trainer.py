@@ -53,8 +53,10 @@ class Trainer:
         self.checkpointer = Checkpointer(self.run_dir, self.dist, keep_last=cfg.checkpoint.keep_last)
         self.monitor = Monitor(self.run_dir, self.dist, cfg.train.steps, cfg.train.log_every,
                                cfg.train.global_batch_size, model.flops_per_image())
-        self.evaluate = EvalRunner(build.build_evaluators(cfg, self.dist, self.forward), self.run_dir,
-                                   self.dist, self.monitor.scalars)
+        # eval.mode external/none: training only writes checkpoints; `python -m pretrain.evaluate` does the rest.
+        self.eval_inline = cfg.eval.mode == "inline"
+        evaluators = build.build_evaluators(cfg, self.dist, self.forward) if self.eval_inline else []
+        self.evaluate = EvalRunner(evaluators, self.run_dir, self.dist, self.monitor.scalars)
         self.step = 0  # optimiser steps taken; everything else is owned by the components
         if cfg.checkpoint.resume == "never" and self.checkpointer.list_steps():
             raise ConfigError(f"{config_source}: checkpoint.resume is 'never' but {self.run_dir} already "
@@ -90,7 +92,8 @@ class Trainer:
             config_yaml=to_yaml(self.cfg))
         t1 = time.perf_counter()
         log.info("checkpoint %s (%.1fs)", path, t1 - t0)
-        self.evaluate(self.engine.unwrapped, self.step, path)
+        if self.eval_inline:
+            self.evaluate(self.engine.unwrapped, self.step, path)
         self.monitor.scalars(self.step, {"perf/checkpoint_s": t1 - t0, "perf/eval_s": time.perf_counter() - t1})
         self.monitor.pause(time.perf_counter() - t0)  # keep img/s a training-only figure
 
@@ -116,6 +119,10 @@ class Trainer:
             log.info("nothing to do: %s is already at step %d of %d (raise train.steps, or use a new run.dir)",
                      self.run_dir, self.step, cfg.train.steps)
             return
+        if self.step == 0 and self.eval_inline and cfg.eval.baseline:
+            t0 = time.perf_counter()
+            self.evaluate(self.engine.unwrapped, 0, "initial weights")  # the random-init baseline row
+            self.monitor.pause(time.perf_counter() - t0)
         batches = iter(self.loader)
         self.engine.model.train()
         while self.step < cfg.train.steps:
