@@ -197,7 +197,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--once", action="store_true", help="with --watch: one pass over what exists, then exit")
     p.add_argument("--no-plots", action="store_true", help="with --summary: the table only")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="override the run's config (e.g. data paths)")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # overrides may come after the options
 
 
 def main(argv: list[str] | None = None) -> int:
