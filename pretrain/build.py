@@ -15,8 +15,8 @@ from data_pipeline.transforms import EvalTransform, TrainTransform
 from .config import ConfigError
 from .dist import DistInfo, barrier
 from .engine import Engine, build_engine
-from .evaluation import (Evaluator, FewShotEvaluator, FineTuneEvaluator, Forward, LinearProbeEvaluator,
-                         UpstreamEvaluator)
+from .evaluation import (Evaluator, FeatureCache, FewShotEvaluator, FineTuneEvaluator, Forward,
+                         LinearProbeEvaluator, UpstreamEvaluator)
 from .models import create_model
 from .optim import build_optimizer, build_scheduler
 
@@ -89,17 +89,22 @@ def build_evaluators(cfg: DictConfig, dist_info: DistInfo, forward: Forward) -> 
     batches = partial(eval_batches, batch_size=e.batch_size, transform=transform, num_workers=0)
     # Each rank reads its share of the shards: upstream metrics and downstream features are data-parallel.
     shared = partial(batches, rank=dist_info.rank, world_size=dist_info.world_size)
+    features = FeatureCache()  # few-shot and linear probe on the same split share one forward pass
     evaluators: list[Evaluator] = []
     if e.upstream.enabled and d.val:
-        evaluators.append(UpstreamEvaluator(partial(shared, d.val), cfg.model.num_classes, forward, dist_info.device))
+        evaluators.append(UpstreamEvaluator(
+            partial(batches, d.val, rank=dist_info.rank, world_size=dist_info.world_size),
+            cfg.model.num_classes, forward, dist_info.device))
     if e.fewshot.enabled:
         evaluators.append(FewShotEvaluator(
             partial(shared, e.fewshot.train), partial(shared, e.fewshot.test), forward,
-            shots=e.fewshot.shots, seeds=e.fewshot.seeds, l2_regs=e.fewshot.l2_regs, dist_info=dist_info))
+            shots=e.fewshot.shots, seeds=e.fewshot.seeds, l2_regs=e.fewshot.l2_regs, dist_info=dist_info,
+            cache=features, keys=(e.fewshot.train, e.fewshot.test)))
     if e.linear_probe.enabled:
         evaluators.append(LinearProbeEvaluator(
             partial(shared, e.linear_probe.train), partial(shared, e.linear_probe.test), forward,
-            l2_regs=e.linear_probe.l2_regs, dist_info=dist_info))
+            l2_regs=e.linear_probe.l2_regs, dist_info=dist_info, cache=features,
+            keys=(e.linear_probe.train, e.linear_probe.test)))
     if e.finetune.enabled:
         f = e.finetune
         # Rank 0 fine-tunes alone, so it reads whole splits.

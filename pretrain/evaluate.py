@@ -220,11 +220,18 @@ def main(argv: list[str] | None = None) -> int:
             n = watch(ev, args.poll, args.once)
             log.info("watcher done: %d checkpoint(s) evaluated", n)
             return 0
-        if ev.records.has(args.step) and not args.force:
+        if args.force:
+            return 1 if ev.evaluate(args.step)["errors"] else 0
+        if ev.records.has(args.step):
             log.info("step %d of %s is already evaluated (--force to redo it)", args.step, args.run_dir)
             return 0
-        record = ev.evaluate(args.step)
-        return 1 if record["errors"] else 0
+        if not ev.records.claim(args.step, STALE_CLAIM_S):  # a watcher or another job has it
+            log.info("step %d of %s is being evaluated by another process", args.step, args.run_dir)
+            return 0
+        try:
+            return 1 if ev.evaluate(args.step)["errors"] else 0
+        finally:
+            ev.records.release(args.step)
     except (ConfigError, DataSpecError, EvaluateError) as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 2

@@ -9,6 +9,7 @@
     finetune      short full fine-tune with a new head, top-1
     summary       table and plots of a run's records
 """
+from .features import FeatureCache, extract_features
 from .fewshot import FewShotEvaluator, fewshot_accuracy, ridge_solutions
 from .finetune import EvalTimeout, FineTuneEvaluator
 from .linear_probe import LinearProbeEvaluator, linear_probe_accuracy
@@ -16,6 +17,6 @@ from .records import EvalRecords
 from .runner import EvalRunner, Evaluator, Forward
 from .upstream import UpstreamEvaluator
 
-__all__ = ["EvalRecords", "EvalRunner", "EvalTimeout", "Evaluator", "FewShotEvaluator", "FineTuneEvaluator",
+__all__ = ["EvalRecords", "FeatureCache", "extract_features", "EvalRunner", "EvalTimeout", "Evaluator", "FewShotEvaluator", "FineTuneEvaluator",
            "Forward", "LinearProbeEvaluator", "UpstreamEvaluator", "fewshot_accuracy", "linear_probe_accuracy",
            "ridge_solutions"]

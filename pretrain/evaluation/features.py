@@ -1,7 +1,7 @@
 """Frozen pre-logit features of a downstream split, computed data-parallel across ranks."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 import numpy as np
 import torch
@@ -52,3 +52,24 @@ def _all_gather_rows(t: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(parts, padded)
     return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)])
+
+
+class FeatureCache:
+    """Features of the last model seen, per split, so that evaluators reading the same split (few-shot
+    and linear probe on the same downstream set) share one forward pass. A model counts as the same
+    while its parameters sum to the same values: every rank computes this alike, so all ranks hit or
+    miss together and the collective inside `extract_features` stays in step."""
+
+    def __init__(self) -> None:
+        self._signature: tuple | None = None
+        self._store: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+    def get(self, split: str, model: nn.Module, compute: Callable[[], tuple[np.ndarray, np.ndarray]]
+            ) -> tuple[np.ndarray, np.ndarray]:
+        with torch.no_grad():
+            signature = (id(model), *(float(p.detach().double().sum()) for p in model.parameters()))
+        if signature != self._signature:
+            self._signature, self._store = signature, {}
+        if split not in self._store:
+            self._store[split] = compute()
+        return self._store[split]

@@ -9,7 +9,7 @@ import numpy as np
 from torch import nn
 
 from ..dist import DistInfo
-from .features import extract_features
+from .features import FeatureCache, extract_features
 from .runner import Forward
 
 if TYPE_CHECKING:
@@ -74,14 +74,19 @@ class FewShotEvaluator:
 
     def __init__(self, train_batches: Callable[[], Iterable[Batch]], test_batches: Callable[[], Iterable[Batch]],
                  forward: Forward, shots: Sequence[int], seeds: int, l2_regs: Sequence[float],
-                 dist_info: DistInfo) -> None:
+                 dist_info: DistInfo, cache: FeatureCache | None = None,
+                 keys: tuple[str, str] = ("train", "test")) -> None:
         self.train_batches, self.test_batches = train_batches, test_batches
         self.forward, self.shots, self.seeds, self.l2_regs = forward, list(shots), seeds, list(l2_regs)
         self.dist = dist_info
+        # A cache shared with other evaluators is keyed by split: pass the shard specs as keys.
+        self.cache, (self.train_key, self.test_key) = cache or FeatureCache(), keys
 
     def run(self, model: nn.Module) -> dict[str, float]:
-        x_tr, y_tr = extract_features(model, self.train_batches(), self.forward)
-        x_te, y_te = extract_features(model, self.test_batches(), self.forward)
+        x_tr, y_tr = self.cache.get(self.train_key, model,
+                                    lambda: extract_features(model, self.train_batches(), self.forward))
+        x_te, y_te = self.cache.get(self.test_key, model,
+                                    lambda: extract_features(model, self.test_batches(), self.forward))
         if not self.dist.is_main:
             return {}
         acc = fewshot_accuracy(x_tr, y_tr, x_te, y_te, self.shots, self.seeds, self.l2_regs)
