@@ -46,7 +46,8 @@ def _load_config(url: str, overrides: Sequence[str]) -> DictConfig:
     from .config import ConfigError, load_config
 
     try:
-        text = fsspec.open(url, "r").open().read()
+        with fsspec.open(url, "r") as f:
+            text = f.read()
     except FileNotFoundError:
         raise EvaluateError(f"{url}: not found (is this a run directory written by pretrain/main.py?)") from None
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
@@ -92,7 +93,13 @@ class CheckpointEvaluation:
     def _scalars(self, step: int, values: dict) -> None:
         if self.writer is None:
             from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(log_dir=f"{self.run_dir}/tb")
+            try:
+                self.writer = SummaryWriter(log_dir=f"{self.run_dir}/tb")
+            except Exception as e:  # e.g. a storage TensorBoard cannot write to: the JSON records still are
+                log.warning("no TensorBoard scalars for %s: %s", self.run_dir, e)
+                self.writer = False
+        if not self.writer:
+            return
         for k, v in values.items():
             self.writer.add_scalar(k, v, step)
         self.writer.flush()
@@ -139,7 +146,7 @@ class CheckpointEvaluation:
         return self.runner(model.to(self.dist.device), step, source)
 
     def close(self) -> None:
-        if self.writer is not None:
+        if self.writer:
             self.writer.close()
 
 
