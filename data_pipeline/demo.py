@@ -23,7 +23,7 @@ from fsspec.core import url_to_fs
 
 from data_pipeline.errors import DataSpecError
 
-_FORMAT = 1  # bump when the generators change, so existing data are regenerated
+_FORMAT = 2  # bump when the generators change, so existing data are regenerated
 _OURS = {"shapes", "digits", "DONE.json"}
 
 

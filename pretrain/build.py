@@ -19,7 +19,8 @@ from data_pipeline.transforms import EvalTransform, TrainTransform
 from .config import ConfigError
 from .dist import DistInfo, barrier
 from .engines import Engine, build_engine
-from .evaluation import Evaluator, FewShotEvaluator, Forward, UpstreamEvaluator
+from .evaluation import (Evaluator, FeatureCache, FewShotEvaluator, FineTuneEvaluator, Forward,
+                         LinearProbeEvaluator, UpstreamEvaluator)
 from .loss import build_loss
 from .memory import MemoryEstimate, estimate_memory
 from .models import apply_mlp_impl, create_model
@@ -176,6 +177,9 @@ def build_evaluators(cfg: DictConfig, dist_info: DistInfo, forward: Forward) -> 
     transform = EvalTransform(d.image_size, crop_fraction=d.crop_fraction)
     batches = partial(eval_batches, batch_size=e.batch_size, transform=transform, num_workers=0,
                       storage=build_storage(cfg))
+    # Each rank reads its share of the shards: upstream metrics and downstream features are data-parallel.
+    shared = partial(batches, rank=dist_info.rank, world_size=dist_info.world_size)
+    features = FeatureCache()  # few-shot and linear probe on the same split share one forward pass
     evaluators: list[Evaluator] = []
     if e.upstream.enabled and d.val:
         evaluators.append(UpstreamEvaluator(
@@ -183,6 +187,31 @@ def build_evaluators(cfg: DictConfig, dist_info: DistInfo, forward: Forward) -> 
             cfg.model.num_classes, forward, dist_info.device))
     if e.fewshot.enabled:
         evaluators.append(FewShotEvaluator(
-            partial(batches, e.fewshot.train), partial(batches, e.fewshot.test), forward,
-            shots=e.fewshot.shots, seeds=e.fewshot.seeds, l2_regs=e.fewshot.l2_regs, dist_info=dist_info))
+            partial(shared, e.fewshot.train), partial(shared, e.fewshot.test), forward,
+            shots=e.fewshot.shots, seeds=e.fewshot.seeds, l2_regs=e.fewshot.l2_regs, dist_info=dist_info,
+            cache=features, keys=(e.fewshot.train, e.fewshot.test)))
+    if e.linear_probe.enabled:
+        evaluators.append(LinearProbeEvaluator(
+            partial(shared, e.linear_probe.train), partial(shared, e.linear_probe.test), forward,
+            l2_regs=e.linear_probe.l2_regs, dist_info=dist_info, cache=features,
+            keys=(e.linear_probe.train, e.linear_probe.test)))
+    if e.finetune.enabled:
+        f = e.finetune
+        # Rank 0 fine-tunes alone, so it reads whole splits.
+        evaluators.append(FineTuneEvaluator(
+            partial(batches, f.train), partial(batches, f.test), forward,
+            num_classes=f.num_classes or _manifest_classes(f.train, "eval.finetune.train"), steps=f.steps,
+            batch_size=f.batch_size, lr=f.lr, warmup_steps=f.warmup_steps, hflip=f.hflip, dist_info=dist_info,
+            seed=cfg.train.seed, time_budget_s=f.time_budget_s))
     return evaluators
+
+
+def _manifest_classes(spec: str, key: str) -> int:
+    from data_pipeline.shards import read_manifest
+
+    if not spec.endswith(".json"):
+        raise ConfigError(f"'{key}' {spec!r} is not a manifest; set 'eval.finetune.num_classes'")
+    manifest = read_manifest(spec)
+    if not manifest.get("num_classes"):
+        raise ConfigError(f"{spec}: the manifest gives no num_classes; set 'eval.finetune.num_classes'")
+    return int(manifest["num_classes"])

@@ -177,11 +177,43 @@ class FewShotEvalConfig:
 
 
 @dataclass
+class LinearProbeEvalConfig:
+    enabled: bool = False
+    train: str = ""  # shard spec of the downstream train split (all of it is used)
+    test: str = ""
+    # Logistic-regression l2 strengths tried; the best on a held-out 20 % of train is refit on all of it.
+    l2_regs: List[float] = field(default_factory=lambda: [1e-4, 1e-3, 1e-2, 1e-1])
+
+
+@dataclass
+class FineTuneEvalConfig:
+    # The paper's transfer recipe scaled down: SGD momentum 0.9, warm-up + cosine, clip 1, no weight decay.
+    enabled: bool = False
+    train: str = ""
+    test: str = ""
+    num_classes: int = 0  # 0: read from the train split's manifest
+    steps: int = 500
+    batch_size: int = 512
+    lr: float = 0.01
+    warmup_steps: int = 50
+    hflip: bool = True  # off for sets where a mirror image is another class (digits, text)
+    time_budget_s: float = 0.0  # stop and record an error past this many seconds; 0: no limit
+
+
+@dataclass
 class EvalConfig:
     # Runs after every checkpoint; a failing evaluator is logged and recorded, never fatal.
+    # inline: on the training ranks right after each checkpoint; external: training only writes
+    # checkpoints and a watcher / SLURM job runs `python -m pretrain.evaluate`; none: no evaluation.
+    mode: str = "inline"
+    # Evaluate the initial (random) weights as step 0, so every run's table holds the baseline
+    # that later checkpoints must beat.
+    baseline: bool = True
     batch_size: int = 256
     upstream: UpstreamEvalConfig = field(default_factory=UpstreamEvalConfig)
     fewshot: FewShotEvalConfig = field(default_factory=FewShotEvalConfig)
+    linear_probe: LinearProbeEvalConfig = field(default_factory=LinearProbeEvalConfig)
+    finetune: FineTuneEvalConfig = field(default_factory=FineTuneEvalConfig)
 
 
 @dataclass
@@ -209,6 +241,7 @@ CHOICES = {
     "optim.loss": ("softmax", "sigmoid"),
     "engine.backend": ("auto", "gloo", "nccl"),
     "checkpoint.resume": ("auto", "never"),
+    "eval.mode": ("inline", "external", "none"),
 }
 INCLUDE_KEY = "include"
 
@@ -315,6 +348,10 @@ def _check_ranges(cfg: DictConfig, where: str) -> None:
         raise ConfigError(f"{where}: 'checkpoint.keep_every' must be >= 0")
     if cfg.eval.fewshot.enabled and not (cfg.eval.fewshot.train and cfg.eval.fewshot.test):
         raise ConfigError(f"{where}: 'eval.fewshot.enabled' needs 'eval.fewshot.train' and 'eval.fewshot.test'")
+    for task in ("linear_probe", "finetune"):
+        section = cfg.eval[task]
+        if section.enabled and not (section.train and section.test):
+            raise ConfigError(f"{where}: 'eval.{task}.enabled' needs 'eval.{task}.train' and 'eval.{task}.test'")
     _check_data(cfg, where)
 
 

@@ -79,6 +79,12 @@ def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
     return all_reduce_sum(values) / world
 
 
+def broadcast(tensor: torch.Tensor, src: int = 0) -> None:
+    """In place: every rank ends with rank ``src``'s values (a no-op with one process)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.broadcast(tensor, src)
+
+
 def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

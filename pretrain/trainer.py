@@ -16,7 +16,7 @@ from data_pipeline.stream import SKIP_KINDS
 from . import build
 from .checkpoint import Checkpointer, capture_rng, restore_rng
 from .config import ConfigError, to_yaml
-from .dist import all_reduce_mean, all_reduce_sum, init_distributed, shutdown
+from .dist import all_reduce_mean, all_reduce_sum, broadcast, init_distributed, shutdown
 from .evaluation import EvalRunner
 from .monitor import Monitor, itstime
 from .preemption import Preempted, PreemptionWatcher
@@ -97,8 +97,10 @@ class Trainer:
                                          keep_every=cfg.checkpoint.keep_every)
         self.monitor = Monitor(self.run_dir, self.dist, cfg.train.steps, cfg.train.log_every,
                                cfg.train.global_batch_size, model.flops_per_image(), cfg.train.precision)
-        self.evaluate = EvalRunner(build.build_evaluators(cfg, self.dist, self.forward), self.run_dir,
-                                   self.dist, self.monitor.scalars)
+        # eval.mode external/none: training only writes checkpoints; `python -m pretrain.evaluate` does the rest.
+        self.eval_inline = cfg.eval.mode == "inline"
+        evaluators = build.build_evaluators(cfg, self.dist, self.forward) if self.eval_inline else []
+        self.evaluate = EvalRunner(evaluators, self.run_dir, self.dist, self.monitor.scalars)
         self.step = 0  # optimiser steps taken; everything else is owned by the components
         self.preemption = PreemptionWatcher(self.dist)  # SIGTERM/SIGUSR1 -> checkpoint, exit for requeue
         if cfg.checkpoint.resume == "never" and self.checkpointer.list_steps():
@@ -137,10 +139,26 @@ class Trainer:
             config_yaml=to_yaml(self.cfg))
         t1 = time.perf_counter()
         log.info("checkpoint %s (%.1fs)", path, t1 - t0)
-        if evaluate:
-            self.evaluate(self.engine.unwrapped, self.step, path)
+        if evaluate and self.eval_inline:
+            self.evaluate(self._eval_model(), self.step, path)
         self.monitor.scalars(self.step, {"perf/checkpoint_s": t1 - t0, "perf/eval_s": time.perf_counter() - t1})
         self.monitor.pause(time.perf_counter() - t0)  # keep img/s a training-only figure
+
+    def _eval_model(self) -> torch.nn.Module:
+        """The model the evaluators see (collective). Under fsdp / ZeRO-3 the live weights are sharded and
+        every forward is a collective, which rank-uneven eval data (and rank-0-only evaluators) would
+        deadlock; those engines are evaluated on a plain replica built from the consolidated weights."""
+        if not self.engine.shards_weights:
+            return self.engine.unwrapped
+        state = self.engine.consolidated_state_dict()  # collective; the full weights land on rank 0
+        with torch.device("meta"):  # no init: it would also consume RNG draws and break exact resume
+            replica = build.build_model(self.cfg, "eval replica")
+        replica = replica.to_empty(device=self.dist.device)
+        for name, tensor in sorted(replica.state_dict().items()):
+            if self.dist.is_main:
+                tensor.copy_(state[name])
+            broadcast(tensor)
+        return replica
 
     def check_data_health(self) -> None:
         """Collective: report skipped samples, and stop if too large a fraction of the data is bad."""
@@ -165,6 +183,10 @@ class Trainer:
             log.info("nothing to do: %s is already at step %d of %d (raise train.steps, or use a new run.dir)",
                      self.run_dir, self.step, cfg.train.steps)
             return
+        if self.step == 0 and self.eval_inline and cfg.eval.baseline:
+            t0 = time.perf_counter()
+            self.evaluate(self._eval_model(), 0, "initial weights")  # the random-init baseline row
+            self.monitor.pause(time.perf_counter() - t0)
         batches = iter(self.loader)
         self.engine.model.train()
         while self.step < cfg.train.steps:

@@ -76,6 +76,9 @@ class Engine:
         return contextlib.nullcontext()
 
     # ---- the step ---------------------------------------------------------------------------
+    # True where each rank holds only a shard of the weights (fsdp, ZeRO-3): evaluation then needs a replica.
+    shards_weights = False
+
     @property
     def unwrapped(self) -> nn.Module:
         """The plain model, for evaluation (its weights may be sharded under fsdp / ZeRO-3)."""

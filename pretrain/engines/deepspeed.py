@@ -12,7 +12,6 @@ import os
 from typing import Any
 
 import torch
-from torch import nn
 
 from .base import Engine, ensure_process_group
 
@@ -102,6 +101,10 @@ class DeepSpeedEngine(Engine):
     def loss_scale(self) -> float:
         scale = getattr(self.ds.optimizer, "cur_scale", None) if self.precision == "fp16" else None
         return float(scale) if scale is not None else 1.0
+
+    @property
+    def shards_weights(self) -> bool:  # type: ignore[override]
+        return self.zero_stage == 3
 
     # ---- checkpoint hooks -------------------------------------------------------------------
     def layout(self) -> dict[str, Any]:

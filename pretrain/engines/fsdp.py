@@ -14,7 +14,6 @@ from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch import nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_model_state_dict, set_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
@@ -25,6 +24,7 @@ from .base import Engine, ensure_process_group
 
 class FSDPEngine(Engine):
     kind = "fsdp"
+    shards_weights = True
     state_has_weights = True
 
     def _setup(self, model, optimizer_factory, scheduler_factory) -> None:

@@ -29,28 +29,28 @@ def test_single_process_run_trains_checkpoints_and_evaluates(tmp_path, demo_root
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")) == ["step_0000075", "step_0000150"]
     assert (run_dir / "checkpoints/latest").read_text() == "step_0000150"
     records = eval_records(run_dir)
-    assert [rec["step"] for rec in records] == [75, 150]
+    assert [rec["step"] for rec in records] == [0, 75, 150]  # step 0: the random-init baseline
     for rec in records:
         assert rec["errors"] == {}
         assert 0.0 <= rec["results"]["upstream"]["top1"] <= 1.0
         assert set(rec["results"]["fewshot"]) == {"1shot", "5shot"}
     assert json.loads((run_dir / "eval/step_0000150.json").read_text())["step"] == 150
-    # Learning happened: the logged loss falls from ln(10) and the held-out top-1 on 2000 images
-    # clears chance (0.1) by far more than sampling noise (~0.007).
+    # Learning happened: the logged loss falls from ln(64) and the held-out top-1 on 2000 images
+    # clears chance (1/64) and the initial weights' score by far more than sampling noise (~0.007).
     losses = [float(m) for m in re.findall(r"step \d+/150  loss ([0-9.]+)", r.stderr)]
-    assert len(losses) == 30 and losses[0] > 2.25 and losses[-1] < losses[0] - 0.1
+    assert len(losses) == 30 and losses[0] > 4.0 and losses[-1] < losses[0] - 0.1
     # ...and it is the reference curve: any change to data order, init, schedule or loss shows up here.
     ref = json.loads((ROOT / "tests/assets/losses/tiny_p4_150.json").read_text())
     worst = max(abs(a - b) for a, b in zip(losses, ref["losses"]))
     assert worst <= ref["tolerance"], f"loss curve left the reference by {worst:.4f}: {losses}"
-    assert records[-1]["results"]["upstream"]["top1"] > 0.15
+    assert records[-1]["results"]["upstream"]["top1"] > max(0.08, records[0]["results"]["upstream"]["top1"] + 0.05)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     tb = EventAccumulator(str(run_dir / "tb"))
     tb.Reload()
     tags = set(tb.Tags()["scalars"])
     assert {"train/loss", "train/lr", "train/grad_norm", "perf/img_per_s", "eval/upstream/top1",
             "eval/fewshot/5shot"} <= tags
-    assert [e.step for e in tb.Scalars("eval/upstream/top1")] == [75, 150]
+    assert [e.step for e in tb.Scalars("eval/upstream/top1")] == [0, 75, 150]
     assert [e.step for e in tb.Scalars("train/loss")] == list(range(5, 151, 5))
     assert (run_dir / "config.yaml").read_text().count("mixer_p4_32") == 1
     # A second launch finds the finished run and does nothing.
@@ -68,7 +68,7 @@ def test_torchrun_two_ranks(tmp_path, demo_root):
     assert meta["world_size"] == 2 and meta["engine"] == "ddp"
     assert {"rank_00000.pt", "rank_00001.pt"} <= set(meta["files"])
     assert "2 ranks x 16 images" in r.stderr
-    assert [rec["step"] for rec in eval_records(run_dir)] == [15, 30]
+    assert [rec["step"] for rec in eval_records(run_dir)] == [0, 15, 30]
 
 
 def test_kill_and_resume_is_bit_exact(tmp_path, demo_root):

@@ -1,0 +1,68 @@
+"""The evaluator interface, and the runner that evaluates one checkpoint and records the results."""
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Mapping, Protocol, Sequence
+
+from torch import nn
+
+from ..dist import DistInfo
+from .records import EvalRecords
+
+if TYPE_CHECKING:
+    import torch
+
+    from data_pipeline.stream import Batch
+
+log = logging.getLogger(__name__)
+
+
+class Evaluator(Protocol):
+    """`run(model)` returns `{metric: value}`; the caller adds the `eval/<name>/` prefix.
+    A collective evaluator is called on every rank; only rank 0's result is recorded."""
+    name: str
+
+    def run(self, model: nn.Module) -> dict[str, float]: ...
+
+
+@dataclass
+class Forward:
+    """How to feed a uint8 batch to the model: device copy, normalisation, autocast."""
+    prepare: Callable[[Batch], tuple[torch.Tensor, torch.Tensor]]
+    autocast: Callable[[], object]
+
+
+class EvalRunner:
+    """Runs every evaluator on the model of a checkpoint; records results as TensorBoard scalars
+    (x-axis: training step), one JSON file per checkpoint and a JSONL history. An evaluator that
+    raises is logged and its error recorded; the others still run and training goes on."""
+
+    def __init__(self, evaluators: Sequence[Evaluator], run_dir: str, dist_info: DistInfo,
+                 scalars: Callable[[int, Mapping[str, float]], None]) -> None:
+        self.evaluators, self.dist, self.scalars = list(evaluators), dist_info, scalars
+        self.records = EvalRecords(run_dir)
+
+    def __call__(self, model: nn.Module, step: int, checkpoint: str) -> dict:
+        was_training = model.training
+        model.eval()
+        record: dict = {"step": step, "checkpoint": checkpoint, "results": {}, "errors": {}, "seconds": {}}
+        t0 = time.perf_counter()
+        for ev in self.evaluators:
+            t = time.perf_counter()
+            try:
+                record["results"][ev.name] = ev.run(model)
+            except Exception as e:  # an evaluation must never take the training run down with it
+                log.error("evaluator %s failed at step %d: %s", ev.name, step, e)
+                record["errors"][ev.name] = "".join(traceback.format_exception_only(type(e), e)).strip()
+            record["seconds"][ev.name] = round(time.perf_counter() - t, 3)
+        model.train(was_training)
+        record["seconds"]["total"] = round(time.perf_counter() - t0, 3)
+        if self.dist.is_main:
+            flat = {f"eval/{name}/{k}": v for name, res in record["results"].items() for k, v in res.items()}
+            self.scalars(step, flat)
+            self.records.write(record)
+            log.info("eval step %d: %s", step, "  ".join(f"{k} {v:.4f}" for k, v in flat.items()) or "no results")
+        return record
