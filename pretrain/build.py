@@ -198,8 +198,10 @@ def build_evaluators(cfg: DictConfig, dist_info: DistInfo, forward: Forward) -> 
     if e.finetune.enabled:
         f = e.finetune
         # Rank 0 fine-tunes alone, so it reads whole splits.
+        ft_batches = partial(batches, transform=EvalTransform(f.image_size or d.image_size,
+                                                              crop_fraction=d.crop_fraction))
         evaluators.append(FineTuneEvaluator(
-            partial(batches, f.train), partial(batches, f.test), forward,
+            partial(ft_batches, f.train), partial(ft_batches, f.test), forward,
             num_classes=f.num_classes or _manifest_classes(f.train, "eval.finetune.train"), steps=f.steps,
             batch_size=f.batch_size, lr=f.lr, warmup_steps=f.warmup_steps, hflip=f.hflip, dist_info=dist_info,
             seed=cfg.train.seed, time_budget_s=f.time_budget_s))

@@ -197,6 +197,9 @@ class FineTuneEvalConfig:
     lr: float = 0.01
     warmup_steps: int = 50
     hflip: bool = True  # off for sets where a mirror image is another class (digits, text)
+    # Fine-tune resolution; 0: data.image_size. A Mixer moves to a new grid the paper's way (block-
+    # diagonal token-mixing weights), so it must be an integer multiple of the pre-training size.
+    image_size: int = 0
     time_budget_s: float = 0.0  # stop and record an error past this many seconds; 0: no limit
 
 

@@ -3,7 +3,7 @@
 The paper's recipe scaled down: SGD with momentum 0.9, no weight decay, gradient clipping at
 global norm 1, linear warm-up then cosine decay, random crop + (optional) flip; the head is replaced
 through the model's own `reset_classifier` (zero-initialised). The pre-trained model is copied, never
-changed. Runs on rank 0 (downstream sets are small); the train split is held in memory as uint8.
+changed; at another resolution (`eval.finetune.image_size`) the copy gets the paper's resized token-mixing weights. Runs on rank 0 (downstream sets are small); the train split is held in memory as uint8.
 """
 from __future__ import annotations
 
@@ -42,6 +42,20 @@ def random_crop_flip(images: torch.Tensor, generator: torch.Generator, pad: int,
     return out.round().to(torch.uint8)
 
 
+def transfer_copy(model: nn.Module, image_hw: tuple[int, int]) -> nn.Module:
+    """A copy of ``model`` for images of ``image_hw``: a Mixer at another resolution gets the paper's
+    block-diagonal token-mixing weights (pretrain.models.resolution); anything else is copied as is."""
+    from ..models.mixer import MlpMixer
+    from ..models.resolution import at_resolution
+
+    if isinstance(model, MlpMixer) and tuple(model.stem.img_size) != tuple(image_hw):
+        try:
+            return at_resolution(model, tuple(image_hw))
+        except ValueError as e:
+            raise ValueError(f"finetune at {tuple(image_hw)} px: {e}") from None
+    return copy.deepcopy(model)
+
+
 class FineTuneEvaluator:
     name = "finetune"
 
@@ -73,7 +87,7 @@ class FineTuneEvaluator:
             raise ValueError("finetune: the train split is empty")
         if int(labels.max()) >= self.num_classes:
             raise ValueError(f"finetune: label {int(labels.max())} >= eval.finetune.num_classes={self.num_classes}")
-        tuned = copy.deepcopy(model)
+        tuned = transfer_copy(model, images.shape[1:3])
         tuned.reset_classifier(self.num_classes)
         tuned.train()
         opt = torch.optim.SGD(tuned.parameters(), lr=self.lr, momentum=0.9)

@@ -63,7 +63,7 @@ def test_sbatch_trains_checkpoints_and_evaluates(training_job):
     meta = json.loads((run_dir / "checkpoints/step_0000030/metadata.json").read_text())
     assert meta["world_size"] == 2
     records = [json.loads(line) for line in (run_dir / "eval/results.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [15, 30]
+    assert [r["step"] for r in records] == [0, 15, 30]  # 0: the random-init baseline row
     assert all(r["errors"] == {} and 0 <= r["results"]["upstream"]["top1"] <= 1 for r in records)
     assert set(records[-1]["results"]["fewshot"]) == {"1shot", "5shot"}
 

@@ -59,7 +59,7 @@ def test_export_timm_state_dict_loads_into_the_model(run_dir, tmp_path, capsys):
     assert r.returncode == 0, r.stderr
     assert "[timm-pth, fp32]" in r.stdout
     state = torch.load(tmp_path / "mixer.pth", weights_only=True)
-    model = create_model("mixer_p4_32", num_classes=10)
+    model = create_model("mixer_p4_32", num_classes=state["head.weight"].shape[0])  # the demo's class count
     model.load_state_dict(state, strict=True)  # timm's mlp_mixer names: stem.proj, blocks.N.mlp_tokens, head
     assert {"stem.proj.weight", "blocks.0.mlp_tokens.fc1.weight", "norm.weight", "head.weight"} <= state.keys()
 

@@ -26,13 +26,14 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def bright_half_batches(n, seed):
+def bright_half_batches(n, seed, size=16):
     """Class 0: bright left half; class 1: bright right half (noise elsewhere)."""
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, 2, n)
-    images = rng.integers(0, 60, (n, 16, 16, 3)).astype(np.uint8)
+    images = rng.integers(0, 60, (n, size, size, 3)).astype(np.uint8)
+    half = size // 2
     for i, y in enumerate(labels):
-        images[i, :, 8 * y:8 * y + 8] += 150
+        images[i, :, half * y:half * y + half] += 150
     return [Batch(images=torch.from_numpy(images[i:i + 32]), labels=torch.from_numpy(labels[i:i + 32]),
                   keys=[str(k) for k in range(i, min(n, i + 32))]) for i in range(0, n, 32)]
 
@@ -48,6 +49,24 @@ def test_finetune_learns_a_new_head_and_leaves_the_model_alone():
     assert out["top1"] > 0.9, out
     assert model.head.out_features == 10
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_finetune_at_twice_the_resolution_uses_resized_token_mixing():
+    torch.manual_seed(0)
+    model = create_model("mixer_p4_32", num_classes=10, img_size=16)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ev = FineTuneEvaluator(lambda: bright_half_batches(128, 0, 32), lambda: bright_half_batches(96, 1, 32), FORWARD,
+                           num_classes=2, steps=40, batch_size=32, lr=0.05, warmup_steps=4, hflip=False,
+                           dist_info=MAIN)
+    out = ev.run(model)
+    assert out["top1"] > 0.9, out
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    # 24 px is not an integer multiple of the 16 px grid: one clear line, no silent interpolation.
+    bad = FineTuneEvaluator(lambda: bright_half_batches(32, 0, 24), lambda: bright_half_batches(32, 1, 24), FORWARD,
+                            num_classes=2, steps=2, batch_size=32, lr=0.05, warmup_steps=1, hflip=False,
+                            dist_info=MAIN)
+    with pytest.raises(ValueError, match=r"finetune at \(24, 24\) px"):
+        bad.run(model)
 
 
 def test_finetune_time_budget_raises():
