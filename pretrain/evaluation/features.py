@@ -8,6 +8,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..dist import DistInfo
+
 if TYPE_CHECKING:
     from data_pipeline.stream import Batch
 
@@ -73,3 +75,30 @@ class FeatureCache:
         if split not in self._store:
             self._store[split] = compute()
         return self._store[split]
+
+
+class FrozenFeatureEvaluator:
+    """Base of the evaluators that fit on frozen features of a train and a test split. The features
+    are computed data-parallel (each rank passes its share of the shards) and shared through the
+    cache; rank 0 alone fits, in `fit`."""
+    name = ""
+
+    def __init__(self, train_batches: Callable[[], Iterable[Batch]], test_batches: Callable[[], Iterable[Batch]],
+                 forward: Forward, dist_info: DistInfo, cache: FeatureCache | None = None,
+                 keys: tuple[str, str] = ("train", "test")) -> None:
+        self.train_batches, self.test_batches, self.forward, self.dist = train_batches, test_batches, forward, dist_info
+        # A cache shared with other evaluators is keyed by split: pass the shard specs as keys.
+        self.cache, (self.train_key, self.test_key) = cache or FeatureCache(), keys
+
+    def run(self, model: nn.Module) -> dict[str, float]:
+        x_tr, y_tr = self.cache.get(self.train_key, model,
+                                    lambda: extract_features(model, self.train_batches(), self.forward))
+        x_te, y_te = self.cache.get(self.test_key, model,
+                                    lambda: extract_features(model, self.test_batches(), self.forward))
+        if not self.dist.is_main:
+            return {}
+        return self.fit(x_tr, y_tr, x_te, y_te)
+
+    def fit(self, x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray
+            ) -> dict[str, float]:
+        raise NotImplementedError

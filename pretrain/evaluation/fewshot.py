@@ -6,10 +6,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 import numpy as np
-from torch import nn
 
 from ..dist import DistInfo
-from .features import FeatureCache, extract_features
+from .features import FeatureCache, FrozenFeatureEvaluator
 from .runner import Forward
 
 if TYPE_CHECKING:
@@ -68,26 +67,17 @@ def fewshot_accuracy(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarra
     return results
 
 
-class FewShotEvaluator:
-    """Features are computed data-parallel (each rank passes its share of the shards); rank 0 solves."""
+class FewShotEvaluator(FrozenFeatureEvaluator):
     name = "fewshot"
 
     def __init__(self, train_batches: Callable[[], Iterable[Batch]], test_batches: Callable[[], Iterable[Batch]],
                  forward: Forward, shots: Sequence[int], seeds: int, l2_regs: Sequence[float],
                  dist_info: DistInfo, cache: FeatureCache | None = None,
                  keys: tuple[str, str] = ("train", "test")) -> None:
-        self.train_batches, self.test_batches = train_batches, test_batches
-        self.forward, self.shots, self.seeds, self.l2_regs = forward, list(shots), seeds, list(l2_regs)
-        self.dist = dist_info
-        # A cache shared with other evaluators is keyed by split: pass the shard specs as keys.
-        self.cache, (self.train_key, self.test_key) = cache or FeatureCache(), keys
+        super().__init__(train_batches, test_batches, forward, dist_info, cache, keys)
+        self.shots, self.seeds, self.l2_regs = list(shots), seeds, list(l2_regs)
 
-    def run(self, model: nn.Module) -> dict[str, float]:
-        x_tr, y_tr = self.cache.get(self.train_key, model,
-                                    lambda: extract_features(model, self.train_batches(), self.forward))
-        x_te, y_te = self.cache.get(self.test_key, model,
-                                    lambda: extract_features(model, self.test_batches(), self.forward))
-        if not self.dist.is_main:
-            return {}
-        acc = fewshot_accuracy(x_tr, y_tr, x_te, y_te, self.shots, self.seeds, self.l2_regs)
+    def fit(self, x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray
+            ) -> dict[str, float]:
+        acc = fewshot_accuracy(x_train, y_train, x_test, y_test, self.shots, self.seeds, self.l2_regs)
         return {f"{k}shot": v for k, v in acc.items()}

@@ -4,10 +4,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 import numpy as np
-from torch import nn
 
 from ..dist import DistInfo
-from .features import FeatureCache, extract_features
+from .features import FeatureCache, FrozenFeatureEvaluator
 from .runner import Forward
 
 if TYPE_CHECKING:
@@ -61,24 +60,16 @@ def linear_probe_accuracy(x_train: np.ndarray, y_train: np.ndarray, x_test: np.n
     return {"top1": _accuracy(w, b, x_test, y_te), "train_top1": _accuracy(w, b, x_train, y_tr), "l2": best}
 
 
-class LinearProbeEvaluator:
-    """Features are computed data-parallel (each rank passes its share of the shards); rank 0 fits."""
+class LinearProbeEvaluator(FrozenFeatureEvaluator):
     name = "linear_probe"
 
     def __init__(self, train_batches: Callable[[], Iterable[Batch]], test_batches: Callable[[], Iterable[Batch]],
                  forward: Forward, l2_regs: Sequence[float], dist_info: DistInfo,
                  cache: FeatureCache | None = None,
                  keys: tuple[str, str] = ("train", "test")) -> None:
-        self.train_batches, self.test_batches, self.forward = train_batches, test_batches, forward
-        self.l2_regs, self.dist = list(l2_regs), dist_info
-        # A cache shared with other evaluators is keyed by split: pass the shard specs as keys.
-        self.cache, (self.train_key, self.test_key) = cache or FeatureCache(), keys
+        super().__init__(train_batches, test_batches, forward, dist_info, cache, keys)
+        self.l2_regs = list(l2_regs)
 
-    def run(self, model: nn.Module) -> dict[str, float]:
-        x_tr, y_tr = self.cache.get(self.train_key, model,
-                                    lambda: extract_features(model, self.train_batches(), self.forward))
-        x_te, y_te = self.cache.get(self.test_key, model,
-                                    lambda: extract_features(model, self.test_batches(), self.forward))
-        if not self.dist.is_main:
-            return {}
-        return linear_probe_accuracy(x_tr, y_tr, x_te, y_te, self.l2_regs)
+    def fit(self, x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray
+            ) -> dict[str, float]:
+        return linear_probe_accuracy(x_train, y_train, x_test, y_test, self.l2_regs)
