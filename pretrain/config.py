@@ -155,6 +155,9 @@ class CheckpointConfig:
     every_steps: int = 1000
     keep_last: int = 3
     keep_every: int = 0  # also keep every checkpoint whose step is a multiple of this (0: none)
+    # Also save when this much wall time has passed since the last save (0: off): bounds the work a
+    # crash can cost when step times vary. Checked on log steps (train.log_every).
+    every_minutes: float = 0.0
     # auto: continue from the newest valid checkpoint in run.dir if there is one; never: refuse to
     # start in a run dir that already holds checkpoints (so nothing is overwritten by accident).
     resume: str = "auto"
@@ -349,6 +352,8 @@ def _check_ranges(cfg: DictConfig, where: str) -> None:
         raise ConfigError(f"{where}: 'train.spike_factor' must be 0 (off) or > 1, got {cfg.train.spike_factor}")
     if cfg.checkpoint.keep_every < 0:
         raise ConfigError(f"{where}: 'checkpoint.keep_every' must be >= 0")
+    if cfg.checkpoint.every_minutes < 0:
+        raise ConfigError(f"{where}: 'checkpoint.every_minutes' must be >= 0 (0: off)")
     if cfg.eval.fewshot.enabled and not (cfg.eval.fewshot.train and cfg.eval.fewshot.test):
         raise ConfigError(f"{where}: 'eval.fewshot.enabled' needs 'eval.fewshot.train' and 'eval.fewshot.test'")
     for task in ("linear_probe", "finetune"):

@@ -53,6 +53,10 @@ def init_distributed(device: str = "auto", backend: str = "auto", local_rank: in
     if world_size > 1 and not dist.is_initialized():
         if backend == "auto":
             backend = "nccl" if use_cuda else "gloo"
+        if backend == "nccl":
+            # Small host-side collectives (skip counters, data-stream records) stay on CPU tensors:
+            # route those through gloo and everything on the GPU through NCCL, in one process group.
+            backend = "cpu:gloo,cuda:nccl"
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29500")
         dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world_size,

@@ -102,6 +102,7 @@ class Trainer:
         evaluators = build.build_evaluators(cfg, self.dist, self.forward) if self.eval_inline else []
         self.evaluate = EvalRunner(evaluators, self.run_dir, self.dist, self.monitor.scalars)
         self.step = 0  # optimiser steps taken; everything else is owned by the components
+        self.last_save = time.monotonic()  # for checkpoint.every_minutes
         self.preemption = PreemptionWatcher(self.dist)  # SIGTERM/SIGUSR1 -> checkpoint, exit for requeue
         if cfg.checkpoint.resume == "never" and self.checkpointer.list_steps():
             raise ConfigError(f"{config_source}: checkpoint.resume is 'never' but {self.run_dir} already "
@@ -128,6 +129,7 @@ class Trainer:
 
     def save_and_evaluate(self, evaluate: bool = True) -> None:
         t0 = time.perf_counter()
+        self.last_save = time.monotonic()
         samples = self.step * self.cfg.train.global_batch_size
         path = self.checkpointer.save(
             self.step, self.engine,
@@ -222,9 +224,19 @@ class Trainer:
                 raise Preempted(self.step, self.preemption.reason())
             if itstime(self.step, cfg.train.log_every, cfg.train.steps):
                 self.check_data_health()
-            if itstime(self.step, cfg.checkpoint.every_steps, cfg.train.steps):
+            if itstime(self.step, cfg.checkpoint.every_steps, cfg.train.steps) or self.checkpoint_time_due():
                 self.save_and_evaluate()
         log.info("done: %d steps, run dir %s", self.step, self.run_dir)
+
+    def checkpoint_time_due(self) -> bool:
+        """`checkpoint.every_minutes` of wall time since the last save. Rank 0's clock decides, and
+        only on log steps, so ranks agree without one more collective per step."""
+        minutes = self.cfg.checkpoint.every_minutes
+        if not minutes or not itstime(self.step, self.cfg.train.log_every, self.cfg.train.steps):
+            return False
+        due = torch.tensor([float(time.monotonic() - self.last_save >= 60 * minutes)])
+        broadcast(due)
+        return bool(due.item())
 
     def close(self) -> None:
         self.monitor.close()

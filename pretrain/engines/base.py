@@ -34,6 +34,8 @@ def ensure_process_group(dist_info: DistInfo, backend: str = "auto") -> None:
         return
     if backend == "auto":
         backend = "nccl" if dist_info.device.type == "cuda" else "gloo"
+    if backend == "nccl":
+        backend = "cpu:gloo,cuda:nccl"  # host-side collectives on CPU tensors, as in pretrain/dist.py
     dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
 
 

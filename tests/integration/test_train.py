@@ -118,3 +118,15 @@ def test_mixed_precision_switch_on_cpu(tmp_path, demo_root):
         wlow = load_file(tmp_path / precision / "checkpoints/step_0000020/model.safetensors")
         assert any(not (w32[k] == wlow[k]).all() for k in w32), f"{precision} gave fp32's exact weights"
         assert max(abs(a - b) for a, b in zip(low, fp32)) < 0.05, (precision, low, fp32)
+
+
+def test_wall_clock_checkpoints(tmp_path, demo_root):
+    """checkpoint.every_minutes saves between step-based checkpoints; here every log step (5) is due."""
+    run_dir = tmp_path / "run"
+    r = run_main(tiny_args(run_dir, demo_root, 20, 1000, "checkpoint.every_minutes=1e-5", "checkpoint.keep_last=10",
+                           "eval.mode=none"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")) == [
+        "step_0000005", "step_0000010", "step_0000015", "step_0000020"]
+    bad = run_main(tiny_args(tmp_path / "bad", demo_root, 20, 1000, "checkpoint.every_minutes=-1"))
+    assert bad.returncode == 2 and "'checkpoint.every_minutes' must be >= 0" in bad.stderr

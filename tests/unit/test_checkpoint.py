@@ -150,3 +150,24 @@ def test_rng_capture_restore():
     restore_rng(state)
     b = (random.random(), np.random.rand(), torch.rand(2))
     assert a[0] == b[0] and a[1] == b[1] and torch.equal(a[2], b[2])
+
+
+def test_round_trip_on_s3_with_latest_marker(s3_server, monkeypatch):
+    """The same layout on object storage (a real S3 server on loopback): files written in place, the
+    metadata and then `latest` last; a save that never wrote its metadata is skipped on restore."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint)  # s3fs/botocore read the endpoint from here
+    import fsspec
+
+    run = s3_server.url("runs/ckpt")
+    ck = Checkpointer(run, ONE)
+    a = make_engine()
+    train_steps(a, 2)
+    save(ck, a, 2)
+    train_steps(a, 1)
+    save(ck, a, 3)
+    fs, root = fsspec.core.url_to_fs(run)
+    assert fs.cat_file(f"{root}/checkpoints/latest").decode().strip() == "step_0000003"
+    fs.rm(f"{root}/checkpoints/step_0000003/metadata.json")  # as if the writer died before publishing
+    b = make_engine(seed=1)
+    restored = Checkpointer(run, ONE).restore(b)
+    assert restored.step == 2
