@@ -8,7 +8,9 @@ at the accumulation boundary.
 """
 from __future__ import annotations
 
+import enum
 import os
+import pickle
 from typing import Any
 
 import torch
@@ -39,6 +41,14 @@ def deepspeed_config(*, micro_batch_size: int, accum_steps: int, world_size: int
     }
 
 
+def _enum_member(cls: Any, name: str) -> Any:
+    """Stands in for `getattr` while unpickling: Python 3.11.2+ pickles an Enum member as
+    getattr(EnumClass, "name"); only that lookup is allowed, nothing else `getattr` could reach."""
+    if isinstance(cls, type) and issubclass(cls, enum.Enum) and isinstance(name, str) and name in cls.__members__:
+        return cls[name]
+    raise pickle.UnpicklingError(f"refusing getattr({cls!r}, {name!r}) in a checkpoint file")
+
+
 def _load_weights_only(path: str, map_location: Any = None) -> Any:
     """DeepSpeed's checkpoint reader, but with weights_only=True: its files may hold tensors,
     numbers, strings, containers and the few plain DeepSpeed data classes allowed here by name,
@@ -47,7 +57,8 @@ def _load_weights_only(path: str, map_location: Any = None) -> Any:
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
-    with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]):
+    with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address,
+                                           (_enum_member, "builtins.getattr")]):
         return torch.load(path, map_location=map_location, weights_only=True)
 
 
