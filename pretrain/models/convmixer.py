@@ -14,7 +14,7 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
-from .mixer import DropPath
+from .mixer import DropPath, zero_head
 
 __all__ = ["ConvMixer", "CONVMIXER_CFGS"]
 
@@ -103,14 +103,7 @@ class ConvMixer(nn.Module):
     def reset_classifier(self, num_classes: int) -> None:
         """A fresh zero-initialised head for transfer (identity if ``num_classes == 0``)."""
         self.num_classes = num_classes
-        if num_classes > 0:
-            ref = self.stem[0].weight
-            self.head = nn.Linear(self.num_features, num_classes, device=ref.device, dtype=ref.dtype)
-            with torch.no_grad():
-                nn.init.zeros_(self.head.weight)
-                nn.init.zeros_(self.head.bias)
-        else:
-            self.head = nn.Identity()
+        self.head = zero_head(self.num_features, num_classes, like=self.stem[0].weight)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Images [B, C_in, H, W] -> feature map [B, dim, H/p, W/p]."""

@@ -165,6 +165,18 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
+def zero_head(num_features: int, num_classes: int, like: torch.Tensor) -> nn.Module:
+    """A zero-initialised linear head (the paper's choice, also for transfer), or identity for 0 classes.
+    Built on ``like``'s device and dtype, so a reset after .to(device) needs no second move."""
+    if num_classes <= 0:
+        return nn.Identity()
+    head = nn.Linear(num_features, num_classes, device=like.device, dtype=like.dtype)
+    with torch.no_grad():
+        nn.init.zeros_(head.weight)
+        nn.init.zeros_(head.bias)
+    return head
+
+
 class MlpMixer(nn.Module):
     """MLP-Mixer classifier with timm's module names and model surface.
 
@@ -278,15 +290,7 @@ class MlpMixer(nn.Module):
                 raise ValueError(f"global_pool must be one of {_GLOBAL_POOLS}, got {global_pool!r}")
             self.global_pool = global_pool
         self.num_classes = num_classes
-        if num_classes > 0:
-            # Build it where the model already lives so a reset after .to(device) needs no second move.
-            ref = self.norm.weight
-            self.head = nn.Linear(self.num_features, num_classes, device=ref.device, dtype=ref.dtype)
-            with torch.no_grad():
-                nn.init.zeros_(self.head.weight)
-                nn.init.zeros_(self.head.bias)
-        else:
-            self.head = nn.Identity()
+        self.head = zero_head(self.num_features, num_classes, like=self.norm.weight)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Images [B, C_in, H, W] -> normalised tokens [B, N, C]."""

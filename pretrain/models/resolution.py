@@ -77,7 +77,7 @@ def resize_token_mixing(state_dict: Mapping[str, torch.Tensor], old_grid: tuple[
 
 def at_resolution(model: MlpMixer, img_size: int | tuple[int, int]) -> MlpMixer:
     """A new Mixer for ``img_size`` (same patch size) initialised from ``model`` as the paper does."""
-    old_img, patch = model.stem.img_size, model.stem.proj.kernel_size
+    patch = model.stem.proj.kernel_size
     new_img = _pair(img_size, "img_size")
     if new_img[0] % patch[0] or new_img[1] % patch[1]:
         raise ValueError(f"img_size {new_img} is not divisible by patch_size {tuple(patch)}")
