@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from typing import Callable
 
 import torch
 from torch import nn
@@ -136,6 +137,17 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 class _FusedMixin:
     """Shared by both fused MLPs: adopt an eager Mlp's submodules and decide when to fuse."""
 
+    _fused: Callable[..., torch.Tensor]  # the Triton autograd function of the subclass
+
+    def __init__(self, mlp: Mlp) -> None:
+        self._adopt(mlp)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = self._fusable(x)
+        if dtype is None:
+            return super().forward(x)  # the eager Mlp / TokenMixingMlp forward
+        return self.drop2(self._fused(*self._operands(x, dtype)))
+
     def _adopt(self, mlp: Mlp) -> None:
         nn.Module.__init__(self)
         # The same submodules (and so the same Parameter objects, under the same names).
@@ -162,27 +174,13 @@ class _FusedMixin:
 class FusedMlp(_FusedMixin, Mlp):
     """Channel MLP with the Triton path; eager ``Mlp`` semantics and parameters."""
 
-    def __init__(self, mlp: Mlp) -> None:
-        self._adopt(mlp)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = self._fusable(x)
-        if dtype is None:
-            return super().forward(x)
-        return self.drop2(fused_channel_mlp(*self._operands(x, dtype)))
+    _fused = staticmethod(fused_channel_mlp)
 
 
 class FusedTokenMixingMlp(_FusedMixin, TokenMixingMlp):
     """Token MLP with the Triton path on [B, N, C], no transposes; eager semantics and parameters."""
 
-    def __init__(self, mlp: TokenMixingMlp) -> None:
-        self._adopt(mlp)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = self._fusable(x)
-        if dtype is None:
-            return super().forward(x)
-        return self.drop2(fused_token_mlp(*self._operands(x, dtype)))
+    _fused = staticmethod(fused_token_mlp)
 
 
 def use_fused_mlp(model: nn.Module) -> int:
