@@ -19,6 +19,7 @@ loading never unpickles code (safetensors; torch.load(weights_only=True)).
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import json
@@ -29,6 +30,7 @@ import re
 import shutil
 import tempfile
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterator
 
@@ -38,12 +40,13 @@ import torch
 import torch.distributed as dist
 from fsspec.implementations.local import LocalFileSystem
 from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
+from safetensors.torch import save_file as save_safetensors
 
 from .dist import DistInfo, barrier
 
 if TYPE_CHECKING:
     from .engines import Engine
+    from .engines.base import StateWriter
 
 log = logging.getLogger("pretrain")
 FORMAT_VERSION = 2
@@ -84,8 +87,12 @@ def restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+def _file_sha256(path: str, chunk: int = 1 << 24) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _torch_bytes(obj: Any) -> bytes:
@@ -118,42 +125,56 @@ class Restored:
 
 
 class Checkpointer:
-    def __init__(self, run_dir: str, dist_info: DistInfo, keep_last: int = 3, keep_every: int = 0) -> None:
+    """Collective save / restore of a whole run's state (every rank calls `save` and `restore`).
+
+    With `async_save`, `save` copies the state off the device and returns; serialising, hashing
+    and publishing happen on a checkpoint thread while training goes on, one save at a time (the next
+    `save`, and `wait`, block until the previous one is published and re-raise its error). The
+    thread's collectives use a gloo group of their own, so they never interleave with the training
+    loop's. Every rank hashes the files it wrote itself, before publishing them, so no rank re-reads
+    the checkpoint; verification on load is likewise split across ranks."""
+
+    def __init__(self, run_dir: str, dist_info: DistInfo, keep_last: int = 3, keep_every: int = 0,
+                 async_save: bool = False) -> None:
         self.fs, root = fsspec.core.url_to_fs(run_dir)
         self.root = root.rstrip("/") + "/checkpoints"
         self.local = isinstance(self.fs, LocalFileSystem)
         self.dist = dist_info
         self.keep_last = keep_last
         self.keep_every = keep_every
+        self.async_save = async_save
+        self.group = dist.new_group(backend="gloo") if dist.is_available() and dist.is_initialized() else None
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="checkpoint") if async_save else None
+        self._pending: Future | None = None
 
     def step_path(self, step: int) -> str:
         return f"{self.root}/step_{step:07d}"
+
+    # ---- collectives on the checkpoint group (identity with one process) --------------------
+    def _all_gather(self, obj: Any) -> list[Any]:
+        if self.group is None or self.dist.world_size == 1:
+            return [obj]
+        out: list[Any] = [None] * self.dist.world_size
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
 
     # ---- writing ---------------------------------------------------------------------------
     def _write(self, path: str, data: bytes) -> None:
         with self.fs.open(path, "wb") as f:
             f.write(data)
 
-    @contextlib.contextmanager
-    def _local_dir(self, path: str) -> Iterator[str]:
-        """A local directory for engines that write through their own file APIs (DCP, DeepSpeed):
-        `path` itself on a local file system, else a staging dir uploaded (this rank's files) on exit."""
-        if self.local:
-            yield path
-            return
-        stage = tempfile.mkdtemp(prefix="ckpt-stage-")
-        try:
-            yield stage
-            for dirpath, _, files in os.walk(stage):
-                for name in files:
-                    src = os.path.join(dirpath, name)
-                    self.fs.put_file(src, f"{path}/{os.path.relpath(src, stage)}")
-        finally:
-            shutil.rmtree(stage, ignore_errors=True)
+    def _stage_dir(self, work: str) -> str:
+        """Where this rank writes its files before they are hashed and published: beside the
+        checkpoint on a local file system (publishing is a rename), else a local temporary dir."""
+        stage = f"{work}/.stage/rank_{self.dist.rank:05d}" if self.local else tempfile.mkdtemp(prefix="ckpt-stage-")
+        os.makedirs(f"{stage}/{ENGINE_DIR}", exist_ok=True)
+        return stage
 
     def save(self, step: int, engine: Engine, *, shared_state: dict[str, Any], rank_state: dict[str, Any],
              metadata: dict[str, Any], config_yaml: str) -> str:
-        """Collective: every rank calls it. Returns the published path."""
+        """Collective: every rank calls it. Returns the path the checkpoint is published at, at once
+        or (async_save) once the checkpoint thread is done."""
+        self.wait()
         final = self.step_path(step)
         work = final + ".tmp" if self.local else final
         if self.dist.is_main:
@@ -162,42 +183,98 @@ class Checkpointer:
                     self.fs.rm(stale, recursive=True)
             if not self.local and self.fs.exists(final):
                 self.fs.rm(final, recursive=True)
-            self.fs.makedirs(f"{work}/{ENGINE_DIR}", exist_ok=True)
+            self.fs.makedirs(work, exist_ok=True)
         barrier()
+        stage = self._stage_dir(work)
+        # Everything below is a host copy of this step's state: training may go on once it is taken.
         weights = engine.consolidated_state_dict()  # collective: gathered onto rank 0
-        with self._local_dir(f"{work}/{ENGINE_DIR}") as engine_dir:
-            engine.save_state(engine_dir)
-        self._write(f"{work}/rank_{self.dist.rank:05d}.pt", _torch_bytes(rank_state))
+        state = engine.snapshot_state(f"{stage}/{ENGINE_DIR}", background=self.async_save, group=self.group)
+        small = {f"rank_{self.dist.rank:05d}.pt": _torch_bytes(rank_state)}
         if self.dist.is_main:
-            self._write(f"{work}/model.safetensors",
-                        st_save({k: v.detach().cpu().contiguous() for k, v in weights.items()}))
-            self._write(f"{work}/shared.pt", _torch_bytes(shared_state))
-            self._write(f"{work}/config.yaml", config_yaml.encode())
-        del weights
-        barrier()  # every rank's files are on storage before the checksums are taken
-        if self.dist.is_main:
-            files = {}
-            for p in sorted(self.fs.find(work)):
-                files[p[len(work) + 1:]] = _sha256(self.fs.cat_file(p))
-            meta = {"format_version": FORMAT_VERSION, "step": step, "world_size": self.dist.world_size,
-                    "layout": engine.layout(), "time": time.time(), "files": files, **metadata}
-            self._write(f"{work}/metadata.json", json.dumps(meta, indent=1).encode())
-            if self.local:
-                if self.fs.exists(final):  # re-saving the same step (e.g. after a resume): replace it
-                    self.fs.rm(final, recursive=True)
-                self.fs.mv(work, final, recursive=True)
-            self._write(f"{self.root}/latest", final.rsplit("/", 1)[-1].encode())
-            self._purge()
-        barrier()
+            small.update({"shared.pt": _torch_bytes(shared_state), "config.yaml": config_yaml.encode()})
+        meta = {"format_version": FORMAT_VERSION, "step": step, "world_size": self.dist.world_size,
+                "layout": engine.layout(), "time": time.time(), **metadata}
+        job = functools.partial(self._write_and_publish, final, work, stage, state, weights, small, meta)
+        if self._thread is None:
+            job()
+        else:
+            self._pending = self._thread.submit(job)
         return final
 
+    def wait(self) -> None:
+        """Block until the save under way on the checkpoint thread is published; re-raise its error."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def _write_and_publish(self, final: str, work: str, stage: str, state: StateWriter,
+                           weights: dict[str, torch.Tensor], small: dict[str, bytes], meta: dict[str, Any]) -> None:
+        """Write this rank's files, hash them, move them into the checkpoint; then rank 0 writes the
+        metadata and publishes. Every rank takes part in both agreements even after a failure of its
+        own, so a failed save raises on all ranks instead of leaving some waiting."""
+        t0, files, error = time.perf_counter(), {}, None
+        try:
+            state.finish()
+            if weights:
+                save_safetensors({k: v.contiguous() for k, v in weights.items()}, f"{stage}/model.safetensors")
+            for name, data in small.items():
+                with open(f"{stage}/{name}", "wb") as f:
+                    f.write(data)
+            files = self._publish_stage(stage, work)
+        except Exception as e:  # noqa: BLE001 -- reported to every rank below
+            error = f"rank {self.dist.rank}: {type(e).__name__}: {e}"
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+        results = self._all_gather((files, error))
+        errors = [e for _, e in results if e]
+        if not errors and self.dist.is_main:
+            try:
+                meta["files"] = dict(sorted(kv for rank_files, _ in results for kv in rank_files.items()))
+                self._write(f"{work}/metadata.json", json.dumps(meta, indent=1).encode())
+                if self.local:
+                    self.fs.rm(f"{work}/.stage", recursive=True)
+                    if self.fs.exists(final):  # re-saving the same step (e.g. after a resume): replace it
+                        self.fs.rm(final, recursive=True)
+                    self.fs.mv(work, final, recursive=True)
+                self._write(f"{self.root}/latest", final.rsplit("/", 1)[-1].encode())
+                self._purge()
+            except Exception as e:  # noqa: BLE001
+                error = f"rank 0: {type(e).__name__}: {e}"
+        errors = errors or [e for e in self._all_gather(error) if e]
+        if errors:
+            raise CheckpointError(f"{final}: checkpoint not saved ({errors[0]}); the previous one is intact")
+        if self.dist.is_main:
+            log.info("checkpoint %s published (files written in %.1fs%s)", final, time.perf_counter() - t0,
+                     " on the checkpoint thread" if self._thread else "")
+
+    def _publish_stage(self, stage: str, work: str) -> dict[str, str]:
+        """sha256 of each staged file (read back from the page cache, once, by the rank that wrote it),
+        then the file moved into the checkpoint: a rename locally, an upload to object storage."""
+        files = {}
+        for dirpath, _, names in os.walk(stage):
+            for name in names:
+                src = os.path.join(dirpath, name)
+                rel = os.path.relpath(src, stage).replace(os.sep, "/")
+                files[rel] = _file_sha256(src)
+                if self.local:
+                    os.makedirs(os.path.dirname(f"{work}/{rel}"), exist_ok=True)
+                    os.replace(src, f"{work}/{rel}")
+                else:
+                    self.fs.put_file(src, f"{work}/{rel}")
+        return files
+
     def _purge(self) -> None:
-        """Keep the newest `keep_last`, plus every `keep_every`-th step for the long view."""
+        """Keep the newest `keep_last`, plus every `keep_every`-th step for the long view. Also drops
+        the `.tmp` directories of saves that a crash interrupted (this save's was renamed already)."""
         steps = self.list_steps()
         for step in steps[: -self.keep_last]:
             if self.keep_every and step % self.keep_every == 0:
                 continue
             self.fs.rm(self.step_path(step), recursive=True)
+        if self.local:
+            for p in self.fs.ls(self.root, detail=False):
+                if STEP_DIR.match(p.rstrip("/").rsplit("/", 1)[-1].removesuffix(".tmp")) and p.endswith(".tmp"):
+                    self.fs.rm(p, recursive=True)
 
     # ---- reading ---------------------------------------------------------------------------
     def list_steps(self) -> list[int]:
@@ -223,16 +300,18 @@ class Checkpointer:
             raise CheckpointError(f"{path}: format_version {meta.get('format_version')} != {FORMAT_VERSION}")
         return meta
 
-    def verify(self, step: int) -> dict[str, Any]:
-        """Metadata of `step` after checking every file against its sha256 (CheckpointError if not)."""
+    def verify(self, step: int, share: tuple[int, int] = (0, 1)) -> dict[str, Any]:
+        """Metadata of `step` after checking its files against their sha256 (CheckpointError if not):
+        all of them, or with `share=(i, n)` every n-th from the i-th (one rank's part of the work)."""
         path = self.step_path(step)
         meta = self.read_metadata(step)
-        for name, expected in meta["files"].items():
+        for name, expected in sorted(meta["files"].items())[share[0]::share[1]]:
             try:
-                data = self.fs.cat_file(f"{path}/{name}")
+                with self.fs.open(f"{path}/{name}", "rb") as f:
+                    digest = hashlib.file_digest(f, "sha256").hexdigest()
             except FileNotFoundError:
                 raise CheckpointError(f"{path}/{name}: missing (checkpoint incomplete)") from None
-            if _sha256(data) != expected:
+            if digest != expected:
                 raise CheckpointError(f"{path}/{name}: checksum mismatch (file corrupt or partly written)")
         return meta
 
@@ -240,17 +319,20 @@ class Checkpointer:
         return st_load(self.fs.cat_file(f"{self.step_path(step)}/model.safetensors"))
 
     def _newest_valid(self) -> int | None:
-        """Rank 0 checks the checksums, newest first; every rank gets its answer."""
-        found = None
-        if self.dist.is_main:
-            for step in reversed(self.list_steps()):
-                try:
-                    self.verify(step)
-                    found = step
-                    break
-                except CheckpointError as e:
-                    log.warning("skipping checkpoint: %s", e)
-        return _broadcast_object(found)
+        """Collective: the newest checkpoint whose files all match their checksums, each rank
+        checking its share of the files; a bad one is skipped with a warning."""
+        for step in reversed(_broadcast_object(self.list_steps() if self.dist.is_main else None)):
+            try:
+                self.verify(step, share=(self.dist.rank, self.dist.world_size))
+                error = None
+            except CheckpointError as e:
+                error = str(e)
+            errors = [e for e in self._all_gather(error) if e]
+            if not errors:
+                return step
+            if self.dist.is_main:
+                log.warning("skipping checkpoint: %s", errors[0])
+        return None
 
     @contextlib.contextmanager
     def _engine_dir(self, step: int) -> Iterator[str]:
@@ -267,26 +349,25 @@ class Checkpointer:
 
     def restore(self, engine: Engine) -> Restored | None:
         """Collective: load the newest valid checkpoint into `engine` (None if there is none).
-        A corrupt or partial checkpoint is skipped with a warning. Across a change of world size
-        or engine, the engine's own state is used when it can reshard (fsdp, single/ddp); otherwise
-        the consolidated weights are loaded and the optimiser moments restart, said in a log line."""
+        A corrupt or partial checkpoint is skipped with a warning. The engine's own state is used
+        whenever it can be resharded onto this run (any world size; DeepSpeed also across ZeRO
+        stages); across a change of engine the consolidated weights are loaded and the optimiser
+        moments restart, said in a log line."""
         step = self._newest_valid()
         if step is None:
             return None
         path = self.step_path(step)
         meta = self.read_metadata(step)
         blocker = engine.resume_blocker(meta["layout"])
-        if blocker is None and engine.state_has_weights:
-            with self._engine_dir(step) as d:
-                engine.load_state(d)
-        else:
+        if blocker is not None:
             engine.load_consolidated_state_dict(self.read_weights(step))
-            if blocker is None:
-                with self._engine_dir(step) as d:
-                    engine.load_state(d)
-            else:
-                log.warning("%s: optimizer state not restored because %s; weights, schedule, step and data "
-                            "position are restored and the optimizer moments restart", path, blocker)
+            log.warning("%s: optimizer state not restored because %s; weights, schedule, step and data "
+                        "position are restored and the optimizer moments restart", path, blocker)
+        else:
+            if not engine.state_has_weights:
+                engine.load_consolidated_state_dict(self.read_weights(step))
+            with self._engine_dir(step) as d:
+                engine.load_state(d, meta["layout"])
         shared = _torch_from_bytes(self.fs.cat_file(f"{path}/shared.pt"))
         rank_state = None
         if meta["world_size"] == self.dist.world_size:

@@ -158,6 +158,9 @@ class CheckpointConfig:
     # Also save when this much wall time has passed since the last save (0: off): bounds the work a
     # crash can cost when step times vary. Checked on log steps (train.log_every).
     every_minutes: float = 0.0
+    # Training stalls only to copy the state to host memory; serialising, hashing, uploading and
+    # publishing run on a checkpoint thread (one save at a time, costs one host copy of the state).
+    async_save: bool = False
     # auto: continue from the newest valid checkpoint in run.dir if there is one; never: refuse to
     # start in a run dir that already holds checkpoints (so nothing is overwritten by accident).
     resume: str = "auto"

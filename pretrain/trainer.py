@@ -94,7 +94,7 @@ class Trainer:
         self.guard = LossGuard(cfg.train.spike_factor, cfg.train.max_bad_steps)
         self.forward = build.build_forward(cfg, self.dist, self.engine)
         self.checkpointer = Checkpointer(self.run_dir, self.dist, keep_last=cfg.checkpoint.keep_last,
-                                         keep_every=cfg.checkpoint.keep_every)
+                                         keep_every=cfg.checkpoint.keep_every, async_save=cfg.checkpoint.async_save)
         self.monitor = Monitor(self.run_dir, self.dist, cfg.train.steps, cfg.train.log_every,
                                cfg.train.global_batch_size, model.flops_per_image(), cfg.train.precision)
         # eval.mode external/none: training only writes checkpoints; `python -m pretrain.evaluate` does the rest.
@@ -140,10 +140,11 @@ class Trainer:
                       "samples_seen": samples},
             config_yaml=to_yaml(self.cfg))
         t1 = time.perf_counter()
-        log.info("checkpoint %s (%.1fs)", path, t1 - t0)
+        log.info("checkpoint %s: training stalled %.2fs%s", path, t1 - t0,
+                 " (files written on the checkpoint thread)" if self.cfg.checkpoint.async_save else "")
         if evaluate and self.eval_inline:
             self.evaluate(self._eval_model(), self.step, path)
-        self.monitor.scalars(self.step, {"perf/checkpoint_s": t1 - t0, "perf/eval_s": time.perf_counter() - t1})
+        self.monitor.scalars(self.step, {"perf/checkpoint_stall_s": t1 - t0, "perf/eval_s": time.perf_counter() - t1})
         self.monitor.pause(time.perf_counter() - t0)  # keep img/s a training-only figure
 
     def _eval_model(self) -> torch.nn.Module:
@@ -221,11 +222,13 @@ class Trainer:
             # ---- step boundary: weights, schedule and data position agree on self.step here
             if self.step < cfg.train.steps and self.preemption.requested():  # collective; see preemption.py
                 self.save_and_evaluate(evaluate=False)  # the grace period is short: checkpoint only
+                self.checkpointer.wait()
                 raise Preempted(self.step, self.preemption.reason())
             if itstime(self.step, cfg.train.log_every, cfg.train.steps):
                 self.check_data_health()
             if itstime(self.step, cfg.checkpoint.every_steps, cfg.train.steps) or self.checkpoint_time_due():
                 self.save_and_evaluate()
+        self.checkpointer.wait()  # the last checkpoint is published before the run says it is done
         log.info("done: %d steps, run dir %s", self.step, self.run_dir)
 
     def checkpoint_time_due(self) -> bool:

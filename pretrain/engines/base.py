@@ -7,15 +7,19 @@ A step is `accum_steps` calls of `backward` then one `step` (or `skip_step`).
 Checkpoint hooks, all collective (every rank calls them):
   consolidated_state_dict()      full fp32 weights on rank 0 (what export and evaluation read)
   load_consolidated_state_dict() the same, back into whatever sharding the engine has
-  save_state(dir) / load_state(dir)  the engine's own optimiser state, in its own format
+  snapshot_state(dir) / load_state(dir, saved_layout)  the engine's own optimiser state, in its own
+                                 format; the snapshot is written by `StateWriter.finish`, possibly on
+                                 the checkpoint thread while training goes on
   layout() / resume_blocker(saved)   what a saved state needs from the run that loads it
 """
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
 import os
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -26,6 +30,34 @@ from ..dist import DistInfo
 PRECISION_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 OptimizerFactory = Callable[[nn.Module], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
+
+
+def host_copy(obj: Any) -> Any:
+    """`obj` with every tensor copied to host memory and every other leaf deep-copied: a snapshot
+    that later optimiser steps cannot change (on CPU, `.cpu()` alone would alias the live tensor)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return type(obj)((k, host_copy(v)) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
+        return type(obj)(host_copy(v) for v in obj)
+    return copy.deepcopy(obj)
+
+
+class StateWriter:
+    """An engine's state at a step boundary, to be written by `finish()`: torch.save of host copies,
+    or the completion of a write the engine's own asynchronous checkpointer has begun (DCP)."""
+
+    def __init__(self, jobs: Sequence[Callable[[], Any]] = ()) -> None:
+        self.jobs = list(jobs)
+
+    @classmethod
+    def files(cls, files: Sequence[tuple[str, Any]]) -> "StateWriter":
+        return cls([functools.partial(torch.save, obj, path) for path, obj in files])
+
+    def finish(self) -> None:
+        for job in self.jobs:
+            job()
 
 
 def ensure_process_group(dist_info: DistInfo, backend: str = "auto") -> None:
@@ -150,12 +182,16 @@ class Engine:
     def load_consolidated_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self._module.load_state_dict(state)
 
-    def save_state(self, directory: str) -> None:
-        if self.dist.is_main:
-            torch.save({"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict()},
-                       os.path.join(directory, "engine.pt"))
+    def snapshot_state(self, directory: str, *, background: bool, group: Any = None) -> StateWriter:
+        """The optimiser state (rank 0 holds all of it), as files under `directory`. `background`:
+        copied to host memory now, so that `finish()` may run while training changes the live state.
+        `group`: the process group for any collective that `finish()` needs."""
+        if not self.dist.is_main:
+            return StateWriter()
+        state = {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict()}
+        return StateWriter.files([(os.path.join(directory, "engine.pt"), host_copy(state) if background else state)])
 
-    def load_state(self, directory: str) -> None:
+    def load_state(self, directory: str, saved_layout: dict[str, Any]) -> None:
         # weights_only: tensors, numbers, strings and containers only -- never pickled code.
         state = torch.load(os.path.join(directory, "engine.pt"), map_location="cpu", weights_only=True)
         self.optimizer.load_state_dict(state["optimizer"])

@@ -5,18 +5,25 @@ Our own AdamW and LambdaLR are handed to DeepSpeed, which wraps the optimiser in
 partitioning; the schedule is stepped by us so that lr is a function of our step count, also across
 skipped steps. Accumulation is DeepSpeed's: `backward` + `step` per micro batch, the update happens
 at the accumulation boundary.
+
+Checkpoints are DeepSpeed's own files (each rank its partition). Onto the same world size and stage
+DeepSpeed loads them; onto another, zero_reshard.py rebuilds the full state and each rank takes its
+new partition of the masters and the moments.
 """
 from __future__ import annotations
 
 import enum
+import logging
 import os
 import pickle
 from typing import Any
 
 import torch
 
-from .base import Engine, ensure_process_group
+from .base import Engine, StateWriter, ensure_process_group, host_copy
+from .zero_reshard import read_zero_checkpoint
 
+log = logging.getLogger("pretrain")
 STATE_TAG = "state"
 
 
@@ -124,11 +131,7 @@ class DeepSpeedEngine(Engine):
     def resume_blocker(self, saved: dict[str, Any]) -> str | None:
         if saved.get("engine") != "deepspeed":
             return f"it was written by engine {saved.get('engine')!r}, this run uses 'deepspeed'"
-        if saved.get("world_size") != self.dist.world_size:
-            return f"its ZeRO partitions are for {saved.get('world_size')} ranks, this run has {self.dist.world_size}"
-        if saved.get("zero_stage") != self.zero_stage:
-            return f"it was written with ZeRO stage {saved.get('zero_stage')}, this run uses {self.zero_stage}"
-        return None
+        return None  # any world size and ZeRO stage: see load_state
 
     def consolidated_state_dict(self) -> dict[str, torch.Tensor]:
         """The fp32 master weights (not the bf16/fp16 working copy), gathered from every partition."""
@@ -140,27 +143,98 @@ class DeepSpeedEngine(Engine):
             if self.dist.is_main:
                 out[name] = full.detach().float().cpu().clone()
         if self.dist.is_main:
-            out.update({k: v.detach().float().cpu() for k, v in self._module.named_buffers()})
+            out.update({k: v.detach().float().cpu().clone() for k, v in self._module.named_buffers()})
         return out
 
     def load_consolidated_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Weights into both DeepSpeed copies: the fp32 masters and the working parameters."""
         import deepspeed
+
         from deepspeed.utils import safe_set_full_fp32_param
 
         params = dict(self._module.named_parameters())
         for name, param in params.items():
-            safe_set_full_fp32_param(param, state[name].to(self.device))
+            if hasattr(param, "ds_id"):
+                _set_zero3_partition(param, state[name].to(self.device), None)
+            else:
+                safe_set_full_fp32_param(param, state[name].to(self.device))
         with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=0,
                                                enabled=self.zero_stage == 3), torch.no_grad():
             for name, param in params.items():
                 param.copy_(state[name].to(param.device, param.dtype))
+            for name, buf in self._module.named_buffers():
+                buf.copy_(state[name].to(buf.device, buf.dtype))
 
-    def save_state(self, directory: str) -> None:
-        self.ds.save_checkpoint(directory, tag=STATE_TAG, save_latest=False)
+    def snapshot_state(self, directory: str, *, background: bool, group: Any = None) -> StateWriter:
+        """DeepSpeed's own checkpoint (each rank its partition). In the background its checkpoint
+        engine's `save` is intercepted to take host copies, written later by `finish()`."""
+        if not background:
+            self.ds.save_checkpoint(directory, tag=STATE_TAG, save_latest=False)
+            return StateWriter()
+        captured: list[tuple[str, Any]] = []
+        engine = self.ds.checkpoint_engine
+        engine.save = lambda state_dict, path: captured.append((path, host_copy(state_dict)))
+        try:
+            self.ds.save_checkpoint(directory, tag=STATE_TAG, save_latest=False)
+        finally:
+            del engine.save  # the instance attribute shadowed the class method
+        return StateWriter.files(captured)
 
-    def load_state(self, directory: str) -> None:
-        self.ds.checkpoint_engine.load = _load_weights_only
-        path, _ = self.ds.load_checkpoint(directory, tag=STATE_TAG, load_lr_scheduler_states=False)
-        if path is None:
-            raise RuntimeError(f"{directory}: DeepSpeed found no checkpoint under tag {STATE_TAG!r}")
+    def load_state(self, directory: str, saved_layout: dict[str, Any]) -> None:
+        same = (saved_layout.get("world_size"), saved_layout.get("zero_stage")) == (self.dist.world_size,
+                                                                                    self.zero_stage)
+        if same:
+            self.ds.checkpoint_engine.load = _load_weights_only
+            path, _ = self.ds.load_checkpoint(directory, tag=STATE_TAG, load_lr_scheduler_states=False)
+            if path is None:
+                raise RuntimeError(f"{directory}: DeepSpeed found no checkpoint under tag {STATE_TAG!r}")
+        else:
+            self._load_resharded(os.path.join(directory, STATE_TAG))
+
+    def _load_resharded(self, directory: str) -> None:
+        """Another world size or ZeRO stage: the full state rebuilt from the saved partitions, then
+        each rank takes its own partition of the masters, of every moment and the step count."""
+        saved = read_zero_checkpoint(directory, _load_weights_only)
+        self.load_consolidated_state_dict({**saved.tensors["fp32"], **saved.buffers})
+        moments = [k for k in saved.tensors if k != "fp32"]
+        base = self.ds.optimizer.optimizer  # the torch AdamW under DeepSpeed's partitioning wrapper
+        step = saved.step if saved.step is not None else torch.tensor(0.0)
+        flats = (self.ds.optimizer.fp32_partitioned_groups_flat if self.zero_stage == 3
+                 else self.ds.optimizer.single_partition_of_fp32_groups)
+        for flat in flats:  # this rank's fp32 partitions: AdamW would create their state lazily
+            base.state[flat] = {"step": step.clone(), **{key: torch.zeros_like(flat) for key in moments}}
+        for name, param in self._module.named_parameters():
+            for key in moments:
+                self._set_moment_partition(param, saved.tensors[key][name].to(self.device), key)
+        for key, value in saved.optimizer_extras.items():  # loss scaler and overflow flags
+            if hasattr(self.ds.optimizer, key):
+                setattr(self.ds.optimizer, key, value)
+        self.ds.global_steps, self.ds.skipped_steps = saved.global_steps, saved.skipped_steps
+        self.ds.global_samples = saved.global_steps * self.ds.train_batch_size()
+        log.info("DeepSpeed optimizer state resharded: ZeRO-%d on %d ranks -> ZeRO-%d on %d ranks (fp32 masters, "
+                 "%s and step %d restored)", saved.stage, saved.world_size, self.zero_stage, self.dist.world_size,
+                 ", ".join(moments), int(step))
+
+    def _set_moment_partition(self, param: torch.nn.Parameter, value: torch.Tensor, key: str) -> None:
+        """This rank's part of the full optimiser state `value` of `param`, into the flat state."""
+        if hasattr(param, "ds_id"):  # ZeRO-3
+            _set_zero3_partition(param, value, key)
+            return
+        mapping = getattr(param, "_hp_mapping", None)
+        if mapping is None:  # ZeRO-1/2: no part of this parameter lives on this rank
+            return
+        flat = self.ds.optimizer.single_partition_of_fp32_groups[mapping.param_group_index]
+        lp, hp = mapping.lp_fragment_address, mapping.hp_fragment_address
+        target = self.ds.optimizer.optimizer.state[flat][key]
+        target.narrow(0, hp.start, hp.numel).copy_(value.flatten().narrow(0, lp.start, lp.numel))
+
+
+def _set_zero3_partition(param: torch.nn.Parameter, value: torch.Tensor, key: str | None) -> None:
+    """This rank's ZeRO-3 partition of `value` into the fp32 master (key None) or optimiser state
+    `key`. DeepSpeed's own setter cannot fill a padded last partition (it narrows past the end of
+    the unpadded value), so the partition is cut here."""
+    opt = param._z3_optimizer
+    part, _ = opt._get_fp32_opt_state_partition(param, release_swap_buffers=False, optim_state_key=key)
+    start = part.numel() * opt._get_param_partition_rank(param)
+    chunk = value.flatten()[start:start + part.numel()]
+    part.data[:chunk.numel()].copy_(chunk)

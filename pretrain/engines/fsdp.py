@@ -19,7 +19,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from .base import Engine, ensure_process_group
+from .base import Engine, StateWriter, ensure_process_group
 
 
 class FSDPEngine(Engine):
@@ -69,13 +69,21 @@ class FSDPEngine(Engine):
     def load_consolidated_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         set_model_state_dict(self.model, state, options=StateDictOptions(full_state_dict=True))
 
-    def save_state(self, directory: str) -> None:
+    def snapshot_state(self, directory: str, *, background: bool, group: Any = None) -> StateWriter:
+        """This rank's shards through torch.distributed.checkpoint. In the background DCP's own
+        async_save stages the shards in host memory here and writes them on its thread (its
+        collectives on `group`, which the training loop never uses)."""
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=os.path.join(directory, "dcp"))
-        if self.dist.is_main:
-            torch.save({"scaler": self.scaler.state_dict()}, os.path.join(directory, "scaler.pt"))
+        state, path = {"model": model_sd, "optim": optim_sd}, os.path.join(directory, "dcp")
+        scaler = StateWriter.files([(os.path.join(directory, "scaler.pt"), {"scaler": self.scaler.state_dict()})]
+                                   if self.dist.is_main else [])
+        if not background:
+            return StateWriter([lambda: dcp.save(state, checkpoint_id=path, process_group=group), scaler.finish])
+        pending = dcp.async_save(state, checkpoint_id=path, process_group=group)
+        pending = getattr(pending, "upload_completion", pending)  # newer torch: an AsyncSaveResponse
+        return StateWriter([pending.result, scaler.finish])
 
-    def load_state(self, directory: str) -> None:
+    def load_state(self, directory: str, saved_layout: dict[str, Any]) -> None:
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
         state = {"model": model_sd, "optim": optim_sd}
         dcp.load(state, checkpoint_id=os.path.join(directory, "dcp"))

@@ -14,6 +14,7 @@ import time
 
 import psutil
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from tests.conftest import MAIN, ROOT, free_port, tiny_args
@@ -115,21 +116,25 @@ def max_change(run_dir_a, step_a, run_dir_b, step_b):
     return max(float((wa[k] - wb[k]).abs().max()) for k in wa)
 
 
-@pytest.mark.parametrize("killed_and_resumed", ["fsdp", "deepspeed"], indirect=True)
-def test_resume_two_ranks_onto_one_and_back(killed_and_resumed):
-    engine, base, _, _, demo_root = killed_and_resumed
+def checkpoint_copy(base, step):
+    """A run dir holding only the straight 2-rank run's checkpoint at `step`."""
     run_dir = base / "reshard"
     shutil.copytree(base / "straight", run_dir)
     for p in (run_dir / "checkpoints").glob("step_*"):
-        if p.name != "step_0000020":
+        if p.name != f"step_{step:07d}":
             shutil.rmtree(p)
+    (run_dir / "checkpoints/latest").write_text(f"step_{step:07d}")
+    return run_dir
 
+
+@pytest.mark.parametrize("killed_and_resumed", ["fsdp"], indirect=True)
+def test_resume_two_ranks_onto_one_and_back(killed_and_resumed):
+    engine, base, _, _, demo_root = killed_and_resumed
+    run_dir = checkpoint_copy(base, 20)
     one = run(command(engine, 1, run_dir, demo_root, steps=21, launcher=python))  # plain python: 1 process
     assert "resumed from" in one and "(step 20)" in one
     assert "per-rank RNG state not restored: saved by 2 ranks, this run has 1" in one
-    # fsdp reshards its optimiser state through DCP; DeepSpeed's ZeRO partitions cannot, so the
-    # consolidated weights are loaded and the log says that the Adam moments restart.
-    assert ("optimizer state not restored" in one) == (engine == "deepspeed")
+    assert "optimizer state not restored" not in one  # DCP reshards the optimiser state
     assert metadata(run_dir, 21)["world_size"] == 1
     # The weights carried over: one late-schedule step (lr 1/16 of the peak) moves them far less
     # than ten early steps did; a fresh initialisation would be further away than that.
@@ -140,3 +145,56 @@ def test_resume_two_ranks_onto_one_and_back(killed_and_resumed):
     assert "(step 21)" in two and "per-rank RNG state not restored: saved by 1 ranks, this run has 2" in two
     assert metadata(run_dir, 22)["world_size"] == 2
     assert 0 < max_change(run_dir, 22, run_dir, 21) < 0.25 * ten_steps
+
+
+def zero_state(run_dir, step):
+    from pretrain.engines.deepspeed import _load_weights_only
+    from pretrain.engines.zero_reshard import read_zero_checkpoint
+
+    return read_zero_checkpoint(str(run_dir / f"checkpoints/step_{step:07d}/engine/state"), _load_weights_only)
+
+
+def assert_same_optimizer_state(a, b):
+    assert a.tensors.keys() == b.tensors.keys() == {"fp32", "exp_avg", "exp_avg_sq"}
+    for key in a.tensors:
+        assert a.tensors[key].keys() == b.tensors[key].keys()
+        for name, t in a.tensors[key].items():
+            assert torch.equal(t, b.tensors[key][name]), f"{key} of {name} differs after resharding"
+    assert int(a.step) == int(b.step) and a.global_steps == b.global_steps
+
+
+@pytest.mark.parametrize("killed_and_resumed", ["deepspeed"], indirect=True)
+def test_deepspeed_reshards_optimizer_state_across_world_size_and_stage(killed_and_resumed):
+    """ZeRO-2 on 2 ranks -> ZeRO-2 on 1 -> ZeRO-3 on 3 (uneven partitions: 64-element biases over 3
+    ranks) -> training on 2 ranks. Each hop resumes and re-saves the same step at once, through
+    DeepSpeed's own save on the new layout: the full fp32 masters, both Adam moments and the step
+    count must come out bit-identical."""
+    engine, base, _, _, demo_root = killed_and_resumed
+    run_dir = checkpoint_copy(base, 20)
+    saved = zero_state(run_dir, 20)
+    assert int(saved.step) == 20 and saved.stage == 2 and saved.world_size == 2
+    # The rebuilt masters are the consolidated weights DeepSpeed gathered itself at save time.
+    assert all(torch.equal(v, saved.tensors["fp32"][k]) for k, v in weights(run_dir, 20).items())
+
+    resave = [str(ROOT / "tests/drivers/resave_checkpoint.py")]
+    cmd = command(engine, 1, run_dir, demo_root)
+    args = cmd[cmd.index(MAIN) + 1:]  # the config and overrides
+    one = run(python(1) + resave + args)
+    assert "resharded: ZeRO-2 on 2 ranks -> ZeRO-2 on 1 ranks" in one and "step 20 restored" in one
+    assert metadata(run_dir, 20)["world_size"] == 1
+    assert_same_optimizer_state(saved, zero_state(run_dir, 20))
+
+    three = run(torchrun(3) + resave + args + ["engine.zero_stage=3", "train.global_batch_size=48"])
+    assert "resharded: ZeRO-2 on 1 ranks -> ZeRO-3 on 3 ranks" in three
+    assert metadata(run_dir, 20)["layout"] == {"engine": "deepspeed", "world_size": 3, "zero_stage": 3}
+    assert_same_optimizer_state(saved, zero_state(run_dir, 20))
+
+    two = run(command(engine, 2, run_dir, demo_root, steps=21))
+    assert "resharded: ZeRO-3 on 3 ranks -> ZeRO-2 on 2 ranks" in two and "(step 20)" in two
+    ten_steps = max_change(base / "straight", 20, base / "straight", 10)
+    assert 0 < max_change(run_dir, 21, base / "straight", 20) < 0.25 * ten_steps
+    after = zero_state(run_dir, 21)
+    assert int(after.step) == 21  # Adam's bias correction continues; a restart would say 1
+    # v_21 = b2 * v_20 + (1 - b2) * g^2 >= b2 * v_20 everywhere; restarted moments would be ~(1 - b2) g^2.
+    for name, v20 in saved.tensors["exp_avg_sq"].items():
+        assert (after.tensors["exp_avg_sq"][name] >= 0.999 * v20 * (1 - 1e-6)).all(), name

@@ -171,3 +171,45 @@ def test_round_trip_on_s3_with_latest_marker(s3_server, monkeypatch):
     b = make_engine(seed=1)
     restored = Checkpointer(run, ONE).restore(b)
     assert restored.step == 2
+
+
+def test_async_save_snapshots_the_step_while_training_goes_on(tmp_path):
+    """async_save: save() returns after the host copy; steps taken while the checkpoint thread writes
+    do not leak into it, a second save waits for the first, and leftovers of crashed saves go."""
+    (tmp_path / "checkpoints/step_0000009.tmp").mkdir(parents=True)  # a save that died long ago
+    ck = Checkpointer(str(tmp_path), ONE, async_save=True)
+    a = make_engine()
+    train_steps(a, 3)
+    at_save = weights(a)
+    path = save(ck, a, 3)
+    train_steps(a, 2)  # changes weights and moments in place while step 3 may still be written
+    save(ck, a, 5)
+    ck.wait()
+    assert path.endswith("step_0000003") and ck.list_steps() == [3, 5]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step_0000003", "step_0000005"]
+    assert not list(tmp_path.rglob(".stage"))
+    b = make_engine(seed=1)
+    restored = Checkpointer(str(tmp_path), ONE).restore(b)
+    assert restored.step == 5
+    ck.verify(3)
+    three = ck.read_weights(3)
+    assert all(torch.equal(three[k], v) for k, v in at_save.items())
+    assert not all(torch.equal(three[k], v) for k, v in weights(a).items())
+
+
+def test_failed_async_save_raises_on_wait_and_keeps_the_previous(tmp_path, monkeypatch):
+    from pretrain.engines.base import StateWriter
+
+    ck = Checkpointer(str(tmp_path), ONE, async_save=True)
+    e = make_engine()
+    save(ck, e, 1)
+
+    def disk_full():
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(e, "snapshot_state", lambda *a, **k: StateWriter([disk_full]))
+    save(ck, e, 2)  # returns: the failure happens on the checkpoint thread
+    with pytest.raises(CheckpointError, match="step_0000002: checkpoint not saved .*No space left"):
+        ck.wait()
+    assert ck.list_steps() == [1] and (tmp_path / "checkpoints/latest").read_text() == "step_0000001"
+    assert ck.restore(make_engine()).step == 1
