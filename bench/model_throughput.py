@@ -1,4 +1,4 @@
-"""Training-step throughput of our Mixer (eager, compile, fused) against timm's mlp_mixer.
+"""Training-step throughput of our Mixer (eager, compile, fused, fused_noln) against timm's mlp_mixer.
 
 One training step = forward under bf16 autocast + cross-entropy + backward + AdamW step, on
 synthetic images already on the device (this measures the model, not the data pipeline). Every
@@ -9,6 +9,9 @@ implementation runs under the same loop, one after another, in one process, for 
     # CPU smoke test (proves the script works; the numbers mean nothing for GPUs):
     python bench/model_throughput.py --device cpu --model mixer_s32_224 --batch 8 --steps 3 \\
         --out bench/results/model_throughput_cpu_smoke.json
+
+``fused_noln`` is ``fused`` with the LayerNorms left eager (``use_fused_mlp(fuse_layernorm=False)``):
+``fused_vs_fused_noln`` in the speedups says whether fusing the residual adds into the norms pays.
 
 MFU = 3 x analytic forward FLOPs per image (``MlpMixer.flops_per_image``) x img/s / the device's
 dense bf16 peak (table below; unknown devices and CPUs get no MFU).
@@ -33,7 +36,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from pretrain.models import apply_mlp_impl, create_model  # noqa: E402
-from pretrain.models.fused_mlp import fused_unavailable_reason  # noqa: E402
+from pretrain.models.fused_mlp import fused_unavailable_reason, use_fused_mlp  # noqa: E402
 
 # Dense (no sparsity) bf16 tensor-core peaks from NVIDIA's data sheets, TFLOP/s.
 PEAK_BF16_TFLOPS = {
@@ -44,7 +47,7 @@ PEAK_BF16_TFLOPS = {
     "H100 PCIe": 756.0,
     "A100": 312.0,
 }
-IMPLS = ("eager", "compile", "fused", "timm")
+IMPLS = ("eager", "compile", "fused", "fused_noln", "timm")
 
 
 def peak_tflops(device_name: str) -> float | None:
@@ -80,6 +83,8 @@ def build(name: str, impl: str, device: torch.device, timm_module) -> torch.nn.M
     model = model.to(device)
     if impl in ("compile", "fused"):
         apply_mlp_impl(model, impl)
+    elif impl == "fused_noln":  # not a config choice: only this comparison needs it
+        use_fused_mlp(model, fuse_layernorm=False)
     return model
 
 
@@ -158,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
                 row = {"model": name, "impl": impl, "batch": batch, "flops_per_image": flops}
                 if impl == "timm" and timm_module is None:
                     row["skipped"] = timm_reason
-                elif impl == "fused" and fused_reason is not None:
+                elif impl.startswith("fused") and fused_reason is not None:
                     row["skipped"] = f"fused unavailable: {fused_reason}"  # never time eager as "fused"
                 else:
                     try:
@@ -188,13 +193,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _speedups(rows: list[dict]) -> dict:
-    """fused vs timm eager and vs compile, at the same model and batch."""
+    """fused vs timm, eager, compile and fused_noln, at the same model and batch."""
     speed = {(r["model"], r["batch"], r["impl"]): r.get("img_per_s") for r in rows}
     out = {}
     for (model, batch, impl), ips in speed.items():
         if impl != "fused" or not ips:
             continue
-        for base in ("timm", "eager", "compile"):
+        for base in ("timm", "eager", "compile", "fused_noln"):
             ref = speed.get((model, batch, base))
             if ref:
                 out[f"{model}/b{batch}/fused_vs_{base}"] = round(ips / ref, 3)

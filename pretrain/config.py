@@ -33,8 +33,9 @@ class ModelConfig:
     img_size: Optional[int] = None  # None: the variant's own resolution
     drop_rate: float = 0.0
     drop_path_rate: float = 0.0
-    # How the Mixer MLPs run: eager | compile (torch.compile per block) | fused (Triton, bf16/fp16
-    # autocast only; falls back to eager with one warning where Triton or CUDA is missing).
+    # How the Mixer MLPs run: eager | compile (torch.compile per block) | fused (Triton MLPs and
+    # residual add + LayerNorm, bf16/fp16 only; falls back to eager with one warning where Triton
+    # or CUDA is missing).
     mlp_impl: str = "eager"
 
 

@@ -11,25 +11,36 @@ Backward recomputes GELU from the saved pre-activation inside the kernel that fo
 ``dL/dpre = (dL/dout @ W2) * gelu'(pre)``; the remaining weight/input gradients are plain GEMMs
 and reductions left to cuBLAS through torch.
 
-The fused modules keep the eager modules' ``fc1``/``fc2`` parameters (same objects, same
-names), so checkpoints, optimisers and engines do not notice the swap. They run the eager code
-whenever fusing does not apply: fp32 math, dropout inside the MLP while training, tanh-GELU, or
-a device Triton cannot run on.
+Residual adds are fused into the LayerNorm that reads them (``fused_layernorm``): in
+``MlpMixer`` each block's token-mixing residual add + ``norm2`` is one kernel, and its
+channel-mixing residual add is handed on unadded (a ``PendingResidual``) to be fused with the
+next block's ``norm1``, or with the model's final ``norm`` after the last block. Each norm runs
+inside the module that owns its parameters, so per-block sharding (FSDP gathers one block's
+parameters around its forward) and per-block activation checkpointing still see whole blocks;
+a checkpointed block boundary then keeps two tensors (stream and branch) instead of their sum.
+``use_fused_mlp(model, fuse_layernorm=False)`` leaves the norms eager, for comparison. The LayerNorm fusion is checked for correctness only:
+whether it pays on a GPU is unmeasured (``bench/model_throughput.py --impl fused fused_noln``).
+
+The fused modules keep the eager modules' parameters (same objects, same names: ``fc1``/``fc2``,
+``norm1``/``norm2``/``norm``), so checkpoints, optimisers and engines do not notice the swap. They
+run the eager code whenever fusing does not apply: fp32 math, dropout inside the MLP while
+training, tanh-GELU, or a device Triton cannot run on.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
-from typing import Callable
+from typing import Callable, NamedTuple, Union
 
 import torch
 from torch import nn
 
-from .mixer import MixerBlock, Mlp, TokenMixingMlp
+from .fused_layernorm import fused_add_layernorm
+from .mixer import MixerBlock, MlpMixer, Mlp, TokenMixingMlp
 
 __all__ = ["fused_unavailable_reason", "use_fused_mlp", "FusedMlp", "FusedTokenMixingMlp",
-           "fused_channel_mlp", "fused_token_mlp"]
+           "FusedMixerBlock", "FusedLayerNorm", "PendingResidual", "fused_channel_mlp", "fused_token_mlp"]
 
 _FUSED_DTYPES = (torch.bfloat16, torch.float16)
 
@@ -45,7 +56,8 @@ def fused_unavailable_reason() -> str | None:
     if not torch.cuda.is_available() and not _interpreting():
         return "no CUDA device (and TRITON_INTERPRET is not set)"
     try:
-        from . import triton_kernels  # noqa: F401
+        for module in ("triton_kernels", "triton_layernorm"):
+            importlib.import_module(f".{module}", __package__)
     except Exception as e:  # a Triton that does not match this torch/driver
         return f"triton cannot be imported: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     return None
@@ -183,17 +195,133 @@ class FusedTokenMixingMlp(_FusedMixin, TokenMixingMlp):
     _fused = staticmethod(fused_token_mlp)
 
 
-def use_fused_mlp(model: nn.Module) -> int:
+class PendingResidual(NamedTuple):
+    """The residual stream and a branch output not yet added to it.
+
+    A fused block returns this instead of ``stream + branch`` so that the add happens in the same
+    kernel as the LayerNorm that reads the sum: the next block's ``norm1``, or the final norm.
+    """
+
+    stream: torch.Tensor
+    branch: torch.Tensor
+
+    def resolve(self) -> torch.Tensor:
+        """The sum, computed the eager way (for consumers that cannot fuse it)."""
+        return self.stream + self.branch
+
+
+Stream = Union[torch.Tensor, PendingResidual]
+
+
+def _stream(x: Stream) -> torch.Tensor:
+    return x.stream if isinstance(x, PendingResidual) else x
+
+
+def _resolve(x: Stream) -> torch.Tensor:
+    return x.resolve() if isinstance(x, PendingResidual) else x
+
+
+def _add_norm(pending: PendingResidual, norm: nn.LayerNorm, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(s, norm(s))`` for ``s = stream + branch``: one Triton kernel where it applies, else eager."""
+    x, y = pending
+    affine = norm.weight is not None and norm.bias is not None and tuple(norm.normalized_shape) == (x.shape[-1],)
+    # Mixed dtypes would need eager type promotion (an fp32 stream stays fp32); keep those eager.
+    if affine and x.dtype == y.dtype and x.dtype in _FUSED_DTYPES and x.shape == y.shape \
+            and (x.is_cuda or _interpreting()):
+        return fused_add_layernorm(x, y, norm.weight, norm.bias, norm.eps, out_dtype)
+    s = pending.resolve()
+    return s, norm(s)
+
+
+class FusedMixerBlock(MixerBlock):
+    """A MixerBlock whose residual adds run in the LayerNorm kernels that read them.
+
+    Takes the stream as a tensor (first block) or a ``PendingResidual`` from the block before,
+    and returns a ``PendingResidual``: the channel-mixing add is left to the next norm. So it is
+    meant for ``MlpMixer.blocks`` with the final norm a ``FusedLayerNorm``, which is what
+    ``use_fused_mlp`` builds. Where fusing does not apply it runs the eager block and returns a tensor.
+    """
+
+    def __init__(self, block: MixerBlock) -> None:
+        nn.Module.__init__(self)
+        # The same submodules (same Parameter objects, same names), with the MLPs fused.
+        self.norm1 = block.norm1
+        self.mlp_tokens = _fused(block.mlp_tokens, FusedTokenMixingMlp)
+        self.drop_path = block.drop_path
+        self.norm2 = block.norm2
+        self.mlp_channels = _fused(block.mlp_channels, FusedMlp)
+
+    def forward(self, x: Stream) -> Stream:  # type: ignore[override]
+        dtype = _norm_dtype(_stream(x))
+        if dtype is None:
+            return super().forward(_resolve(x))
+        if isinstance(x, PendingResidual):
+            x, normed = _add_norm(x, self.norm1, dtype)
+        else:
+            normed = self.norm1(x)  # the first block: no residual add before it
+        # Drop-path scales the branch before the add, exactly where eager applies it.
+        x, normed = _add_norm(PendingResidual(x, self.drop_path(self.mlp_tokens(normed))), self.norm2, dtype)
+        return PendingResidual(x, self.drop_path(self.mlp_channels(normed)))
+
+
+class FusedLayerNorm(nn.LayerNorm):
+    """The model's final LayerNorm, completing the last block's ``PendingResidual`` in its kernel.
+
+    Same parameters as the LayerNorm it replaces; on a plain tensor it is that LayerNorm.
+    """
+
+    def __init__(self, norm: nn.LayerNorm) -> None:
+        # LayerNorm's own __init__ sets every attribute torch expects; the parameters it makes on
+        # the meta device (no memory) are then replaced by the original ones.
+        super().__init__(norm.normalized_shape, eps=norm.eps, elementwise_affine=norm.elementwise_affine,
+                         bias=norm.bias is not None, device="meta")
+        self.weight, self.bias = norm.weight, norm.bias
+
+    def forward(self, x: Stream) -> torch.Tensor:  # type: ignore[override]
+        if not isinstance(x, PendingResidual):
+            return super().forward(x)
+        stream = x.stream
+        # Eager LayerNorm under autocast returns fp32 (an autocast fp32 op): keep the features' dtype.
+        autocast = torch.is_autocast_enabled(stream.device.type)
+        return _add_norm(x, self, torch.float32 if autocast else stream.dtype)[1]
+
+
+def _norm_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The 16-bit dtype the fused norms write for the MLPs, or None where the block runs eager."""
+    dtype = _compute_dtype(x)
+    if dtype not in _FUSED_DTYPES or not (x.is_cuda or _interpreting()):
+        return None
+    return dtype
+
+
+def _fused(mlp: Mlp, cls: type) -> Mlp:
+    return mlp if isinstance(mlp, cls) else cls(mlp)
+
+
+def use_fused_mlp(model: nn.Module, fuse_layernorm: bool = True) -> int:
     """Swap every MixerBlock's MLPs for the fused ones in place; returns the number of blocks changed.
 
-    Parameters are shared, not copied, so call this before building the optimiser or after: either works.
+    With ``fuse_layernorm`` (the default), every ``MlpMixer``'s blocks also become
+    ``FusedMixerBlock`` and its final norm a ``FusedLayerNorm``, so residual adds run fused into
+    the norms; MixerBlocks elsewhere get only the fused MLPs, since their caller would not
+    expect a ``PendingResidual``. State-dict keys and Parameter objects never change, so call
+    this before building the optimiser or after: either works. Calling it again changes nothing.
     """
     count = 0
     for block in model.modules():
         if isinstance(block, MixerBlock):
-            if not isinstance(block.mlp_tokens, FusedTokenMixingMlp):
-                block.mlp_tokens = FusedTokenMixingMlp(block.mlp_tokens)
-            if not isinstance(block.mlp_channels, FusedMlp):
-                block.mlp_channels = FusedMlp(block.mlp_channels)
+            block.mlp_tokens = _fused(block.mlp_tokens, FusedTokenMixingMlp)
+            block.mlp_channels = _fused(block.mlp_channels, FusedMlp)
             count += 1
+    if fuse_layernorm:
+        for mixer in [m for m in model.modules() if isinstance(m, MlpMixer)]:
+            _fuse_residual_norms(mixer)
     return count
+
+
+def _fuse_residual_norms(mixer: MlpMixer) -> None:
+    for i, block in enumerate(mixer.blocks):
+        if not isinstance(block, FusedMixerBlock):
+            mixer.blocks[i] = FusedMixerBlock(block)
+    if not isinstance(mixer.norm, FusedLayerNorm):
+        mixer.norm = FusedLayerNorm(mixer.norm)

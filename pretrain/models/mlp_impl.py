@@ -21,8 +21,9 @@ def apply_mlp_impl(model: nn.Module, impl: str, **compile_options: Any) -> nn.Mo
     * ``eager``: as built.
     * ``compile``: regional ``torch.compile``, one compiled region per repeated block (MixerBlock,
       or ConvMixer's blocks): every block shares one graph, so compile time does not grow with depth.
-    * ``fused``: the Triton MLPs of ``fused_mlp``. Without Triton or CUDA this falls back to eager
-      with one warning saying why, so a config written for the cluster still runs on a laptop.
+    * ``fused``: the Triton MLPs of ``fused_mlp``, with each residual add fused into the LayerNorm
+      that reads it. Without Triton or CUDA this falls back to eager with one warning saying why,
+      so a config written for the cluster still runs on a laptop.
     """
     if impl not in MLP_IMPLS:
         raise ValueError(f"mlp_impl must be one of {', '.join(MLP_IMPLS)}, got {impl!r}")
