@@ -150,6 +150,10 @@ class Checkpointer:
     def step_path(self, step: int) -> str:
         return f"{self.root}/step_{step:07d}"
 
+    def url(self, path: str) -> str:
+        """`path` as the user would write it (with its s3:// etc.; local paths stay paths)."""
+        return path if self.local else self.fs.unstrip_protocol(path)
+
     # ---- collectives on the checkpoint group (identity with one process) --------------------
     def _all_gather(self, obj: Any) -> list[Any]:
         if self.group is None or self.dist.world_size == 1:
@@ -199,7 +203,7 @@ class Checkpointer:
             job()
         else:
             self._pending = self._thread.submit(job)
-        return final
+        return self.url(final)
 
     def wait(self) -> None:
         """Block until the save under way on the checkpoint thread is published; re-raise its error."""
@@ -242,9 +246,9 @@ class Checkpointer:
                 error = f"rank 0: {type(e).__name__}: {e}"
         errors = errors or [e for e in self._all_gather(error) if e]
         if errors:
-            raise CheckpointError(f"{final}: checkpoint not saved ({errors[0]}); the previous one is intact")
+            raise CheckpointError(f"{self.url(final)}: checkpoint not saved ({errors[0]}); the previous one is intact")
         if self.dist.is_main:
-            log.info("checkpoint %s published (files written in %.1fs%s)", final, time.perf_counter() - t0,
+            log.info("checkpoint %s published (files written in %.1fs%s)", self.url(final), time.perf_counter() - t0,
                      " on the checkpoint thread" if self._thread else "")
 
     def _publish_stage(self, stage: str, work: str) -> dict[str, str]:
@@ -362,7 +366,7 @@ class Checkpointer:
         if blocker is not None:
             engine.load_consolidated_state_dict(self.read_weights(step))
             log.warning("%s: optimizer state not restored because %s; weights, schedule, step and data "
-                        "position are restored and the optimizer moments restart", path, blocker)
+                        "position are restored and the optimizer moments restart", self.url(path), blocker)
         else:
             if not engine.state_has_weights:
                 engine.load_consolidated_state_dict(self.read_weights(step))
@@ -376,4 +380,4 @@ class Checkpointer:
         else:
             log.info("per-rank RNG state not restored: saved by %d ranks, this run has %d (fresh per-rank "
                      "random streams from here on)", meta["world_size"], self.dist.world_size)
-        return Restored(step=step, path=path, shared=shared, rank_state=rank_state, metadata=meta)
+        return Restored(step=step, path=self.url(path), shared=shared, rank_state=rank_state, metadata=meta)

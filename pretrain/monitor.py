@@ -7,14 +7,23 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import shutil
+import tempfile
 import time
 from typing import Mapping
 
+import fsspec
 import torch
+from fsspec.implementations.local import LocalFileSystem
+from fsspec.spec import AbstractFileSystem
 
 from .dist import DistInfo, all_reduce_mean
 
 log = logging.getLogger("pretrain")
+
+
+UPLOAD_EVERY_S = 60.0
 
 
 def itstime(step: int, every: int, total_steps: int) -> bool:
@@ -68,11 +77,18 @@ class Monitor:
         self.loss_scale = 1.0
         self.skipped = 0
         self.writer = None
+        self._remote_tb: tuple[AbstractFileSystem, str, str] | None = None  # (fs, remote dir, local dir)
+        self._uploaded = 0.0
         if dist_info.is_main:
             log.info("device %s: peak %s TFLOP/s for %s (MFU %s)", self.device_name, self.peak_tflops or "unknown",
                      precision, "logged" if self.peak_tflops else "not logged: device not in the peak table")
             from torch.utils.tensorboard import SummaryWriter  # imported late: slow, rank 0 only
-            self.writer = SummaryWriter(log_dir=f"{run_dir}/tb")
+            fs, root = fsspec.core.url_to_fs(run_dir)
+            if isinstance(fs, LocalFileSystem):
+                self.writer = SummaryWriter(log_dir=f"{root}/tb")
+            else:  # TensorBoard's own writer has no fsspec: write locally, upload (see _upload)
+                self._remote_tb = (fs, f"{root}/tb", tempfile.mkdtemp(prefix="tb-"))
+                self.writer = SummaryWriter(log_dir=self._remote_tb[2])
         self._reset()
 
     def _reset(self) -> None:
@@ -141,7 +157,22 @@ class Monitor:
             for k, v in values.items():
                 self.writer.add_scalar(k, v, step)
             self.writer.flush()
+            if time.monotonic() - self._uploaded > UPLOAD_EVERY_S:
+                self._upload()
+
+    def _upload(self) -> None:
+        """Event files of a run dir on object storage go up whole (they are small), at most once a
+        minute and on close, so TensorBoard pointed at the remote run dir lags by about that much."""
+        if self._remote_tb is None:
+            return
+        fs, remote, local = self._remote_tb
+        for name in os.listdir(local):
+            fs.put_file(os.path.join(local, name), f"{remote}/{name}")
+        self._uploaded = time.monotonic()
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+            self._upload()
+            if self._remote_tb is not None:
+                shutil.rmtree(self._remote_tb[2], ignore_errors=True)
