@@ -18,7 +18,7 @@ def _kernels():
 
 
 class _AddLayerNormFn(torch.autograd.Function):
-    """``(s, normed) = (x + y, LN(x + y) * w + b)`` on contiguous rows [M, C]."""
+    """``(s, normed) = (x + y, LN(x + y) * w + b)`` over the last axis of contiguous [..., C]."""
 
     @staticmethod
     def forward(ctx, x, y, weight, bias, eps, out_dtype):
@@ -51,8 +51,5 @@ def fused_add_layernorm(
     ``out_dtype`` (default x's). weight and bias may be any float dtype (fp32 master weights under
     autocast) and get gradients in their own dtype.
     """
-    shape = x.shape
-    c = shape[-1]
-    s, out = _AddLayerNormFn.apply(x.reshape(-1, c).contiguous(), y.reshape(-1, c).contiguous(),
-                                   weight, bias, eps, out_dtype or x.dtype)
-    return s.view(shape), out.view(shape)
+    # Outputs come back in x's shape, allocated so (not views): FSDP2 warns about views it hooks.
+    return _AddLayerNormFn.apply(x.contiguous(), y.contiguous(), weight, bias, eps, out_dtype or x.dtype)

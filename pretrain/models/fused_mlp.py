@@ -71,28 +71,31 @@ def _kernels():
 
 # ------------------------------------------------------------------------- autograd functions
 class _ChannelMlpFn(torch.autograd.Function):
-    """``gelu(x @ W1^T + b1) @ W2^T + b2`` on rows x [M, C]."""
+    """``gelu(x @ W1^T + b1) @ W2^T + b2`` over the last axis of a contiguous x [..., C]."""
 
     @staticmethod
     def forward(ctx, x, w1, b1, w2, b2):
         k = _kernels()
-        act, pre = k.fused_matmul(x[None], w1.t()[None], b1, k.BIAS_COL, k.EPI_GELU)
-        out, _ = k.fused_matmul(act, w2.t()[None], b2, k.BIAS_COL)
+        lead = x.shape[:-1]
+        act, pre = k.fused_matmul(x.view(1, -1, x.shape[-1]), w1.t()[None], b1, k.BIAS_COL, k.EPI_GELU)
+        out, _ = k.fused_matmul(act, w2.t()[None], b2, k.BIAS_COL,
+                                out_shape=(*lead, w2.shape[0]))  # allocated in x's shape: not a view
         ctx.save_for_backward(x, w1, w2, pre)
-        return out[0]
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
         k = _kernels()
         x, w1, w2, pre = ctx.saved_tensors
-        g = grad_out.contiguous()
+        g = grad_out.reshape(-1, grad_out.shape[-1]).contiguous()
         d_pre, act = k.fused_matmul(g[None], w2[None], epilogue=k.EPI_DGELU, aux=pre)
         d_pre, act = d_pre[0], act[0]
+        x2 = x.view(-1, x.shape[-1])
         grad_w2 = g.t() @ act
         grad_b2 = g.sum(0, dtype=torch.float32).to(g.dtype)
-        grad_w1 = d_pre.t() @ x
+        grad_w1 = d_pre.t() @ x2
         grad_b1 = d_pre.sum(0, dtype=torch.float32).to(g.dtype)
-        grad_x = d_pre @ w1
+        grad_x = (d_pre @ w1).view(x.shape)
         return grad_x, grad_w1, grad_b1, grad_w2, grad_b2
 
 
@@ -128,9 +131,7 @@ class _TokenMlpFn(torch.autograd.Function):
 
 def fused_channel_mlp(x, w1, b1, w2, b2):
     """Channel MLP over the last axis of x [..., C], all operands in one 16-bit dtype."""
-    shape = x.shape
-    out = _ChannelMlpFn.apply(x.reshape(-1, shape[-1]).contiguous(), w1, b1, w2, b2)
-    return out.view(*shape[:-1], out.shape[-1])
+    return _ChannelMlpFn.apply(x.contiguous(), w1, b1, w2, b2)
 
 
 def fused_token_mlp(x, w1, b1, w2, b2):

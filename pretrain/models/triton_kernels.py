@@ -125,19 +125,23 @@ def fused_matmul(
     bias_axis: int = BIAS_NONE,
     epilogue: int = EPI_NONE,
     aux: torch.Tensor | None = None,
+    out_shape: tuple[int, ...] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``a`` [Z, M, K] @ ``b`` [Z, K, N] -> ``c`` [Z, M, N] (contiguous), any strides in, stride 0 allowed.
 
     Returns ``(c, out2)``: ``out2`` is the pre-activation for EPI_GELU, the recomputed GELU for
     EPI_DGELU (where ``aux`` holds the saved pre-activation, laid out like ``c``), else None.
+    ``out_shape`` allocates ``c`` and ``out2`` in that shape (same elements, e.g. [B, N, C] for
+    Z = 1, M = B * N) so that callers return them without a view (FSDP2 warns about views).
     """
     z, m, k = a.shape
     zb, kb, n = b.shape
     if zb != z or kb != k:
         raise ValueError(f"fused_matmul: shapes {tuple(a.shape)} @ {tuple(b.shape)} do not match")
-    c = torch.empty((z, m, n), device=a.device, dtype=a.dtype)
-    out2 = torch.empty_like(c) if epilogue != EPI_NONE else None
-    if aux is not None and (aux.shape != c.shape or aux.stride() != c.stride()):
+    result = torch.empty(out_shape or (z, m, n), device=a.device, dtype=a.dtype)
+    out2 = torch.empty_like(result) if epilogue != EPI_NONE else None
+    c = result.view(z, m, n)  # the kernel's view; out2 and aux share its layout
+    if aux is not None:
         aux = aux.contiguous().view(c.shape)
     dummy = c  # pointer for unused operands; never read or written
     args = (a, b, c, bias if bias is not None else dummy, aux if aux is not None else dummy,
@@ -151,4 +155,4 @@ def fused_matmul(
             return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), z)
 
         _mm_autotuned[grid](*args, BIAS=bias_axis, EPILOGUE=epilogue, UPCAST=False)
-    return c, out2
+    return result, out2

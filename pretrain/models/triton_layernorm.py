@@ -106,10 +106,12 @@ def add_layernorm_fwd(
     x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
     out_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Contiguous rows x, y [M, C] -> ``(s, normed, mean, rstd)``: s = x + y, normed = LN(s) * w + b."""
-    m, c = x.shape
+    """Contiguous x, y [..., C] (M rows of C) -> ``(s, normed, mean, rstd)``: s = x + y,
+    normed = LN(s) * w + b, both in x's shape."""
+    c = x.shape[-1]
+    m = x.numel() // c
     s = torch.empty_like(x)
-    out = torch.empty((m, c), device=x.device, dtype=out_dtype)
+    out = torch.empty(x.shape, device=x.device, dtype=out_dtype)
     mean = torch.empty(m, device=x.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
     block_m, block_c, warps = _tiles(c)
@@ -134,7 +136,8 @@ def add_layernorm_bwd(
     ``grad_s`` is dL/ds from the residual path (None if s fed nothing else); ``ds_total`` is
     dL/dx = dL/dy. ``dw``/``db`` come back in ``weight``'s dtype, summed in fp32.
     """
-    m, c = s.shape
+    c = s.shape[-1]
+    m = s.numel() // c
     block_m, block_c, warps = _tiles(c)
     programs = _programs(triton.cdiv(m, block_m), s.device)
     ds = torch.empty_like(s)
