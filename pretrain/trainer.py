@@ -242,5 +242,11 @@ class Trainer:
         return bool(due.item())
 
     def close(self) -> None:
+        # A save still in flight is finished first, also when training stopped on an error that
+        # every rank agreed on (divergence, bad data): its checkpoint is the one to resume from.
+        try:
+            self.checkpointer.wait()
+        except Exception as e:  # noqa: BLE001 -- the error that ended the run matters more
+            log.error("the checkpoint being written when the run stopped was not saved: %s", e)
         self.monitor.close()
         shutdown()
