@@ -85,6 +85,9 @@ def build_train_engine(cfg: DictConfig, model: nn.Module, dist_info: DistInfo, w
     micro, accum = batch_layout(cfg, dist_info, where)
     if e.kind != "deepspeed" and e.offload_optimizer:
         raise ConfigError(f"{where}: 'engine.offload_optimizer' needs engine.kind=deepspeed, not {e.kind!r}")
+    if e.kind == "deepspeed" and cfg.train.precision == "fp16" and dist_info.device.type == "cpu":
+        raise ConfigError(f"{where}: 'train.precision' fp16 with engine.kind=deepspeed needs a GPU (DeepSpeed's "
+                          "CPU accelerator has no fp16); use bf16 or fp32 on CPU")
     return build_engine(
         cfg.engine.kind, model, dist_info,
         optimizer_factory=partial(build_optimizer, lr=o.lr, betas=tuple(o.betas), eps=o.eps,

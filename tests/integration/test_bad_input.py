@@ -54,3 +54,12 @@ def test_all_shards_missing_is_one_line_not_a_worker_traceback(tmp_path):
     assert r.stderr.strip().splitlines()[-1] == (
         f"error: data spec {spec!r}: no readable sample in its 4 shard(s) (see the warnings above); "
         "check the data spec")
+
+
+def test_deepspeed_fp16_on_cpu_is_one_line(tmp_path, demo_root):
+    from tests.conftest import tiny_args
+
+    r = run_main(tiny_args(tmp_path / "run", demo_root, 4, 2, "engine.kind=deepspeed", "train.precision=fp16"))
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1].startswith("error: ") and "DeepSpeed's CPU accelerator has no fp16" in r.stderr
+    assert "Traceback" not in r.stderr
