@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import enum
 import logging
+from collections import ChainMap
 import os
 import pickle
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
@@ -56,7 +57,7 @@ def _enum_member(cls: Any, name: str) -> Any:
     raise pickle.UnpicklingError(f"refusing getattr({cls!r}, {name!r}) in a checkpoint file")
 
 
-def _load_weights_only(path: str, map_location: Any = None) -> Any:
+def _load_weights_only(path: str, map_location: Any = None, mmap: bool = False) -> Any:
     """DeepSpeed's checkpoint reader, but with weights_only=True: its files may hold tensors,
     numbers, strings, containers and the few plain DeepSpeed data classes allowed here by name,
     never pickled code."""
@@ -66,7 +67,7 @@ def _load_weights_only(path: str, map_location: Any = None) -> Any:
 
     with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address,
                                            (_enum_member, "builtins.getattr")]):
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
 
 
 class DeepSpeedEngine(Engine):
@@ -146,7 +147,7 @@ class DeepSpeedEngine(Engine):
             out.update({k: v.detach().float().cpu().clone() for k, v in self._module.named_buffers()})
         return out
 
-    def load_consolidated_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+    def load_consolidated_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         """Weights into both DeepSpeed copies: the fp32 masters and the working parameters."""
         import deepspeed
 
@@ -195,7 +196,8 @@ class DeepSpeedEngine(Engine):
         """Another world size or ZeRO stage: the full state rebuilt from the saved partitions, then
         each rank takes its own partition of the masters, of every moment and the step count."""
         saved = read_zero_checkpoint(directory, _load_weights_only)
-        self.load_consolidated_state_dict({**saved.tensors["fp32"], **saved.buffers})
+        # A ChainMap, not a merged dict: each parameter's full tensor is assembled only when loaded.
+        self.load_consolidated_state_dict(ChainMap(saved.tensors["fp32"], saved.buffers))
         moments = [k for k in saved.tensors if k != "fp32"]
         base = self.ds.optimizer.optimizer  # the torch AdamW under DeepSpeed's partitioning wrapper
         step = saved.step if saved.step is not None else torch.tensor(0.0)

@@ -13,7 +13,8 @@ DeepSpeed's `ds_to_universal` does the same offline, but unpickles with weights_
   ZeRO-3    every parameter cut into world_size equal partitions, the last one padded; rank r's flat
             groups, concatenated, hold its partition of each parameter in `param_shapes` order.
 
-Memory: every rank that calls this holds the full fp32 state (12 bytes per parameter for AdamW).
+Memory: the files are memory-mapped (page cache, shared by the ranks of a node) and each parameter's
+full tensor is assembled only when asked for, so a rank holds one parameter's full state at a time.
 """
 from __future__ import annotations
 
@@ -21,8 +22,9 @@ import glob
 import math
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -33,7 +35,7 @@ OPTIM_FILE = re.compile(r"zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")
 class ZeroState:
     stage: int
     world_size: int
-    tensors: dict[str, dict[str, torch.Tensor]]  # state key ("fp32", "exp_avg", ...) -> param name -> full
+    tensors: dict[str, Mapping[str, torch.Tensor]]  # state key ("fp32", "exp_avg", ...) -> param name -> full
     buffers: dict[str, torch.Tensor]
     step: torch.Tensor | None  # the optimiser's step count (the same in every group)
     optimizer_extras: dict[str, Any]  # loss scaler and overflow flags, world-size independent
@@ -52,39 +54,64 @@ def _files(directory: str) -> tuple[str, list[str]]:
     return model[0], [optim[r] for r in range(len(optim))]
 
 
-def _stage12(shapes: list[dict[str, Any]], paddings: list[list[int]] | None,
-             partitions: list[list[torch.Tensor]]) -> dict[str, torch.Tensor]:
-    out = {}
+def _cut(flats: list[torch.Tensor], start: int, length: int) -> list[torch.Tensor]:
+    """Pieces of the virtual concatenation of `flats` covering [start, start + length)."""
+    pieces, offset = [], 0
+    for flat in flats:
+        lo, hi = max(start, offset), min(start + length, offset + flat.numel())
+        if lo < hi:
+            pieces.append(flat[lo - offset:hi - offset])
+        offset += flat.numel()
+    return pieces
+
+
+class _FullParams(Mapping):
+    """name -> full tensor of one state key, assembled on access from the ranks' flat partitions.
+
+    `where[name] = (group, offset, numel, shape)`. ZeRO-1/2: `offset` into the concatenation of
+    group `group`'s rank partitions. ZeRO-3 (`group` None): `offset` of the parameter's partition
+    in each rank's concatenated flat groups, whose size is ceil(numel / world_size)."""
+
+    def __init__(self, partitions: list[list[torch.Tensor]], where: dict[str, tuple[Any, int, int, Any]]) -> None:
+        self.partitions, self.where = partitions, where
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        group, offset, numel, shape = self.where[name]
+        if group is None:
+            part = math.ceil(numel / len(self.partitions))
+            pieces = [p for rank in self.partitions for p in _cut(rank, offset, part)]
+            return torch.cat(pieces)[:numel].view(shape)
+        return torch.cat(_cut([rank[group] for rank in self.partitions], offset, numel)).view(shape)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.where)
+
+    def __len__(self) -> int:
+        return len(self.where)
+
+
+def _layout(stage: int, world_size: int, shapes: list[dict[str, Any]],
+            paddings: list[list[int]] | None) -> dict[str, tuple[Any, int, int, Any]]:
+    where, offset3 = {}, 0
     for g, group_shapes in enumerate(shapes):
-        flat = torch.cat([rank_groups[g] for rank_groups in partitions])
         offset = 0
         for i, (name, shape) in enumerate(group_shapes.items()):
             numel = math.prod(shape)
-            out[name] = flat.narrow(0, offset, numel).view(shape).clone()
-            offset += numel + (paddings[g][i] if paddings else 0)
-    return out
-
-
-def _stage3(shapes: list[dict[str, Any]], partitions: list[list[torch.Tensor]]) -> dict[str, torch.Tensor]:
-    world_size = len(partitions)
-    flats = [torch.cat(rank_groups) for rank_groups in partitions]
-    out, offset = {}, 0
-    for group_shapes in shapes:
-        for name, shape in group_shapes.items():
-            numel = math.prod(shape)
-            part = math.ceil(numel / world_size)
-            out[name] = torch.cat([f.narrow(0, offset, part) for f in flats])[:numel].view(shape).clone()
-            offset += part
-    return out
+            if stage == 3:
+                where[name] = (None, offset3, numel, tuple(shape))
+                offset3 += math.ceil(numel / world_size)
+            else:
+                where[name] = (g, offset, numel, tuple(shape))
+                offset += numel + (paddings[g][i] if paddings else 0)
+    return where
 
 
 def read_zero_checkpoint(directory: str, load: Callable[..., Any]) -> ZeroState:
     """The full state of the DeepSpeed checkpoint in `directory` (one tag's folder). `load` reads one
     file (weights-only; see engines/deepspeed.py)."""
     model_file, optim_files = _files(directory)
-    model_states = load(model_file, map_location="cpu")
-    shapes = model_states["param_shapes"]
-    ranks = [load(f, map_location="cpu")["optimizer_state_dict"] for f in optim_files]
+    model_states = load(model_file, map_location="cpu", mmap=True)
+    ranks = [load(f, map_location="cpu", mmap=True)["optimizer_state_dict"] for f in optim_files]
     stage = int(ranks[0]["zero_stage"])
     if stage == 3:
         fp32_key, opt_key = "fp32_flat_groups", "optimizer_state_dict"
@@ -93,19 +120,14 @@ def read_zero_checkpoint(directory: str, load: Callable[..., Any]) -> ZeroState:
     group_states = [r[opt_key]["state"] for r in ranks]
     n_groups = len(ranks[0][fp32_key])
     keys = [k for k, v in group_states[0][0].items() if torch.is_tensor(v) and v.dim() == 1]
-
-    def rebuild(per_rank: list[list[torch.Tensor]]) -> dict[str, torch.Tensor]:
-        if stage == 3:
-            return _stage3(shapes, per_rank)
-        return _stage12(shapes, ranks[0].get("param_alignment_paddings"), per_rank)
-
-    tensors = {"fp32": rebuild([r[fp32_key] for r in ranks])}
+    where = _layout(stage, len(ranks), model_states["param_shapes"], ranks[0].get("param_alignment_paddings"))
+    tensors: dict[str, Mapping[str, torch.Tensor]] = {"fp32": _FullParams([r[fp32_key] for r in ranks], where)}
     for key in keys:
-        tensors[key] = rebuild([[states[g][key] for g in range(n_groups)] for states in group_states])
+        tensors[key] = _FullParams([[states[g][key] for g in range(n_groups)] for states in group_states], where)
     buffer_names = set(model_states.get("buffer_names") or ())
     return ZeroState(
         stage=stage, world_size=len(ranks), tensors=tensors,
-        buffers={k: v for k, v in model_states["module"].items() if k in buffer_names},
+        buffers={k: v.clone() for k, v in model_states["module"].items() if k in buffer_names},
         step=group_states[0][0].get("step"),
         optimizer_extras={k: ranks[0][k] for k in ("loss_scaler", "dynamic_loss_scale", "overflow") if k in ranks[0]},
         global_steps=int(model_states.get("global_steps", 0)), skipped_steps=int(model_states.get("skipped_steps", 0)))
