@@ -7,7 +7,6 @@ import threading
 import time
 
 import numpy as np
-import pytest
 
 from data_pipeline.shards import encode_jpeg, write_shards
 from data_pipeline.storage import StorageOptions
