@@ -87,12 +87,9 @@ def restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _file_sha256(path: str, chunk: int = 1 << 24) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+def _sha256(f: Any) -> str:
+    """sha256 of an open binary file (local or fsspec), read in chunks."""
+    return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _torch_bytes(obj: Any) -> bytes:
@@ -259,7 +256,8 @@ class Checkpointer:
             for name in names:
                 src = os.path.join(dirpath, name)
                 rel = os.path.relpath(src, stage).replace(os.sep, "/")
-                files[rel] = _file_sha256(src)
+                with open(src, "rb") as f:
+                    files[rel] = _sha256(f)
                 if self.local:
                     os.makedirs(os.path.dirname(f"{work}/{rel}"), exist_ok=True)
                     os.replace(src, f"{work}/{rel}")
@@ -312,7 +310,7 @@ class Checkpointer:
         for name, expected in sorted(meta["files"].items())[share[0]::share[1]]:
             try:
                 with self.fs.open(f"{path}/{name}", "rb") as f:
-                    digest = hashlib.file_digest(f, "sha256").hexdigest()
+                    digest = _sha256(f)
             except FileNotFoundError:
                 raise CheckpointError(f"{path}/{name}: missing (checkpoint incomplete)") from None
             if digest != expected:
@@ -322,18 +320,18 @@ class Checkpointer:
     def read_weights(self, step: int) -> dict[str, torch.Tensor]:
         return st_load(self.fs.cat_file(f"{self.step_path(step)}/model.safetensors"))
 
-    def _newest_valid(self) -> int | None:
-        """Collective: the newest checkpoint whose files all match their checksums, each rank
-        checking its share of the files; a bad one is skipped with a warning."""
+    def _newest_valid(self) -> tuple[int, dict[str, Any]] | None:
+        """Collective: the newest checkpoint whose files all match their checksums, with its
+        metadata, each rank checking its share of the files; a bad one is skipped with a warning."""
         for step in reversed(_broadcast_object(self.list_steps() if self.dist.is_main else None)):
+            meta, error = None, None
             try:
-                self.verify(step, share=(self.dist.rank, self.dist.world_size))
-                error = None
+                meta = self.verify(step, share=(self.dist.rank, self.dist.world_size))
             except CheckpointError as e:
                 error = str(e)
             errors = [e for e in self._all_gather(error) if e]
             if not errors:
-                return step
+                return step, meta
             if self.dist.is_main:
                 log.warning("skipping checkpoint: %s", errors[0])
         return None
@@ -357,11 +355,11 @@ class Checkpointer:
         whenever it can be resharded onto this run (any world size; DeepSpeed also across ZeRO
         stages); across a change of engine the consolidated weights are loaded and the optimiser
         moments restart, said in a log line."""
-        step = self._newest_valid()
-        if step is None:
+        found = self._newest_valid()
+        if found is None:
             return None
+        step, meta = found
         path = self.step_path(step)
-        meta = self.read_metadata(step)
         blocker = engine.resume_blocker(meta["layout"])
         if blocker is not None:
             engine.load_consolidated_state_dict(self.read_weights(step))

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import enum
 import logging
-from collections import ChainMap
 import os
 import pickle
+from collections import ChainMap
 from typing import Any, Mapping
 
 import torch
@@ -148,22 +148,22 @@ class DeepSpeedEngine(Engine):
         return out
 
     def load_consolidated_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        """Weights into both DeepSpeed copies: the fp32 masters and the working parameters."""
+        """Weights into both DeepSpeed copies: the fp32 masters and the working parameters. One
+        parameter at a time: `state` may assemble each tensor on access (see _load_resharded)."""
         import deepspeed
-
         from deepspeed.utils import safe_set_full_fp32_param
 
-        params = dict(self._module.named_parameters())
-        for name, param in params.items():
+        for name, param in self._module.named_parameters():
+            value = state[name].to(self.device)
             if hasattr(param, "ds_id"):
-                _set_zero3_partition(param, state[name].to(self.device), None)
+                _set_zero3_partition(param, value, None)
             else:
-                safe_set_full_fp32_param(param, state[name].to(self.device))
-        with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=0,
-                                               enabled=self.zero_stage == 3), torch.no_grad():
-            for name, param in params.items():
-                param.copy_(state[name].to(param.device, param.dtype))
-            for name, buf in self._module.named_buffers():
+                safe_set_full_fp32_param(param, value)
+            with deepspeed.zero.GatheredParameters([param], modifier_rank=0, enabled=self.zero_stage == 3), \
+                    torch.no_grad():
+                param.copy_(value.to(param.dtype))
+        with torch.no_grad():
+            for name, buf in self._module.named_buffers():  # never partitioned
                 buf.copy_(state[name].to(buf.device, buf.dtype))
 
     def snapshot_state(self, directory: str, *, background: bool, group: Any = None) -> StateWriter:
