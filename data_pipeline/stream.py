@@ -420,6 +420,12 @@ class TrainLoader:
                 self.source_counts[s] += 1
             yield item.batch
 
+    def blank_batch(self) -> Batch:
+        """A full batch of black images, label 0: a stand-in while a run stops (never trained on for real)."""
+        size = self.transform.image_size
+        return _make_batch([np.zeros((size, size, 3), np.uint8)] * self.batch_size, [0] * self.batch_size,
+                           ["__blank__"] * self.batch_size)
+
     def state_dict(self) -> dict:
         """The global data position; a collective call when torch.distributed is initialised.
 

@@ -69,8 +69,11 @@ class StorageConfig:
     s3_endpoint: str = ""  # e.g. http://minio:9000; "" = AWS (or AWS_ENDPOINT_URL in the environment)
     s3_profile: str = ""  # ~/.aws profile name; "" = default chain
     s3_anon: bool = False  # public buckets
-    retries: int = 5  # further attempts after a failed shard open/read, with exponential back-off
-    backoff_s: float = 0.5
+    retries: int = 5  # unused since give_up_after_s bounds retrying; kept so configs that set it still load
+    backoff_s: float = 0.5  # first wait after a failed shard read; doubles per attempt, capped at 30 s
+    # Transient storage failures (outage, 5xx, throttling, a listed object missing for a while) are retried
+    # this long, then the run stops on every rank with one line naming the URL and saves nothing new.
+    give_up_after_s: float = 600.0
 
 
 @dataclass
@@ -378,6 +381,8 @@ def _check_data(cfg: DictConfig, where: str) -> None:
     if a.randaugment_ops < 0 or not 0 <= a.randaugment_magnitude <= 30:
         raise ConfigError(f"{where}: 'data.augment.randaugment_ops' must be >= 0 and "
                           f"'data.augment.randaugment_magnitude' in [0, 30]")
+    if st.give_up_after_s <= 0:
+        raise ConfigError(f"{where}: 'data.storage.give_up_after_s' must be > 0")
     if st.retries < 0 or st.backoff_s < 0:
         raise ConfigError(f"{where}: 'data.storage.retries' and 'data.storage.backoff_s' must be >= 0")
     for i, source in enumerate(cfg.data.sources):
