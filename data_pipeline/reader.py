@@ -21,11 +21,10 @@ import re
 import tarfile
 from typing import Any, Iterable, Iterator, Sequence
 
-from fsspec.core import url_to_fs
 from webdataset.tariterators import tar_file_iterator
 
 from data_pipeline.plan import EpochPlan
-from data_pipeline.storage import DEFAULT_STORAGE, RetryBudget, StorageOptions, open_url
+from data_pipeline.storage import DEFAULT_STORAGE, RetryBudget, StorageOptions, filesystem, open_url
 
 log = logging.getLogger(__name__)
 
@@ -223,7 +222,7 @@ class _Ranges:
         budget = self.budgets.setdefault(shard, RetryBudget(url, self.storage))
         while True:
             try:
-                fs, path = url_to_fs(url, **self.storage.fsspec_kwargs(url))
+                fs, path = filesystem(url, self.storage)
                 data = fs.cat_file(path, start=start, end=stop)
             except Exception as exn:  # noqa: BLE001 - storage back-ends raise many types
                 budget.failed(exn)

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any
 
 import fsspec
-from fsspec.core import split_protocol
+from fsspec.core import split_protocol, url_to_fs
 
 from data_pipeline.errors import DataSpecError
 
@@ -57,6 +57,8 @@ class StorageOptions:
                 kwargs["profile"] = self.s3_profile
             if self.s3_anon:
                 kwargs["anon"] = True
+            # One retry layer (RetryBudget): botocore makes one attempt per call, not its own 5 with back-off.
+            kwargs.setdefault("config_kwargs", {}).setdefault("retries", {"total_max_attempts": 1, "mode": "standard"})
         return kwargs
 
     def wait(self, attempt: int) -> float:
@@ -150,9 +152,18 @@ class RetryBudget:
         time.sleep(delay)
 
 
+def filesystem(url: str, storage: StorageOptions = DEFAULT_STORAGE) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec file system of ``url`` (cached by fsspec) and the path in it."""
+    fs, path = url_to_fs(url, **storage.fsspec_kwargs(url))
+    if getattr(fs, "retries", None) not in (None, 1) and "s3" in fs.protocol:
+        fs.retries = 1  # s3fs's own retry loop (5 tries): the budget here is the one layer
+    return fs, path
+
+
 def open_url(url: str, storage: StorageOptions = DEFAULT_STORAGE, mode: str = "rb") -> IO:
     """Open ``url`` for reading, one attempt (callers retry through a :class:`RetryBudget`)."""
-    return fsspec.open(url, mode, **storage.fsspec_kwargs(url)).open()
+    fs, path = filesystem(url, storage)
+    return fs.open(path, mode)
 
 
 def open_with_retries(url: str, storage: StorageOptions = DEFAULT_STORAGE, mode: str = "rb") -> IO:
