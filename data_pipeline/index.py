@@ -85,19 +85,26 @@ def build_index(spec: str, out: str, threads: int = 32, storage: StorageOptions 
     with open(partial, "a") as log_file, ThreadPoolExecutor(max(1, threads)) as pool, \
             tqdm(total=len(urls), initial=len(done), unit="shard", disable=not progress) as bar:
         futures = {pool.submit(index_shard, u, storage): u for u in todo}
+
+        def keep(entry: dict) -> None:
+            done[entry["url"]] = entry
+            log_file.write(json.dumps(entry) + "\n")
+            log_file.flush()
+            bar.update()
+
         try:
             for future in as_completed(futures):
                 entry = future.result()  # StorageError / DataSpecError: one line, the finished shards stay saved
                 if "error" in entry:
                     log.warning("%s is damaged after %d sample(s), which are kept: %s", entry["url"],
                                 entry["num_samples"], entry["error"])
-                done[entry["url"]] = entry
-                log_file.write(json.dumps(entry) + "\n")
-                log_file.flush()
-                bar.update()
+                keep(entry)
         except BaseException:
             for f in futures:
                 f.cancel()
+            for f in futures:  # shards that finished while the error was being raised are kept too
+                if f.done() and not f.cancelled() and f.exception() is None and futures[f] not in done:
+                    keep(f.result())
             raise
     shards = [{k: v for k, v in done[u].items() if k not in ("max_label", "error")} for u in urls]
     manifest = {"shards": shards, "num_samples": sum(s["num_samples"] for s in shards), "classes": None,

@@ -20,15 +20,15 @@ def test_index_matches_the_writers_manifest_and_resumes(tmp_path, capsys, caplog
     written = _shards(tmp_path / "s")
     pattern, out = str(tmp_path / "s" / "train-{000000..000004}.tar"), str(tmp_path / "m.json")
     shutil.move(tmp_path / "s" / "train-000003.tar", tmp_path / "away.tar")
-    assert main([pattern, "--out", out, "--threads", "3", "--no-progress"]) == 2
+    assert main([pattern, "--out", out, "--threads", "1", "--no-progress"]) == 2  # one thread: shards in order
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.startswith("error: cannot read ") and "train-000003.tar (not found)" in err
     partial = [json.loads(line) for line in open(out + ".partial.jsonl")]
-    assert 1 <= len(partial) <= 4  # the shards finished before the error are kept for the rerun (the rest cancelled)
+    assert len(partial) == 3  # the shards finished before the error are kept for the rerun (the rest cancelled)
     shutil.move(tmp_path / "away.tar", tmp_path / "s" / "train-000003.tar")
     with caplog.at_level(logging.WARNING, logger="data_pipeline.index"):
         assert main([pattern, "--out", out, "--threads", "3", "--no-progress"]) == 0
-    assert any(f"resuming: {len(partial)} of 5" in r.getMessage() for r in caplog.records)
+    assert any("resuming: 3 of 5" in r.getMessage() for r in caplog.records)
     indexed = read_manifest(out)
     assert [(s["num_samples"], s["offsets"]) for s in indexed["shards"]] == \
         [(s["num_samples"], s["offsets"]) for s in written["shards"]]
