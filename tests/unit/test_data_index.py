@@ -24,11 +24,12 @@ def test_index_matches_the_writers_manifest_and_resumes(tmp_path, capsys, caplog
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.startswith("error: cannot read ") and "train-000003.tar (not found)" in err
     partial = [json.loads(line) for line in open(out + ".partial.jsonl")]
-    assert len(partial) == 3  # the shards finished before the error are kept for the rerun (the rest cancelled)
+    # The shards finished before the error (and the one running while it was raised) are kept for the rerun.
+    assert [p["url"][-9:] for p in partial][:3] == ["00000.tar", "00001.tar", "00002.tar"] and len(partial) <= 4
     shutil.move(tmp_path / "away.tar", tmp_path / "s" / "train-000003.tar")
     with caplog.at_level(logging.WARNING, logger="data_pipeline.index"):
         assert main([pattern, "--out", out, "--threads", "3", "--no-progress"]) == 0
-    assert any("resuming: 3 of 5" in r.getMessage() for r in caplog.records)
+    assert any(f"resuming: {len(partial)} of 5" in r.getMessage() for r in caplog.records)
     indexed = read_manifest(out)
     assert [(s["num_samples"], s["offsets"]) for s in indexed["shards"]] == \
         [(s["num_samples"], s["offsets"]) for s in written["shards"]]
