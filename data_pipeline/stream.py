@@ -199,8 +199,8 @@ def resolve_source(source: DataSource, index: int, storage: StorageOptions) -> _
                 raise type(exc)(f"data spec {source.spec!r}: {exc}") from None
             for s in shards:
                 if "num_samples" not in s:
-                    raise DataSpecError(f"manifest {part!r}: shard {s['url']!r} has no num_samples; "
-                                        f"rebuild the manifest with `{index_command(part[:-5] + '-*.tar')}`")
+                    raise DataSpecError(f"manifest {part!r}: shard {s['url']!r} has no num_samples; rebuild it "
+                                        f"with `python -m data_pipeline.index 'SHARD_PATTERN' --out {part}`")
                 urls.append(s["url"])
                 counts.append(int(s["num_samples"]))
                 # int64 arrays: a Python int per sample would cost ~0.5 GB per process at 14M samples
