@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cluster.hostlist import HostlistError, expand_hostlist, hostfile_text
+from cluster.rendezvous import default_port, node_address
 
 ROOT = Path(__file__).resolve().parent.parent
 MAIN = str(ROOT / "pretrain" / "main.py")
@@ -52,18 +53,16 @@ class Plan:
         return len(self.hosts)
 
 
-def default_port(job_id: str) -> int:
-    """The same port on every node without talking to each other; jobs sharing a node differ."""
-    return 20000 + int(job_id) % 20000 if job_id.isdigit() else 29500
-
-
 def plan_from(args: argparse.Namespace, env: dict[str, str]) -> Plan:
     nodelist = args.nodelist or env.get("SLURM_JOB_NODELIST") or "localhost"
     hosts = expand_hostlist(nodelist)
     job_id = env.get("SLURM_JOB_ID", "local")
     cpus = args.cpus_per_node or int(env.get("SLURM_CPUS_ON_NODE", "0") or 0) or None
     return Plan(launcher=args.launcher, hosts=hosts, nproc_per_node=args.nproc_per_node,
-                master_addr=args.master_addr or hosts[0], master_port=args.master_port or default_port(job_id),
+                # A node name that does not resolve (NodeName != NodeAddr) is replaced by SLURM's NodeAddr;
+                # MASTER_ADDR in the environment wins, as it does for the ranks (node_env).
+                master_addr=args.master_addr or env.get("MASTER_ADDR") or node_address(hosts[0]),
+                master_port=args.master_port or int(env.get("MASTER_PORT") or default_port(job_id)),
                 job_id=job_id, cpus_per_node=cpus,
                 hostfile=args.hostfile or os.path.join(tempfile.gettempdir(), f"mixer-hostfile-{job_id}"))
 
