@@ -35,8 +35,16 @@ def _env_int(*names: str, default: int) -> int:
 
 
 def init_distributed(device: str = "auto", backend: str = "auto", local_rank: int | None = None,
-                     timeout_s: int = 1800) -> DistInfo:
-    """Initialise torch.distributed if the environment describes more than one process."""
+                     timeout_s: int | None = None) -> DistInfo:
+    """Initialise torch.distributed if the environment describes more than one process.
+
+    timeout_s (default $PRETRAIN_DIST_TIMEOUT_S, else 1800): how long a collective waits for a peer.
+    A peer whose process dies is noticed at once (its sockets close); a peer whose whole node vanishes
+    (power, network) is noticed only after this long, and only then can an elastic launcher restart
+    the survivors on a smaller world. Lower it for elastic runs, keeping it above the slowest
+    legitimate wait (a checkpoint, an evaluation on rank 0)."""
+    if timeout_s is None:
+        timeout_s = int(os.environ.get("PRETRAIN_DIST_TIMEOUT_S") or 1800)
     rank = _env_int("RANK", "SLURM_PROCID", default=0)
     world_size = _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
     if local_rank is None or local_rank < 0:
