@@ -13,7 +13,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ import psutil
 import pytest
 
 from data_pipeline.shards import encode_jpeg, write_shards
+from cluster.launch import ELASTIC_RDZV_CONF
 from tests.conftest import ROOT, free_port
 
 pytestmark = pytest.mark.slow
@@ -46,14 +46,6 @@ def wait_until(cond, timeout: float, what: str, logs: list[Path], procs: list[su
         if time.time() > deadline or any(p.poll() is not None for p in procs):
             raise AssertionError(f"no {what} after {timeout}s\n" + "\n".join(p.read_text()[-3000:] for p in logs))
         time.sleep(0.05)
-
-
-def listening(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-        return True
-    except OSError:
-        return False
 
 
 def kill_node(agent_pid: int) -> None:
@@ -106,18 +98,17 @@ def test_node_lost_survivor_resumes_on_smaller_world(tmp_path):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1:2", "--nproc_per_node", "1",
                "--max_restarts", "2", "--monitor_interval", "0.2", "--rdzv_backend", "c10d",
                "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "elastic-test",
-               # last_call_timeout: how long a round that has its minimum (1 node) waits for more
-               "--rdzv_conf", f"is_host={is_host},last_call_timeout=3,join_timeout=120", DRIVER, *args]
-        with log.open("w") as f:  # each agent its own session: kill one node's whole process group
+               "--rdzv_conf", f"is_host={is_host},{ELASTIC_RDZV_CONF}", DRIVER, *args]
+        with log.open("w") as f:
             return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
                                     start_new_session=True), log
 
     t0 = time.time()
+    # b first: it waits for a's rendezvous store, and so is there when a's first round opens (an
+    # elastic round with its minimum of nodes waits only briefly for more, see ELASTIC_RDZV_CONF).
+    b, b_log = agent("node_b", 0)
     a, a_log = agent("node_a", 1)
-    b = None
     try:
-        wait_until(lambda: listening(port), 60, "rendezvous store listening", [a_log], [a])
-        b, b_log = agent("node_b", 0)
         wait_until(lambda: (run_dir / f"checkpoints/step_{EVERY:07d}").exists(), 180,
                    f"checkpoint at step {EVERY}", [a_log, b_log], [a, b])
         print(f"first checkpoint after {time.time() - t0:.1f}s")
@@ -129,9 +120,9 @@ def test_node_lost_survivor_resumes_on_smaller_world(tmp_path):
         print(f"finished {time.time() - killed:.1f}s after the kill")
     finally:
         for p in (a, b):
-            if p is not None and p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
+            if p.poll() is None:
+                kill_node(p.pid)
+            p.wait()
     out = a_log.read_text()
     print(f"node killed -> survivor resumed on world 1: {recovered_s:.1f}s")
     assert recovered_s < 60, f"recovery took {recovered_s:.0f}s: it waited for the collective timeout"
