@@ -1,4 +1,4 @@
-"""A node lost mid-run: two torchrun agents (two "nodes" on loopback, elastic `--nnodes 1:2`, c10d
+"""A node lost mid-run, with DDP and with DeepSpeed ZeRO-2 as the engine: two torchrun agents (two "nodes" on loopback, elastic `--nnodes 1:2`, c10d
 rendezvous) train one run; after a checkpoint one node's agent and its rank are SIGKILLed. The
 survivor's rank fails on its next collective (the dead peer's sockets are closed), its agent restarts it
 on a world of one, it resumes from the last checkpoint and finishes.
@@ -77,7 +77,10 @@ def consumed(record_dir: Path) -> tuple[list[str], list[dict]]:
     return keys, attempts
 
 
-def test_node_lost_survivor_resumes_on_smaller_world(tmp_path):
+@pytest.mark.parametrize("engine", ["ddp", "deepspeed"])
+def test_node_lost_survivor_resumes_on_smaller_world(tmp_path, engine):
+    if engine == "deepspeed":
+        pytest.importorskip("deepspeed", reason="deepspeed is not installed (pip install -e '.[deepspeed]')")
     spec, epoch = write_epoch(tmp_path / "data")
     run_dir, records = tmp_path / "run", tmp_path / "records"
     records.mkdir()
@@ -85,9 +88,9 @@ def test_node_lost_survivor_resumes_on_smaller_world(tmp_path):
             f"data.train={spec}", "data.val=''", "model.name=mixer_p4_32", f"train.steps={STEPS}",
             f"train.global_batch_size={BATCH}", f"checkpoint.every_steps={EVERY}", "checkpoint.keep_last=10",
             "train.log_every=1", "optim.warmup_steps=2", "eval.mode=none", "data.num_workers=1",
-            "data.shuffle_buffer=40", "train.device=cpu"]
+            "data.shuffle_buffer=40", "train.device=cpu", f"engine.kind={engine}", "engine.zero_stage=2"]
     port = free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "ELASTIC_RECORD_DIR": str(records), "PYTHONUNBUFFERED": "1",
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "ELASTIC_RECORD_DIR": str(records), "PYTHONUNBUFFERED": "1",
            "ELASTIC_STEP_SLEEP_S": "0.25",
            # The backstop for a peer that vanishes without closing its sockets; a killed process
            # closes them, and the recovery below must come well before this.
@@ -133,6 +136,8 @@ def test_node_lost_survivor_resumes_on_smaller_world(tmp_path):
     resumed = int(m.group(2))
     assert resumed % EVERY == 0 and 0 < resumed < STEPS
     assert "process group: 1 rank(s) on 1 node(s)" in out and f"done: {STEPS} steps" in out
+    if engine == "deepspeed":  # the ZeRO-2 optimizer shards of 2 ranks, gathered into one
+        assert "DeepSpeed optimizer state resharded: ZeRO-2 on 2 ranks -> ZeRO-2 on 1 ranks" in out, out[-4000:]
     meta = json.loads((run_dir / f"checkpoints/step_{STEPS:07d}/metadata.json").read_text())
     assert meta["world_size"] == 1 and meta["step"] == STEPS
 
