@@ -8,7 +8,7 @@ from typing import Any
 from torch import nn
 
 from .fused_mlp import fused_unavailable_reason, use_fused_mlp
-from .mixer import MixerBlock
+from .mixer import MixerBlock, activation_name
 
 MLP_IMPLS = ("eager", "compile", "fused")
 
@@ -37,6 +37,9 @@ def apply_mlp_impl(model: nn.Module, impl: str, **compile_options: Any) -> nn.Mo
         reason = fused_unavailable_reason()
         if reason is None and not any(isinstance(m, MixerBlock) for m in model.modules()):
             reason = f"{type(model).__name__} has no Mixer MLPs"
+        if reason is None and activation_name(model) != "gelu":
+            # The Triton epilogues compute exact (erf) GELU only; tanh MLPs would silently run eager.
+            reason = f"the Triton MLP kernels compute exact gelu, the model uses {activation_name(model)}"
         if reason is not None:
             warnings.warn(f"mlp_impl 'fused' falls back to eager: {reason}", RuntimeWarning, stacklevel=2)
         else:
