@@ -9,7 +9,8 @@ Every engine writes the same consolidated `model.safetensors` into its checkpoin
 it), so exporting never needs the engine, the world size or a GPU. The file is verified against
 the sha256 in the checkpoint's metadata.json before anything is written. Parameter names already
 are timm's `mlp_mixer` names, so `timm-pth` is the same tensors as a plain `{name: tensor}` dict
-saved with torch.save. In timm (the export prints this line filled in for its model):
+saved with torch.save. In timm (the export prints this line filled in for its model; variants timm
+does not register are built from `timm.models.mlp_mixer.MlpMixer` with their sizes instead):
 
   timm.create_model("mixer_b16_224", pretrained=True, pretrained_cfg_overlay=dict(file="b16.pth", num_classes=N))
 
@@ -131,15 +132,20 @@ def model_act(name: str, act: str | None) -> str:
 
 
 def timm_recipe(name: str, num_classes: int, act: str, file: str, img_size: int | None = None) -> str:
-    """The `timm.create_model` call that loads an export of `name` with its trained head, as Python source."""
-    args = [repr(name if name in TIMM_MIXERS and img_size in (None, 224) else "mixer_b16_224"), "pretrained=True",
-            f"pretrained_cfg_overlay=dict(file={file!r}, num_classes={num_classes})"]
-    if name not in TIMM_MIXERS or img_size not in (None, 224):
-        sizes = {**MODEL_CFGS.get(name, {}), **({"img_size": img_size} if img_size else {})}
-        args += [f"{k}={v!r}" for k, v in sizes.items()]
-    if act == "gelu_tanh":
-        args.append('act_layer=functools.partial(torch.nn.GELU, approximate="tanh")')
-    return f"timm.create_model({', '.join(args)})"
+    """Python source that builds `model`, a timm MlpMixer holding an export of `name` with its trained head.
+
+    timm's registered Mixers fix patch size, depth and width, so variants timm does not register
+    (and other resolutions) are built from timm's MlpMixer class and loaded with timm's load_checkpoint.
+    """
+    act_arg = ['act_layer=functools.partial(torch.nn.GELU, approximate="tanh")'] if act == "gelu_tanh" else []
+    if name in TIMM_MIXERS:
+        args = [repr(name), "pretrained=True", f"pretrained_cfg_overlay=dict(file={file!r}, num_classes={num_classes})"]
+        args += [f"img_size={img_size}"] if img_size not in (None, 224) else []
+        return f"model = timm.create_model({', '.join(args + act_arg)})"
+    sizes = {**MODEL_CFGS.get(name, {}), **({"img_size": img_size} if img_size else {})}
+    args = [f"num_classes={num_classes}"] + [f"{k}={v!r}" for k, v in sizes.items()] + act_arg
+    return (f"model = timm.models.mlp_mixer.MlpMixer({', '.join(args)}); "
+            f"timm.models.load_checkpoint(model, {file!r})")
 
 
 def main(argv: list[str] | None = None) -> int:

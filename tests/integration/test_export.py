@@ -94,8 +94,9 @@ def _timm_or_skip():
 
 @pytest.mark.parametrize("act", ["gelu", "gelu_tanh"])
 def test_timm_recipe_loads_the_trained_head_for_any_class_count(run_dir, tmp_path, capsys, act):
-    """The `timm.create_model` line the export prints (the README's recipe) gives our logits in real timm,
-    for the demo's 64 classes (not timm's 1000) and for a gelu_tanh model."""
+    """The timm recipe the export prints (the README's) gives our logits in real timm, with the trained
+    head of any class count: the demo's 64 classes on a variant timm does not register (built from timm's
+    MlpMixer class), and a 7-class gelu_tanh Mixer-S/32 through timm.create_model's pretrained path."""
     timm = _timm_or_skip()
     import functools
 
@@ -107,12 +108,14 @@ def test_timm_recipe_loads_the_trained_head_for_any_class_count(run_dir, tmp_pat
         recipe = next(line for line in r.stdout.splitlines() if line.startswith("timm: "))[len("timm: "):]
         ours = create_model("mixer_p4_32", num_classes=64)
         ours.load_state_dict(torch.load(tmp_path / "m.pth", weights_only=True))
+        x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     else:  # a tanh model with a 7-class head, through the same recipe function
-        ours = create_model("mixer_p4_32", num_classes=7, act="gelu_tanh")
+        ours = create_model("mixer_s32_224", num_classes=7, act="gelu_tanh")
         torch.nn.init.normal_(ours.head.weight)  # a zero head would hide a dropped one
-        export_timm(ours, str(tmp_path / "t.pth"))
-        recipe = timm_recipe("mixer_p4_32", 7, act, str(tmp_path / "t.pth"))
-    theirs = eval(recipe, {"timm": timm, "torch": torch, "functools": functools}).eval()
-    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+        export_timm(ours, str(tmp_path / "t.safetensors"))
+        recipe = timm_recipe("mixer_s32_224", 7, act, str(tmp_path / "t.safetensors"))
+        x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    scope = {"timm": timm, "torch": torch, "functools": functools}
+    exec(recipe, scope)
     with torch.no_grad():
-        torch.testing.assert_close(theirs(x), ours.eval()(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(scope["model"].eval()(x), ours.eval()(x), rtol=1e-5, atol=1e-5)
