@@ -106,17 +106,20 @@ def write_atomically(url: str, data: bytes) -> None:
     fs.mv(path + ".tmp", path)
 
 
-# Mixer variants timm registers under our names; others are built from mixer_b16_224 with their sizes.
+# Mixer variants timm registers under our names (others: timm's MlpMixer class with their sizes).
 TIMM_MIXERS = ("mixer_s32_224", "mixer_s16_224", "mixer_b32_224", "mixer_b16_224", "mixer_l32_224", "mixer_l16_224")
 
 
-def checkpoint_model_config(checkpoint: str) -> dict:
-    """The `model:` section the checkpoint was trained with (its config.yaml), {} where unreadable."""
+def checkpoint_model_config(checkpoint: str, meta: dict) -> dict:
+    """The `model:` section the checkpoint was trained with (its config.yaml, checked against its sha256),
+    {} where missing, altered or unreadable: the variant's defaults are then the best guess."""
     fs, root = fsspec.core.url_to_fs(checkpoint)
     try:
-        model = OmegaConf.to_container(OmegaConf.create(fs.cat_file(f"{root.rstrip('/')}/config.yaml").decode()))
-        model = model.get("model")
-    except Exception:  # noqa: BLE001 - missing or odd config.yaml: the variant's defaults are the best guess
+        data = fs.cat_file(f"{root.rstrip('/')}/config.yaml")
+        if hashlib.sha256(data).hexdigest() != meta["files"]["config.yaml"]:
+            return {}
+        model = OmegaConf.to_container(OmegaConf.create(data.decode())).get("model")
+    except Exception:  # noqa: BLE001
         return {}
     return model if isinstance(model, dict) else {}
 
@@ -167,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         fmt = args.format or ("timm-pth" if args.out.endswith((".pth", ".pt")) else "safetensors")
         state = convert(state, DTYPES[args.dtype])
-        name, model_cfg = str(meta.get("model", "?")), checkpoint_model_config(checkpoint)
+        name, model_cfg = str(meta.get("model", "?")), checkpoint_model_config(checkpoint, meta)
         act = model_act(name, model_cfg.get("act"))
         info = {"source": checkpoint, "step": str(meta["step"]), "model": name, "act": act,
                 "dtype": args.dtype, "code_version": str(meta.get("code_version", "?"))}

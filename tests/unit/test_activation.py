@@ -46,3 +46,9 @@ def test_fused_path_says_it_runs_gelu_tanh_eager():
     assert [str(w.message) for w in caught] == [
         "mlp_impl 'fused' falls back to eager: the Triton MLP kernels compute exact gelu, the model uses gelu_tanh"]
     assert type(model.blocks[0].mlp_channels).__name__ == "Mlp"  # nothing swapped: eager tanh math throughout
+
+
+def test_export_names_the_activation_of_what_it_exports():
+    from pretrain.export import model_act
+    assert [model_act("mixer_p4_32", None), model_act("mixer_p4_32", "gelu_tanh"), model_act("convmixer_768_32", None),
+            model_act("not_a_model", None)] == ["gelu", "gelu_tanh", "relu", "?"]
