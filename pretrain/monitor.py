@@ -8,7 +8,9 @@ from __future__ import annotations
 import logging
 import math
 import os
+import resource
 import shutil
+import sys
 import tempfile
 import time
 from typing import Mapping
@@ -52,6 +54,13 @@ def peak_tflops(device_name: str, precision: str) -> float | None:
         if key in device_name:
             return half if precision in ("bf16", "fp16") else fp32
     return None
+
+
+def max_rss_gib() -> float:
+    """Peak resident memory of this process so far (GiB): host memory on every device, CPU runs included.
+    Data-loader workers are processes of their own and are not counted."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (2**30 if sys.platform == "darwin" else 2**20)  # bytes on macOS, KiB on Linux
 
 
 def _fmt_duration(seconds: float) -> str:
@@ -139,12 +148,14 @@ class Monitor:
             if self.peak_tflops:
                 scalars["perf/mfu"] = tflops / self.peak_tflops
                 scalars["perf/peak_tflops"] = self.peak_tflops
+        scalars["perf/max_rss_gib"] = max_rss_gib()  # host memory: the figure a CPU run has
         if self.dist.device.type == "cuda":
             scalars["perf/max_mem_gib"] = torch.cuda.max_memory_allocated(self.dist.device) / 2**30
         eta = (self.total_steps - step) * elapsed / self._steps
         if self.dist.is_main:
             extra = "".join([f"  mfu {scalars['perf/mfu']:.1%}" if "perf/mfu" in scalars else "",
                              f"  mem {scalars['perf/max_mem_gib']:.1f}G" if "perf/max_mem_gib" in scalars else "",
+                             f"  rss {scalars['perf/max_rss_gib']:.1f}G",
                              f"  scale {self.loss_scale:g}" if self.loss_scale != 1.0 else ""])
             log.info("step %d/%d  loss %.4f  lr %.2e  gnorm %.3f  %.0f img/s  data %.0f%%%s  eta %s",
                      step, self.total_steps, means[0], lr, means[1], imgs_per_s,
