@@ -11,7 +11,7 @@ import os
 import shutil
 import tempfile
 import time
-from typing import Mapping
+from typing import Callable, Mapping
 
 import fsspec
 import torch
@@ -108,9 +108,9 @@ class Monitor:
         self.scalars(step, {"train/skipped_steps": self.skipped})
 
     def step(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, lr: float,
-             data_wait_s: float, loss_scale: float = 1.0) -> None:
-        self.loss_scale = loss_scale
-        loss, grad_norm = loss.detach().float(), grad_norm.detach().float()
+             data_wait_s: float, loss_scale: float | Callable[[], float] = 1.0) -> None:
+        """`loss_scale` may be a callable: GradScaler's scale is a device tensor, read on log steps only."""
+        loss, grad_norm = loss.detach().float(), grad_norm.detach().float().to(loss.device)  # DeepSpeed's is on the host
         self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
         self._gnorm_sum = grad_norm if self._gnorm_sum is None else self._gnorm_sum + grad_norm
         self._steps += 1
@@ -118,6 +118,7 @@ class Monitor:
         if not itstime(step, self.log_every, self.total_steps):
             return
         elapsed = max(time.perf_counter() - self._t0, 1e-9)
+        self.loss_scale = loss_scale() if callable(loss_scale) else loss_scale
         # The only host sync of the interval; the loss is averaged over ranks for an honest figure.
         means = all_reduce_mean(torch.stack([self._loss_sum, self._gnorm_sum]) / self._steps).tolist()
         imgs_per_s = self._steps * self.global_batch_size / elapsed

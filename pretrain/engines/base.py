@@ -112,6 +112,10 @@ class Engine:
     # ---- the step ---------------------------------------------------------------------------
     # True where each rank holds only a shard of the weights (fsdp, ZeRO-3): evaluation then needs a replica.
     shards_weights = False
+    # False: skip_step drops every gradient of the step (zero_grad(set_to_none)), so the loss guard
+    # may judge all micro batches at once after their backwards. True where backward changes state
+    # that a skip cannot undo (DeepSpeed): each micro batch is judged before its backward.
+    judge_each_micro_batch = False
 
     @property
     def unwrapped(self) -> nn.Module:
