@@ -13,21 +13,15 @@ import sys
 import pytest
 import torch
 
-from tests.conftest import ROOT
+from tests.conftest import tiny_trainer
 
 READS = ("item", "tolist", "__float__", "__bool__", "__int__")
 
 
 @pytest.fixture
 def trainer(tmp_path, demo_root):
-    from pretrain.config import load_config
-    from pretrain.trainer import Trainer
-
-    cfg = load_config(str(ROOT / "configs/demo.yaml"), [
-        f"run.dir={tmp_path}", f"data.root={demo_root}", "model.name=mixer_p4_32", "train.steps=8",
-        "train.global_batch_size=24", "train.grad_accum_steps=3", "train.log_every=4", "data.num_workers=0",
-        "eval.mode=none", "optim.warmup_steps=2"])
-    t = Trainer(cfg)
+    t = tiny_trainer(tmp_path, demo_root, "train.steps=8", "train.global_batch_size=24", "train.grad_accum_steps=3",
+                     "train.log_every=4")
     yield t
     t.close()
 
