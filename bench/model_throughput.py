@@ -158,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
         "steps": args.steps, "warmup": args.warmup,
         "results": [],
     }
+    out = Path(args.out or f"bench/results/model_throughput_{device.type}_{dt.date.today():%Y%m%d}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
     for name in models:
         flops = create_model(name, num_classes=1000, img_size=args.img_size).flops_per_image()
         for batch in args.batch:
@@ -188,13 +190,12 @@ def main(argv: list[str] | None = None) -> int:
                             torch.cuda.empty_cache()
                 print(json.dumps(row), flush=True)
                 report["results"].append(row)
+                out.write_text(json.dumps(report, indent=2) + "\n")  # after every row: a timeout keeps what ran
     report["speedups"] = _speedups(report["results"])
     if fused_reason is None and any(i.startswith("fused") for i in args.impl):
         from pretrain.models.triton_kernels import tuned_configs
 
         report["triton_autotuned"] = tuned_configs()  # what this GPU picked, per kernel and shape
-    out = Path(args.out or f"bench/results/model_throughput_{device.type}_{dt.date.today():%Y%m%d}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}")
     return 0
