@@ -110,7 +110,8 @@ class Monitor:
     def step(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, lr: float,
              data_wait_s: float, loss_scale: float | Callable[[], float] = 1.0) -> None:
         """`loss_scale` may be a callable: GradScaler's scale is a device tensor, read on log steps only."""
-        loss, grad_norm = loss.detach().float(), grad_norm.detach().float().to(loss.device)  # DeepSpeed's is on the host
+        # DeepSpeed's grad norm is a host float; the sums live where the loss does.
+        loss, grad_norm = loss.detach().float(), grad_norm.detach().float().to(loss.device)
         self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
         self._gnorm_sum = grad_norm if self._gnorm_sum is None else self._gnorm_sum + grad_norm
         self._steps += 1
