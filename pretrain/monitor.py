@@ -13,7 +13,7 @@ import shutil
 import sys
 import tempfile
 import time
-from typing import Mapping
+from typing import Callable, Mapping
 
 import fsspec
 import torch
@@ -117,9 +117,10 @@ class Monitor:
         self.scalars(step, {"train/skipped_steps": self.skipped})
 
     def step(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, lr: float,
-             data_wait_s: float, loss_scale: float = 1.0) -> None:
-        self.loss_scale = loss_scale
-        loss, grad_norm = loss.detach().float(), grad_norm.detach().float()
+             data_wait_s: float, loss_scale: float | Callable[[], float] = 1.0) -> None:
+        """`loss_scale` may be a callable: GradScaler's scale is a device tensor, read on log steps only."""
+        # DeepSpeed's grad norm is a host float; the sums live where the loss does.
+        loss, grad_norm = loss.detach().float(), grad_norm.detach().float().to(loss.device)
         self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
         self._gnorm_sum = grad_norm if self._gnorm_sum is None else self._gnorm_sum + grad_norm
         self._steps += 1
@@ -127,6 +128,7 @@ class Monitor:
         if not itstime(step, self.log_every, self.total_steps):
             return
         elapsed = max(time.perf_counter() - self._t0, 1e-9)
+        self.loss_scale = loss_scale() if callable(loss_scale) else loss_scale
         # The only host sync of the interval; the loss is averaged over ranks for an honest figure.
         means = all_reduce_mean(torch.stack([self._loss_sum, self._gnorm_sum]) / self._steps).tolist()
         imgs_per_s = self._steps * self.global_batch_size / elapsed

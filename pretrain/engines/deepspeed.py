@@ -96,6 +96,10 @@ class DeepSpeedEngine(Engine):
         self.model = self.ds
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=False)  # DeepSpeed scales fp16 itself
 
+    # ZeRO-2 reduces each micro batch's gradients into its partition buffers, which zero_grad does not
+    # clear, and the last backward's ds.step() updates: a bad loss must never reach backward here.
+    judge_each_micro_batch = True
+
     def backward(self, loss: torch.Tensor) -> None:
         self._micro += 1
         self.ds.backward(loss)  # divides by gradient_accumulation_steps itself
