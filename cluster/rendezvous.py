@@ -1,8 +1,9 @@
 """Where the nodes of a job meet: the master address and port, and a pre-flight check that every node
 reaches it.
 
-  python -m cluster.rendezvous                    # "ADDR PORT" for this SLURM job (see pretrain.sbatch)
-  srun --ntasks-per-node=1 python -m cluster.rendezvous --check     # every node reaches the master?
+  python -m cluster.rendezvous       # "ADDR PORT" for this SLURM job (see cluster/slurm/pretrain.sbatch)
+
+The reach check runs as part of `python -m cluster.envcheck`, on every node of the job.
 
 The master is the first node of the job. Its name is used when it resolves here; on clusters whose node
 names are not DNS names (SLURM's NodeName differs from NodeAddr), `scontrol show node` gives the
@@ -88,7 +89,7 @@ def check_reachable(addr: str, port: int, node_rank: int, nnodes: int, timeout_s
                     conn, _ = srv.accept()
                 except OSError:  # timeout
                     return (f"only {len(seen)} of {nnodes - 1} other node(s) reached the master {addr}:{port} "
-                            f"on {me} within {timeout_s:.0f}s (reached: {', '.join(seen) or 'none'})")
+                            f"on {me} within {timeout_s:g}s (reached: {', '.join(seen) or 'none'})")
                 with conn:
                     conn.settimeout(5)
                     # Read to EOF: the peer closes first, so no TIME_WAIT is left on the port here.
@@ -103,28 +104,18 @@ def check_reachable(addr: str, port: int, node_rank: int, nnodes: int, timeout_s
         except OSError as e:  # refused: node 0 is not listening yet, try again
             last = e.strerror or str(e) or type(e).__name__
             time.sleep(0.2)
-    return f"node {me} (node {node_rank}) cannot reach the master {addr}:{port} within {timeout_s:.0f}s ({last})"
+    return f"node {me} (node {node_rank}) cannot reach the master {addr}:{port} within {timeout_s:g}s ({last})"
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--check", action="store_true", help="check this node reaches the master (run on every node)")
-    p.add_argument("--timeout", type=float, default=CHECK_TIMEOUT_S, help="seconds the check may take")
-    args = p.parse_args(argv)
-    env = dict(os.environ)
+    p.parse_args(argv)
     try:
-        addr, port = endpoint(env)
+        addr, port = endpoint(dict(os.environ))
     except HostlistError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if not args.check:
-        print(addr, port)
-        return 0
-    error = check_reachable(addr, port, int(env.get("SLURM_NODEID", "0")), int(env.get("SLURM_NNODES", "1")),
-                            args.timeout)
-    if error:
-        print(f"error: rendezvous: {error}", file=sys.stderr)
-        return 1
+    print(addr, port)
     return 0
 
 
