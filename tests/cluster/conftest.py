@@ -12,6 +12,7 @@ for `sinfo` to show the nodes idle, point SLURM_CONF at the cluster, and stop ev
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -94,6 +95,9 @@ def _write_conf(root: Path, nodes: tuple[str, ...]) -> Path:
     conf = root / "slurm.conf"
     conf.write_text(f"""\
 ClusterName=mixertest
+# Job ids (and so the rendezvous ports cluster/rendezvous.py derives from them) that differ between
+# clusters: two test sessions on one machine must not both start at job 1, port 20001.
+FirstJobId={random.randrange(100, 12000)}
 SlurmctldHost={socket.gethostname().split('.')[0]}(127.0.0.1)
 SlurmUser=root
 SlurmdUser=root
