@@ -22,7 +22,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port
 
 DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch")
 
@@ -83,6 +82,18 @@ class Slurm:
         return "\n".join(f"--- {p.name}\n{p.read_text()[-2000:]}" for p in sorted(self.root.glob("*.log")))
 
 
+def _free_ports(n: int) -> list[int]:
+    """n distinct free ports: all held open while picking (one at a time, the kernel may repeat one)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
 def _write_conf(root: Path, nodes: tuple[str, ...]) -> Path:
     cpus = os.cpu_count() or 1
     mem_mb = max(256, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20 // 2 // len(nodes))
@@ -90,8 +101,9 @@ def _write_conf(root: Path, nodes: tuple[str, ...]) -> Path:
         (root / d).mkdir()
     # One slurmd per node on this machine: each needs its own port (Port= on its NodeName line) and,
     # through %n (the node name), its own spool dir, log and pid file.
-    node_lines = "\n".join(f"NodeName={n} NodeAddr=127.0.0.1 Port={free_port()} CPUs={cpus} RealMemory={mem_mb} "
-                           "State=UNKNOWN" for n in nodes)
+    ctld_port, *node_ports = _free_ports(1 + len(nodes))
+    node_lines = "\n".join(f"NodeName={n} NodeAddr=127.0.0.1 Port={port} CPUs={cpus} RealMemory={mem_mb} "
+                           "State=UNKNOWN" for n, port in zip(nodes, node_ports))
     conf = root / "slurm.conf"
     conf.write_text(f"""\
 ClusterName=mixertest
@@ -105,7 +117,7 @@ AuthType=auth/munge
 CredType=cred/munge
 # cred_expire: a requeued job may start again only after it (default 120 s); keep the test short.
 AuthInfo=socket={root}/munge.socket,cred_expire=5
-SlurmctldPort={free_port()}
+SlurmctldPort={ctld_port}
 StateSaveLocation={root}/state
 SlurmdSpoolDir={root}/spool/%n
 SlurmctldPidFile={root}/slurmctld.pid
