@@ -25,6 +25,7 @@ import io
 import json
 import logging
 import os
+import pickle
 import random
 import re
 import shutil
@@ -39,10 +40,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from fsspec.implementations.local import LocalFileSystem
+from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save_file as save_safetensors
 
 from .dist import DistInfo, barrier
+from .engines.safe_load import refusal
 
 if TYPE_CHECKING:
     from .engines import Engine
@@ -60,6 +63,11 @@ class CheckpointError(RuntimeError):
 
 class CheckpointLayoutError(CheckpointError):
     """A valid checkpoint that this run cannot take: never skipped silently."""
+
+
+# What a file that passed its checksum but is not what it claims (tampered with, or written by a
+# foreign version) raises while loading; each becomes one CheckpointError line.
+_LOAD_ERRORS = (pickle.UnpicklingError, SafetensorError, RuntimeError, ValueError, KeyError, TypeError, EOFError)
 
 
 def capture_rng() -> dict[str, Any]:
@@ -101,6 +109,23 @@ def _torch_bytes(obj: Any) -> bytes:
 def _torch_from_bytes(data: bytes) -> Any:
     # weights_only: tensors, numbers, strings and containers only -- never arbitrary pickled code.
     return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
+def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """A small file (marker, JSON, YAML) that readers see whole or not at all: locally written to a
+    temporary name beside it and renamed over it, on object storage one PUT (objects appear whole)."""
+    if not isinstance(fs, LocalFileSystem):
+        fs.pipe_file(path, data)
+        return
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def _broadcast_object(obj: Any) -> Any:
@@ -161,8 +186,7 @@ class Checkpointer:
 
     # ---- writing ---------------------------------------------------------------------------
     def _write(self, path: str, data: bytes) -> None:
-        with self.fs.open(path, "wb") as f:
-            f.write(data)
+        write_atomic(self.fs, path, data)
 
     def _stage_dir(self, work: str) -> str:
         """Where this rank writes its files before they are hashed and published: beside the
@@ -290,6 +314,23 @@ class Checkpointer:
                 steps.append(int(m.group(1)))
         return sorted(steps)
 
+    def read_latest(self) -> str | None:
+        """The name `checkpoints/latest` gives, or None when it is missing or unreadable (said in a
+        warning). Resume does not depend on it -- it takes the newest valid step directory -- but
+        outside readers (scripts, dashboards) do."""
+        try:
+            name = self.fs.cat_file(f"{self.root}/latest").decode().strip()
+        except FileNotFoundError:
+            return None
+        except (OSError, UnicodeDecodeError) as e:
+            log.warning("%s/latest unreadable (%s); treating it as absent", self.url(self.root), e)
+            return None
+        if not STEP_DIR.match(name):
+            log.warning("%s/latest holds %r, not a checkpoint name; treating it as absent", self.url(self.root),
+                        name[:40])
+            return None
+        return name
+
     def read_metadata(self, step: int) -> dict[str, Any]:
         path = self.step_path(step)
         try:
@@ -359,6 +400,19 @@ class Checkpointer:
         if found is None:
             return None
         step, meta = found
+        path = self.step_path(step)
+        if self.dist.is_main and self.read_latest() not in (None, path.rsplit("/", 1)[-1]):
+            log.info("%s/latest names another checkpoint; resuming from the newest valid one", self.url(self.root))
+        try:
+            return self._load(engine, step, meta)
+        except CheckpointError:
+            raise
+        except _LOAD_ERRORS as e:
+            log.debug("loading %s failed", path, exc_info=True)
+            raise CheckpointError(f"{self.url(path)}: cannot be loaded, refusing to resume from it: "
+                                  f"{type(e).__name__}: {refusal(e)}") from None
+
+    def _load(self, engine: Engine, step: int, meta: dict[str, Any]) -> Restored:
         path = self.step_path(step)
         blocker = engine.resume_blocker(meta["layout"])
         if blocker is not None:
