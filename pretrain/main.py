@@ -44,16 +44,21 @@ def one_line(err: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from pretrain.config import ConfigError, load_config, to_yaml
+
+    overrides = list(args.overrides) + (["checkpoint.resume=auto"] if args.resume else [])
+    try:  # before torch is imported: a bad value is reported in a second
+        cfg = load_config(args.config, overrides)
+    except ConfigError as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return 2
     from data_pipeline.urls import DataSpecError
     from pretrain.checkpoint import CheckpointError
-    from pretrain.config import ConfigError, load_config, to_yaml
     from pretrain.preemption import REQUEUE_EXIT_CODE, Preempted
     from pretrain.trainer import Trainer, TrainingDiverged
 
-    overrides = list(args.overrides) + (["checkpoint.resume=auto"] if args.resume else [])
     trainer = None
     try:
-        cfg = load_config(args.config, overrides)
         if args.print_config:
             print(to_yaml(cfg), end="")
             return 0
