@@ -10,6 +10,9 @@
     metadata.json      engine layout, world size, step, code version, sha256 of every file; written last
   <run_dir>/checkpoints/latest   name of the newest published checkpoint, written after it
 
+`latest`, metadata.json and the other small files are replaced whole (write_atomic: a temporary file
+renamed over the old one locally, one PUT on object storage): a reader sees the old or the new one.
+
 Publication: on a local file system everything goes into `step_XXXXXXX.tmp` and the directory is
 renamed when complete. On object storage (no atomic rename) files are written in place with
 metadata.json last, then `latest`; a directory without metadata, or with a file whose checksum does
@@ -44,6 +47,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save_file as save_safetensors
 
+from .atomic import write_atomic
 from .dist import DistInfo, barrier
 from .engines.safe_load import refusal
 
@@ -109,23 +113,6 @@ def _torch_bytes(obj: Any) -> bytes:
 def _torch_from_bytes(data: bytes) -> Any:
     # weights_only: tensors, numbers, strings and containers only -- never arbitrary pickled code.
     return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-
-
-def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
-    """A small file (marker, JSON, YAML) that readers see whole or not at all: locally written to a
-    temporary name beside it and renamed over it, on object storage one PUT (objects appear whole)."""
-    if not isinstance(fs, LocalFileSystem):
-        fs.pipe_file(path, data)
-        return
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def _broadcast_object(obj: Any) -> Any:
@@ -299,7 +286,10 @@ class Checkpointer:
             self.fs.rm(self.step_path(step), recursive=True)
         if self.local:
             for p in self.fs.ls(self.root, detail=False):
-                if STEP_DIR.match(p.rstrip("/").rsplit("/", 1)[-1].removesuffix(".tmp")) and p.endswith(".tmp"):
+                name = p.rstrip("/").rsplit("/", 1)[-1]
+                stale_save = STEP_DIR.match(name.removesuffix(".tmp")) and name.endswith(".tmp")
+                stale_marker = name.startswith(".latest.") and name.endswith(".tmp")  # a killed write_atomic
+                if stale_save or stale_marker:
                     self.fs.rm(p, recursive=True)
 
     # ---- reading ---------------------------------------------------------------------------
