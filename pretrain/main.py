@@ -2,7 +2,7 @@
 
   python pretrain/main.py                                      # the demo: CPU, a few minutes
   python pretrain/main.py --config configs/b16.yaml train.steps=1000 optim.lr=3e-3
-  torchrun --nproc_per_node 2 pretrain/main.py --config configs/demo.yaml   # DDP over gloo/nccl
+  python -m cluster.launch --nproc-per-node 2 -- --config configs/demo.yaml  # torchrun, DDP over gloo/nccl
   deepspeed pretrain/main.py --config configs/h14.yaml        # the launcher passes --local_rank
   python pretrain/main.py --config configs/l16.yaml --print-config
   python pretrain/main.py --config configs/h14.yaml --estimate-memory 64   # will it fit on 64 GPUs?
