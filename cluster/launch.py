@@ -107,15 +107,15 @@ def dry_run(plan: Plan, main_args: list[str]) -> str:
 
 def _report(failures: dict) -> None:
     """One line per distinct reason: the message a rank left in its error file (pretrain/main.py's
-    `report`), else its exit code or signal -- except for ranks torchrun itself terminated (SIGTERM)
-    after another rank had failed, whose only news is that."""
+    `report`), else its exit code or signal -- except for preempted ranks (exit 75, said by the rank)
+    and ranks torchrun itself terminated (SIGTERM) after another rank had failed."""
     seen: set[str] = set()
     root_failed = any(f.exitcode > 0 for f in failures.values())
     for rank, failure in sorted(failures.items()):
         if isinstance(failure.error_file_data.get("message"), str):
             line = f"error: {failure.error_file_data['message']}"
-        elif failure.exitcode == -signal.SIGTERM and root_failed:
-            continue
+        elif failure.exitcode == REQUEUE_EXIT_CODE or (failure.exitcode == -signal.SIGTERM and root_failed):
+            continue  # preempted (the rank said so), or stopped by torchrun after another rank failed
         else:
             line = (f"error: rank {rank} (local rank {failure.local_rank}) exited with code {failure.exitcode}"
                     + (f" ({failure.signal_name()})" if failure.exitcode < 0 else "") + "; see its output above")
