@@ -85,3 +85,22 @@ def test_tampered_fsdp_resume_is_one_line_through_main(tampered, demo_root):
     assert r.returncode == 2, r.stderr[-2000:]
     assert r.stderr.strip().splitlines()[-1].startswith("error: ") and "posix.system" in r.stderr
     assert "Traceback" not in r.stderr and not marker.exists()
+
+
+def test_zero_reshard_reader_refuses_planted_files(tampered, tmp_path):
+    """Onto another world size or stage DeepSpeed's files are read by zero_reshard.py instead of
+    DeepSpeed: the same payloads are refused there."""
+    import shutil
+
+    from pretrain.engines.deepspeed import _load_weights_only
+    from pretrain.engines.zero_reshard import read_zero_checkpoint
+
+    run_dir, _, _ = tampered["zero2"]
+    marker = tmp_path / "pwned"
+    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"):
+        shutil.copytree(run_dir / "pristine/engine/state", tmp_path / name)
+        read_zero_checkpoint(str(tmp_path / name), _load_weights_only)  # the pristine files load
+        plant(tmp_path / name, name, str(marker))
+        with pytest.raises(pickle.UnpicklingError, match="posix.system"):
+            read_zero_checkpoint(str(tmp_path / name), _load_weights_only)
+    assert not marker.exists()
