@@ -433,7 +433,7 @@ RULES: dict[str, Rule] = {
     "data.train": location(),
     "data.val": location(),
     "data.image_size": POSITIVE,
-    "data.num_workers": COUNT,
+    "data.num_workers": within(0, 256),  # per rank; thousands of worker processes never start
     "data.shuffle_buffer": at_least(0, " (0 or 1: no shuffle)"),
     "data.crop_fraction": within(0, 1, lo_open=True),
     "data.mean": values(within(0, 255), 3),
@@ -451,8 +451,8 @@ RULES: dict[str, Rule] = {
     "data.epoch_mode": one_of("exact", "resampled"),
     "data.decode": one_of("cpu", "gpu"),
     "data.storage.s3_endpoint": http_url_or_empty(),
-    "data.storage.retries": COUNT,
-    "data.storage.backoff_s": COUNT,
+    "data.storage.retries": within(0, 100),  # more would retry a dead store for hours: a hang
+    "data.storage.backoff_s": within(0, 300),
     "data.max_skip_fraction": FRACTION,
     "optim.lr": POSITIVE,
     "optim.betas": values(within(0, 1, hi_open=True), 2),
