@@ -280,7 +280,7 @@ def _check_sections(node: Any, schema: Any, source: str, prefix: str = "") -> No
             continue  # unknown keys: the merge names them, with a suggestion
         sub, sub_schema = node._get_node(k), schema._get_node(k)
         key = f"{prefix}{k}"
-        if isinstance(sub_schema, DictConfig) and not isinstance(sub, DictConfig) and sub._is_none() is False:
+        if isinstance(sub_schema, DictConfig) and not isinstance(sub, DictConfig):
             raise ConfigError(f"{source}: '{key}' is a section of keys, got {OmegaConf.to_container(node)[k]!r}")
         _check_sections(sub, sub_schema, source, key + ".")
 
