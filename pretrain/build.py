@@ -69,6 +69,8 @@ def build_model(cfg: DictConfig, where: str = "config") -> nn.Module:
     overrides = {"drop_rate": cfg.model.drop_rate, "drop_path_rate": cfg.model.drop_path_rate}
     if cfg.model.img_size is not None:
         overrides["img_size"] = cfg.model.img_size
+    if cfg.model.act is not None:
+        overrides["act"] = cfg.model.act  # the model names the valid ones (gelu, gelu_tanh for Mixer)
     try:
         model = create_model(cfg.model.name, num_classes=cfg.model.num_classes, **overrides)
     except (ValueError, TypeError) as e:

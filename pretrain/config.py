@@ -36,6 +36,9 @@ class ModelConfig:
     img_size: Optional[int] = None  # None: the variant's own resolution
     drop_rate: float = 0.0
     drop_path_rate: float = 0.0
+    # MLP activation: null = the variant's own (gelu, exact erf, for every Mixer, as timm's ports);
+    # gelu_tanh = flax's nn.gelu, which the official JAX checkpoints were trained with (load them with it).
+    act: Optional[str] = None
     # How the Mixer MLPs run: eager | compile (torch.compile per block) | fused (Triton MLPs and
     # residual add + LayerNorm, bf16/fp16 only; falls back to eager with one warning where Triton
     # or CUDA is missing).

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import logging
+import math
 import subprocess
 import time
 from pathlib import Path
+from typing import Iterator
 
 import fsspec
 import torch
@@ -38,24 +40,29 @@ class TrainingDiverged(RuntimeError):
 
 
 class LossGuard:
-    """Judges each micro batch's loss before its backward: non-finite, or above `spike_factor` x the
-    running mean, is bad. Collective (the loss is averaged over ranks) so every rank decides alike.
-    This costs one small all-reduce and one host sync per micro batch, the price of never letting
-    a bad gradient into the weights."""
+    """Judges the micro batches' losses of a step: non-finite, or above `spike_factor` x the running
+    mean, is bad. Collective (each loss is averaged over ranks) so every rank decides alike.
+    `judge` takes all the losses it is given in one all-reduce and one host read: the trainer calls
+    it once per optimiser step, so the launch queue drains once per step, not once per micro batch."""
 
     def __init__(self, spike_factor: float, max_bad_steps: int) -> None:
         self.spike_factor, self.max_bad_steps = spike_factor, max_bad_steps
         self.mean: float | None = None  # exponential moving average of good losses
         self.streak = 0
 
-    def check(self, loss: torch.Tensor) -> str | None:
-        value = all_reduce_mean(loss.detach().float().reshape(1)).item()
-        if not torch.isfinite(torch.tensor(value)):
-            return f"non-finite loss ({value})"
-        if self.spike_factor and self.mean is not None and value > self.spike_factor * self.mean:
-            return f"loss spike {value:.4f} > {self.spike_factor} x running mean {self.mean:.4f}"
-        self.mean = value if self.mean is None else 0.9 * self.mean + 0.1 * value
+    def judge(self, losses: list[torch.Tensor]) -> str | None:
+        """The first bad loss of `losses` (in order, as if each were checked alone), or None."""
+        values = all_reduce_mean(torch.stack([x.detach().float().reshape(()) for x in losses])).tolist()  # the sync
+        for value in values:
+            if not math.isfinite(value):
+                return f"non-finite loss ({value})"
+            if self.spike_factor and self.mean is not None and value > self.spike_factor * self.mean:
+                return f"loss spike {value:.4f} > {self.spike_factor} x running mean {self.mean:.4f}"
+            self.mean = value if self.mean is None else 0.9 * self.mean + 0.1 * value
         return None
+
+    def check(self, loss: torch.Tensor) -> str | None:
+        return self.judge([loss])
 
     def end_step(self, step: int, bad: str | None) -> None:
         if bad is None:
@@ -193,32 +200,7 @@ class Trainer:
         batches = iter(self.loader)
         self.engine.model.train()
         while self.step < cfg.train.steps:
-            # ---- one optimiser step: accum_steps micro batches, each judged before its backward
-            data_wait, losses, bad = 0.0, [], None
-            for _ in range(self.accum_steps):
-                t0 = time.perf_counter()
-                batch = next(batches)  # consumed even in a skipped step: the data stream stays in step
-                data_wait += time.perf_counter() - t0
-                if bad is not None:
-                    continue
-                images, labels = self.forward.prepare(batch)
-                with self.engine.autocast():
-                    logits = self.engine.model(images)
-                loss = self.loss_fn(logits, labels)
-                bad = self.guard.check(loss)
-                if bad is None:
-                    self.engine.backward(loss)
-                    losses.append(loss.detach())
-            lr = self.engine.lr  # the rate this update uses; step() advances the schedule
-            if bad is None:
-                grad_norm = self.engine.step()
-                self.monitor.step(self.step + 1, torch.stack(losses).mean(), grad_norm, lr, data_wait,
-                                  loss_scale=self.engine.loss_scale)
-            else:
-                self.engine.skip_step()
-                self.monitor.skipped_step(self.step + 1)
-            self.guard.end_step(self.step + 1, bad)
-            self.step += 1
+            self.train_step(batches)
             # ---- step boundary: weights, schedule and data position agree on self.step here
             if self.step < cfg.train.steps and self.preemption.requested():  # collective; see preemption.py
                 self.save_and_evaluate(evaluate=False)  # the grace period is short: checkpoint only
@@ -230,6 +212,41 @@ class Trainer:
                 self.save_and_evaluate()
         self.checkpointer.wait()  # the last checkpoint is published before the run says it is done
         log.info("done: %d steps, run dir %s", self.step, self.run_dir)
+
+    def train_step(self, batches: Iterator) -> None:
+        """One optimiser step: `accum_steps` micro batches, then the update or, for a bad loss, a skip.
+        The losses stay on the device and the guard reads them once, after the last forward and before
+        the last backward (DeepSpeed updates inside that one): one host sync per step. The earlier
+        micro batches' backwards run unjudged where the engine's skip drops every gradient of the step;
+        an engine that cannot (`judge_each_micro_batch`) has each micro batch judged before its backward."""
+        data_wait, losses, pending, bad = 0.0, [], [], None
+        for i in range(self.accum_steps):
+            t0 = time.perf_counter()
+            batch = next(batches)  # consumed even in a skipped step: the data stream stays in step
+            data_wait += time.perf_counter() - t0
+            if bad is not None:
+                continue
+            images, labels = self.forward.prepare(batch)
+            with self.engine.autocast():
+                logits = self.engine.model(images)
+            loss = self.loss_fn(logits, labels)
+            losses.append(loss.detach())
+            pending.append(losses[-1])
+            if i == self.accum_steps - 1 or self.engine.judge_each_micro_batch:
+                bad, pending = self.guard.judge(pending), []
+            if bad is None:
+                self.engine.backward(loss)
+        lr = self.engine.lr  # the rate this update uses; step() advances the schedule
+        if bad is None:
+            grad_norm = self.engine.step()
+            engine = self.engine
+            self.monitor.step(self.step + 1, torch.stack(losses).mean(), grad_norm, lr, data_wait,
+                              loss_scale=lambda: engine.loss_scale)  # read on log steps only (a host sync)
+        else:
+            self.engine.skip_step()
+            self.monitor.skipped_step(self.step + 1)
+        self.guard.end_step(self.step + 1, bad)
+        self.step += 1
 
     def checkpoint_time_due(self) -> bool:
         """`checkpoint.every_minutes` of wall time since the last save. Rank 0's clock decides, and

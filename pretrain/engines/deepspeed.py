@@ -91,6 +91,10 @@ class DeepSpeedEngine(Engine):
         self.model = self.ds
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=False)  # DeepSpeed scales fp16 itself
 
+    # ZeRO-2 reduces each micro batch's gradients into its partition buffers, which zero_grad does not
+    # clear, and the last backward's ds.step() updates: a bad loss must never reach backward here.
+    judge_each_micro_batch = True
+
     def backward(self, loss: torch.Tensor) -> None:
         self._micro += 1
         self.ds.backward(loss)  # divides by gradient_accumulation_steps itself
@@ -163,15 +167,20 @@ class DeepSpeedEngine(Engine):
 
     def snapshot_state(self, directory: str, *, background: bool, group: Any = None) -> StateWriter:
         """DeepSpeed's own checkpoint (each rank its partition). In the background its checkpoint
-        engine's `save` is intercepted to take host copies, written later by `finish()`."""
+        engine's `save` is intercepted to take host copies, written later by `finish()`.
+
+        DeepSpeed's `latest` file is written (it names the tag), so its own tools read `engine/` without
+        `--tag`; its copies of `zero_to_fp32.py` are not: their CLI needs huggingface_hub, and
+        `python -m deepspeed.utils.zero_to_fp32` is the same script (README, Checkpoints)."""
+        self.ds._copy_recovery_script = lambda save_path: None  # instance attribute: shadows the method
         if not background:
-            self.ds.save_checkpoint(directory, tag=STATE_TAG, save_latest=False)
+            self.ds.save_checkpoint(directory, tag=STATE_TAG, save_latest=True)
             return StateWriter()
         captured: list[tuple[str, Any]] = []
         engine = self.ds.checkpoint_engine
         engine.save = lambda state_dict, path: captured.append((path, host_copy(state_dict)))
         try:
-            self.ds.save_checkpoint(directory, tag=STATE_TAG, save_latest=False)
+            self.ds.save_checkpoint(directory, tag=STATE_TAG, save_latest=True)
         finally:
             del engine.save  # the instance attribute shadowed the class method
         return StateWriter.files(captured)
