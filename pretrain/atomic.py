@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
+import secrets
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -16,7 +16,10 @@ def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     if not isinstance(fs, LocalFileSystem):
         fs.pipe_file(path, data)
         return
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    path = fs._strip_protocol(path)  # file:///a/b -> /a/b
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{secrets.token_hex(4)}.tmp")
+    # os.open with 0o666, not mkstemp's 0o600: the file gets the umask's permissions, as a plain write would.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
