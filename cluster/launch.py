@@ -116,14 +116,42 @@ def dry_run(plan: Plan, main_args: list[str]) -> str:
     return "\n".join(lines)
 
 
+def _report(failures: dict) -> None:
+    """One line per distinct reason: the message a rank left in its error file (pretrain/main.py's
+    `report`), else its exit code or signal -- except for preempted ranks (exit 75, said by the rank)
+    and ranks torchrun itself terminated (SIGTERM) after another rank had failed."""
+    seen: set[str] = set()
+    root_failed = any(f.exitcode > 0 for f in failures.values())
+    for rank, failure in sorted(failures.items()):
+        if isinstance(failure.error_file_data.get("message"), str):
+            line = f"error: {failure.error_file_data['message']}"
+        elif failure.exitcode == REQUEUE_EXIT_CODE or (failure.exitcode == -signal.SIGTERM and root_failed):
+            continue  # preempted (the rank said so), or stopped by torchrun after another rank failed
+        else:
+            line = (f"error: rank {rank} (local rank {failure.local_rank}) exited with code {failure.exitcode}"
+                    + (f" ({failure.signal_name()})" if failure.exitcode < 0 else "") + "; see its output above")
+        if line not in seen:
+            seen.add(line)
+            print(line, file=sys.stderr)
+
+
 def run_torchrun(argv: list[str]) -> int:
+    """torchrun in this process, quiet on failure: each distinct one-line error the ranks left is
+    printed once, and torchrun's ChildFailedError report (40 lines, printed by the @record around its
+    `main`) and its per-process failure log are left out."""
+    import logging
+
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import main as torchrun_main
+    from torch.distributed.run import parse_args, run
 
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # torchrun's own default, without its 4-line banner
+    os.environ["MIXER_LAUNCH_REPORTS"] = "1"  # ranks leave their error line in torchrun's error file
+    logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(logging.CRITICAL)
     try:
-        torchrun_main(argv)
+        run(parse_args(argv))
     except ChildFailedError as e:
+        _report(e.failures)
         codes = {failure.exitcode for failure in e.failures.values()}
         return REQUEUE_EXIT_CODE if codes == {REQUEUE_EXIT_CODE} else max(1, *codes)
     except SignalException:

@@ -16,6 +16,7 @@ from data_pipeline.errors import DataSpecError
 from data_pipeline.stream import SKIP_KINDS
 
 from . import build
+from .atomic import write_atomic
 from .checkpoint import Checkpointer, capture_rng, restore_rng
 from .config import ConfigError, to_yaml
 from .dist import all_reduce_mean, all_reduce_sum, broadcast, describe_world, init_distributed, shutdown
@@ -118,8 +119,7 @@ class Trainer:
         if self.dist.is_main:
             fs, root = fsspec.core.url_to_fs(self.run_dir)
             fs.makedirs(root, exist_ok=True)
-            with fs.open(f"{root}/config.yaml", "w") as f:
-                f.write(to_yaml(cfg))
+            write_atomic(fs, f"{root}/config.yaml", to_yaml(cfg).encode())
         log.info("model %s: %.2fM params | %d ranks x %d images (%d x %d accumulated) | engine %s | device %s | run dir %s",
                  cfg.model.name, n_params / 1e6, self.dist.world_size, self.batch_size, self.micro_batch_size,
                  self.accum_steps, self.engine.kind, self.dist.device, self.run_dir)
