@@ -117,6 +117,7 @@ def test_node_lost_survivor_resumes_on_smaller_world(tmp_path, engine):
         print(f"first checkpoint after {time.time() - t0:.1f}s")
         kill_node(b.pid)
         killed = time.time()
+        print(f"killed node b at {time.strftime('%H:%M:%S')}.{int(killed % 1 * 1000):03d}")
         wait_until(lambda: "with world size 1" in a_log.read_text(), 120, "resume on a world of 1", [a_log], [a])
         recovered_s = time.time() - killed
         assert a.wait(timeout=180) == 0, a_log.read_text()[-4000:]
