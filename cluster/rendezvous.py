@@ -66,7 +66,8 @@ def node_name() -> str:
     return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
 
 
-def check_reachable(addr: str, port: int, node_rank: int, nnodes: int, timeout_s: float = CHECK_TIMEOUT_S) -> str | None:
+def check_reachable(addr: str, port: int, node_rank: int, nnodes: int,
+                    timeout_s: float = CHECK_TIMEOUT_S) -> str | None:
     """Collective over the nodes (one call on each): None when every node reached addr:port, else
     this node's one-line reason. Node 0 listens there; the others connect and send their names."""
     me = node_name()

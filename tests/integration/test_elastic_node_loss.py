@@ -1,6 +1,6 @@
-"""A node lost mid-run, with DDP and with DeepSpeed ZeRO-2 as the engine: two torchrun agents (two "nodes" on loopback, elastic `--nnodes 1:2`, c10d
-rendezvous) train one run; after a checkpoint one node's agent and its rank are SIGKILLed. The
-survivor's rank fails on its next collective (the dead peer's sockets are closed), its agent restarts it
+"""A node lost mid-run, with DDP and with DeepSpeed ZeRO-2 as the engine: two torchrun agents (two
+"nodes" on loopback, elastic `--nnodes 1:2`, c10d rendezvous) train one run; after a checkpoint one
+node's agent and its rank are SIGKILLed. The survivor's rank fails on its next collective (the dead peer's sockets are closed), its agent restarts it
 on a world of one, it resumes from the last checkpoint and finishes.
 
 Exactness over the whole run, from what the data loader delivered (tests/drivers/elastic_train.py):
@@ -90,7 +90,8 @@ def test_node_lost_survivor_resumes_on_smaller_world(tmp_path, engine):
             "train.log_every=1", "optim.warmup_steps=2", "eval.mode=none", "data.num_workers=1",
             "data.shuffle_buffer=40", "train.device=cpu", f"engine.kind={engine}", "engine.zero_stage=2"]
     port = free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "ELASTIC_RECORD_DIR": str(records), "PYTHONUNBUFFERED": "1",
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "ELASTIC_RECORD_DIR": str(records),
+           "PYTHONUNBUFFERED": "1",
            "ELASTIC_STEP_SLEEP_S": "0.25",
            # The backstop for a peer that vanishes without closing its sockets; a killed process
            # closes them, and the recovery below must come well before this.
