@@ -19,7 +19,7 @@ from . import build
 from .atomic import write_atomic
 from .checkpoint import Checkpointer, capture_rng, restore_rng
 from .config import ConfigError, to_yaml
-from .dist import all_reduce_mean, all_reduce_sum, broadcast, init_distributed, shutdown
+from .dist import all_reduce_mean, all_reduce_sum, broadcast, describe_world, init_distributed, shutdown
 from .evaluation import EvalRunner
 from .monitor import Monitor, itstime
 from .preemption import Preempted, PreemptionWatcher
@@ -82,6 +82,7 @@ class Trainer:
         logging.basicConfig(level=logging.INFO if self.dist.is_main else logging.WARNING,
                             format=f"%(asctime)s [rank {self.dist.rank}] %(message)s", datefmt="%H:%M:%S",
                             force=True)
+        log.info("process group: %s", describe_world(self.dist))  # multi-node: which node holds which ranks
         self.run_dir = cfg.run.dir
         self.micro_batch_size, self.accum_steps = build.batch_layout(cfg, self.dist, config_source)
         self.batch_size = self.micro_batch_size * self.accum_steps  # per rank per optimiser step
@@ -132,7 +133,8 @@ class Trainer:
         if restored.rank_state is not None:
             restore_rng(restored.rank_state["rng"])
         self.step = restored.step
-        log.info("resumed from %s (step %d)", restored.path, self.step)
+        log.info("resumed from %s (step %d) with world size %d (saved by %s)", restored.path, self.step,
+                 self.dist.world_size, restored.metadata.get("world_size", "?"))
 
     def save_and_evaluate(self, evaluate: bool = True) -> None:
         t0 = time.perf_counter()
@@ -189,6 +191,8 @@ class Trainer:
         cfg = self.cfg
         if cfg.checkpoint.resume == "auto":
             self.resume()
+        # At the step the run (re)starts from: an elastic restart on fewer nodes shows up as a drop here.
+        self.monitor.scalars(self.step, {"dist/world_size": self.dist.world_size})
         if self.step >= cfg.train.steps:
             log.info("nothing to do: %s is already at step %d of %d (raise train.steps, or use a new run.dir)",
                      self.run_dir, self.step, cfg.train.steps)
