@@ -55,11 +55,13 @@ def make_engine(model_name: str) -> Engine:
 
 def train_step(engine: Engine, batch: int) -> float:
     t0 = time.perf_counter()
-    size = engine.unwrapped.img_size if hasattr(engine.unwrapped, "img_size") else 224
-    size = size[0] if isinstance(size, (tuple, list)) else size
-    logits = engine.model(torch.randn(batch, 3, size, size))
-    engine.backward(torch.nn.functional.cross_entropy(logits, torch.zeros(batch, dtype=torch.long)))
+    size = engine.unwrapped.stem.img_size[0]
+    logits = engine.model(torch.randn(batch, 3, size, size, device=engine.device))
+    labels = torch.zeros(batch, dtype=torch.long, device=engine.device)
+    engine.backward(torch.nn.functional.cross_entropy(logits, labels))
     engine.step()
+    if engine.device.type == "cuda":
+        torch.cuda.synchronize(engine.device)
     return time.perf_counter() - t0
 
 
@@ -75,7 +77,10 @@ def main() -> None:
     p.add_argument("--train-batch", type=int, default=2, help="batch of the training steps run during the write")
     p.add_argument("--dir", default="/tmp/ckpt-bench")
     p.add_argument("--out", default=None)
+    p.add_argument("--device", default="cpu", help="cpu or cuda: where the model and optimizer state live")
     args = p.parse_args()
+    global ONE
+    ONE = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device(args.device))
     torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))  # leave a core for the checkpoint thread
     root = Path(args.dir)
     shutil.rmtree(root, ignore_errors=True)
@@ -128,7 +133,8 @@ def main() -> None:
                                "busy_step_s": round(med(busy_steps), 3) if busy_steps else None,
                                "steps": len(busy_steps)},
         "storage": f"local disk under {args.dir} (page cache, no fsync)",
-        "device": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+        "device": (torch.cuda.get_device_name() + ", " if ONE.device.type == "cuda" else "")
+        + f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
         "versions": {"python": platform.python_version(), "torch": torch.__version__},
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }

@@ -170,19 +170,21 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=3, help="interleaved repetitions; the median is reported")
     p.add_argument("--s3", action="store_true", help="also read the shards from a moto S3 server")
     p.add_argument("--gpu", action="store_true", help="also time gpu decode and a B/16 bf16 step (CUDA)")
+    p.add_argument("--files", type=int, default=2000, help="distinct JPEGs written (shards and files)")
     p.add_argument("--out", default="")
     a = p.parse_args()
     torch.set_num_threads(1)
     load0 = os.getloadavg()[0]
     tmp = Path(tempfile.mkdtemp(prefix="bench_data_"))
-    images = make_images(2000)
+    images = make_images(a.files)
     files = []
     for i, data in enumerate(images):
         path = tmp / "files" / f"{i:05d}.jpg"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
         files.append(str(path))
-    write_shards(((f"s{i:05d}", d, i % 10) for i, d in enumerate(images)), str(tmp / "shards"), "train", 250)
+    write_shards(((f"s{i:05d}", d, i % 10) for i, d in enumerate(images)), str(tmp / "shards"), "train",
+                 max(10, a.files // 8))
     cores = a.workers
     results = {}
 

@@ -69,7 +69,7 @@ def measure(name: str, args: argparse.Namespace, info) -> dict:
     device_name = torch.cuda.get_device_name() if cuda else "cpu"
     peak = peak_tflops(device_name, args.precision)
     result = {"engine": name, "img_per_s": img_s, "tflops": tflops, "mfu": tflops / peak if peak else None,
-              "step_ms": 1000 * seconds / args.steps, "final_loss": float(loss),
+              "step_ms": 1000 * seconds / args.steps, "final_loss": float(loss.detach()),
               "max_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}
     print(json.dumps(result), flush=True)
     del engine, model
@@ -88,21 +88,22 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--engines", default=",".join(ENGINES))
-    p.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    p.add_argument("--out", default=str(Path(__file__).parent / "results"), help="a folder, or a .json path")
     p.add_argument("--local_rank", type=int, default=None)  # the deepspeed launcher passes it
     args = p.parse_args()
     info = init_distributed("auto", "auto", args.local_rank)
     results = [measure(name, args, info) for name in args.engines.split(",")]
     if info.is_main:
-        import deepspeed
+        from importlib.metadata import version
         device = torch.cuda.get_device_name() if info.device.type == "cuda" else platform.processor() or "cpu"
         record = {"bench": "engine_throughput", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-                  "device": device, "torch": torch.__version__, "deepspeed": deepspeed.__version__,
+                  "device": device, "torch": torch.__version__, "deepspeed": version("deepspeed"),
                   "cuda": torch.version.cuda, "settings": vars(args), "world_size": info.world_size,
                   "results": results}
-        os.makedirs(args.out, exist_ok=True)
         tag = device.replace(" ", "_").replace("/", "_")
-        path = Path(args.out) / f"engine_throughput_{tag}_{record['date'][:10]}.json"
+        path = Path(args.out) if args.out.endswith(".json") else (
+            Path(args.out) / f"engine_throughput_{tag}_{record['date'][:10]}.json")
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(record, indent=1))
         print(f"wrote {path}")
 

@@ -75,11 +75,11 @@ def _timm_or_reason():
         return None, f"timm not importable: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
 
-def build(name: str, impl: str, device: torch.device, timm_module) -> torch.nn.Module:
+def build(name: str, impl: str, device: torch.device, timm_module, img_size: int = 224) -> torch.nn.Module:
     if impl == "timm":
         model = timm_module.create_model(name, pretrained=False, num_classes=1000)
     else:
-        model = create_model(name, num_classes=1000)
+        model = create_model(name, num_classes=1000, img_size=img_size)
     model = model.to(device)
     if impl in ("compile", "fused"):
         apply_mlp_impl(model, impl)
@@ -93,10 +93,11 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_training(model, device, batch: int, steps: int, warmup: int) -> tuple[float, float | None]:
+def time_training(model, device, batch: int, steps: int, warmup: int,
+                  img_size: int = 224) -> tuple[float, float | None]:
     """Seconds per step (median of ``steps``), and peak memory in GiB on CUDA."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-    images = torch.randn(batch, 3, 224, 224, device=device)
+    images = torch.randn(batch, 3, img_size, img_size, device=device)
     labels = torch.randint(0, 1000, (batch,), device=device)
     model.train()
 
@@ -130,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--impl", nargs="+", default=list(IMPLS), choices=IMPLS)
     p.add_argument("--steps", type=int, default=20, help="timed steps per point (median reported)")
     p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--out", default=None, help="JSON path; default bench/results/model_throughput_<device>_<date>.json")
     args = p.parse_args(argv)
     models = args.model or ["mixer_b16_224", "mixer_l16_224"]
@@ -156,21 +158,25 @@ def main(argv: list[str] | None = None) -> int:
         "steps": args.steps, "warmup": args.warmup,
         "results": [],
     }
+    out = Path(args.out or f"bench/results/model_throughput_{device.type}_{dt.date.today():%Y%m%d}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
     for name in models:
-        flops = create_model(name, num_classes=1000, img_size=224).flops_per_image()
+        flops = create_model(name, num_classes=1000, img_size=args.img_size).flops_per_image()
         for batch in args.batch:
             for impl in args.impl:
                 row = {"model": name, "impl": impl, "batch": batch, "flops_per_image": flops}
                 if impl == "timm" and timm_module is None:
                     row["skipped"] = timm_reason
+                elif impl == "timm" and not timm_module.is_model(name):
+                    row["skipped"] = f"timm has no model {name!r}"
                 elif impl.startswith("fused") and fused_reason is not None:
                     row["skipped"] = f"fused unavailable: {fused_reason}"  # never time eager as "fused"
                 else:
                     try:
                         with warnings.catch_warnings():
                             warnings.simplefilter("ignore")
-                            model = build(name, impl, device, timm_module)
-                        sec, mem = time_training(model, device, batch, args.steps, args.warmup)
+                            model = build(name, impl, device, timm_module, args.img_size)
+                        sec, mem = time_training(model, device, batch, args.steps, args.warmup, args.img_size)
                         ips = batch / sec
                         row |= {"step_ms": round(1e3 * sec, 2), "img_per_s": round(ips, 1),
                                 "tflops": round(3 * flops * ips / 1e12, 2),
@@ -184,9 +190,12 @@ def main(argv: list[str] | None = None) -> int:
                             torch.cuda.empty_cache()
                 print(json.dumps(row), flush=True)
                 report["results"].append(row)
+                out.write_text(json.dumps(report, indent=2) + "\n")  # after every row: a timeout keeps what ran
     report["speedups"] = _speedups(report["results"])
-    out = Path(args.out or f"bench/results/model_throughput_{device.type}_{dt.date.today():%Y%m%d}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    if fused_reason is None and any(i.startswith("fused") for i in args.impl):
+        from pretrain.models.triton_kernels import tuned_configs
+
+        report["triton_autotuned"] = tuned_configs()  # what this GPU picked, per kernel and shape
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}")
     return 0

@@ -16,6 +16,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Callable
 
+from cluster.rendezvous import check_reachable, endpoint, node_name
+
 
 @dataclass
 class Check:
@@ -89,13 +91,22 @@ def check_data(spec: str) -> Check:
 
 
 def check_master() -> Check:
+    """The master address resolves and, in a job of several nodes, every node reaches it (collective
+    over the nodes: node 0 listens, the others connect; see cluster/rendezvous.py)."""
+    nnodes, node_rank = int(os.environ.get("SLURM_NNODES", "1")), int(os.environ.get("SLURM_NODEID", "0"))
     addr = os.environ.get("MASTER_ADDR")
-    if not addr:
+    if not addr and nnodes == 1:
         return Check("master", True, "MASTER_ADDR unset (set by cluster.launch)")
+    addr, port = endpoint(dict(os.environ))
     try:
-        return Check("master", True, f"MASTER_ADDR {addr} -> {socket.gethostbyname(addr)}")
+        resolved = socket.gethostbyname(addr)
     except OSError as e:
         return Check("master", False, f"MASTER_ADDR {addr} does not resolve here ({e})")
+    error = check_reachable(addr, port, node_rank, nnodes)
+    if error:
+        return Check("master", False, error)
+    return Check("master", True, f"MASTER_ADDR {addr} -> {resolved}" + (f", port {port} reached by all {nnodes} nodes"
+                                                                          if nnodes > 1 else ""))
 
 
 def run_checks(gpus_per_node: int, run_dir: str | None, data_spec: str | None) -> list[Check]:
@@ -127,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         run_dir = run_dir or cfg.run.dir
         data_spec = None if cfg.data.prepare == "demo" else cfg.data.train  # demo data is generated on start
-    host = socket.gethostname()
+    host = node_name()
     results = run_checks(args.gpus_per_node, run_dir, data_spec)
     for c in results:
         print(f"envcheck [{host}] {'ok  ' if c.ok else 'FAIL'} {c.name}: {c.detail}", file=sys.stdout if c.ok else sys.stderr)

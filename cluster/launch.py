@@ -29,11 +29,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cluster.hostlist import HostlistError, expand_hostlist, hostfile_text
+from cluster.rendezvous import default_port, node_address
 
 ROOT = Path(__file__).resolve().parent.parent
 MAIN = str(ROOT / "pretrain" / "main.py")
 LAUNCHERS = ("torchrun", "deepspeed", "srun")
 REQUEUE_EXIT_CODE = 75  # = pretrain.preemption.REQUEUE_EXIT_CODE (not imported: no torch import for a dry run)
+# Elastic torchrun: a node whose agent stops its heartbeat (1 s) is dropped from the rendezvous after
+# 3 missed ones, and a round that has its minimum of nodes waits 2 s for more (defaults: 15 s and 30 s).
+ELASTIC_RDZV_CONF = "keep_alive_interval=1,keep_alive_max_attempt=3,last_call_timeout=2,join_timeout=300"
 
 
 @dataclass(frozen=True)
@@ -46,15 +50,15 @@ class Plan:
     job_id: str
     cpus_per_node: int | None
     hostfile: str
+    min_nodes: int = 0  # torchrun: carry on with this many nodes when others are lost (0: all of them)
+    max_restarts: int = 0  # torchrun: restarts of the worker group (after a failure or a lost node)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "min_nodes", min(self.min_nodes or self.nnodes, self.nnodes))
 
     @property
     def nnodes(self) -> int:
         return len(self.hosts)
-
-
-def default_port(job_id: str) -> int:
-    """The same port on every node without talking to each other; jobs sharing a node differ."""
-    return 20000 + int(job_id) % 20000 if job_id.isdigit() else 29500
 
 
 def plan_from(args: argparse.Namespace, env: dict[str, str]) -> Plan:
@@ -63,9 +67,13 @@ def plan_from(args: argparse.Namespace, env: dict[str, str]) -> Plan:
     job_id = env.get("SLURM_JOB_ID", "local")
     cpus = args.cpus_per_node or int(env.get("SLURM_CPUS_ON_NODE", "0") or 0) or None
     return Plan(launcher=args.launcher, hosts=hosts, nproc_per_node=args.nproc_per_node,
-                master_addr=args.master_addr or hosts[0], master_port=args.master_port or default_port(job_id),
+                # A node name that does not resolve (NodeName != NodeAddr) is replaced by SLURM's NodeAddr;
+                # MASTER_ADDR in the environment wins, as it does for the ranks (node_env).
+                master_addr=args.master_addr or env.get("MASTER_ADDR") or node_address(hosts[0]),
+                master_port=args.master_port or int(env.get("MASTER_PORT") or default_port(job_id)),
                 job_id=job_id, cpus_per_node=cpus,
-                hostfile=args.hostfile or os.path.join(tempfile.gettempdir(), f"mixer-hostfile-{job_id}"))
+                hostfile=args.hostfile or os.path.join(tempfile.gettempdir(), f"mixer-hostfile-{job_id}"),
+                min_nodes=args.min_nodes, max_restarts=args.max_restarts)
 
 
 def node_env(plan: Plan) -> dict[str, str]:
@@ -81,10 +89,13 @@ def node_env(plan: Plan) -> dict[str, str]:
 def node_command(plan: Plan, node_rank: int, main_args: list[str]) -> list[str]:
     """The exact command node `node_rank` runs (for srun: each of its ranks)."""
     if plan.launcher == "torchrun":
-        return [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(plan.nnodes),
+        elastic = plan.min_nodes < plan.nnodes or plan.max_restarts > 0
+        nnodes = f"{plan.min_nodes}:{plan.nnodes}" if plan.min_nodes < plan.nnodes else str(plan.nnodes)
+        return [sys.executable, "-m", "torch.distributed.run", "--nnodes", nnodes,
                 "--nproc_per_node", str(plan.nproc_per_node), "--rdzv_backend", "c10d",
                 "--rdzv_endpoint", f"{plan.master_addr}:{plan.master_port}", "--rdzv_id", plan.job_id,
-                "--max_restarts", "0", MAIN, *main_args]
+                "--max_restarts", str(plan.max_restarts), *(["--rdzv_conf", ELASTIC_RDZV_CONF] if elastic else []),
+                MAIN, *main_args]
     if plan.launcher == "deepspeed":
         return [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", plan.hostfile, "--no_ssh",
                 "--node_rank", str(node_rank), "--master_addr", plan.master_addr,
@@ -105,14 +116,42 @@ def dry_run(plan: Plan, main_args: list[str]) -> str:
     return "\n".join(lines)
 
 
+def _report(failures: dict) -> None:
+    """One line per distinct reason: the message a rank left in its error file (pretrain/main.py's
+    `report`), else its exit code or signal -- except for preempted ranks (exit 75, said by the rank)
+    and ranks torchrun itself terminated (SIGTERM) after another rank had failed."""
+    seen: set[str] = set()
+    root_failed = any(f.exitcode > 0 for f in failures.values())
+    for rank, failure in sorted(failures.items()):
+        if isinstance(failure.error_file_data.get("message"), str):
+            line = f"error: {failure.error_file_data['message']}"
+        elif failure.exitcode == REQUEUE_EXIT_CODE or (failure.exitcode == -signal.SIGTERM and root_failed):
+            continue  # preempted (the rank said so), or stopped by torchrun after another rank failed
+        else:
+            line = (f"error: rank {rank} (local rank {failure.local_rank}) exited with code {failure.exitcode}"
+                    + (f" ({failure.signal_name()})" if failure.exitcode < 0 else "") + "; see its output above")
+        if line not in seen:
+            seen.add(line)
+            print(line, file=sys.stderr)
+
+
 def run_torchrun(argv: list[str]) -> int:
+    """torchrun in this process, quiet on failure: each distinct one-line error the ranks left is
+    printed once, and torchrun's ChildFailedError report (40 lines, printed by the @record around its
+    `main`) and its per-process failure log are left out."""
+    import logging
+
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import main as torchrun_main
+    from torch.distributed.run import parse_args, run
 
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # torchrun's own default, without its 4-line banner
+    os.environ["MIXER_LAUNCH_REPORTS"] = "1"  # ranks leave their error line in torchrun's error file
+    logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(logging.CRITICAL)
     try:
-        torchrun_main(argv)
+        run(parse_args(argv))
     except ChildFailedError as e:
+        _report(e.failures)
         codes = {failure.exitcode for failure in e.failures.values()}
         return REQUEUE_EXIT_CODE if codes == {REQUEUE_EXIT_CODE} else max(1, *codes)
     except SignalException:
@@ -135,6 +174,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--master-port", type=int, help="default: derived from $SLURM_JOB_ID")
     p.add_argument("--cpus-per-node", type=int, help="default: $SLURM_CPUS_ON_NODE; sets OMP_NUM_THREADS")
     p.add_argument("--hostfile", help="deepspeed hostfile to write (default: in $TMPDIR, per job)")
+    p.add_argument("--min-nodes", type=int, default=0,
+                   help="torchrun, elastic: go on with this many nodes when others are lost (default: all)")
+    p.add_argument("--max-restarts", type=int, default=0,
+                   help="torchrun: restart the ranks this often, after a crash or on fewer nodes (default 0)")
     p.add_argument("--dry-run", action="store_true", help="print every node's command and exit")
     args = p.parse_args(ours)
     try:

@@ -18,7 +18,7 @@ from data_pipeline.stream import Batch, DataSource, TrainLoader, eval_batches
 from data_pipeline.transforms import EvalTransform, TrainTransform
 
 from .config import ConfigError
-from .dist import DistInfo, barrier
+from .dist import DistInfo, barrier, node_leaders
 from .engines import Engine, build_engine
 from .evaluation import (Evaluator, FeatureCache, FewShotEvaluator, FineTuneEvaluator, Forward,
                          LinearProbeEvaluator, UpstreamEvaluator)
@@ -59,17 +59,22 @@ def per_device_batch_size(cfg: DictConfig, dist_info: DistInfo, where: str) -> i
 
 
 def prepare_data(cfg: DictConfig, dist_info: DistInfo) -> None:
-    """Generate the demo data on first use (rank 0 writes, the others wait for it)."""
+    """Generate the demo data on first use, once per node (local rank 0 writes, the others wait): a
+    node-local data.root is filled on every node. The nodes take turns, so on a shared file system
+    the first one writes and the others find it done."""
     if cfg.data.prepare == "demo":
-        if dist_info.is_main:
-            ensure_demo_data(cfg.data.root, image_size=cfg.data.image_size, seed=cfg.train.seed)
-        barrier()
+        for leader in node_leaders(dist_info):
+            if dist_info.rank == leader:
+                ensure_demo_data(cfg.data.root, image_size=cfg.data.image_size, seed=cfg.train.seed)
+            barrier()
 
 
 def build_model(cfg: DictConfig, where: str = "config") -> nn.Module:
     overrides = {"drop_rate": cfg.model.drop_rate, "drop_path_rate": cfg.model.drop_path_rate}
     if cfg.model.img_size is not None:
         overrides["img_size"] = cfg.model.img_size
+    if cfg.model.act is not None:
+        overrides["act"] = cfg.model.act  # the model names the valid ones (gelu, gelu_tanh for Mixer)
     try:
         model = create_model(cfg.model.name, num_classes=cfg.model.num_classes, **overrides)
     except (ValueError, TypeError) as e:

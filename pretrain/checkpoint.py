@@ -10,6 +10,9 @@
     metadata.json      engine layout, world size, step, code version, sha256 of every file; written last
   <run_dir>/checkpoints/latest   name of the newest published checkpoint, written after it
 
+`latest`, metadata.json and the other small files are replaced whole (write_atomic: a temporary file
+renamed over the old one locally, one PUT on object storage): a reader sees the old or the new one.
+
 Publication: on a local file system everything goes into `step_XXXXXXX.tmp` and the directory is
 renamed when complete. On object storage (no atomic rename) files are written in place with
 metadata.json last, then `latest`; a directory without metadata, or with a file whose checksum does
@@ -25,6 +28,7 @@ import io
 import json
 import logging
 import os
+import pickle
 import random
 import re
 import shutil
@@ -39,10 +43,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from fsspec.implementations.local import LocalFileSystem
+from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save_file as save_safetensors
 
+from .atomic import write_atomic
 from .dist import DistInfo, barrier
+from .engines.safe_load import refusal
 
 if TYPE_CHECKING:
     from .engines import Engine
@@ -60,6 +67,11 @@ class CheckpointError(RuntimeError):
 
 class CheckpointLayoutError(CheckpointError):
     """A valid checkpoint that this run cannot take: never skipped silently."""
+
+
+# What a file that passed its checksum but is not what it claims (tampered with, or written by a
+# foreign version) raises while loading; each becomes one CheckpointError line.
+_LOAD_ERRORS = (pickle.UnpicklingError, SafetensorError, RuntimeError, ValueError, KeyError, TypeError, EOFError)
 
 
 def capture_rng() -> dict[str, Any]:
@@ -161,8 +173,7 @@ class Checkpointer:
 
     # ---- writing ---------------------------------------------------------------------------
     def _write(self, path: str, data: bytes) -> None:
-        with self.fs.open(path, "wb") as f:
-            f.write(data)
+        write_atomic(self.fs, path, data)
 
     def _stage_dir(self, work: str) -> str:
         """Where this rank writes its files before they are hashed and published: beside the
@@ -275,7 +286,10 @@ class Checkpointer:
             self.fs.rm(self.step_path(step), recursive=True)
         if self.local:
             for p in self.fs.ls(self.root, detail=False):
-                if STEP_DIR.match(p.rstrip("/").rsplit("/", 1)[-1].removesuffix(".tmp")) and p.endswith(".tmp"):
+                name = p.rstrip("/").rsplit("/", 1)[-1]
+                stale_save = STEP_DIR.match(name.removesuffix(".tmp")) and name.endswith(".tmp")
+                stale_marker = name.startswith(".latest.") and name.endswith(".tmp")  # a killed write_atomic
+                if stale_save or stale_marker:
                     self.fs.rm(p, recursive=True)
 
     # ---- reading ---------------------------------------------------------------------------
@@ -289,6 +303,23 @@ class Checkpointer:
             if m:
                 steps.append(int(m.group(1)))
         return sorted(steps)
+
+    def read_latest(self) -> str | None:
+        """The name `checkpoints/latest` gives, or None when it is missing or unreadable (said in a
+        warning). Resume does not depend on it -- it takes the newest valid step directory -- but
+        outside readers (scripts, dashboards) do."""
+        try:
+            name = self.fs.cat_file(f"{self.root}/latest").decode().strip()
+        except FileNotFoundError:
+            return None
+        except (OSError, UnicodeDecodeError) as e:
+            log.warning("%s/latest unreadable (%s); treating it as absent", self.url(self.root), e)
+            return None
+        if not STEP_DIR.match(name):
+            log.warning("%s/latest holds %r, not a checkpoint name; treating it as absent", self.url(self.root),
+                        name[:40])
+            return None
+        return name
 
     def read_metadata(self, step: int) -> dict[str, Any]:
         path = self.step_path(step)
@@ -359,6 +390,19 @@ class Checkpointer:
         if found is None:
             return None
         step, meta = found
+        path = self.step_path(step)
+        if self.dist.is_main and self.read_latest() not in (None, path.rsplit("/", 1)[-1]):
+            log.info("%s/latest names another checkpoint; resuming from the newest valid one", self.url(self.root))
+        try:
+            return self._load(engine, step, meta)
+        except CheckpointError:
+            raise
+        except _LOAD_ERRORS as e:
+            log.debug("loading %s failed", path, exc_info=True)
+            raise CheckpointError(f"{self.url(path)}: cannot be loaded, refusing to resume from it: "
+                                  f"{type(e).__name__}: {refusal(e)}") from None
+
+    def _load(self, engine: Engine, step: int, meta: dict[str, Any]) -> Restored:
         path = self.step_path(step)
         blocker = engine.resume_blocker(meta["layout"])
         if blocker is not None:

@@ -7,11 +7,14 @@ line, with the closest valid key when a key is unknown.
 from __future__ import annotations
 
 import difflib
+import math
 import os
+import re
 from dataclasses import dataclass, field
-from typing import Any, List, Optional, Sequence
+from typing import Any, Callable, List, Optional, Sequence
 
-from omegaconf import MISSING, DictConfig, OmegaConf
+import fsspec
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 
@@ -33,6 +36,9 @@ class ModelConfig:
     img_size: Optional[int] = None  # None: the variant's own resolution
     drop_rate: float = 0.0
     drop_path_rate: float = 0.0
+    # MLP activation: null = the variant's own (gelu, exact erf, for every Mixer, as timm's ports);
+    # gelu_tanh = flax's nn.gelu, which the official JAX checkpoints were trained with (load them with it).
+    act: Optional[str] = None
     # How the Mixer MLPs run: eager | compile (torch.compile per block) | fused (Triton MLPs and
     # residual add + LayerNorm, bf16/fp16 only; falls back to eager with one warning where Triton
     # or CUDA is missing).
@@ -241,22 +247,8 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
-# Values with a closed set of choices; checked after merging so the message can name the source.
-CHOICES = {
-    "data.prepare": ("none", "demo"),
-    "model.mlp_impl": ("eager", "compile", "fused"),
-    "data.epoch_mode": ("exact", "resampled"),
-    "data.decode": ("cpu", "gpu"),
-    "optim.schedule": ("linear", "cosine"),
-    "train.precision": ("fp32", "bf16", "fp16"),
-    "train.device": ("auto", "cpu", "cuda"),
-    "engine.kind": ("single", "ddp", "fsdp", "deepspeed"),
-    "optim.loss": ("softmax", "sigmoid"),
-    "engine.backend": ("auto", "gloo", "nccl"),
-    "checkpoint.resume": ("auto", "never"),
-    "eval.mode": ("inline", "external", "none"),
-}
 INCLUDE_KEY = "include"
+_UNSET = object()
 
 
 def _all_keys(node: Any, prefix: str = "") -> list[str]:
@@ -279,7 +271,24 @@ def _one_line(err: OmegaConfBaseException, source: str, schema: DictConfig) -> C
         return ConfigError(f"{source}: unknown key '{key}'{hint}")
     if key == "?":
         return ConfigError(f"{source}: {first}")
+    if "is not a ListConfig" in first:
+        return ConfigError(f"{source}: '{key}' must be a list, e.g. {key}=[...]")
     return ConfigError(f"{source}: bad value for '{key}': {first}")
+
+
+def _check_sections(node: Any, schema: Any, source: str, prefix: str = "") -> None:
+    """A section given as something other than a mapping (`optim: [1, 2]`), named before omegaconf's
+    merge reports it without the key."""
+    if not isinstance(node, DictConfig) or not isinstance(schema, DictConfig):
+        return
+    for k in node.keys():
+        if k not in schema:
+            continue  # unknown keys: the merge names them, with a suggestion
+        sub, sub_schema = node._get_node(k), schema._get_node(k)
+        key = f"{prefix}{k}"
+        if isinstance(sub_schema, DictConfig) and not isinstance(sub, DictConfig):
+            raise ConfigError(f"{source}: '{key}' is a section of keys, got {OmegaConf.to_container(node)[k]!r}")
+        _check_sections(sub, sub_schema, source, key + ".")
 
 
 def _load_yaml(path: str, seen: tuple[str, ...] = ()) -> list[tuple[str, DictConfig]]:
@@ -316,11 +325,21 @@ def load_config(path: str | None, overrides: Sequence[str] = ()) -> DictConfig:
 
     cfg = schema.copy()
     for source, node in sources:
+        _check_sections(node, schema, source)
         try:
             cfg = OmegaConf.merge(cfg, node)
         except OmegaConfBaseException as e:
             raise _one_line(e, source, schema) from None
     where = path or "command line"
+
+    def blame(key: str) -> str:
+        """The last file (or the command line) that set `key` or a section above it; else the config."""
+        for source, node in reversed(sources):
+            parts = key.split(".")
+            for n in range(len(parts), 0, -1):
+                if OmegaConf.select(node, ".".join(parts[:n]), default=_UNSET, throw_on_missing=False) is not _UNSET:
+                    return source
+        return where
     try:
         missing = sorted(OmegaConf.missing_keys(cfg))
         if missing:
@@ -328,66 +347,194 @@ def load_config(path: str | None, overrides: Sequence[str] = ()) -> DictConfig:
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as e:
         raise _one_line(e, where, schema) from None
-    for key, allowed in CHOICES.items():
-        value = OmegaConf.select(cfg, key)
-        if value not in allowed:
-            raise ConfigError(f"{where}: '{key}' is {value!r}; choose one of {', '.join(allowed)}")
-    _check_ranges(cfg, where)
+    validate(cfg, blame)
     OmegaConf.set_readonly(cfg, True)
     return cfg
 
 
-def _check_ranges(cfg: DictConfig, where: str) -> None:
-    positive = ["train.steps", "train.global_batch_size", "train.log_every", "checkpoint.every_steps",
-                "checkpoint.keep_last", "data.image_size", "eval.batch_size"]
-    for key in positive:
-        if OmegaConf.select(cfg, key) <= 0:
-            raise ConfigError(f"{where}: '{key}' must be > 0, got {OmegaConf.select(cfg, key)}")
-    if cfg.data.num_workers < 0:
-        raise ConfigError(f"{where}: 'data.num_workers' must be >= 0")
-    if cfg.optim.warmup_steps < 0 or cfg.optim.lr <= 0:
-        raise ConfigError(f"{where}: 'optim.lr' must be > 0 and 'optim.warmup_steps' >= 0")
-    if len(cfg.optim.betas) != 2:
-        raise ConfigError(f"{where}: 'optim.betas' needs two values, got {list(cfg.optim.betas)}")
-    for key in ("train.micro_batch_size", "train.grad_accum_steps", "train.max_bad_steps"):
-        value = OmegaConf.select(cfg, key)
-        if value is not None and value <= 0:
-            raise ConfigError(f"{where}: '{key}' must be > 0, got {value}")
-    if cfg.engine.zero_stage not in (1, 2, 3):
-        raise ConfigError(f"{where}: 'engine.zero_stage' is {cfg.engine.zero_stage}; choose one of 1, 2, 3")
-    if cfg.train.spike_factor < 0 or 0 < cfg.train.spike_factor <= 1:
-        raise ConfigError(f"{where}: 'train.spike_factor' must be 0 (off) or > 1, got {cfg.train.spike_factor}")
-    if cfg.checkpoint.keep_every < 0:
-        raise ConfigError(f"{where}: 'checkpoint.keep_every' must be >= 0")
-    if cfg.checkpoint.every_minutes < 0:
-        raise ConfigError(f"{where}: 'checkpoint.every_minutes' must be >= 0 (0: off)")
-    if cfg.eval.fewshot.enabled and not (cfg.eval.fewshot.train and cfg.eval.fewshot.test):
-        raise ConfigError(f"{where}: 'eval.fewshot.enabled' needs 'eval.fewshot.train' and 'eval.fewshot.test'")
-    for task in ("linear_probe", "finetune"):
+# ---- validation: one rule per key -------------------------------------------------------------
+@dataclass(frozen=True)
+class Rule:
+    """What a key accepts: `ok(value)`, and `allowed`, the text an error shows after the key."""
+    ok: Callable[[Any], bool]
+    allowed: str
+    choice: bool = False  # worded "is X; choose one of ..." rather than "must be ..., got X"
+
+    def message(self, key: str, value: Any) -> str:
+        shown = OmegaConf.to_container(value) if isinstance(value, (DictConfig, ListConfig)) else value
+        if self.choice:
+            return f"'{key}' is {shown!r}; {self.allowed}"
+        return f"'{key}' must be {self.allowed}, got {shown!r}"
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def above(lo: float, note: str = "") -> Rule:
+    return Rule(lambda v: _number(v) and v > lo, f"> {lo}{note}")
+
+
+def at_least(lo: float, note: str = "") -> Rule:
+    return Rule(lambda v: _number(v) and v >= lo, f">= {lo}{note}")
+
+
+def within(lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False) -> Rule:
+    def ok(v: Any) -> bool:
+        return _number(v) and (lo < v if lo_open else lo <= v) and (v < hi if hi_open else v <= hi)
+    return Rule(ok, f"in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}")
+
+
+def one_of(*choices: Any) -> Rule:
+    return Rule(lambda v: v in choices, "choose one of " + ", ".join(map(str, choices)), choice=True)
+
+
+def optional(rule: Rule) -> Rule:
+    return Rule(lambda v: v is None or rule.ok(v), f"null or {rule.allowed}")
+
+
+def values(rule: Rule, n: int | None = None) -> Rule:
+    """A list: `n` values (or at least one), each accepted by `rule`."""
+    def ok(v: Any) -> bool:
+        return isinstance(v, (list, ListConfig)) and (len(v) == n if n else len(v) > 0) and all(rule.ok(x) for x in v)
+    return Rule(ok, f"{n if n else 'a list of'} values, each {rule.allowed}")
+
+
+def ordered_pair(rule: Rule) -> Rule:
+    """[low, high] with low <= high, both accepted by `rule` (crop scale and aspect-ratio ranges)."""
+    inner = values(rule, 2)
+    return Rule(lambda v: inner.ok(v) and v[0] <= v[1], f"[low, high] with low <= high, each {rule.allowed}")
+
+
+def _scheme_known(url: str) -> bool:
+    return "://" not in url or url.split("://", 1)[0].lower() in fsspec.available_protocols()
+
+
+def location(required: bool = False) -> Rule:
+    """A path or URL (shard specs: `::`-separated) whose scheme fsspec knows; '' only when optional."""
+    def ok(v: Any) -> bool:
+        parts = [p.strip() for p in str(v).split("::") if p.strip()] if isinstance(v, str) else None
+        return parts is not None and (bool(parts) or not required) and all(map(_scheme_known, parts))
+    schemes = "a local path or a URL with a scheme fsspec knows (file, s3, gs, http(s), ...)"
+    return Rule(ok, schemes if required else f"'' or {schemes}")
+
+
+def http_url_or_empty() -> Rule:
+    return Rule(lambda v: isinstance(v, str) and (v == "" or re.match(r"^https?://[^/\s]+", v) is not None),
+                "'' or an http(s):// URL")
+
+
+POSITIVE, COUNT, FRACTION = above(0), at_least(0), within(0, 1)
+# Every key with a bounded value: its rule, one line each. Keys with `*` apply to every list entry.
+# tests/unit/test_config_validation.py checks that every numeric key of the schema has a rule here.
+RULES: dict[str, Rule] = {
+    "run.dir": location(required=True),
+    "model.num_classes": POSITIVE,
+    "model.img_size": optional(POSITIVE),
+    "model.drop_rate": within(0, 1, hi_open=True),
+    "model.drop_path_rate": within(0, 1, hi_open=True),
+    "model.mlp_impl": one_of("eager", "compile", "fused"),
+    "data.prepare": one_of("none", "demo"),
+    "data.root": location(required=True),
+    "data.train": location(),
+    "data.val": location(),
+    "data.image_size": POSITIVE,
+    "data.num_workers": within(0, 256),  # per rank; thousands of worker processes never start
+    "data.shuffle_buffer": at_least(0, " (0 or 1: no shuffle)"),
+    "data.crop_fraction": within(0, 1, lo_open=True),
+    "data.mean": values(within(0, 255), 3),
+    "data.std": values(within(0, 255, lo_open=True), 3),
+    "data.augment.scale": ordered_pair(within(0, 1, lo_open=True)),
+    "data.augment.ratio": ordered_pair(above(0)),
+    "data.augment.randaugment_ops": COUNT,
+    "data.augment.randaugment_magnitude": within(0, 30),
+    "data.augment.mixup_alpha": COUNT,
+    "data.augment.cutmix_alpha": COUNT,
+    "data.augment.mix_prob": FRACTION,
+    "data.augment.mix_switch_prob": FRACTION,
+    "data.sources.*.train": location(required=True),
+    "data.sources.*.weight": POSITIVE,
+    "data.epoch_mode": one_of("exact", "resampled"),
+    "data.decode": one_of("cpu", "gpu"),
+    "data.storage.s3_endpoint": http_url_or_empty(),
+    "data.storage.retries": within(0, 100),  # more would retry a dead store for hours: a hang
+    "data.storage.backoff_s": within(0, 300),
+    "data.storage.give_up_after_s": within(0, 7 * 86400, lo_open=True),
+    "data.max_skip_fraction": FRACTION,
+    "optim.lr": POSITIVE,
+    "optim.betas": values(within(0, 1, hi_open=True), 2),
+    "optim.eps": POSITIVE,
+    "optim.weight_decay": COUNT,
+    "optim.warmup_steps": COUNT,
+    "optim.schedule": one_of("linear", "cosine"),
+    "optim.end_lr_ratio": FRACTION,
+    "optim.grad_clip": at_least(0, " (0: no clipping)"),
+    "optim.label_smoothing": within(0, 1, hi_open=True),
+    "optim.loss": one_of("softmax", "sigmoid"),
+    "train.steps": POSITIVE,
+    "train.global_batch_size": POSITIVE,
+    "train.seed": within(0, 2**32 - 1),  # numpy seeds are 32-bit
+    "train.precision": one_of("fp32", "bf16", "fp16"),
+    "train.device": one_of("auto", "cpu", "cuda"),
+    "train.log_every": POSITIVE,
+    "train.micro_batch_size": optional(POSITIVE),
+    "train.grad_accum_steps": optional(POSITIVE),
+    "train.spike_factor": Rule(lambda v: _number(v) and (v == 0 or v > 1), "0 (off) or > 1"),
+    "train.max_bad_steps": POSITIVE,
+    "engine.kind": one_of("single", "ddp", "fsdp", "deepspeed"),
+    "engine.backend": one_of("auto", "gloo", "nccl"),
+    "engine.zero_stage": one_of(1, 2, 3),
+    "checkpoint.every_steps": POSITIVE,
+    "checkpoint.keep_last": POSITIVE,
+    "checkpoint.keep_every": at_least(0, " (0: none)"),
+    "checkpoint.every_minutes": at_least(0, " (0: off)"),
+    "checkpoint.resume": one_of("auto", "never"),
+    "eval.mode": one_of("inline", "external", "none"),
+    "eval.batch_size": POSITIVE,
+    "eval.fewshot.train": location(),
+    "eval.fewshot.test": location(),
+    "eval.fewshot.shots": values(above(0)),
+    "eval.fewshot.seeds": POSITIVE,
+    "eval.fewshot.l2_regs": values(above(0)),
+    "eval.linear_probe.train": location(),
+    "eval.linear_probe.test": location(),
+    "eval.linear_probe.l2_regs": values(above(0)),
+    "eval.finetune.train": location(),
+    "eval.finetune.test": location(),
+    "eval.finetune.num_classes": at_least(0, " (0: from the manifest)"),
+    "eval.finetune.steps": POSITIVE,
+    "eval.finetune.batch_size": POSITIVE,
+    "eval.finetune.lr": POSITIVE,
+    "eval.finetune.warmup_steps": COUNT,
+    "eval.finetune.image_size": at_least(0, " (0: data.image_size)"),
+    "eval.finetune.time_budget_s": at_least(0, " (0: no limit)"),
+}
+
+
+def _expand(cfg: DictConfig, pattern: str) -> list[str]:
+    """`pattern` with each `*` replaced by every index of the list it stands for."""
+    if "*" not in pattern:
+        return [pattern]
+    head, tail = pattern.split(".*.", 1)
+    return [k for i in range(len(OmegaConf.select(cfg, head) or [])) for k in _expand(cfg, f"{head}.{i}.{tail}")]
+
+
+def validate(cfg: DictConfig, blame: Callable[[str], str]) -> None:
+    """Every rule of RULES and the few that tie keys together; the first failure is a ConfigError
+    naming the key, its value, `blame(key)` (the file or the command line that set it), what is allowed."""
+    for pattern, rule in RULES.items():
+        for key in _expand(cfg, pattern):
+            value = OmegaConf.select(cfg, key)
+            if not rule.ok(value):
+                raise ConfigError(f"{blame(key)}: {rule.message(key, value)}")
+    if not cfg.data.sources and not cfg.data.train:
+        raise ConfigError(f"{blame('data.train')}: 'data.train' is empty and 'data.sources' has no entry; "
+                          "give the training shards in one of them")
+    for task in ("fewshot", "linear_probe", "finetune"):
         section = cfg.eval[task]
         if section.enabled and not (section.train and section.test):
-            raise ConfigError(f"{where}: 'eval.{task}.enabled' needs 'eval.{task}.train' and 'eval.{task}.test'")
-    _check_data(cfg, where)
-
-
-def _check_data(cfg: DictConfig, where: str) -> None:
-    a, st = cfg.data.augment, cfg.data.storage
-    for key in ("mixup_alpha", "cutmix_alpha"):
-        if a[key] < 0:
-            raise ConfigError(f"{where}: 'data.augment.{key}' must be >= 0, got {a[key]}")
-    for key in ("mix_prob", "mix_switch_prob"):
-        if not 0 <= a[key] <= 1:
-            raise ConfigError(f"{where}: 'data.augment.{key}' must be in [0, 1], got {a[key]}")
-    if a.randaugment_ops < 0 or not 0 <= a.randaugment_magnitude <= 30:
-        raise ConfigError(f"{where}: 'data.augment.randaugment_ops' must be >= 0 and "
-                          f"'data.augment.randaugment_magnitude' in [0, 30]")
-    if st.give_up_after_s <= 0:
-        raise ConfigError(f"{where}: 'data.storage.give_up_after_s' must be > 0")
-    if st.retries < 0 or st.backoff_s < 0:
-        raise ConfigError(f"{where}: 'data.storage.retries' and 'data.storage.backoff_s' must be >= 0")
-    for i, source in enumerate(cfg.data.sources):
-        if source.weight <= 0:
-            raise ConfigError(f"{where}: 'data.sources.{i}.weight' must be > 0, got {source.weight}")
+            raise ConfigError(f"{blame(f'eval.{task}.enabled')}: 'eval.{task}.enabled' needs "
+                              f"'eval.{task}.train' and 'eval.{task}.test'")
 
 
 def to_yaml(cfg: DictConfig) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
 from dataclasses import dataclass
 
 import torch
@@ -34,8 +35,16 @@ def _env_int(*names: str, default: int) -> int:
 
 
 def init_distributed(device: str = "auto", backend: str = "auto", local_rank: int | None = None,
-                     timeout_s: int = 1800) -> DistInfo:
-    """Initialise torch.distributed if the environment describes more than one process."""
+                     timeout_s: int | None = None) -> DistInfo:
+    """Initialise torch.distributed if the environment describes more than one process.
+
+    timeout_s (default $PRETRAIN_DIST_TIMEOUT_S, else 1800): how long a collective waits for a peer.
+    A peer whose process dies is noticed at once (its sockets close); a peer whose whole node vanishes
+    (power, network) is noticed only after this long, and only then can an elastic launcher restart
+    the survivors on a smaller world. Lower it for elastic runs, keeping it above the slowest
+    legitimate wait (a checkpoint, an evaluation on rank 0)."""
+    if timeout_s is None:
+        timeout_s = int(os.environ.get("PRETRAIN_DIST_TIMEOUT_S") or 1800)
     rank = _env_int("RANK", "SLURM_PROCID", default=0)
     world_size = _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
     if local_rank is None or local_rank < 0:
@@ -62,6 +71,35 @@ def init_distributed(device: str = "auto", backend: str = "auto", local_rank: in
         dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=timeout_s))
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
+
+
+def node_name() -> str:
+    """This rank's node as the scheduler names it (several SLURM nodes may share one host), else the host name."""
+    return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+
+
+def describe_world(info: DistInfo) -> str:
+    """Collective: which ranks run on which node, e.g. "2 ranks on 2 nodes: n1 [0], n2 [1]"."""
+    names = [node_name()]
+    if info.distributed and dist.is_initialized():
+        names = [""] * info.world_size
+        dist.all_gather_object(names, node_name())
+    nodes: dict[str, list[int]] = {}
+    for rank, name in enumerate(names):
+        nodes.setdefault(name, []).append(rank)
+    ranks = {n: f"{r[0]}" if len(r) == 1 else f"{r[0]}-{r[-1]}" if r == list(range(r[0], r[-1] + 1)) else
+             ",".join(map(str, r)) for n, r in nodes.items()}
+    return (f"{info.world_size} rank(s) on {len(nodes)} node(s): "
+            + ", ".join(f"{n} [{ranks[n]}]" for n in nodes))
+
+
+def node_leaders(info: DistInfo) -> list[int]:
+    """Collective: the ranks with local rank 0, one per node, in rank order."""
+    if not (info.distributed and dist.is_initialized()):
+        return [info.rank]
+    flags: list[bool] = [False] * info.world_size
+    dist.all_gather_object(flags, info.local_rank == 0)
+    return [rank for rank, first in enumerate(flags) if first]
 
 
 def barrier() -> None:

@@ -2,7 +2,7 @@
 
   python pretrain/main.py                                      # the demo: CPU, a few minutes
   python pretrain/main.py --config configs/b16.yaml train.steps=1000 optim.lr=3e-3
-  torchrun --nproc_per_node 2 pretrain/main.py --config configs/demo.yaml   # DDP over gloo/nccl
+  python -m cluster.launch --nproc-per-node 2 -- --config configs/demo.yaml  # torchrun, DDP over gloo/nccl
   deepspeed pretrain/main.py --config configs/h14.yaml        # the launcher passes --local_rank
   python pretrain/main.py --config configs/l16.yaml --print-config
   python pretrain/main.py --config configs/h14.yaml --estimate-memory 64   # will it fit on 64 GPUs?
@@ -12,7 +12,10 @@ Any `dotted.key=value` after the options overrides the config file.
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+import time
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: import the project packages, not this folder's files
@@ -42,21 +45,38 @@ def one_line(err: BaseException) -> str:
     return lines[0] if lines else type(err).__name__
 
 
+def report(message: str) -> None:
+    """The one line a user error ends with. Under `python -m cluster.launch` (which sets
+    MIXER_LAUNCH_REPORTS) each rank leaves it in torchrun's per-rank error file instead, and the
+    launcher prints every distinct line once, rather than each rank printing the same one."""
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file and os.environ.get("MIXER_LAUNCH_REPORTS") == "1":
+        with open(error_file, "w") as f:
+            json.dump({"message": message, "timestamp": int(time.time())}, f)
+        return
+    print(f"error: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from pretrain.config import ConfigError, load_config, to_yaml
+
+    overrides = list(args.overrides) + (["checkpoint.resume=auto"] if args.resume else [])
+    try:  # before torch is imported: a bad value is reported in a second
+        cfg = load_config(args.config, overrides)
+    except ConfigError as e:
+        report(one_line(e))
+        return 2
+    if args.print_config:
+        print(to_yaml(cfg), end="")
+        return 0
     from data_pipeline.urls import DataSpecError
     from pretrain.checkpoint import CheckpointError
-    from pretrain.config import ConfigError, load_config, to_yaml
     from pretrain.preemption import REQUEUE_EXIT_CODE, Preempted
     from pretrain.trainer import Trainer, TrainingDiverged
 
-    overrides = list(args.overrides) + (["checkpoint.resume=auto"] if args.resume else [])
     trainer = None
     try:
-        cfg = load_config(args.config, overrides)
-        if args.print_config:
-            print(to_yaml(cfg), end="")
-            return 0
         if args.estimate_memory:
             from pretrain.build import memory_report
             print(memory_report(cfg, args.estimate_memory, args.config))
@@ -64,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         trainer = Trainer(cfg, config_source=args.config, local_rank=args.local_rank)
         trainer.train()
     except (ConfigError, DataSpecError, CheckpointError, TrainingDiverged) as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
+        report(one_line(e))
         return 2
     except Preempted as e:
         print(f"{e}", file=sys.stderr)

@@ -8,10 +8,12 @@ from __future__ import annotations
 import logging
 import math
 import os
+import resource
 import shutil
+import sys
 import tempfile
 import time
-from typing import Mapping
+from typing import Callable, Mapping
 
 import fsspec
 import torch
@@ -52,6 +54,13 @@ def peak_tflops(device_name: str, precision: str) -> float | None:
         if key in device_name:
             return half if precision in ("bf16", "fp16") else fp32
     return None
+
+
+def max_rss_gib() -> float:
+    """Peak resident memory of this process so far (GiB): host memory on every device, CPU runs included.
+    Data-loader workers are processes of their own and are not counted."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (2**30 if sys.platform == "darwin" else 2**20)  # bytes on macOS, KiB on Linux
 
 
 def _fmt_duration(seconds: float) -> str:
@@ -108,9 +117,10 @@ class Monitor:
         self.scalars(step, {"train/skipped_steps": self.skipped})
 
     def step(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, lr: float,
-             data_wait_s: float, loss_scale: float = 1.0) -> None:
-        self.loss_scale = loss_scale
-        loss, grad_norm = loss.detach().float(), grad_norm.detach().float()
+             data_wait_s: float, loss_scale: float | Callable[[], float] = 1.0) -> None:
+        """`loss_scale` may be a callable: GradScaler's scale is a device tensor, read on log steps only."""
+        # DeepSpeed's grad norm is a host float; the sums live where the loss does.
+        loss, grad_norm = loss.detach().float(), grad_norm.detach().float().to(loss.device)
         self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
         self._gnorm_sum = grad_norm if self._gnorm_sum is None else self._gnorm_sum + grad_norm
         self._steps += 1
@@ -118,6 +128,7 @@ class Monitor:
         if not itstime(step, self.log_every, self.total_steps):
             return
         elapsed = max(time.perf_counter() - self._t0, 1e-9)
+        self.loss_scale = loss_scale() if callable(loss_scale) else loss_scale
         # The only host sync of the interval; the loss is averaged over ranks for an honest figure.
         means = all_reduce_mean(torch.stack([self._loss_sum, self._gnorm_sum]) / self._steps).tolist()
         imgs_per_s = self._steps * self.global_batch_size / elapsed
@@ -139,12 +150,14 @@ class Monitor:
             if self.peak_tflops:
                 scalars["perf/mfu"] = tflops / self.peak_tflops
                 scalars["perf/peak_tflops"] = self.peak_tflops
+        scalars["perf/max_rss_gib"] = max_rss_gib()  # host memory: the figure a CPU run has
         if self.dist.device.type == "cuda":
             scalars["perf/max_mem_gib"] = torch.cuda.max_memory_allocated(self.dist.device) / 2**30
         eta = (self.total_steps - step) * elapsed / self._steps
         if self.dist.is_main:
             extra = "".join([f"  mfu {scalars['perf/mfu']:.1%}" if "perf/mfu" in scalars else "",
                              f"  mem {scalars['perf/max_mem_gib']:.1f}G" if "perf/max_mem_gib" in scalars else "",
+                             f"  rss {scalars['perf/max_rss_gib']:.1f}G",
                              f"  scale {self.loss_scale:g}" if self.loss_scale != 1.0 else ""])
             log.info("step %d/%d  loss %.4f  lr %.2e  gnorm %.3f  %.0f img/s  data %.0f%%%s  eta %s",
                      step, self.total_steps, means[0], lr, means[1], imgs_per_s,

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import logging
+import math
 import subprocess
 import time
 from pathlib import Path
+from typing import Iterator
 
 import fsspec
 import torch
@@ -15,9 +17,10 @@ from data_pipeline.storage import StorageError
 from data_pipeline.stream import SKIP_KINDS, Batch
 
 from . import build
+from .atomic import write_atomic
 from .checkpoint import Checkpointer, capture_rng, restore_rng
 from .config import ConfigError, to_yaml
-from .dist import all_reduce_mean, all_reduce_sum, broadcast, init_distributed, shutdown
+from .dist import all_reduce_mean, all_reduce_sum, broadcast, describe_world, init_distributed, shutdown
 from .evaluation import EvalRunner
 from .monitor import Monitor, itstime
 from .preemption import Preempted, PreemptionWatcher
@@ -38,24 +41,29 @@ class TrainingDiverged(RuntimeError):
 
 
 class LossGuard:
-    """Judges each micro batch's loss before its backward: non-finite, or above `spike_factor` x the
-    running mean, is bad. Collective (the loss is averaged over ranks) so every rank decides alike.
-    This costs one small all-reduce and one host sync per micro batch, the price of never letting
-    a bad gradient into the weights."""
+    """Judges the micro batches' losses of a step: non-finite, or above `spike_factor` x the running
+    mean, is bad. Collective (each loss is averaged over ranks) so every rank decides alike.
+    `judge` takes all the losses it is given in one all-reduce and one host read: the trainer calls
+    it once per optimiser step, so the launch queue drains once per step, not once per micro batch."""
 
     def __init__(self, spike_factor: float, max_bad_steps: int) -> None:
         self.spike_factor, self.max_bad_steps = spike_factor, max_bad_steps
         self.mean: float | None = None  # exponential moving average of good losses
         self.streak = 0
 
-    def check(self, loss: torch.Tensor) -> str | None:
-        value = all_reduce_mean(loss.detach().float().reshape(1)).item()
-        if not torch.isfinite(torch.tensor(value)):
-            return f"non-finite loss ({value})"
-        if self.spike_factor and self.mean is not None and value > self.spike_factor * self.mean:
-            return f"loss spike {value:.4f} > {self.spike_factor} x running mean {self.mean:.4f}"
-        self.mean = value if self.mean is None else 0.9 * self.mean + 0.1 * value
+    def judge(self, losses: list[torch.Tensor]) -> str | None:
+        """The first bad loss of `losses` (in order, as if each were checked alone), or None."""
+        values = all_reduce_mean(torch.stack([x.detach().float().reshape(()) for x in losses])).tolist()  # the sync
+        for value in values:
+            if not math.isfinite(value):
+                return f"non-finite loss ({value})"
+            if self.spike_factor and self.mean is not None and value > self.spike_factor * self.mean:
+                return f"loss spike {value:.4f} > {self.spike_factor} x running mean {self.mean:.4f}"
+            self.mean = value if self.mean is None else 0.9 * self.mean + 0.1 * value
         return None
+
+    def check(self, loss: torch.Tensor) -> str | None:
+        return self.judge([loss])
 
     def end_step(self, step: int, bad: str | None) -> None:
         if bad is None:
@@ -75,6 +83,7 @@ class Trainer:
         logging.basicConfig(level=logging.INFO if self.dist.is_main else logging.WARNING,
                             format=f"%(asctime)s [rank {self.dist.rank}] %(message)s", datefmt="%H:%M:%S",
                             force=True)
+        log.info("process group: %s", describe_world(self.dist))  # multi-node: which node holds which ranks
         self.run_dir = cfg.run.dir
         self.micro_batch_size, self.accum_steps = build.batch_layout(cfg, self.dist, config_source)
         self.batch_size = self.micro_batch_size * self.accum_steps  # per rank per optimiser step
@@ -113,8 +122,7 @@ class Trainer:
         if self.dist.is_main:
             fs, root = fsspec.core.url_to_fs(self.run_dir)
             fs.makedirs(root, exist_ok=True)
-            with fs.open(f"{root}/config.yaml", "w") as f:
-                f.write(to_yaml(cfg))
+            write_atomic(fs, f"{root}/config.yaml", to_yaml(cfg).encode())
         log.info("model %s: %.2fM params | %d ranks x %d images (%d x %d accumulated) | engine %s | device %s | run dir %s",
                  cfg.model.name, n_params / 1e6, self.dist.world_size, self.batch_size, self.micro_batch_size,
                  self.accum_steps, self.engine.kind, self.dist.device, self.run_dir)
@@ -128,7 +136,8 @@ class Trainer:
         if restored.rank_state is not None:
             restore_rng(restored.rank_state["rng"])
         self.step = restored.step
-        log.info("resumed from %s (step %d)", restored.path, self.step)
+        log.info("resumed from %s (step %d) with world size %d (saved by %s)", restored.path, self.step,
+                 self.dist.world_size, restored.metadata.get("world_size", "?"))
 
     def save_and_evaluate(self, evaluate: bool = True) -> None:
         t0 = time.perf_counter()
@@ -185,6 +194,8 @@ class Trainer:
         cfg = self.cfg
         if cfg.checkpoint.resume == "auto":
             self.resume()
+        # At the step the run (re)starts from: an elastic restart on fewer nodes shows up as a drop here.
+        self.monitor.scalars(self.step, {"dist/world_size": self.dist.world_size})
         if self.step >= cfg.train.steps:
             log.info("nothing to do: %s is already at step %d of %d (raise train.steps, or use a new run.dir)",
                      self.run_dir, self.step, cfg.train.steps)
@@ -196,32 +207,7 @@ class Trainer:
         batches = iter(self.loader)
         self.engine.model.train()
         while self.step < cfg.train.steps:
-            # ---- one optimiser step: accum_steps micro batches, each judged before its backward
-            data_wait, losses, bad = 0.0, [], None
-            for _ in range(self.accum_steps):
-                t0 = time.perf_counter()
-                batch = self.next_batch(batches)  # consumed even in a skipped step: the stream stays in step
-                data_wait += time.perf_counter() - t0
-                if bad is not None:
-                    continue
-                images, labels = self.forward.prepare(batch)
-                with self.engine.autocast():
-                    logits = self.engine.model(images)
-                loss = self.loss_fn(logits, labels)
-                bad = self.guard.check(loss)
-                if bad is None:
-                    self.engine.backward(loss)
-                    losses.append(loss.detach())
-            lr = self.engine.lr  # the rate this update uses; step() advances the schedule
-            if bad is None:
-                grad_norm = self.engine.step()
-                self.monitor.step(self.step + 1, torch.stack(losses).mean(), grad_norm, lr, data_wait,
-                                  loss_scale=self.engine.loss_scale)
-            else:
-                self.engine.skip_step()
-                self.monitor.skipped_step(self.step + 1)
-            self.guard.end_step(self.step + 1, bad)
-            self.step += 1
+            self.train_step(batches)
             # ---- step boundary: weights, schedule and data position agree on self.step here
             preempted = self.preemption.requested(data_failed=self.data_error is not None)  # collective
             if self.preemption.data_failed:
@@ -236,6 +222,41 @@ class Trainer:
                 self.save_and_evaluate()
         self.checkpointer.wait()  # the last checkpoint is published before the run says it is done
         log.info("done: %d steps, run dir %s", self.step, self.run_dir)
+
+    def train_step(self, batches: Iterator) -> None:
+        """One optimiser step: `accum_steps` micro batches, then the update or, for a bad loss, a skip.
+        The losses stay on the device and the guard reads them once, after the last forward and before
+        the last backward (DeepSpeed updates inside that one): one host sync per step. The earlier
+        micro batches' backwards run unjudged where the engine's skip drops every gradient of the step;
+        an engine that cannot (`judge_each_micro_batch`) has each micro batch judged before its backward."""
+        data_wait, losses, pending, bad = 0.0, [], [], None
+        for i in range(self.accum_steps):
+            t0 = time.perf_counter()
+            batch = self.next_batch(batches)  # consumed even in a skipped step: the stream stays in step
+            data_wait += time.perf_counter() - t0
+            if bad is not None:
+                continue
+            images, labels = self.forward.prepare(batch)
+            with self.engine.autocast():
+                logits = self.engine.model(images)
+            loss = self.loss_fn(logits, labels)
+            losses.append(loss.detach())
+            pending.append(losses[-1])
+            if i == self.accum_steps - 1 or self.engine.judge_each_micro_batch:
+                bad, pending = self.guard.judge(pending), []
+            if bad is None:
+                self.engine.backward(loss)
+        lr = self.engine.lr  # the rate this update uses; step() advances the schedule
+        if bad is None:
+            grad_norm = self.engine.step()
+            engine = self.engine
+            self.monitor.step(self.step + 1, torch.stack(losses).mean(), grad_norm, lr, data_wait,
+                              loss_scale=lambda: engine.loss_scale)  # read on log steps only (a host sync)
+        else:
+            self.engine.skip_step()
+            self.monitor.skipped_step(self.step + 1)
+        self.guard.end_step(self.step + 1, bad)
+        self.step += 1
 
     def next_batch(self, batches) -> Batch:
         """The next micro batch. When this rank's storage failed for good, the last batch stands in until the

@@ -60,3 +60,14 @@ def http_server(tmp_path):
     server.root.mkdir(parents=True, exist_ok=True)
     yield server
     server.stop()
+
+
+def tiny_trainer(run_dir, demo_root, *overrides):
+    """An in-process Trainer on the demo data (2-block test model, no evaluation, no loader workers),
+    for tests that drive `Trainer.train_step` themselves."""
+    from pretrain.config import load_config
+    from pretrain.trainer import Trainer
+
+    return Trainer(load_config(str(ROOT / "configs/demo.yaml"), [
+        f"run.dir={run_dir}", f"data.root={demo_root}", "model.name=mixer_p4_32", "train.steps=100",
+        "data.num_workers=0", "eval.mode=none", "optim.warmup_steps=2", *overrides]))

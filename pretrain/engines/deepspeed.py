@@ -12,16 +12,15 @@ new partition of the masters and the moments.
 """
 from __future__ import annotations
 
-import enum
 import logging
 import os
-import pickle
 from collections import ChainMap
 from typing import Any, Mapping
 
 import torch
 
 from .base import Engine, StateWriter, ensure_process_group, host_copy
+from .safe_load import enum_member, forced_weights_only
 from .zero_reshard import read_zero_checkpoint
 
 log = logging.getLogger("pretrain")
@@ -49,24 +48,20 @@ def deepspeed_config(*, micro_batch_size: int, accum_steps: int, world_size: int
     }
 
 
-def _enum_member(cls: Any, name: str) -> Any:
-    """Stands in for `getattr` while unpickling: Python 3.11.2+ pickles an Enum member as
-    getattr(EnumClass, "name"); only that lookup is allowed, nothing else `getattr` could reach."""
-    if isinstance(cls, type) and issubclass(cls, enum.Enum) and isinstance(name, str) and name in cls.__members__:
-        return cls[name]
-    raise pickle.UnpicklingError(f"refusing getattr({cls!r}, {name!r}) in a checkpoint file")
+def _deepspeed_safe_globals() -> list[Any]:
+    """The plain DeepSpeed data classes its checkpoint files hold, allowed by name."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address, (enum_member, "builtins.getattr")]
 
 
 def _load_weights_only(path: str, map_location: Any = None, mmap: bool = False) -> Any:
     """DeepSpeed's checkpoint reader, but with weights_only=True: its files may hold tensors,
     numbers, strings, containers and the few plain DeepSpeed data classes allowed here by name,
     never pickled code."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address,
-                                           (_enum_member, "builtins.getattr")]):
+    with torch.serialization.safe_globals(_deepspeed_safe_globals()):
         return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
 
 
@@ -95,6 +90,10 @@ class DeepSpeedEngine(Engine):
         self.ds, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config)
         self.model = self.ds
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=False)  # DeepSpeed scales fp16 itself
+
+    # ZeRO-2 reduces each micro batch's gradients into its partition buffers, which zero_grad does not
+    # clear, and the last backward's ds.step() updates: a bad loss must never reach backward here.
+    judge_each_micro_batch = True
 
     def backward(self, loss: torch.Tensor) -> None:
         self._micro += 1
@@ -168,15 +167,20 @@ class DeepSpeedEngine(Engine):
 
     def snapshot_state(self, directory: str, *, background: bool, group: Any = None) -> StateWriter:
         """DeepSpeed's own checkpoint (each rank its partition). In the background its checkpoint
-        engine's `save` is intercepted to take host copies, written later by `finish()`."""
+        engine's `save` is intercepted to take host copies, written later by `finish()`.
+
+        DeepSpeed's `latest` file is written (it names the tag), so its own tools read `engine/` without
+        `--tag`; its copies of `zero_to_fp32.py` are not: their CLI needs huggingface_hub, and
+        `python -m deepspeed.utils.zero_to_fp32` is the same script (README, Checkpoints)."""
+        self.ds._copy_recovery_script = lambda save_path: None  # instance attribute: shadows the method
         if not background:
-            self.ds.save_checkpoint(directory, tag=STATE_TAG, save_latest=False)
+            self.ds.save_checkpoint(directory, tag=STATE_TAG, save_latest=True)
             return StateWriter()
         captured: list[tuple[str, Any]] = []
         engine = self.ds.checkpoint_engine
         engine.save = lambda state_dict, path: captured.append((path, host_copy(state_dict)))
         try:
-            self.ds.save_checkpoint(directory, tag=STATE_TAG, save_latest=False)
+            self.ds.save_checkpoint(directory, tag=STATE_TAG, save_latest=True)
         finally:
             del engine.save  # the instance attribute shadowed the class method
         return StateWriter.files(captured)
@@ -185,8 +189,12 @@ class DeepSpeedEngine(Engine):
         same = (saved_layout.get("world_size"), saved_layout.get("zero_stage")) == (self.dist.world_size,
                                                                                     self.zero_stage)
         if same:
+            # Every file DeepSpeed reads goes through its checkpoint engine's `load`, replaced here; the
+            # universal-checkpoint paths call torch.load(weights_only=False) directly, and the forced
+            # weights-only mode makes those (and any other) safe too.
             self.ds.checkpoint_engine.load = _load_weights_only
-            path, _ = self.ds.load_checkpoint(directory, tag=STATE_TAG, load_lr_scheduler_states=False)
+            with forced_weights_only(), torch.serialization.safe_globals(_deepspeed_safe_globals()):
+                path, _ = self.ds.load_checkpoint(directory, tag=STATE_TAG, load_lr_scheduler_states=False)
             if path is None:
                 raise RuntimeError(f"{directory}: DeepSpeed found no checkpoint under tag {STATE_TAG!r}")
         else:

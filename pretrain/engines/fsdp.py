@@ -4,7 +4,8 @@ Each block's weights are gathered just before it runs and, with `reshard_after_f
 right after, so a rank holds one block's full weights at a time. Mixed precision is FSDP's own
 policy (compute in bf16/fp16, gradients reduced in fp32) rather than autocast. The optimiser and
 its state hold only this rank's shards; checkpoints go through torch.distributed.checkpoint, which
-reshards on load, so a run may resume on any world size.
+reshards on load, so a run may resume on any world size. Loading unpickles nothing as code: DCP's
+pickled `.metadata` through an allow-list of its own classes, everything else weights-only.
 """
 from __future__ import annotations
 
@@ -14,12 +15,32 @@ from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import DefaultLoadPlanner
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_model_state_dict, set_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from .base import Engine, StateWriter, ensure_process_group
+from .safe_load import forced_weights_only, read_dcp_metadata
+
+
+class _SafeReader(dcp.FileSystemReader):
+    """DCP's file reader with its `.metadata` pickle read through an allow-list (safe_load.py), once,
+    before DCP starts: a refusal is then one error, not DCP's logged tracebacks and retries."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        with open(os.path.join(path, ".metadata"), "rb") as f:
+            self.metadata = read_dcp_metadata(f)
+        if getattr(self.metadata, "storage_meta", None) is None:
+            self.metadata.storage_meta = StorageMeta()
+
+    def read_metadata(self) -> Metadata:  # no **kwargs: DCP then never retries with per-rank metadata
+        self.metadata.storage_meta.load_id = self.load_id
+        return self.metadata
 
 
 class FSDPEngine(Engine):
@@ -86,7 +107,14 @@ class FSDPEngine(Engine):
     def load_state(self, directory: str, saved_layout: dict[str, Any]) -> None:
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
         state = {"model": model_sd, "optim": optim_sd}
-        dcp.load(state, checkpoint_id=os.path.join(directory, "dcp"))
+        path = os.path.join(directory, "dcp")
+        # Nothing in DCP's files is unpickled as code: the metadata through an allow-list, the tensors
+        # and the byte items (optimizer hyper-parameters) weights-only (see safe_load.py).
+        try:
+            with forced_weights_only():
+                dcp.load(state, storage_reader=_SafeReader(path), planner=DefaultLoadPlanner())
+        except CheckpointException as e:  # a BaseException carrying each rank's error: re-raise the first
+            raise next(iter(e.failures.values()))[0] from None
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         extra = torch.load(os.path.join(directory, "scaler.pt"), map_location="cpu", weights_only=True)
         if extra.get("scaler"):

@@ -15,10 +15,11 @@ import os
 import re
 import socket
 import time
-import uuid
 from typing import Iterator
 
 import fsspec
+
+from ..atomic import write_atomic
 
 log = logging.getLogger(__name__)
 STEP_FILE = re.compile(r"^step_(\d{7,})\.json$")
@@ -38,10 +39,7 @@ class EvalRecords:
     def write(self, record: dict) -> None:
         self.fs.makedirs(self.root, exist_ok=True)
         final = self.path(record["step"])
-        tmp = f"{final}.tmp-{uuid.uuid4().hex[:8]}"
-        with self.fs.open(tmp, "w") as f:
-            json.dump(record, f, indent=1)
-        self.fs.mv(tmp, final)
+        write_atomic(self.fs, final, json.dumps(record, indent=1).encode())  # whole or absent: `has` trusts it
         try:  # a convenience history; the step files above are the record of what is done
             with self.fs.open(f"{self.root}/results.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")

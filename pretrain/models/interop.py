@@ -17,6 +17,12 @@ JAX key (flattened with ``/``)                         ours (timm)
 ``head/{kernel,bias}``                                 ``head.{weight,bias}``
 =====================================================  ==========================================
 
+The official JAX Mixer calls flax's ``nn.gelu``, which is the tanh approximation
+(``jax.nn.gelu(approximate=True)``), so its checkpoints give their logits only in a model built
+with ``act="gelu_tanh"``. Loading an ``.npz`` therefore refuses a model with another activation
+(one line); ``npz_act="gelu"`` declares a file trained with exact GELU instead (e.g. our own
+``export_jax`` of a ``gelu`` model, which would otherwise refuse to write it).
+
 Loading never unpickles code: ``.safetensors``, ``torch.load(weights_only=True)`` and
 ``numpy.load(allow_pickle=False)``. Every problem with a file is one line naming the file and
 the first offending key.
@@ -36,6 +42,8 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 from torch import nn
 
+from .mixer import activation_name
+
 __all__ = [
     "CheckpointMismatchError",
     "read_state_dict",
@@ -50,6 +58,8 @@ __all__ = [
 # Keys under which training frameworks nest a model's state dict in a .pth file.
 _NESTED_KEYS = ("state_dict", "model", "state_dict_ema", "model_ema")
 _HEAD_KEYS = ("head.weight", "head.bias")
+# What flax's nn.gelu computes (approximate=True): the activation of every official JAX checkpoint.
+JAX_ACT = "gelu_tanh"
 
 
 class CheckpointMismatchError(ValueError):
@@ -190,13 +200,26 @@ def check_compatible(model: nn.Module, state_dict: Mapping[str, torch.Tensor], s
         raise CheckpointMismatchError(f"{source}: unexpected key {unexpected[0]!r} (not in the model)")
 
 
-def load_pretrained(model: nn.Module, source: str | Mapping[str, torch.Tensor], reset_head: bool = False) -> nn.Module:
+def _check_jax_act(model: nn.Module, npz_act: str, source: str) -> None:
+    act = activation_name(model)
+    if act != npz_act:
+        raise CheckpointMismatchError(
+            f"{source}: a JAX checkpoint trained with {npz_act} (flax nn.gelu is tanh-approximate) needs a model "
+            f"built with act={npz_act!r} (config model.act={npz_act}); this one uses {act}")
+
+
+def load_pretrained(model: nn.Module, source: str | Mapping[str, torch.Tensor], reset_head: bool = False,
+                    npz_act: str = JAX_ACT) -> nn.Module:
     """Load a timm (``.pth``/``.safetensors``) or JAX (``.npz``) checkpoint into ``model``.
 
     ``reset_head=True`` is for transfer to a new class count: the checkpoint's head is ignored and
     the model's head is re-initialised to zeros (the paper's fine-tuning recipe).
+    ``npz_act``: the activation an ``.npz`` was trained with (flax's default, tanh, for the official
+    ones); a model built with another one is refused, since its logits would not be the checkpoint's.
     """
     name = source if isinstance(source, str) else "state dict"
+    if isinstance(source, str) and _format(source) == "npz":
+        _check_jax_act(model, npz_act, source)  # before reading: a large file is not downloaded in vain
     state_dict = read_state_dict(source) if isinstance(source, str) else dict(source)
     skip = _HEAD_KEYS if reset_head else ()
     check_compatible(model, state_dict, name, skip=skip)
@@ -226,11 +249,14 @@ def _plain_tensors(model_or_sd: nn.Module | Mapping[str, torch.Tensor]) -> dict[
 
 
 def export_timm(model_or_sd: nn.Module | Mapping[str, torch.Tensor], url: str) -> None:
-    """Write timm-loadable weights: ``.safetensors``, or ``.pth``/``.pt`` of plain tensors."""
+    """Write timm-loadable weights: ``.safetensors`` (with the model's activation in its metadata,
+    ``act``), or ``.pth``/``.pt`` of plain tensors."""
     tensors = _plain_tensors(model_or_sd)
+    act = activation_name(model_or_sd) if isinstance(model_or_sd, nn.Module) else None
     fmt = _format(url)
     if fmt == "safetensors":
-        data = save_safetensors_bytes(tensors)
+        # The activation is not in the weights but decides the logits (gelu vs gelu_tanh): record it.
+        data = save_safetensors_bytes(tensors, metadata={"act": act} if act else None)
     elif fmt == "torch":
         buf = io.BytesIO()
         torch.save(tensors, buf)
@@ -240,8 +266,14 @@ def export_timm(model_or_sd: nn.Module | Mapping[str, torch.Tensor], url: str) -
     _atomic_write(url, data)
 
 
-def export_jax(model_or_sd: nn.Module | Mapping[str, torch.Tensor], url: str) -> None:
-    """Write a vision_transformer/big_vision-style ``.npz`` (flax names, HWIO / [in, out] kernels)."""
+def export_jax(model_or_sd: nn.Module | Mapping[str, torch.Tensor], url: str, npz_act: str = JAX_ACT) -> None:
+    """Write a vision_transformer/big_vision-style ``.npz`` (flax names, HWIO / [in, out] kernels).
+
+    The JAX code runs it with ``nn.gelu`` (tanh), so a model with another activation is refused unless
+    ``npz_act`` says the file is meant for that one (a .npz has no place to record it).
+    """
+    if isinstance(model_or_sd, nn.Module):
+        _check_jax_act(model_or_sd, npz_act, url)
     buf = io.BytesIO()
     np.savez(buf, **timm_to_jax(_plain_tensors(model_or_sd)))
     _atomic_write(url, buf.getvalue())

@@ -16,7 +16,7 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
-__all__ = ["DropPath", "Mlp", "TokenMixingMlp", "MixerBlock", "PatchEmbed", "MlpMixer", "MODEL_CFGS"]
+__all__ = ["activation_name", "DropPath", "Mlp", "TokenMixingMlp", "MixerBlock", "PatchEmbed", "MlpMixer", "MODEL_CFGS"]
 
 IntOrPair = Union[int, Sequence[int]]
 
@@ -24,12 +24,25 @@ IntOrPair = Union[int, Sequence[int]]
 # truncated normal have the requested std, as JAX's variance_scaling("truncated_normal") does.
 _TRUNC_NORMAL_STD_CORRECTION = 0.87962566103423978
 
-# The activations the paper and timm's ports use; "gelu" is exact (erf), as in the paper's
-# JAX code (flax nn.gelu(approximate=False) in big_vision's Mixer).
+# "gelu" is exact (erf): PyTorch's and timm's default, and what timm's Mixer ports run.
+# "gelu_tanh" is the tanh approximation: the paper's JAX code (vision_transformer models_mixer.py,
+# big_vision mlp_mixer.py) calls flax's nn.gelu, i.e. jax.nn.gelu(approximate=True), so the
+# official checkpoints were trained with it and reproduce their logits only with it.
 _ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "gelu": partial(nn.GELU, approximate="none"),
     "gelu_tanh": partial(nn.GELU, approximate="tanh"),
 }
+
+
+def activation_name(model: nn.Module) -> str | None:
+    """The activation a model's MLPs use ("gelu", "gelu_tanh", "relu"), from its first activation
+    module; None when it has none. Works on wrapped and fused models alike (modules, not kwargs)."""
+    for module in model.modules():
+        if isinstance(module, nn.GELU):
+            return "gelu_tanh" if module.approximate == "tanh" else "gelu"
+        if isinstance(module, nn.ReLU):
+            return "relu"
+    return None
 _GLOBAL_POOLS = ("avg", "")
 
 
@@ -187,7 +200,7 @@ class MlpMixer(nn.Module):
         drop_rate: dropout before the head. proj_drop_rate: dropout inside the MLPs.
         drop_path_rate: stochastic depth of the last block; rates rise linearly from 0.
         global_pool: "avg" (mean over tokens) or "" (head applied per token).
-        act: "gelu" (exact, the paper's) or "gelu_tanh".
+        act: "gelu" (exact erf; timm's ports) or "gelu_tanh" (flax's nn.gelu: the official JAX checkpoints).
     """
 
     def __init__(

@@ -16,11 +16,13 @@ and what backward recomputes ``x_hat`` from.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import triton
 import triton.language as tl
 
-from .triton_kernels import interpreting
+from .triton_kernels import AUTOTUNED, autotune_bench, interpreting
 
 
 @triton.jit
@@ -91,15 +93,23 @@ def _add_ln_bwd_kernel(
 
 
 def _tiles(c: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_C, num_warps): a whole row per tile; several rows when C is small."""
-    block_c = triton.next_power_of_2(c)
-    if interpreting():
-        return 4, block_c, 1  # small tiles keep the numpy interpreter quick and still span several
-    # About 4K elements per tile, 16 per thread and tensor: enough work per program to hide
-    # memory latency without spilling registers (backward keeps ~8 such tensors live). A guess:
-    # not tuned on a GPU yet.
-    block_m = max(1, min(16, 4096 // block_c))
-    return block_m, block_c, 8 if block_m * block_c >= 4096 else 4
+    """Interpreter tiles (BLOCK_M, BLOCK_C, num_warps): a whole row per tile, a few rows per program."""
+    return 4, triton.next_power_of_2(c), 1  # small tiles keep the numpy interpreter quick and still span several
+
+
+def _gpu_configs(block_c: int) -> list[triton.Config]:
+    """Candidate (rows per program, warps) for rows of `block_c`: tiles of 2K-8K elements, 16 or fewer
+    rows, 4 or 8 warps. The autotuner times them once per (M, C) on the GPU and keeps the fastest."""
+    rows = sorted({max(1, min(16, elements // block_c)) for elements in (2048, 4096, 8192)})
+    return [triton.Config({"BLOCK_M": m}, num_warps=w) for m in rows for w in (4, 8)]
+
+
+def _tuned(kernel: Any, block_c: int, key: tuple[str, ...]) -> Any:
+    """`kernel` autotuned over `_gpu_configs(block_c)` (BLOCK_C is fixed by the row width), made once."""
+    name = f"{kernel.__name__.strip('_')}/block_c={block_c}"
+    if name not in AUTOTUNED:
+        AUTOTUNED[name] = triton.autotune(configs=_gpu_configs(block_c), key=list(key), do_bench=autotune_bench)(kernel)
+    return AUTOTUNED[name]
 
 
 def add_layernorm_fwd(
@@ -114,17 +124,24 @@ def add_layernorm_fwd(
     out = torch.empty(x.shape, device=x.device, dtype=out_dtype)
     mean = torch.empty(m, device=x.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
-    block_m, block_c, warps = _tiles(c)
-    _add_ln_fwd_kernel[(triton.cdiv(m, block_m),)](
-        x, y, s, out, weight, bias, mean, rstd, m, c, eps, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=warps)
+    args = (x, y, s, out, weight, bias, mean, rstd, m, c, eps)
+    if interpreting():
+        block_m, block_c, warps = _tiles(c)
+        _add_ln_fwd_kernel[(triton.cdiv(m, block_m),)](*args, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=warps)
+    else:
+        block_c = triton.next_power_of_2(c)
+        _tuned(_add_ln_fwd_kernel, block_c, ("M", "C"))[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)](
+            *args, BLOCK_C=block_c)
     return s, out, mean, rstd
 
 
-def _programs(tiles: int, device: torch.device) -> int:
+def _programs(rows: int, device: torch.device) -> int:
+    """Programs of the backward kernel; each sums its rows' dw/db into one partial row. Independent of
+    the (autotuned) rows per tile, so the partial buffer is sized before the tile is chosen."""
     if interpreting():
-        return min(tiles, 3)  # several programs, so the partial-sum reduction is exercised
+        return min(triton.cdiv(rows, _tiles(1)[0]), 3)  # several programs: the partial sums are exercised
     # A few waves of programs: enough to fill the GPU, few enough that the partial rows are cheap to sum.
-    return min(tiles, 4 * torch.cuda.get_device_properties(device).multi_processor_count)
+    return min(rows, 4 * torch.cuda.get_device_properties(device).multi_processor_count)
 
 
 def add_layernorm_bwd(
@@ -138,12 +155,18 @@ def add_layernorm_bwd(
     """
     c = s.shape[-1]
     m = s.numel() // c
-    block_m, block_c, warps = _tiles(c)
-    programs = _programs(triton.cdiv(m, block_m), s.device)
+    programs = _programs(m, s.device)
     ds = torch.empty_like(s)
     dw_part = torch.empty((programs, c), device=s.device, dtype=torch.float32)
     db_part = torch.empty_like(dw_part)
-    _add_ln_bwd_kernel[(programs,)](
-        s, grad_out, grad_s if grad_s is not None else s, ds, weight, mean, rstd, dw_part, db_part, m, c,
-        HAS_GS=grad_s is not None, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=warps)
+    # A program left without a row tile writes zero partial rows: every row of dw_part is written.
+    args = (s, grad_out, grad_s if grad_s is not None else s, ds, weight, mean, rstd, dw_part, db_part, m, c)
+    if interpreting():
+        block_m, block_c, warps = _tiles(c)
+        _add_ln_bwd_kernel[(programs,)](*args, HAS_GS=grad_s is not None, BLOCK_M=block_m, BLOCK_C=block_c,
+                                        num_warps=warps)
+    else:
+        block_c = triton.next_power_of_2(c)
+        _tuned(_add_ln_bwd_kernel, block_c, ("M", "C", "HAS_GS"))[(programs,)](
+            *args, HAS_GS=grad_s is not None, BLOCK_C=block_c)
     return ds, dw_part.sum(0).to(weight.dtype), db_part.sum(0).to(weight.dtype)

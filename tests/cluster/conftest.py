@@ -1,13 +1,18 @@
-"""A real single-node SLURM for the tests: Debian's slurm-wlm and munge, started from a tmp dir.
+"""Real SLURM clusters for the tests: Debian's slurm-wlm and munge, started from a tmp dir.
 
-The fixture installs the packages when they are missing and it may (root, apt-get present), writes
-a munge key and slurm.conf (node `localhost` with this machine's CPUs, one partition, requeue on,
-no cgroups, free ports), starts munged, slurmctld and slurmd in the foreground as its own children,
-waits for `sinfo` to show the node idle, points SLURM_CONF at it, and stops everything afterwards.
+`slurm`: one node, `localhost`. `slurm2`: two nodes, `n1` and `n2`, each its own slurmd (own port,
+spool, log and pid file: `slurmd -N n1`, `slurmd -N n2`) on this machine, at NodeAddr 127.0.0.1.
+The names n1/n2 resolve nowhere, as on clusters whose node names are not their addresses.
+
+The fixtures install the packages when they are missing and they may (root, apt-get present), write
+a munge key and slurm.conf (this machine's CPUs per node, one partition, requeue on, no cgroups,
+free ports), start munged, slurmctld and the slurmds in the foreground as their own children, wait
+for `sinfo` to show the nodes idle, point SLURM_CONF at the cluster, and stop everything afterwards.
 """
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -17,7 +22,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port
 
 DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch")
 
@@ -78,14 +82,34 @@ class Slurm:
         return "\n".join(f"--- {p.name}\n{p.read_text()[-2000:]}" for p in sorted(self.root.glob("*.log")))
 
 
-def _write_conf(root: Path) -> Path:
+def _free_ports(n: int) -> list[int]:
+    """n distinct free ports: all held open while picking (one at a time, the kernel may repeat one)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _write_conf(root: Path, nodes: tuple[str, ...]) -> Path:
     cpus = os.cpu_count() or 1
-    mem_mb = max(256, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20 // 2)
+    mem_mb = max(256, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20 // 2 // len(nodes))
     for d in ("state", "spool"):
         (root / d).mkdir()
+    # One slurmd per node on this machine: each needs its own port (Port= on its NodeName line) and,
+    # through %n (the node name), its own spool dir, log and pid file.
+    ctld_port, *node_ports = _free_ports(1 + len(nodes))
+    node_lines = "\n".join(f"NodeName={n} NodeAddr=127.0.0.1 Port={port} CPUs={cpus} RealMemory={mem_mb} "
+                           "State=UNKNOWN" for n, port in zip(nodes, node_ports))
     conf = root / "slurm.conf"
     conf.write_text(f"""\
 ClusterName=mixertest
+# Job ids (and so the rendezvous ports cluster/rendezvous.py derives from them) that differ between
+# clusters: two test sessions on one machine must not both start at job 1, port 20001.
+FirstJobId={random.randrange(100, 12000)}
 SlurmctldHost={socket.gethostname().split('.')[0]}(127.0.0.1)
 SlurmUser=root
 SlurmdUser=root
@@ -93,14 +117,13 @@ AuthType=auth/munge
 CredType=cred/munge
 # cred_expire: a requeued job may start again only after it (default 120 s); keep the test short.
 AuthInfo=socket={root}/munge.socket,cred_expire=5
-SlurmctldPort={free_port()}
-SlurmdPort={free_port()}
+SlurmctldPort={ctld_port}
 StateSaveLocation={root}/state
-SlurmdSpoolDir={root}/spool
+SlurmdSpoolDir={root}/spool/%n
 SlurmctldPidFile={root}/slurmctld.pid
-SlurmdPidFile={root}/slurmd.pid
+SlurmdPidFile={root}/slurmd-%n.pid
 SlurmctldLogFile={root}/slurmctld.log
-SlurmdLogFile={root}/slurmd.log
+SlurmdLogFile={root}/slurmd-%n.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
@@ -116,18 +139,18 @@ JobRequeue=1
 MinJobAge=600
 KillWait=10
 InactiveLimit=0
-NodeName=localhost NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={mem_mb} State=UNKNOWN
-PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
+{node_lines}
+PartitionName=debug Nodes={",".join(nodes)} Default=YES MaxTime=INFINITE State=UP
 """)
     return conf
 
 
-@pytest.fixture(scope="session")
-def slurm(tmp_path_factory):
+def _cluster(tmp_path_factory, nodes: tuple[str, ...]):
+    """Start a cluster of `nodes` (all on this machine), yield it, stop it (a generator fixture body)."""
     _install_or_skip()
     root = tmp_path_factory.mktemp("slurm")
     root.chmod(0o755)
-    conf = _write_conf(root)
+    conf = _write_conf(root, nodes)
     key = root / "munge.key"
     key.write_bytes(os.urandom(1024))
     key.chmod(0o400)
@@ -137,18 +160,22 @@ def slurm(tmp_path_factory):
     old = os.environ.get("SLURM_CONF")
 
     def start(*cmd: str) -> None:
-        log = (root / f"{Path(cmd[0]).name}.out").open("w")
+        log = (root / f"{'-'.join(Path(c).name for c in cmd[:3:2])}.out").open("w")
         procs.append(subprocess.Popen(list(cmd), env=env, stdout=log, stderr=subprocess.STDOUT,
                                       start_new_session=True))
+
+    def idle() -> bool:
+        out = cluster.run("sinfo", "-h", "-N", "-o", "%N %T", check=False).stdout.split("\n")
+        return sorted(line.strip() for line in out if line.strip()) == sorted(f"{n} idle" for n in nodes)
 
     try:
         start(_exe("munged"), "-F", "--force", f"--key-file={key}", f"--socket={root}/munge.socket",
               f"--pid-file={root}/munged.pid", f"--log-file={root}/munged.log", f"--seed-file={root}/munge.seed")
         _wait_for(lambda: (root / "munge.socket").exists(), 20, "munged socket", cluster)
         start(_exe("slurmctld"), "-D", "-i", "-f", str(conf))
-        start(_exe("slurmd"), "-D", "-N", "localhost", "-f", str(conf))
-        _wait_for(lambda: cluster.run("sinfo", "-h", "-n", "localhost", "-o", "%T", check=False).stdout.strip()
-                  == "idle", 60, "node localhost idle in sinfo", cluster)
+        for node in nodes:
+            start(_exe("slurmd"), "-D", "-N", node, "-f", str(conf))
+        _wait_for(idle, 60, f"node(s) {','.join(nodes)} idle in sinfo", cluster)
         os.environ["SLURM_CONF"] = str(conf)
         yield cluster
     finally:
@@ -158,13 +185,24 @@ def slurm(tmp_path_factory):
                 os.environ["SLURM_CONF"] = old
         subprocess.run(["scancel", "--partition", "debug"], env=env, capture_output=True, timeout=30)
         time.sleep(1)
-        for p in reversed(procs):  # slurmd, slurmctld, munged: the processes this fixture started
+        for p in reversed(procs):  # slurmds, slurmctld, munged: the processes this fixture started
             p.terminate()
             try:
                 p.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory):
+    yield from _cluster(tmp_path_factory, ("localhost",))
+
+
+@pytest.fixture(scope="session")
+def slurm2(tmp_path_factory):
+    """Two nodes, n1 and n2 (see the module docstring); jobs submitted with --nodes 2 span both."""
+    yield from _cluster(tmp_path_factory, ("n1", "n2"))
 
 
 def _wait_for(cond, timeout: float, what: str, cluster: Slurm) -> None:

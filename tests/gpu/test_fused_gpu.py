@@ -22,6 +22,8 @@ pytestmark = [
 @pytest.mark.parametrize("dtype, tol", [(torch.bfloat16, 2e-2), (torch.float16, 3e-3)])
 @pytest.mark.parametrize("shape", [
     dict(batch=4, tokens=196, width=768, d_s=384, d_c=3072),  # Mixer-B/16
+    dict(batch=4, tokens=196, width=1024, d_s=512, d_c=4096),  # Mixer-L/16
+    dict(batch=2, tokens=256, width=1280, d_s=640, d_c=5120),  # Mixer-H/14
     dict(batch=3, tokens=49, width=100, d_s=50, d_c=300),  # nothing a multiple of the tiles
 ])
 def test_fused_functions_match_torch(dtype, tol, shape):
@@ -34,6 +36,7 @@ def test_fused_functions_match_torch(dtype, tol, shape):
 @pytest.mark.parametrize("dtype, tol", [(torch.bfloat16, 1e-2), (torch.float16, 1.5e-3)])
 @pytest.mark.parametrize("shape", [
     dict(batch=4, tokens=196, width=768),  # Mixer-B/16
+    dict(batch=4, tokens=196, width=1024),  # Mixer-L/16
     dict(batch=2, tokens=256, width=1280),  # Mixer-H/14's width: the widest tile
     dict(batch=3, tokens=49, width=100),  # nothing a power of two
 ])

@@ -43,6 +43,7 @@ def test_export_newest_checkpoint_fp32_and_bf16(run_dir, tmp_path, capsys):
     from safetensors import safe_open
     with safe_open(tmp_path / "out/m.safetensors", "pt") as f:
         assert f.metadata()["step"] == "10" and f.metadata()["model"] == "mixer_p4_32"
+        assert f.metadata()["act"] == "gelu"  # the activation is not in the weights: recorded beside them
 
     r = export(run_dir / "checkpoints/step_0000005", "--out", tmp_path / "m5.safetensors", "--dtype", "bf16",
                capsys=capsys)
@@ -81,3 +82,40 @@ def test_corrupt_or_missing_checkpoint_is_one_line(run_dir, tmp_path, capsys):
     r = export(bad, "--print-step", capsys=capsys)
     assert r.returncode == 0 and r.stdout.strip() == "5", r.stderr
     assert json.loads((bad / "checkpoints/step_0000010/metadata.json").read_text())["step"] == 10
+
+
+def _timm_or_skip():
+    try:
+        import timm
+    except Exception as e:  # the CPU build here cannot import torchvision, which timm needs
+        pytest.skip(f"timm not importable: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    return timm
+
+
+@pytest.mark.parametrize("act", ["gelu", "gelu_tanh"])
+def test_timm_recipe_loads_the_trained_head_for_any_class_count(run_dir, tmp_path, capsys, act):
+    """The timm recipe the export prints (the README's) gives our logits in real timm, with the trained
+    head of any class count: the demo's 64 classes on a variant timm does not register (built from timm's
+    MlpMixer class), and a 7-class gelu_tanh Mixer-S/32 through timm.create_model's pretrained path."""
+    timm = _timm_or_skip()
+    import functools
+
+    from pretrain.export import timm_recipe
+    from pretrain.models.interop import export_timm
+    if act == "gelu":  # the CLI on a trained run
+        r = export(run_dir, "--out", tmp_path / "m.pth", capsys=capsys)
+        assert r.returncode == 0, r.stderr
+        recipe = next(line for line in r.stdout.splitlines() if line.startswith("timm: "))[len("timm: "):]
+        ours = create_model("mixer_p4_32", num_classes=64)
+        ours.load_state_dict(torch.load(tmp_path / "m.pth", weights_only=True))
+        x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    else:  # a tanh model with a 7-class head, through the same recipe function
+        ours = create_model("mixer_s32_224", num_classes=7, act="gelu_tanh")
+        torch.nn.init.normal_(ours.head.weight)  # a zero head would hide a dropped one
+        export_timm(ours, str(tmp_path / "t.safetensors"))
+        recipe = timm_recipe("mixer_s32_224", 7, act, str(tmp_path / "t.safetensors"))
+        x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    scope = {"timm": timm, "torch": torch, "functools": functools}
+    exec(recipe, scope)
+    with torch.no_grad():
+        torch.testing.assert_close(scope["model"].eval()(x), ours.eval()(x), rtol=1e-5, atol=1e-5)

@@ -163,6 +163,18 @@ def assert_same_optimizer_state(a, b):
     assert int(a.step) == int(b.step) and a.global_steps == b.global_steps
 
 
+def assert_deepspeed_tools_read(run_dir, step):
+    """DeepSpeed's own reader, as documented (no tag: it follows engine/latest), gives model.safetensors
+    bit for bit; the `latest` file is covered by the checkpoint's sha256 list like every other file."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    ckpt = run_dir / f"checkpoints/step_{step:07d}"
+    theirs, ours = get_fp32_state_dict_from_zero_checkpoint(str(ckpt / "engine")), weights(run_dir, step)
+    assert theirs.keys() == ours.keys() and all(torch.equal(theirs[k], ours[k]) for k in ours)
+    assert "engine/latest" in metadata(run_dir, step)["files"]
+    assert not list(ckpt.glob("engine/*.py"))  # DeepSpeed's script copies (their CLI needs huggingface_hub)
+
+
 @pytest.mark.parametrize("killed_and_resumed", ["deepspeed"], indirect=True)
 def test_deepspeed_reshards_optimizer_state_across_world_size_and_stage(killed_and_resumed):
     """ZeRO-2 on 2 ranks -> ZeRO-2 on 1 -> ZeRO-3 on 3 (uneven partitions: 64-element biases over 3
@@ -173,6 +185,7 @@ def test_deepspeed_reshards_optimizer_state_across_world_size_and_stage(killed_a
     run_dir = checkpoint_copy(base, 20)
     saved = zero_state(run_dir, 20)
     assert int(saved.step) == 20 and saved.stage == 2 and saved.world_size == 2
+    assert_deepspeed_tools_read(run_dir, 20)  # ZeRO-2, 2 ranks
     # The rebuilt masters are the consolidated weights DeepSpeed gathered itself at save time.
     assert all(torch.equal(v, saved.tensors["fp32"][k]) for k, v in weights(run_dir, 20).items())
 
@@ -187,6 +200,7 @@ def test_deepspeed_reshards_optimizer_state_across_world_size_and_stage(killed_a
     three = run(torchrun(3) + resave + args + ["engine.zero_stage=3", "train.global_batch_size=48"])
     assert "resharded: ZeRO-2 on 1 ranks -> ZeRO-3 on 3 ranks" in three
     assert metadata(run_dir, 20)["layout"] == {"engine": "deepspeed", "world_size": 3, "zero_stage": 3}
+    assert_deepspeed_tools_read(run_dir, 20)  # ZeRO-3, 3 ranks (uneven partitions); training resumes from it below
     assert_same_optimizer_state(saved, zero_state(run_dir, 20))
 
     two = run(command(engine, 2, run_dir, demo_root, steps=21))

@@ -49,7 +49,10 @@ def test_single_process_run_trains_checkpoints_and_evaluates(tmp_path, demo_root
     tb.Reload()
     tags = set(tb.Tags()["scalars"])
     assert {"train/loss", "train/lr", "train/grad_norm", "perf/img_per_s", "eval/upstream/top1",
-            "eval/fewshot/5shot"} <= tags
+            "eval/fewshot/5shot", "perf/max_rss_gib"} <= tags
+    # Host memory on a CPU run: a process that imported torch and trained holds well over 0.1 GiB, under 24.
+    assert all(0.1 < e.value < 24 for e in tb.Scalars("perf/max_rss_gib")), tb.Scalars("perf/max_rss_gib")
+    assert re.search(r"step 150/150 .* rss \d+\.\dG", r.stderr)
     assert [e.step for e in tb.Scalars("eval/upstream/top1")] == [0, 75, 150]
     assert [e.step for e in tb.Scalars("train/loss")] == list(range(5, 151, 5))
     assert (run_dir / "config.yaml").read_text().count("mixer_p4_32") == 1

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from scipy.special import erf
 
@@ -100,8 +101,18 @@ def _random_jax_params(seed: int = 0) -> dict[str, np.ndarray]:
     return p
 
 
-def _jax_reference_logits(p: dict[str, np.ndarray], images_nhwc: np.ndarray) -> np.ndarray:
-    """The flax Mixer's forward in float64 numpy, NHWC as in vit_jax/models_mixer.py."""
+def _flax_gelu(y: np.ndarray) -> np.ndarray:
+    """flax ``nn.gelu`` = ``jax.nn.gelu(approximate=True)``: the tanh form, written out as jax does."""
+    return 0.5 * y * (1 + np.tanh(np.sqrt(2 / np.pi) * (y + 0.044715 * y**3)))
+
+
+def _erf_gelu(y: np.ndarray) -> np.ndarray:
+    return 0.5 * y * (1 + erf(y / np.sqrt(2)))
+
+
+def _jax_reference_logits(p: dict[str, np.ndarray], images_nhwc: np.ndarray, gelu=_flax_gelu) -> np.ndarray:
+    """The flax Mixer's forward in float64 numpy, NHWC as in vit_jax/models_mixer.py (flax's GELU
+    unless ``gelu`` says otherwise)."""
     p = {k: v.astype(np.float64) for k, v in p.items()}
     n, h, w, c = images_nhwc.shape
     # Conv with kernel = stride = patch, HWIO kernel; then 'n h w c -> n (h w) c'.
@@ -116,8 +127,7 @@ def _jax_reference_logits(p: dict[str, np.ndarray], images_nhwc: np.ndarray) -> 
 
     def mlp(v, prefix):
         y = v @ p[f"{prefix}/Dense_0/kernel"] + p[f"{prefix}/Dense_0/bias"]
-        y = 0.5 * y * (1 + erf(y / np.sqrt(2)))
-        return y @ p[f"{prefix}/Dense_1/kernel"] + p[f"{prefix}/Dense_1/bias"]
+        return gelu(y) @ p[f"{prefix}/Dense_1/kernel"] + p[f"{prefix}/Dense_1/bias"]
 
     for i in range(BLOCKS):
         b = f"MixerBlock_{i}"
@@ -128,8 +138,8 @@ def _jax_reference_logits(p: dict[str, np.ndarray], images_nhwc: np.ndarray) -> 
     return x @ p["head/kernel"] + p["head/bias"]
 
 
-def _model(classes: int = CLASSES):
-    return create_model("mixer_p4_32", num_classes=classes).eval()
+def _model(classes: int = CLASSES, act: str = "gelu"):
+    return create_model("mixer_p4_32", num_classes=classes, act=act).eval()
 
 
 def _images(seed: int = 1) -> torch.Tensor:
@@ -178,13 +188,33 @@ def test_against_real_timm_model_when_importable():
         torch.testing.assert_close(ours(x), reference(x), rtol=1e-5, atol=1e-5)
 
 
-def test_jax_npz_import_gives_jax_logits(tmp_path):
+def test_jax_npz_import_gives_flax_logits(tmp_path):
     params = _random_jax_params()
     path = tmp_path / "imagenet21k_Mixer-P4.npz"
     np.savez(path, **params)
-    model = load_pretrained(_model(), str(path))
+    model = load_pretrained(_model(act="gelu_tanh"), str(path))  # the plain way, as for an official file
     x = _images()
-    expected = _jax_reference_logits(params, x.permute(0, 2, 3, 1).double().numpy())
+    nhwc = x.permute(0, 2, 3, 1).double().numpy()
+    expected = torch.from_numpy(_jax_reference_logits(params, nhwc))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).double(), expected, rtol=1e-5, atol=1e-5)
+    # The tolerance can tell the two GELUs apart: exact GELU misses flax's logits by more than it.
+    erf_logits = torch.from_numpy(_jax_reference_logits(params, nhwc, gelu=_erf_gelu))
+    assert (erf_logits - expected).abs().max() > 1e-4
+
+
+def test_jax_npz_refuses_a_model_with_another_activation(tmp_path):
+    params = _random_jax_params()
+    path = tmp_path / "official.npz"
+    np.savez(path, **params)
+    with pytest.raises(CheckpointMismatchError) as exc:
+        load_pretrained(_model(act="gelu"), str(path))
+    msg = _one_line(exc)
+    assert str(path) in msg and "act='gelu_tanh'" in msg and "model.act=gelu_tanh" in msg
+    # A file declared as trained with exact GELU loads into an exact-GELU model and gives those logits.
+    model = load_pretrained(_model(act="gelu"), str(path), npz_act="gelu")
+    x = _images()
+    expected = _jax_reference_logits(params, x.permute(0, 2, 3, 1).double().numpy(), gelu=_erf_gelu)
     with torch.no_grad():
         torch.testing.assert_close(model(x).double(), torch.from_numpy(expected), rtol=1e-5, atol=1e-5)
 
@@ -193,7 +223,7 @@ def test_jax_npz_with_params_prefix_loads(tmp_path):
     params = _random_jax_params()
     path = tmp_path / "ckpt.npz"
     np.savez(path, **{f"params/{k}": v for k, v in params.items()})
-    model = load_pretrained(_model(), str(path))
+    model = load_pretrained(_model(act="gelu_tanh"), str(path))
     torch.testing.assert_close(model.head.weight, torch.from_numpy(params["head/kernel"]).t())
 
 
@@ -207,6 +237,9 @@ def test_export_is_timm_loadable(tmp_path, ext):
     sd = load_file(str(path)) if ext == "safetensors" else torch.load(path, weights_only=True)
     assert {k: tuple(v.shape) for k, v in sd.items()} == _timm_shapes()
     assert all(v.dtype == torch.float32 for v in sd.values())
+    if ext == "safetensors":
+        with safe_open(str(path), "pt") as f:
+            assert f.metadata() == {"act": "gelu"}
     x = _images()
     with torch.no_grad():
         torch.testing.assert_close(_timm_reference_logits(sd, x), model(x), rtol=1e-5, atol=1e-5)
@@ -217,9 +250,12 @@ def test_export_jax_round_trip(tmp_path):
     params = _random_jax_params(seed=3)
     src = tmp_path / "in.npz"
     np.savez(src, **params)
-    model = load_pretrained(_model(), str(src))
+    model = load_pretrained(_model(act="gelu_tanh"), str(src))
     out = tmp_path / "out.npz"
     export_jax(model, str(out))
+    with pytest.raises(CheckpointMismatchError) as exc:  # flax would run an exact-GELU model's file with tanh
+        export_jax(_model(act="gelu"), str(tmp_path / "exact.npz"))
+    assert "act='gelu_tanh'" in _one_line(exc) and not (tmp_path / "exact.npz").exists()
     with np.load(out) as back:
         assert sorted(back.files) == sorted(params)
         for k in params:
@@ -260,7 +296,7 @@ def test_jax_checkpoint_of_another_variant_names_the_key(tmp_path):
     path = tmp_path / "other.npz"
     np.savez(path, **params)
     with pytest.raises(CheckpointMismatchError) as exc:
-        load_pretrained(_model(), str(path))
+        load_pretrained(_model(act="gelu_tanh"), str(path))
     assert "'blocks.0.mlp_tokens.fc1.weight'" in _one_line(exc)
 
 
