@@ -3,8 +3,9 @@
 Modules (import the one you need; this package root stays import-light):
     shards      write/read webdataset tar shards and their JSON manifest
     write       the shard-writer CLI (python -m data_pipeline.write): folder / list / re-shard -> any URL
+    index       the manifest builder for shards written elsewhere (python -m data_pipeline.index): counts, offsets
     urls        turn a data spec (brace pattern, ``::`` list, manifest) into shard URLs
-    storage     fsspec options per scheme (s3 endpoint/profile/anon), retries with back-off
+    storage     fsspec options per scheme (s3 endpoint/profile/anon), the one retry layer (time budget)
     reader      tar members -> samples; EpochReader fetches samples of an epoch plan by position
     plan        the global epoch plan: sample order, per-rank slices, world-size independent position
     transforms  decode + crop/flip on the CPU (simplejpeg or PIL, uint8 out)

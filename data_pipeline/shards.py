@@ -26,7 +26,7 @@ from PIL import Image
 from webdataset import TarWriter
 
 from data_pipeline.errors import DataSpecError
-from data_pipeline.storage import DEFAULT_STORAGE, StorageOptions
+from data_pipeline.storage import DEFAULT_STORAGE, RetryBudget, StorageOptions, is_outage, open_url, permanent_reason
 
 # Fixed member mtime so that the same samples always give byte-identical shards (stable sha256).
 _MTIME = 0  # an int: a float mtime makes tarfile add a PAX header to every member
@@ -72,6 +72,7 @@ class _PendingShard:
         self.final = posixpath.join(root, name)
         self.tmp = f"{self.final}.tmp-{token}"
         self.count = 0
+        self.offsets: list[int] = []  # byte offset of each sample, then the end of the last one
         self._file = fs.open(self.tmp, "wb")
         self._hasher = _HashingWriter(self._file)
         self._tar = TarWriter(self._hasher, encoder=False, mtime=_MTIME)
@@ -81,14 +82,17 @@ class _PendingShard:
         self._tar.tarstream.format = tarfile.GNU_FORMAT
 
     def write(self, key: str, data: bytes, label: int) -> None:
+        self.offsets.append(self._tar.tarstream.offset)  # where this sample's first header starts
         self._tar.write({"__key__": key, "jpg": bytes(data), "cls": str(label).encode("ascii")})
         self.count += 1
 
     def publish(self) -> dict:
+        self.offsets.append(self._tar.tarstream.offset)
         self._tar.close()  # writes the end-of-archive blocks, through the hasher
         self._file.close()
         self.fs.mv(self.tmp, self.final)
-        return {"url": self.name, "num_samples": self.count, "sha256": self._hasher.sha256.hexdigest()}
+        return {"url": self.name, "num_samples": self.count, "sha256": self._hasher.sha256.hexdigest(),
+                "offsets": self.offsets}
 
     def abort(self) -> None:
         self._tar.close()  # else tarfile's finaliser later writes to the closed file
@@ -140,7 +144,7 @@ def write_shards(
     }
     tmp = posixpath.join(root, f"{prefix}.json.tmp-{token}")
     with fs.open(tmp, "w") as f:
-        json.dump(manifest, f, indent=1)
+        json.dump(manifest, f, separators=(",", ":"))  # compact: offsets are one number per sample
     fs.mv(tmp, posixpath.join(root, f"{prefix}.json"))
     return manifest
 
@@ -159,15 +163,29 @@ def _absolute(base_url: str, name: str) -> str:
 
 def read_manifest(url: str, storage: StorageOptions = DEFAULT_STORAGE) -> dict:
     """Load a manifest written by :func:`write_shards`, with shard URLs made absolute."""
-    try:
-        with fsspec.open(url, "r", **storage.fsspec_kwargs(url)) as f:
-            manifest = json.load(f)
-    except FileNotFoundError:
-        raise DataSpecError(f"manifest {url!r} not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataSpecError(f"manifest {url!r} is not valid JSON: {exc}") from None
+    budget = RetryBudget(url, storage)
+    while True:
+        try:
+            with open_url(url, storage, "r") as f:
+                manifest = json.load(f)
+            break
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise DataSpecError(f"manifest {url!r} is not valid JSON: {exc}") from None
+        except FileNotFoundError as exc:
+            if permanent_reason(exc) is None and not is_outage(exc):
+                raise DataSpecError(f"manifest {url!r} not found") from None
+            budget.failed(exc, "reading manifest")
+        except Exception as exc:  # noqa: BLE001 - storage back-ends raise anything from OSError to ClientError
+            budget.failed(exc, "reading manifest")  # permanent (no credentials, bad scheme): one line at once
     shards = manifest.get("shards") if isinstance(manifest, dict) else None
     if not isinstance(shards, list) or not all(isinstance(s, dict) and "url" in s for s in shards):
         raise DataSpecError(f"manifest {url!r} has no valid 'shards' list")
+    for s in shards:
+        offsets = s.get("offsets")
+        if offsets is not None and not (isinstance(offsets, list) and len(offsets) == int(s.get("num_samples", -2)) + 1
+                                         and all(isinstance(o, int) for o in offsets)
+                                         and all(a < b for a, b in zip(offsets, offsets[1:]))):
+            raise DataSpecError(f"manifest {url!r}: shard {s['url']!r} has 'offsets' that are not num_samples + 1 "
+                                f"increasing byte offsets; rebuild it with python -m data_pipeline.index")
     manifest["shards"] = [dict(s, url=_absolute(url, s["url"])) for s in manifest["shards"]]
     return manifest

@@ -1,20 +1,38 @@
-"""Opening shard URLs through fsspec: per-scheme options from the config, retries with back-off.
+"""Opening shard URLs through fsspec: per-scheme options from the config, and the one retry layer.
 
 Credentials never pass through here as values: s3fs/gcsfs take them from the environment or the
 cloud SDK's chain (profiles, instance roles); only the endpoint, profile name and anonymous flag are
 configured, and nothing here logs an option value.
+
+Retries live in one place, :class:`RetryBudget`: the reader calls ``open_url`` once per attempt and
+hands every failure to its budget, which either waits (exponential back-off) or stops the run with one
+line naming the URL. Errors fall in three kinds:
+
+- permanent (no credentials, access denied, unknown scheme, bad endpoint, missing bucket): retrying
+  cannot help, so the first one raises :class:`StorageError` at once;
+- content (a damaged tar): the reader skips the rest of that shard, the same way on every rank;
+- anything else is transient (connection refused, timeouts, 5xx, throttling, and a missing object that
+  the manifest says exists: a store restoring its objects answers NoSuchKey for a while): retried until
+  ``give_up_after_s`` have passed since the last success, then :class:`StorageError`.
 """
 from __future__ import annotations
 
 import logging
+import socket
 import time
 from dataclasses import dataclass, field
 from typing import IO, Any
 
 import fsspec
-from fsspec.core import split_protocol
+from fsspec.core import split_protocol, url_to_fs
+
+from data_pipeline.errors import DataSpecError
 
 log = logging.getLogger(__name__)
+
+
+class StorageError(DataSpecError):
+    """Shard storage cannot be read (permanently, or not within the retry budget); the message names the URL."""
 
 
 @dataclass(frozen=True)
@@ -24,8 +42,9 @@ class StorageOptions:
     s3_endpoint: str = ""  # e.g. http://127.0.0.1:9000 for MinIO / moto; "" = AWS
     s3_profile: str = ""  # a profile of ~/.aws/config; "" = the default credential chain
     s3_anon: bool = False  # public buckets without credentials
-    retries: int = 5  # further attempts after a failed open/read of one shard
+    retries: int = 5  # kept for configs that set it; the time budget below is what bounds retrying
     backoff_s: float = 0.5  # first wait; doubles per attempt, capped at 30 s
+    give_up_after_s: float = 600.0  # transient failures of one URL are retried this long, then the run stops
     extra: dict = field(default_factory=dict)  # further fsspec options per scheme {"gs": {...}}
 
     def fsspec_kwargs(self, url: str) -> dict[str, Any]:
@@ -38,6 +57,8 @@ class StorageOptions:
                 kwargs["profile"] = self.s3_profile
             if self.s3_anon:
                 kwargs["anon"] = True
+            # One retry layer (RetryBudget): botocore makes one attempt per call, not its own 5 with back-off.
+            kwargs.setdefault("config_kwargs", {}).setdefault("retries", {"total_max_attempts": 1, "mode": "standard"})
         return kwargs
 
     def wait(self, attempt: int) -> float:
@@ -46,36 +67,110 @@ class StorageOptions:
 
 DEFAULT_STORAGE = StorageOptions()
 
-# Errors that say the object is not there (or not ours): retrying cannot help.
-_PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+# S3 error codes that no amount of waiting fixes (the rest, e.g. SlowDown, 5xx, NoSuchKey, are retried).
+_PERMANENT_CODES = {"NoSuchBucket", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch",
+                    "AllAccessDisabled", "InvalidBucketName", "AuthorizationHeaderMalformed", "InvalidToken",
+                    "ExpiredToken", "AccountProblem"}
+# botocore exception class names for missing / unusable credentials and malformed endpoints.
+_PERMANENT_NAMES = {"NoCredentialsError", "PartialCredentialsError", "ProfileNotFound", "NoRegionError",
+                    "InvalidEndpointError", "UnknownCredentialError", "CredentialRetrievalError"}
 
 
-def _transient_cause(exn: BaseException) -> bool:
-    # fsspec's HTTP back-end reports "connection refused" as FileNotFoundError(url) raised from the
-    # connection error; look through the chain so an outage is retried, not mistaken for a missing file.
-    seen = exn.__cause__ or exn.__context__
-    while seen is not None:
-        if isinstance(seen, (ConnectionError, TimeoutError)) or "Connect" in type(seen).__name__:
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
+def _chain(exn: BaseException):
+    seen: set[int] = set()
+    while exn is not None and id(exn) not in seen:
+        seen.add(id(exn))
+        yield exn
+        exn = exn.__cause__ or exn.__context__
 
 
-def is_permanent(exn: BaseException) -> bool:
-    """True when retrying cannot help: the object is missing or forbidden (and not because of an outage)."""
-    return isinstance(exn, _PERMANENT) and not _transient_cause(exn)
+def is_outage(exn: BaseException) -> bool:
+    """True when a connection failure is somewhere in the chain (fsspec's HTTP reports one as a missing file)."""
+    return any(isinstance(e, (ConnectionError, TimeoutError)) or "Connect" in type(e).__name__ for e in _chain(exn))
+
+
+def permanent_reason(exn: BaseException) -> str | None:
+    """Why retrying ``exn`` cannot help (configuration or authorisation), or None if it may be transient."""
+    if any(isinstance(e, socket.gaierror) or "DNS" in type(e).__name__ for e in _chain(exn)):
+        return "the endpoint's host name does not resolve"  # a typo in the endpoint, not an outage
+    if is_outage(exn):
+        return None  # an outage, whatever it was reported as
+    for e in _chain(exn):
+        response = getattr(e, "response", None)
+        code = response.get("Error", {}).get("Code") if isinstance(response, dict) else None
+        if code in _PERMANENT_CODES:
+            return code
+        if type(e).__name__ in _PERMANENT_NAMES:
+            return type(e).__name__
+        if isinstance(e, PermissionError):
+            return "access denied"
+        if isinstance(e, ImportError):
+            return "the fsspec back-end for this scheme is not installed"
+        if isinstance(e, ValueError) and ("Protocol not known" in str(e) or "endpoint" in str(e).lower()):
+            return "unknown URL scheme" if "Protocol" in str(e) else "bad endpoint"
+        if isinstance(e, (IsADirectoryError, NotADirectoryError)):
+            return "not a file"
+    return None
+
+
+def _brief(exn: BaseException) -> str:
+    return f"{type(exn).__name__}: {' '.join(str(exn).split())[:200]}"
+
+
+class RetryBudget:
+    """The retry policy of one URL: back-off between attempts, a total time budget since the last success.
+
+    ``failed`` either sleeps and returns (try again) or raises :class:`StorageError`; ``succeeded``
+    resets the budget, so a long run survives any number of short outages.
+    """
+
+    def __init__(self, url: str, storage: StorageOptions = DEFAULT_STORAGE, missing_is_permanent: bool = False) -> None:
+        self.url, self.storage, self.missing_is_permanent = url, storage, missing_is_permanent
+        self.attempts = 0
+        self._since: float | None = None  # monotonic time of the first failure since the last success
+
+    def succeeded(self) -> None:
+        self.attempts, self._since = 0, None
+
+    def failed(self, exn: BaseException, what: str = "reading") -> None:
+        reason = permanent_reason(exn)
+        if reason is None and self.missing_is_permanent and isinstance(exn, FileNotFoundError) and not is_outage(exn):
+            reason = "not found"
+        if reason is not None:
+            raise StorageError(f"cannot read {self.url} ({reason}): {_brief(exn)}") from None
+        now = time.monotonic()
+        self._since = now if self._since is None else self._since
+        waited = now - self._since
+        budget = self.storage.give_up_after_s
+        if waited >= budget:
+            raise StorageError(f"gave up on {self.url} after {waited:.0f}s of failures "
+                               f"(data.storage.give_up_after_s={budget:g}): {_brief(exn)}") from None
+        delay = min(self.storage.wait(self.attempts), budget - waited)
+        self.attempts += 1
+        log.warning("%s %s failed (%s); retry %d in %.1fs (giving up %.0fs after the first failure)", what,
+                    self.url, _brief(exn), self.attempts, delay, budget)
+        time.sleep(delay)
+
+
+def filesystem(url: str, storage: StorageOptions = DEFAULT_STORAGE) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec file system of ``url`` (cached by fsspec) and the path in it."""
+    fs, path = url_to_fs(url, **storage.fsspec_kwargs(url))
+    if getattr(fs, "retries", None) not in (None, 1) and "s3" in fs.protocol:
+        fs.retries = 1  # s3fs's own retry loop (5 tries): the budget here is the one layer
+    return fs, path
 
 
 def open_url(url: str, storage: StorageOptions = DEFAULT_STORAGE, mode: str = "rb") -> IO:
-    """Open ``url`` for reading, retrying transient failures with exponential back-off."""
-    for attempt in range(storage.retries + 1):
+    """Open ``url`` for reading, one attempt (callers retry through a :class:`RetryBudget`)."""
+    fs, path = filesystem(url, storage)
+    return fs.open(path, mode)
+
+
+def open_with_retries(url: str, storage: StorageOptions = DEFAULT_STORAGE, mode: str = "rb") -> IO:
+    """Open ``url``, retrying transient failures within the budget (for callers with no retry loop of their own)."""
+    budget = RetryBudget(url, storage)
+    while True:
         try:
-            return fsspec.open(url, mode, **storage.fsspec_kwargs(url)).open()
+            return open_url(url, storage, mode)
         except Exception as exn:  # noqa: BLE001 - storage back-ends raise anything from OSError to ClientError
-            if is_permanent(exn) or attempt == storage.retries:
-                raise
-            delay = storage.wait(attempt)
-            log.warning("opening %s failed (%s: %s); retry %d/%d in %.1fs", url, type(exn).__name__,
-                        str(exn)[:200], attempt + 1, storage.retries, delay)
-            time.sleep(delay)
-    raise AssertionError("unreachable")
+            budget.failed(exn, "opening")

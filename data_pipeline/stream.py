@@ -12,6 +12,7 @@ from it with every unseen sample of the epoch delivered exactly once.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import signal
@@ -25,11 +26,11 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data_pipeline.errors import DataSpecError
+from data_pipeline.errors import DataSpecError, first_line
 from data_pipeline.plan import TAG_AUGMENT, EpochPlan, RankSchedule
-from data_pipeline.reader import SHARD_ERROR_KEY, EpochReader, count_samples, raw_samples
+from data_pipeline.reader import SHARD_ERROR_KEY, EpochReader, raw_samples
 from data_pipeline.shards import read_manifest
-from data_pipeline.storage import DEFAULT_STORAGE, StorageOptions
+from data_pipeline.storage import DEFAULT_STORAGE, StorageError, StorageOptions
 from data_pipeline.transforms import EvalTransform, TrainTransform
 from data_pipeline.urls import expand_urls
 
@@ -83,6 +84,7 @@ class _ResolvedSource:
     urls: list[str]
     counts: list[int]
     weight: float
+    offsets: list[np.ndarray | None]  # per shard: each sample's first byte, then the end (None: stream it)
 
 
 @dataclass
@@ -92,6 +94,8 @@ class _WorkerBatch:
     batch: Batch
     index: int
     skipped: list[int]  # per SKIP_KINDS, for this batch only
+    replaced: int = 0  # slots of unusable samples filled with another sample of the batch
+    bytes_read: int = 0  # bytes this worker read from storage by range reads, so far (all batches)
 
     def pin_memory(self) -> _WorkerBatch:
         return replace(self, batch=self.batch.pin_memory())
@@ -165,39 +169,47 @@ def _make_batch(images: list, labels: list[int], keys: list[str], size: int = 0,
                  keys=list(keys), sources=sources)
 
 
+def index_command(spec: str) -> str:
+    """The command that writes a manifest for shards given without one."""
+    return f"python -m data_pipeline.index '{spec}' --out manifest.json"
+
+
 def resolve_source(source: DataSource, index: int, storage: StorageOptions) -> _ResolvedSource:
-    """Shard URLs and per-shard sample counts: from manifests, else by reading the shards once."""
+    """Shard URLs, per-shard sample counts and byte offsets, from the source's manifests.
+
+    Shards without a manifest stop the run at once: counting them would read the whole data set on
+    one rank before the first step (days at ImageNet-21k scale); the message gives the index command.
+    """
     parts = [source.spec] if isinstance(source.spec, str) else list(source.spec)
     urls: list[str] = []
-    counts: list[int | None] = []
+    counts: list[int] = []
+    offsets: list[np.ndarray | None] = []
     for item in parts:
         for part in str(item).split("::"):
             part = part.strip()
-            if part.endswith(".json"):
-                try:
-                    shards = read_manifest(part, storage)["shards"]
-                except DataSpecError as exc:
-                    raise DataSpecError(f"data spec {source.spec!r}: {exc}") from None
-                urls += [s["url"] for s in shards]
-                counts += [int(s["num_samples"]) if "num_samples" in s else None for s in shards]
-            elif part:
-                more = expand_urls(part)
-                urls += more
-                counts += [None] * len(more)
+            if not part:
+                continue
+            if not part.endswith(".json"):
+                raise DataSpecError(f"data spec {part!r} is not a manifest (.json): training needs each shard's "
+                                    f"sample count; write one with `{index_command(part)}` and point the "
+                                    f"data spec at it")
+            try:
+                shards = read_manifest(part, storage)["shards"]
+            except DataSpecError as exc:
+                raise type(exc)(f"data spec {source.spec!r}: {exc}") from None
+            for s in shards:
+                if "num_samples" not in s:
+                    raise DataSpecError(f"manifest {part!r}: shard {s['url']!r} has no num_samples; rebuild it "
+                                        f"with `python -m data_pipeline.index 'SHARD_PATTERN' --out {part}`")
+                urls.append(s["url"])
+                counts.append(int(s["num_samples"]))
+                # int64 arrays: a Python int per sample would cost ~0.5 GB per process at 14M samples
+                offsets.append(np.asarray(s["offsets"], dtype=np.int64) if s.get("offsets") else None)
     if not urls:
         raise DataSpecError(f"data spec {source.spec!r} expands to no shard URLs")
-    unknown = [i for i, c in enumerate(counts) if c is None]
-    if unknown:
-        log.info("source %s: counting the samples of %d shard(s) without a manifest", source.name or index,
-                 len(unknown))
-        for i in unknown:
-            counts[i], err = count_samples(urls[i], storage)
-            if err:
-                log.warning("shard %s is unreadable after %d samples: %s", urls[i], counts[i], err)
     if sum(counts) == 0:
-        raise DataSpecError(f"data spec {source.spec!r}: no readable sample in its {len(urls)} shard(s) "
-                            f"(see the warnings above); check the data spec")
-    return _ResolvedSource(source.name or f"source{index}", urls, [int(c) for c in counts], float(source.weight))
+        raise DataSpecError(f"data spec {source.spec!r}: its {len(urls)} shard(s) hold no sample")
+    return _ResolvedSource(source.name or f"source{index}", urls, counts, float(source.weight), offsets)
 
 
 class _TrainStream(IterableDataset):
@@ -225,7 +237,7 @@ class _TrainStream(IterableDataset):
         def reader(s: int, epoch: int) -> EpochReader:
             if (s, epoch) not in readers:
                 plan = EpochPlan(self.sources[s].counts, self.seed, s, epoch, self.window, self.resampled)
-                readers[(s, epoch)] = EpochReader(self.sources[s].urls, plan, self.storage)
+                readers[(s, epoch)] = EpochReader(self.sources[s].urls, plan, self.storage, self.sources[s].offsets)
             return readers[(s, epoch)]
 
         def enqueue() -> None:
@@ -238,29 +250,51 @@ class _TrainStream(IterableDataset):
                 queue.append((next_index, parts))
             next_index += 1
 
+        last_good: tuple[dict, int] | None = None  # a sample to fill a batch with no usable sample at all
+        bytes_done = 0  # bytes read by readers already closed
         while True:
             while len(queue) < self.lookahead:
                 enqueue()
             index, parts = queue.popleft()
-            images, labels, keys, srcs = [], [], [], []
+            slots: list[tuple[dict, int, np.random.Generator] | None] = []  # (raw sample, source, rng) or unusable
             skipped = [0] * len(SKIP_KINDS)
             for s, epoch, raws in parts:
                 rd = reader(s, epoch)
                 for raw in raws:
-                    sample = rd.fetch(raw)
-                    rng = augment_rng(self.seed, s, epoch, int(raw))
-                    out = decode_sample(sample, lambda b: self.transform(b, rng))
-                    if isinstance(out, str):
-                        skipped[SKIP_KINDS.index(out)] += 1
-                        continue
-                    images.append(out[0])
-                    labels.append(out[1])
-                    keys.append(sample["__key__"])
-                    srcs.append(s)
+                    slots.append((rd.fetch(raw), s, augment_rng(self.seed, s, epoch, int(raw))))
+            filled: list[tuple[Any, int, str, int] | None] = []  # (pixels, label, key, source) per slot
+            for sample, s, rng in slots:
+                out = decode_sample(sample, lambda b: self.transform(b, rng))
+                if isinstance(out, str):
+                    skipped[SKIP_KINDS.index(out)] += 1
+                    filled.append(None)
+                else:
+                    filled.append((out[0], out[1], sample["__key__"], s))
+                    last_good = (sample, s)
+            # Constant batch shapes: an unusable slot takes the next usable sample of the batch (the
+            # worker's last usable one if the batch has none), augmented with the slot's own randomness.
+            # A pure function of the plan, so resume stays exact; the counters count it as skipped.
+            good = [i for i, f in enumerate(filled) if f is not None]
+            replaced = 0
+            for i in [i for i, f in enumerate(filled) if f is None]:
+                if good:
+                    donor, s = slots[next((g for g in good if g > i), good[0])][:2]
+                elif last_good is not None:
+                    donor, s = last_good
+                else:
+                    continue  # nothing usable read yet on this worker: the batch stays short
+                out = decode_sample(donor, lambda b: self.transform(b, slots[i][2]))
+                filled[i] = (out[0], out[1], donor["__key__"], s)
+                replaced += 1
+            images, labels, keys, srcs = (list(x) for x in zip(*[f for f in filled if f is not None])) \
+                if any(filled) else ([], [], [], [])
             live = {(s, e) for _, queued in queue for s, e, _ in queued}
             for key in [k for k in readers if k not in live and any(k[0] == s and k[1] < e for s, e in live)]:
-                readers.pop(key).close()  # an epoch of that source this worker has finished
-            yield _WorkerBatch(_make_batch(images, labels, keys, self.transform.image_size, srcs), index, skipped)
+                done = readers.pop(key)  # an epoch of that source this worker has finished
+                bytes_done += done.bytes_read
+                done.close()
+            yield _WorkerBatch(_make_batch(images, labels, keys, self.transform.image_size, srcs), index, skipped,
+                               replaced, bytes_done + sum(r.bytes_read for r in readers.values()))
 
 
 def _is_distributed() -> bool:
@@ -324,20 +358,10 @@ class TrainLoader:
         self._skipped = [0] * len(SKIP_KINDS)  # this rank's share (+ the saved global counts on rank 0)
         self._schedule: RankSchedule | None = None
         self.source_counts = [0] * len(self.sources)  # samples delivered per source on this rank
+        self.bytes_read = 0  # bytes read from storage by range reads in the current iteration (all workers)
 
     def _resolve(self, specs: list[DataSource]) -> list[_ResolvedSource]:
-        # Counting shards without a manifest reads them; do it once and let every rank agree on the result.
-        if _is_distributed() and any(not str(s.spec).endswith(".json") for s in specs):
-            box = [None]
-            if dist.get_rank() == 0:
-                try:
-                    box = [[resolve_source(s, i, self.storage) for i, s in enumerate(specs)]]
-                except DataSpecError as exc:
-                    box = [str(exc)]
-            dist.broadcast_object_list(box, src=0)
-            if isinstance(box[0], str):
-                raise DataSpecError(box[0])
-            return box[0]
+        # Every rank reads the manifests itself: no rank waits on another, and nothing is counted.
         return [resolve_source(s, i, self.storage) for i, s in enumerate(specs)]
 
     def _schedule_args(self) -> dict:
@@ -375,16 +399,32 @@ class TrainLoader:
         self._schedule = RankSchedule(**self._schedule_args())
         loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers, collate_fn=_identity,
                             pin_memory=self.pin_memory, worker_init_fn=_outlive_preemption_signals)
-        for expected, item in enumerate(loader):
+        workers = max(1, self.num_workers)
+        worker_bytes = [0] * workers
+        items = iter(loader)
+        for expected in itertools.count():
+            try:
+                item = next(items)
+            except StorageError as exc:
+                # Raised in a worker, it arrives with the worker's traceback folded into the text: keep one line.
+                raise StorageError(first_line(exc)) from None
             if item.index != expected:
                 raise RuntimeError(f"data loader delivered batch {item.index}, expected {expected}")
             self._schedule.next()
             self._source_state, self._total = self._schedule.state(), self._schedule.total
             self._skipped = [a + b for a, b in zip(self._skipped, item.skipped)]
-            self.delivered += len(item.batch)
+            self.delivered += len(item.batch) - item.replaced
+            worker_bytes[expected % workers] = item.bytes_read
+            self.bytes_read = sum(worker_bytes)
             for s in item.batch.sources or ():
                 self.source_counts[s] += 1
             yield item.batch
+
+    def blank_batch(self) -> Batch:
+        """A full batch of black images, label 0: a stand-in while a run stops (never trained on for real)."""
+        size = self.transform.image_size
+        return _make_batch([np.zeros((size, size, 3), np.uint8)] * self.batch_size, [0] * self.batch_size,
+                           ["__blank__"] * self.batch_size)
 
     def state_dict(self) -> dict:
         """The global data position; a collective call when torch.distributed is initialised.

@@ -52,12 +52,24 @@ def items_from_folder(root: str) -> tuple[list[Item], list[str]]:
         raise DataSpecError(f"{root}: no class sub-folders")
     protocol = root.split("://")[0] + "://" if "://" in root else ""
     items = []
+    seen: dict[str, str] = {}
     for label, name in enumerate(classes):
         for path in sorted(fs.find(posixpath.join(base, name))):
             if path.lower().endswith(_IMAGE_SUFFIXES):
                 stem = posixpath.splitext(posixpath.relpath(path, base))[0]
-                items.append((_key(stem), protocol + path, label))
+                key = _check_unique(seen, _key(stem), protocol + path)
+                items.append((key, protocol + path, label))
     return items, classes
+
+
+def _check_unique(seen: dict[str, str], key: str, source: str) -> str:
+    """``key``, unless another source already has it: two samples under one key in a shard make webdataset
+    fail ("duplicate file name in tar file") and merge into one sample in our reader."""
+    if key in seen:
+        raise DataSpecError(f"{seen[key]} and {source} both become sample key {key!r} (characters other than "
+                            f"letters, digits, '-' and '_' become '_', extensions are dropped); rename one of them")
+    seen[key] = source
+    return key
 
 
 def items_from_list(list_url: str) -> list[Item]:
@@ -76,12 +88,14 @@ def items_from_list(list_url: str) -> list[Item]:
 
 
 def items_from_shards(spec: str) -> Iterator[Item]:
+    seen: dict[str, str] = {}
     for sample in raw_samples(expand_urls(spec)):
         image = next((sample[e] for e in ("jpg", "jpeg", "png", "webp") if e in sample), None)
         if image is None or "cls" not in sample:
             log.warning("re-shard: skipping %s in %s (no image or label)", sample.get("__key__"), sample.get("__url__"))
             continue
-        yield sample["__key__"], image, int(sample["cls"].decode().strip())
+        key = _check_unique(seen, sample["__key__"], f"{sample['__url__']} (key {sample['__key__']})")
+        yield key, image, int(sample["cls"].decode().strip())
 
 
 def prepare(data: bytes, resize: int | None, quality: int) -> bytes:

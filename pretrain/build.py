@@ -11,6 +11,7 @@ from torch import nn
 from data_pipeline.augment import MixupCutmix, RandAugment
 from data_pipeline.demo import ensure_demo_data
 from data_pipeline.device import normalize
+from data_pipeline.errors import DataSpecError
 from data_pipeline.gpu_decode import CropPlanner, decode_batch, gpu_decode_available
 from data_pipeline.storage import StorageOptions
 from data_pipeline.stream import Batch, DataSource, TrainLoader, eval_batches
@@ -131,7 +132,7 @@ def build_memory_estimate(cfg: DictConfig, model: nn.Module, dist_info: DistInfo
 def build_storage(cfg: DictConfig) -> StorageOptions:
     st = cfg.data.storage
     return StorageOptions(s3_endpoint=st.s3_endpoint, s3_profile=st.s3_profile, s3_anon=st.s3_anon,
-                          retries=st.retries, backoff_s=st.backoff_s)
+                          retries=st.retries, backoff_s=st.backoff_s, give_up_after_s=st.give_up_after_s)
 
 
 def build_train_loader(cfg: DictConfig, dist_info: DistInfo, batch_size: int) -> TrainLoader:
@@ -147,10 +148,14 @@ def build_train_loader(cfg: DictConfig, dist_info: DistInfo, batch_size: int) ->
         else:
             transform = CropPlanner(transform)  # workers read headers and draw crops; pixels come later
     sources = [DataSource(s.train, s.weight, s.name) for s in d.sources] or d.train
-    return TrainLoader(sources, batch_size=batch_size, transform=transform, seed=cfg.train.seed,
-                       rank=dist_info.rank, world_size=dist_info.world_size, num_workers=d.num_workers,
-                       shuffle_buffer=d.shuffle_buffer, pin_memory=dist_info.device.type == "cuda",
-                       epoch_mode=d.epoch_mode, storage=build_storage(cfg))
+    try:
+        return TrainLoader(sources, batch_size=batch_size, transform=transform, seed=cfg.train.seed,
+                           rank=dist_info.rank, world_size=dist_info.world_size, num_workers=d.num_workers,
+                           shuffle_buffer=d.shuffle_buffer, pin_memory=dist_info.device.type == "cuda",
+                           epoch_mode=d.epoch_mode, storage=build_storage(cfg))
+    except DataSpecError as exc:
+        where = "data.sources" if d.sources else "data.train"
+        raise type(exc)(f"{where}: {exc}; set {where} to your shards' manifest (.json)") from None
 
 
 def _prepare(cfg: DictConfig, device: torch.device, mix: MixupCutmix | None):

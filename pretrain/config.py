@@ -75,8 +75,11 @@ class StorageConfig:
     s3_endpoint: str = ""  # e.g. http://minio:9000; "" = AWS (or AWS_ENDPOINT_URL in the environment)
     s3_profile: str = ""  # ~/.aws profile name; "" = default chain
     s3_anon: bool = False  # public buckets
-    retries: int = 5  # further attempts after a failed shard open/read, with exponential back-off
-    backoff_s: float = 0.5
+    retries: int = 5  # unused since give_up_after_s bounds retrying; kept so configs that set it still load
+    backoff_s: float = 0.5  # first wait after a failed shard read; doubles per attempt, capped at 30 s
+    # Transient storage failures (outage, 5xx, throttling, a listed object missing for a while) are retried
+    # this long, then the run stops on every rank with one line naming the URL and saves nothing new.
+    give_up_after_s: float = 600.0
 
 
 @dataclass
@@ -456,6 +459,7 @@ RULES: dict[str, Rule] = {
     "data.storage.s3_endpoint": http_url_or_empty(),
     "data.storage.retries": within(0, 100),  # more would retry a dead store for hours: a hang
     "data.storage.backoff_s": within(0, 300),
+    "data.storage.give_up_after_s": within(0, 7 * 86400, lo_open=True),
     "data.max_skip_fraction": FRACTION,
     "optim.lr": POSITIVE,
     "optim.betas": values(within(0, 1, hi_open=True), 2),

@@ -48,6 +48,7 @@ class PreemptionWatcher:
     def __init__(self, dist_info: DistInfo, signals: tuple[signal.Signals, ...] = PREEMPTION_SIGNALS) -> None:
         self.dist = dist_info
         self.signal_name: str | None = None
+        self.data_failed = False  # any rank's data storage failed for good (see requested)
         self._boundaries = 0  # calls of requested() so far = step boundaries seen
         self._signal_at = 0
         if threading.current_thread() is threading.main_thread():  # signal.signal's own rule
@@ -63,13 +64,17 @@ class PreemptionWatcher:
             self.signal_name = signal.Signals(signum).name
             self._signal_at = self._boundaries
 
-    def requested(self) -> bool:
-        """Collective (every rank calls it at every step boundary): did any rank get a signal?"""
+    def requested(self, data_failed: bool = False) -> bool:
+        """Collective (every rank calls it at every step boundary): did any rank get a signal?
+
+        ``data_failed`` rides along in the same all-reduce (no extra collective per step): afterwards
+        ``self.data_failed`` says whether any rank's data storage failed for good."""
         self._boundaries += 1
-        flag = torch.tensor([1 if self.signal_name else 0], dtype=torch.int32)
+        flag = torch.tensor([1 if self.signal_name else 0, int(data_failed)], dtype=torch.int32)
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
-        return bool(flag.item())
+        self.data_failed = bool(flag[1].item())
+        return bool(flag[0].item())
 
     def reason(self) -> str:
         if self.signal_name is None:

@@ -13,7 +13,8 @@ import torch
 from omegaconf import DictConfig
 
 from data_pipeline.errors import DataSpecError
-from data_pipeline.stream import SKIP_KINDS
+from data_pipeline.storage import StorageError
+from data_pipeline.stream import SKIP_KINDS, Batch
 
 from . import build
 from .atomic import write_atomic
@@ -94,6 +95,8 @@ class Trainer:
         n_params = sum(p.numel() for p in model.parameters())
         build.prepare_data(cfg, self.dist)
         self.loader = build.build_train_loader(cfg, self.dist, self.micro_batch_size)  # bad data specs fail here
+        self.data_error: str | None = None  # this rank's storage failed for good (see next_batch)
+        self.last_batch: Batch | None = None
         # Before the engine allocates anything: a run that cannot fit says so in its first lines.
         log.info("memory estimate for %s on %s (%d ranks, micro batch %d): %s", cfg.model.name, cfg.engine.kind
                  + (f" ZeRO-{cfg.engine.zero_stage}" if cfg.engine.kind == "deepspeed" else ""), self.dist.world_size,
@@ -206,7 +209,10 @@ class Trainer:
         while self.step < cfg.train.steps:
             self.train_step(batches)
             # ---- step boundary: weights, schedule and data position agree on self.step here
-            if self.step < cfg.train.steps and self.preemption.requested():  # collective; see preemption.py
+            preempted = self.preemption.requested(data_failed=self.data_error is not None)  # collective
+            if self.preemption.data_failed:
+                self.stop_on_data_error()
+            if self.step < cfg.train.steps and preempted:  # see preemption.py
                 self.save_and_evaluate(evaluate=False)  # the grace period is short: checkpoint only
                 self.checkpointer.wait()
                 raise Preempted(self.step, self.preemption.reason())
@@ -226,7 +232,7 @@ class Trainer:
         data_wait, losses, pending, bad = 0.0, [], [], None
         for i in range(self.accum_steps):
             t0 = time.perf_counter()
-            batch = next(batches)  # consumed even in a skipped step: the data stream stays in step
+            batch = self.next_batch(batches)  # consumed even in a skipped step: the stream stays in step
             data_wait += time.perf_counter() - t0
             if bad is not None:
                 continue
@@ -251,6 +257,29 @@ class Trainer:
             self.monitor.skipped_step(self.step + 1)
         self.guard.end_step(self.step + 1, bad)
         self.step += 1
+
+    def next_batch(self, batches) -> Batch:
+        """The next micro batch. When this rank's storage failed for good, the last batch stands in until the
+        step boundary, where every rank learns of it and all stop together: no rank waits in a collective."""
+        if self.data_error is None:
+            try:
+                self.last_batch = next(batches)
+                return self.last_batch
+            except StorageError as e:
+                self.data_error = str(e)
+                log.error("data storage failed: %s; stopping at the end of this step without saving", e)
+        if self.last_batch is None:
+            self.last_batch = self.loader.blank_batch()
+        return self.last_batch
+
+    def stop_on_data_error(self) -> None:
+        """Collective: every rank raises the same one-line error (the failing rank's); nothing new is saved."""
+        messages = [self.data_error]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            messages = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(messages, self.data_error)
+        raise StorageError(next(m for m in messages if m) + f" (stopped at step {self.step}; the last checkpoint "
+                           "is kept, resume from it once the storage answers)")
 
     def checkpoint_time_due(self) -> bool:
         """`checkpoint.every_minutes` of wall time since the last save. Rank 0's clock decides, and

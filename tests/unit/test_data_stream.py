@@ -115,7 +115,9 @@ def test_resume_under_another_seed_or_window_is_refused(dataset):
 
 @pytest.fixture(scope="module")
 def corrupt_dataset(tmp_path_factory):
-    """3 readable shards holding 3 bad samples, plus a missing shard and a truncated one."""
+    """3 readable shards holding 3 bad samples, plus a truncated one; a manifest from the indexer."""
+    from data_pipeline.index import build_index
+
     root = tmp_path_factory.mktemp("corrupt")
     good = list(_samples(18, seed=1))
     shards = [good[0:6], good[6:12], good[12:18]]
@@ -131,48 +133,46 @@ def corrupt_dataset(tmp_path_factory):
                 if i == 2 and key == "s0014":
                     w.write({"__key__": bad["bad_label"], "jpg": jpg, "cls": b"cat"})
     cut = [(f"t{i}", jpg, label) for i, (_, jpg, label) in enumerate(_samples(6, seed=2))]
-    with TarWriter(str(root / "c-4.tar")) as w:
+    with TarWriter(str(root / "c-3.tar")) as w:
         for key, jpg, label in cut:
             w.write({"__key__": key, "jpg": jpg, "cls": str(label).encode()})
-    data = (root / "c-4.tar").read_bytes()
-    (root / "c-4.tar").write_bytes(data[: len(data) // 2 + 100])  # truncated mid-member
-    urls = [str(root / f"c-{i}.tar") for i in range(5)]  # c-3.tar does not exist
-    return urls, [k for k, _, _ in good], [k for k, _, _ in cut], bad
+    whole = build_index(str(root / "c-3.tar"), str(root / "whole.json"), progress=False)["shards"][0]["offsets"]
+    data = (root / "c-3.tar").read_bytes()
+    cut_at = len(data) // 2 + 100
+    (root / "c-3.tar").write_bytes(data[:cut_at])  # truncated mid-member
+    complete = [k for (k, _, _), end in zip(cut, whole[1:]) if end <= cut_at]  # whole samples before the cut
+    build_index(str(root / "c-{0..3}.tar"), str(root / "c.json"), progress=False)
+    return str(root / "c.json"), [k for k, _, _ in good], complete, bad
 
 
-def test_corrupt_samples_are_skipped_counted_and_logged(corrupt_dataset, caplog):
-    urls, good_keys, cut_keys, bad = corrupt_dataset
-    seen = []
+def test_corrupt_samples_are_skipped_counted_logged_and_replaced(corrupt_dataset, caplog):
+    manifest, good_keys, complete, bad = corrupt_dataset
+    assert 0 < len(complete) < 6
+    batches = []
     with caplog.at_level(logging.WARNING, logger="data_pipeline"):
-        loader = _loader(urls, num_workers=0, batch_size=1, shuffle_buffer=4)
+        loader = _loader(manifest, num_workers=0, batch_size=1, shuffle_buffer=4)
         it = iter(loader)
         while loader.state_dict()["sources"][0]["epoch"] == 0:
-            seen.append(next(it).keys)  # empty where the one sample of the batch was unusable
+            batches.append(next(it).keys)
     it.close()
-    epoch0 = [k for keys in seen[:-1] for k in keys]  # the last batch is already the first of epoch 1
-    assert len(epoch0) == len(set(epoch0))
-    assert set(good_keys) <= set(epoch0) and not set(bad.values()) & set(epoch0)
-    # Of the truncated shard, the samples complete before the cut are used, the rest is not.
-    from_cut = [k for k in cut_keys if k in epoch0]
-    assert 0 < len(from_cut) < len(cut_keys) and from_cut == cut_keys[: len(from_cut)]
-    assert len(epoch0) == len(good_keys) + len(from_cut)
+    # Constant batch shapes: an unusable sample's slot holds another (earlier) sample instead.
+    assert all(len(keys) == 1 for keys in batches)
+    epoch0 = [k for keys in batches[:-1] for k in keys]  # the last batch is already the first of epoch 1
+    assert not set(bad.values()) & set(epoch0)
+    # Every complete sample of the truncated shard is delivered, once; nothing after the cut.
+    assert set(epoch0) == set(good_keys) | set(complete)
     counts = loader.skipped
-    assert counts["bad_image"] == 1 and counts["missing_member"] >= 1 and counts["bad_label"] == 1
-    # Without a manifest the shards are counted first: the missing c-3 and the cut-off end of c-4 are
-    # found (and logged) then, so they are not samples of the epoch.
-    assert counts["bad_shard"] == 0
-    # One warning line per skipped item, naming the shard and the key, plus one per unreadable shard.
-    assert len(caplog.records) == sum(counts.values()) + 2
+    assert counts == {"bad_image": 1, "bad_label": 1, "missing_member": 1, "bad_shard": 0}
+    assert len(epoch0) - len(set(epoch0)) == 3 and loader.delivered == len(set(epoch0)) + 1
     messages = [r.getMessage() for r in caplog.records]
     for kind, key in bad.items():
         assert any(key in msg and "c-" in msg for msg in messages), kind
-    assert any("c-3.tar" in msg for msg in messages) and any("c-4.tar" in msg for msg in messages)
 
 
-def test_no_usable_samples_raises_instead_of_hanging(tmp_path):
-    urls = [str(tmp_path / "none-0.tar"), str(tmp_path / "none-1.tar")]
-    with pytest.raises(DataSpecError, match="no readable sample"):
-        _take(_loader(urls, num_workers=0), 1)
+def test_shards_without_a_manifest_stop_at_once_with_the_index_command(tmp_path):
+    spec = str(tmp_path / "none-{0..1}.tar")
+    with pytest.raises(DataSpecError, match=r"python -m data_pipeline.index '.*none-\{0..1\}.tar' --out"):
+        _loader(spec, num_workers=0)
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
@@ -194,7 +194,7 @@ def test_eval_batches_rank_without_shards_yields_nothing(dataset):
 
 
 def test_exact_resume_over_corrupt_data_keeps_counts(corrupt_dataset):
-    urls = corrupt_dataset[0]
+    urls = corrupt_dataset[0]  # the manifest
     kw = dict(num_workers=2, batch_size=3, shuffle_buffer=4)
     reference_loader = _loader(urls, **kw)
     reference = _take(reference_loader, 16)

@@ -83,3 +83,28 @@ def test_bad_list_line_is_one_line_error(tmp_path):
     (tmp_path / "list.txt").write_text("a.jpg 1\nb.jpg cat\n")
     r = _cli("--list", tmp_path / "list.txt", "--out", tmp_path / "o", "--samples-per-shard", 5)
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "list.txt:2" in r.stderr
+
+
+def test_clashing_keys_are_an_error_naming_both_files(tmp_path):
+    img = Image.fromarray(np.zeros((8, 8, 3), np.uint8))
+    (tmp_path / "in" / "c").mkdir(parents=True)
+    for name in ("a.b.jpg", "a_b.jpg", "a_b.png"):
+        img.save(tmp_path / "in" / "c" / name)
+    r = _cli("--folder", tmp_path / "in", "--out", tmp_path / "o", "--samples-per-shard", 5)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr
+    assert "c/a.b.jpg and " in r.stderr and "c/a_b.jpg both become sample key 'c_a_b'" in r.stderr
+    assert not (tmp_path / "o" / "train.json").exists()
+
+
+def test_output_is_read_by_webdataset_and_reshard_with_a_key_in_two_sources_is_an_error(folder, tmp_path):
+    import webdataset as wds
+
+    assert _cli("--folder", folder, "--out", tmp_path / "a", "--samples-per-shard", 4).returncode == 0
+    manifest = json.loads((tmp_path / "a" / "train.json").read_text())
+    urls = [str(tmp_path / "a" / s["url"]) for s in manifest["shards"]]
+    samples = list(wds.WebDataset(urls, shardshuffle=False, empty_check=False))  # the real library's reader
+    assert len(samples) == manifest["num_samples"] == 15
+    assert len({s["__key__"] for s in samples}) == 15 and all({"jpg", "cls"} <= s.keys() for s in samples)
+    r = _cli("--shards", f"{tmp_path}/a/train.json::{tmp_path}/a/train-000000.tar", "--out", tmp_path / "b",
+             "--samples-per-shard", 4)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "both become sample key" in r.stderr, r.stderr

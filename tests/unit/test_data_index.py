@@ -1,0 +1,47 @@
+"""The indexer: the same counts and byte offsets as the writer records, resumable, one-line errors."""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+
+import numpy as np
+
+from data_pipeline.index import main
+from data_pipeline.shards import encode_jpeg, read_manifest, write_shards
+
+
+def _shards(root, n=5, per=7):
+    jpg = [encode_jpeg(np.random.default_rng(i).integers(0, 255, (10 + i, 9, 3), dtype=np.uint8)) for i in range(3)]
+    return write_shards(((f"k{i:03d}", jpg[i % 3], i % 4) for i in range(n * per)), str(root), "train", per)
+
+
+def test_index_matches_the_writers_manifest_and_resumes(tmp_path, capsys, caplog):
+    written = _shards(tmp_path / "s")
+    pattern, out = str(tmp_path / "s" / "train-{000000..000004}.tar"), str(tmp_path / "m.json")
+    shutil.move(tmp_path / "s" / "train-000003.tar", tmp_path / "away.tar")
+    assert main([pattern, "--out", out, "--threads", "1", "--no-progress"]) == 2  # one thread: shards in order
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("error: cannot read ") and "train-000003.tar (not found)" in err
+    partial = [json.loads(line) for line in open(out + ".partial.jsonl")]
+    # The shards finished before the error (and the one running while it was raised) are kept for the rerun.
+    assert [p["url"][-9:] for p in partial][:3] == ["00000.tar", "00001.tar", "00002.tar"] and len(partial) <= 4
+    shutil.move(tmp_path / "away.tar", tmp_path / "s" / "train-000003.tar")
+    with caplog.at_level(logging.WARNING, logger="data_pipeline.index"):
+        assert main([pattern, "--out", out, "--threads", "3", "--no-progress"]) == 0
+    assert any(f"resuming: {len(partial)} of 5" in r.getMessage() for r in caplog.records)
+    indexed = read_manifest(out)
+    assert [(s["num_samples"], s["offsets"]) for s in indexed["shards"]] == \
+        [(s["num_samples"], s["offsets"]) for s in written["shards"]]
+    assert indexed["num_samples"] == 35 and indexed["num_classes"] == 4
+
+
+def test_damaged_shard_keeps_its_complete_samples(tmp_path):
+    written = _shards(tmp_path / "s", n=1)
+    path = tmp_path / "s" / "train-000000.tar"
+    offsets = written["shards"][0]["offsets"]
+    cut = (offsets[3] + offsets[4]) // 2  # inside sample 3
+    path.write_bytes(path.read_bytes()[:cut])
+    assert main([str(path), "--out", str(tmp_path / "m.json"), "--no-progress"]) == 0
+    entry = read_manifest(str(tmp_path / "m.json"))["shards"][0]
+    assert entry["num_samples"] == 3 and entry["offsets"] == offsets[:4]
