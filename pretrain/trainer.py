@@ -83,7 +83,8 @@ class Trainer:
         logging.basicConfig(level=logging.INFO if self.dist.is_main else logging.WARNING,
                             format=f"%(asctime)s [rank {self.dist.rank}] %(message)s", datefmt="%H:%M:%S",
                             force=True)
-        log.info("process group: %s", describe_world(self.dist))  # multi-node: which node holds which ranks
+        if self.dist.distributed:  # multi-node: which node holds which ranks (a lone process: nothing to say)
+            log.info("process group: %s", describe_world(self.dist))
         self.run_dir = cfg.run.dir
         self.micro_batch_size, self.accum_steps = build.batch_layout(cfg, self.dist, config_source)
         self.batch_size = self.micro_batch_size * self.accum_steps  # per rank per optimiser step

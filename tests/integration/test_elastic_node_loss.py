@@ -137,7 +137,7 @@ def test_node_lost_survivor_resumes_on_smaller_world(tmp_path, engine):
     assert m, out[-4000:]
     resumed = int(m.group(2))
     assert resumed % EVERY == 0 and 0 < resumed < STEPS
-    assert "process group: 1 rank(s) on 1 node(s)" in out and f"done: {STEPS} steps" in out
+    assert f"done: {STEPS} steps" in out
     if engine == "deepspeed":  # the ZeRO-2 optimizer shards of 2 ranks, gathered into one
         assert "DeepSpeed optimizer state resharded: ZeRO-2 on 2 ranks -> ZeRO-2 on 1 ranks" in out, out[-4000:]
     meta = json.loads((run_dir / f"checkpoints/step_{STEPS:07d}/metadata.json").read_text())
