@@ -125,7 +125,8 @@ class CheckpointEvaluation:
             meta = json.loads(fs.cat_file(f"{root}/metadata.json"))
             blob = fs.cat_file(f"{root}/model.safetensors")
         except FileNotFoundError:
-            raise EvaluateError(f"{path}: no such checkpoint (never written, or purged by checkpoint.keep_last)") from None
+            raise EvaluateError(
+                f"{path}: no such checkpoint (never written, or purged by checkpoint.keep_last)") from None
         except json.JSONDecodeError:
             raise EvaluateError(f"{path}/metadata.json: not valid JSON") from None
         if hashlib.sha256(blob).hexdigest() != meta.get("files", {}).get("model.safetensors"):

@@ -28,7 +28,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=DEFAULT_CONFIG, help="YAML config (default: the demo)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint (= checkpoint.resume=auto)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the newest checkpoint (= checkpoint.resume=auto)")
     p.add_argument("--estimate-memory", type=int, metavar="WORLD_SIZE",
                    help="print the per-device memory estimate for WORLD_SIZE ranks and exit")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)

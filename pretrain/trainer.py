@@ -124,9 +124,9 @@ class Trainer:
             fs, root = fsspec.core.url_to_fs(self.run_dir)
             fs.makedirs(root, exist_ok=True)
             write_atomic(fs, f"{root}/config.yaml", to_yaml(cfg).encode())
-        log.info("model %s: %.2fM params | %d ranks x %d images (%d x %d accumulated) | engine %s | device %s | run dir %s",
-                 cfg.model.name, n_params / 1e6, self.dist.world_size, self.batch_size, self.micro_batch_size,
-                 self.accum_steps, self.engine.kind, self.dist.device, self.run_dir)
+        log.info("model %s: %.2fM params | %d ranks x %d images (%d x %d accumulated) | engine %s | device %s"
+                 " | run dir %s", cfg.model.name, n_params / 1e6, self.dist.world_size, self.batch_size,
+                 self.micro_batch_size, self.accum_steps, self.engine.kind, self.dist.device, self.run_dir)
 
     def resume(self) -> None:
         restored = self.checkpointer.restore(self.engine)  # weights + optimiser, in the engine's own layout

@@ -3,7 +3,9 @@
 The paper's recipe scaled down: SGD with momentum 0.9, no weight decay, gradient clipping at
 global norm 1, linear warm-up then cosine decay, random crop + (optional) flip; the head is replaced
 through the model's own `reset_classifier` (zero-initialised). The pre-trained model is copied, never
-changed; at another resolution (`eval.finetune.image_size`) the copy gets the paper's resized token-mixing weights. Runs on rank 0 (downstream sets are small); the train split is held in memory as uint8.
+changed; at another resolution (`eval.finetune.image_size`) the copy gets the paper's resized
+token-mixing weights. Runs on rank 0 (downstream sets are small); the train split is held in memory
+as uint8.
 """
 from __future__ import annotations
 

@@ -18,8 +18,9 @@ next block's ``norm1``, or with the model's final ``norm`` after the last block.
 inside the module that owns its parameters, so per-block sharding (FSDP gathers one block's
 parameters around its forward) and per-block activation checkpointing still see whole blocks;
 a checkpointed block boundary then keeps two tensors (stream and branch) instead of their sum.
-``use_fused_mlp(model, fuse_layernorm=False)`` leaves the norms eager, for comparison. The LayerNorm fusion is checked for correctness only:
-whether it pays on a GPU is unmeasured (``bench/model_throughput.py --impl fused fused_noln``).
+``use_fused_mlp(model, fuse_layernorm=False)`` leaves the norms eager, for comparison. The LayerNorm
+fusion is checked for correctness only: whether it pays on a GPU is unmeasured
+(``bench/model_throughput.py --impl fused fused_noln``).
 
 The fused modules keep the eager modules' parameters (same objects, same names: ``fc1``/``fc2``,
 ``norm1``/``norm2``/``norm``), so checkpoints, optimisers and engines do not notice the swap. They
@@ -222,7 +223,8 @@ def _resolve(x: Stream) -> torch.Tensor:
     return x.resolve() if isinstance(x, PendingResidual) else x
 
 
-def _add_norm(pending: PendingResidual, norm: nn.LayerNorm, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def _add_norm(pending: PendingResidual, norm: nn.LayerNorm,
+              out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """``(s, norm(s))`` for ``s = stream + branch``: one Triton kernel where it applies, else eager."""
     x, y = pending
     affine = norm.weight is not None and norm.bias is not None and tuple(norm.normalized_shape) == (x.shape[-1],)
