@@ -10,7 +10,6 @@ as uint8.
 from __future__ import annotations
 
 import copy
-import math
 import time
 from typing import TYPE_CHECKING, Callable, Iterable
 
@@ -19,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..dist import DistInfo
+from ..optim import lr_factor
 from .runner import Forward
 
 if TYPE_CHECKING:
@@ -71,10 +71,7 @@ class FineTuneEvaluator:
         self.time_budget_s = time_budget_s  # 0: no limit
 
     def _lr(self, step: int) -> float:
-        if step < self.warmup_steps:
-            return self.lr * (step + 1) / self.warmup_steps
-        progress = (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps)
-        return self.lr * 0.5 * (1 + math.cos(math.pi * progress))
+        return self.lr * lr_factor(step, self.steps, self.warmup_steps, "cosine")
 
     def run(self, model: nn.Module) -> dict[str, float]:
         if not self.dist.is_main:
