@@ -19,7 +19,7 @@ from data_pipeline.transforms import EvalTransform, TrainTransform
 
 from .config import ConfigError
 from .dist import DistInfo, barrier, node_leaders
-from .engines import Engine, build_engine
+from .engines import Engine, build_engine, effective_kind
 from .evaluation import (Evaluator, FeatureCache, FewShotEvaluator, FineTuneEvaluator, Forward,
                          LinearProbeEvaluator, UpstreamEvaluator)
 from .loss import build_loss
@@ -122,8 +122,8 @@ def memory_report(cfg: DictConfig, world_size: int, where: str) -> str:
 
 def build_memory_estimate(cfg: DictConfig, model: nn.Module, dist_info: DistInfo, where: str) -> MemoryEstimate:
     micro, _ = batch_layout(cfg, dist_info, where)
-    kind = "single" if cfg.engine.kind == "ddp" and not dist_info.distributed else cfg.engine.kind
-    return estimate_memory(model, engine=kind, world_size=dist_info.world_size, micro_batch_size=micro,
+    return estimate_memory(model, engine=effective_kind(cfg.engine.kind, dist_info), world_size=dist_info.world_size,
+                           micro_batch_size=micro,
                            precision=cfg.train.precision, zero_stage=cfg.engine.zero_stage,
                            offload_optimizer=cfg.engine.offload_optimizer,
                            activation_checkpointing=cfg.engine.activation_checkpointing)
