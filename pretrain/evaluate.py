@@ -211,10 +211,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s [eval] %(message)s", datefmt="%H:%M:%S")
-    from data_pipeline.errors import DataSpecError
+    from data_pipeline.errors import DataSpecError, first_line
 
     from .config import ConfigError
-    from .main import one_line
 
     # SIGTERM (scancel, kill) unwinds like Ctrl-C, so a watcher's claim is released on the way out.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -241,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             ev.records.release(args.step)
     except (ConfigError, DataSpecError, EvaluateError) as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
+        print(f"error: {first_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -37,15 +37,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def one_line(err: BaseException) -> str:
-    """The message of a user-facing error, one line even when a DataLoader worker re-raised it
-    with the worker's traceback folded into the text."""
-    lines = [line for line in str(err).strip().splitlines() if line.strip()]
-    if len(lines) > 1 and "Original Traceback" in lines[1]:
-        return lines[-1].split(": ", 1)[-1]
-    return lines[0] if lines else type(err).__name__
-
-
 def report(message: str) -> None:
     """The one line a user error ends with. Under `python -m cluster.launch` (which sets
     MIXER_LAUNCH_REPORTS) each rank leaves it in torchrun's per-rank error file instead, and the
@@ -60,13 +51,14 @@ def report(message: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from data_pipeline.errors import first_line
     from pretrain.config import ConfigError, load_config, to_yaml
 
     overrides = list(args.overrides) + (["checkpoint.resume=auto"] if args.resume else [])
     try:  # before torch is imported: a bad value is reported in a second
         cfg = load_config(args.config, overrides)
     except ConfigError as e:
-        report(one_line(e))
+        report(first_line(e))
         return 2
     if args.print_config:
         print(to_yaml(cfg), end="")
@@ -85,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         trainer = Trainer(cfg, config_source=args.config, local_rank=args.local_rank)
         trainer.train()
     except (ConfigError, DataSpecError, CheckpointError, TrainingDiverged) as e:
-        report(one_line(e))
+        report(first_line(e))
         return 2
     except Preempted as e:
         print(f"{e}", file=sys.stderr)
