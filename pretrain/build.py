@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 from functools import partial
+from typing import Any, Callable
 
 import torch
 from omegaconf import DictConfig
@@ -50,12 +51,6 @@ def batch_layout(cfg: DictConfig, dist_info: DistInfo, where: str) -> tuple[int,
         raise ConfigError(f"{where}: 'train.micro_batch_size' {micro} x 'train.grad_accum_steps' {accum} x world "
                           f"size {world} = {micro * accum * world}, not 'train.global_batch_size' {g}")
     return micro, accum
-
-
-def per_device_batch_size(cfg: DictConfig, dist_info: DistInfo, where: str) -> int:
-    """Images per rank per optimiser step (all its micro batches)."""
-    micro, accum = batch_layout(cfg, dist_info, where)
-    return micro * accum
 
 
 def prepare_data(cfg: DictConfig, dist_info: DistInfo) -> None:
@@ -184,9 +179,10 @@ def build_forward(cfg: DictConfig, dist_info: DistInfo, engine: Engine) -> Forwa
     return Forward(prepare=_prepare(cfg, dist_info.device, mix), autocast=engine.autocast)
 
 
-def build_evaluators(cfg: DictConfig, dist_info: DistInfo, forward: Forward) -> list[Evaluator]:
+def build_evaluators(cfg: DictConfig, dist_info: DistInfo, autocast: Callable[[], Any]) -> list[Evaluator]:
+    """``autocast``: the training engine's (or, outside training, one for ``train.precision``)."""
     e, d = cfg.eval, cfg.data
-    forward = Forward(prepare=_prepare(cfg, dist_info.device, None), autocast=forward.autocast)  # never mixed
+    forward = Forward(prepare=_prepare(cfg, dist_info.device, None), autocast=autocast)  # never mixed
     transform = EvalTransform(d.image_size, crop_fraction=d.crop_fraction)
     batches = partial(eval_batches, batch_size=e.batch_size, transform=transform, num_workers=0,
                       storage=build_storage(cfg))

@@ -66,7 +66,7 @@ class CheckpointEvaluation:
     def __init__(self, run_dir: str, overrides: Sequence[str] = ()) -> None:
         from . import build
         from .dist import DistInfo
-        from .evaluation import EvalRecords, EvalRunner, Forward
+        from .evaluation import EvalRecords, EvalRunner
 
         self.run_dir = run_dir.rstrip("/")
         self.cfg = _load_config(f"{self.run_dir}/config.yaml", overrides)
@@ -75,18 +75,12 @@ class CheckpointEvaluation:
         self.dist = DistInfo(rank=0, world_size=1, local_rank=0, device=device)
         self.records = EvalRecords(self.run_dir)
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.cfg.train.precision)
-        mean, std = list(self.cfg.data.mean), list(self.cfg.data.std)
-
-        def prepare(batch):
-            from data_pipeline.device import normalize
-            return normalize(batch.images.to(device), mean, std), batch.labels.to(device)
 
         def autocast():
             return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
 
-        forward = Forward(prepare=prepare, autocast=autocast)
         self.writer = None
-        self.runner = EvalRunner(build.build_evaluators(self.cfg, self.dist, forward), self.run_dir, self.dist,
+        self.runner = EvalRunner(build.build_evaluators(self.cfg, self.dist, autocast), self.run_dir, self.dist,
                                  self._scalars)
         self._build_model = lambda: build.build_model(self.cfg, f"{self.run_dir}/config.yaml")
 

@@ -112,7 +112,7 @@ class Trainer:
                                cfg.train.global_batch_size, model.flops_per_image(), cfg.train.precision)
         # eval.mode external/none: training only writes checkpoints; `python -m pretrain.evaluate` does the rest.
         self.eval_inline = cfg.eval.mode == "inline"
-        evaluators = build.build_evaluators(cfg, self.dist, self.forward) if self.eval_inline else []
+        evaluators = build.build_evaluators(cfg, self.dist, self.forward.autocast) if self.eval_inline else []
         self.evaluate = EvalRunner(evaluators, self.run_dir, self.dist, self.monitor.scalars)
         self.step = 0  # optimiser steps taken; everything else is owned by the components
         self.last_save = time.monotonic()  # for checkpoint.every_minutes
