@@ -84,8 +84,6 @@ def build_model(cfg: DictConfig, where: str = "config") -> nn.Module:
 def build_train_engine(cfg: DictConfig, model: nn.Module, dist_info: DistInfo, where: str = "config") -> Engine:
     o, e = cfg.optim, cfg.engine
     micro, accum = batch_layout(cfg, dist_info, where)
-    if e.kind != "deepspeed" and e.offload_optimizer:
-        raise ConfigError(f"{where}: 'engine.offload_optimizer' needs engine.kind=deepspeed, not {e.kind!r}")
     if e.kind == "deepspeed" and cfg.train.precision == "fp16" and dist_info.device.type == "cpu":
         raise ConfigError(f"{where}: 'train.precision' fp16 with engine.kind=deepspeed needs a GPU (DeepSpeed's "
                           "CPU accelerator has no fp16); use bf16 or fp32 on CPU")
