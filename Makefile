@@ -20,6 +20,7 @@ demo: $(STAMP)
 	$(BIN)/python pretrain/main.py --config configs/demo.yaml
 
 test: $(STAMP)
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -ra
 
 lock: $(STAMP)

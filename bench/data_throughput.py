@@ -232,16 +232,19 @@ def main() -> None:
         else:
             results["gpu_decode"] = time_gpu_path(str(tmp / "shards" / "train.json"), a.workers, a.images, a.batch)
             results["b16_bf16_train_step"] = time_b16_step()
-            results["gpu_decode"]["vs_b16_step"] = results["gpu_decode"]["img_s"] / results["b16_bf16_train_step"]["img_s"]
+            gpu_img_s = results["gpu_decode"]["img_s"]
+            results["gpu_decode"]["vs_b16_step"] = gpu_img_s / results["b16_bf16_train_step"]["img_s"]
             results["gpu_decode"]["vs_cpu_path"] = results["gpu_decode"]["img_s"] / results["ours"]["img_s"]
     for r in (v for v in list(results.values()) if isinstance(v, dict) and "img_s" in v and "batch" not in v):
         r["img_s_per_core"] = r["img_s"] / cores
     for recipe in ("torchvision", "uint8"):
         base = results[f"baseline_{recipe}"]
-        results[f"speedup_vs_baseline_{recipe}"] = {"per_cpu_s": results["ours"]["img_per_cpu_s"] / base["img_per_cpu_s"],
-                                                    "wall": results["ours"]["img_s"] / base["img_s"]}
+        results[f"speedup_vs_baseline_{recipe}"] = {
+            "per_cpu_s": results["ours"]["img_per_cpu_s"] / base["img_per_cpu_s"],
+            "wall": results["ours"]["img_s"] / base["img_s"]}
     record = {"bench": "data_throughput", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-              "device": torch.cuda.get_device_name() if a.gpu and torch.cuda.is_available() else "cpu", "cpu": platform.processor() or platform.machine(), "cores_used": cores,
+              "device": torch.cuda.get_device_name() if a.gpu and torch.cuda.is_available() else "cpu",
+              "cpu": platform.processor() or platform.machine(), "cores_used": cores,
               "os_cpu_count": os.cpu_count(), "loadavg_1m_at_start": load0, "loadavg_1m_at_end": os.getloadavg()[0],
               "python": platform.python_version(), "torch": torch.__version__, "images": a.images,
               "batch": a.batch, "repeat": a.repeat, "output_px": SIZE, "input_px": 256, **results}

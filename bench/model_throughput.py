@@ -142,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
 
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    cpu_name = f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name
     peak = peak_tflops(device_name) if device.type == "cuda" else None
     timm_module, timm_reason = _timm_or_reason()
     fused_reason = fused_unavailable_reason()

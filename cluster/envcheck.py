@@ -141,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     host = node_name()
     results = run_checks(args.gpus_per_node, run_dir, data_spec)
     for c in results:
-        print(f"envcheck [{host}] {'ok  ' if c.ok else 'FAIL'} {c.name}: {c.detail}", file=sys.stdout if c.ok else sys.stderr)
+        print(f"envcheck [{host}] {'ok  ' if c.ok else 'FAIL'} {c.name}: {c.detail}",
+              file=sys.stdout if c.ok else sys.stderr)
     failed = [c.name for c in results if not c.ok]
     if failed:
         print(f"error: envcheck [{host}]: {', '.join(failed)} failed; see the lines above", file=sys.stderr)

@@ -109,7 +109,8 @@ def dry_run(plan: Plan, main_args: list[str]) -> str:
              f"rendezvous {plan.master_addr}:{plan.master_port}",
              f"# srun --nodes {plan.nnodes} --ntasks-per-node {per_node} starts on each node:"]
     if plan.launcher == "deepspeed":
-        lines.append(f"# hostfile {plan.hostfile}: " + hostfile_text(plan.hosts, plan.nproc_per_node).replace("\n", "; "))
+        hosts = hostfile_text(plan.hosts, plan.nproc_per_node).replace("\n", "; ")
+        lines.append(f"# hostfile {plan.hostfile}: {hosts}")
     env = " ".join(f"{k}={shlex.quote(v)}" for k, v in node_env(plan).items())
     for rank, host in enumerate(plan.hosts):
         lines.append(f"[{host}] {env} {shlex.join(node_command(plan, rank, main_args))}")

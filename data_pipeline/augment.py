@@ -119,7 +119,8 @@ class MixupCutmix:
     def rng(self, keys: Sequence[str]) -> np.random.Generator:
         return np.random.default_rng([_TAG_MIX, self.seed, zlib.crc32("\n".join(keys).encode("utf-8"))])
 
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor, keys: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor,
+                 keys: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """``images`` float [B, C, H, W] (any device), ``labels`` int64 [B] -> (mixed images, targets [B, classes])."""
         targets = one_hot(labels, self.num_classes)
         rng = self.rng(keys)

@@ -1,4 +1,5 @@
-"""Errors raised for bad data specifications."""
+"""Errors raised for bad data specifications, and the one-line formatter both CLIs (pretrain.main,
+pretrain.evaluate) and the data stream report errors with."""
 
 
 class DataSpecError(ValueError):

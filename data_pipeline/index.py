@@ -21,7 +21,6 @@ import sys
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any, Sequence
 
-import fsspec
 from fsspec.core import url_to_fs
 from tqdm import tqdm
 

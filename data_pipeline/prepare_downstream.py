@@ -59,7 +59,8 @@ class _Source:
             hits = [n for n in self.members if n == relative or n.endswith("/" + relative)]
         else:
             direct = self.path / relative
-            hits = [str(direct)] if direct.is_file() else [str(p) for p in self.path.glob(f"*/{relative}") if p.is_file()]
+            hits = ([str(direct)] if direct.is_file()
+                    else [str(p) for p in self.path.glob(f"*/{relative}") if p.is_file()])
         return sorted(hits, key=len)[0] if hits else None
 
     def read(self, name: str) -> bytes:
@@ -215,7 +216,8 @@ def imagefolder(src: _Source, max_size: int, skipped: list[str]) -> tuple[dict[s
 KINDS = ("cifar10", "cifar100", "pets", "flowers102", "imagefolder")
 
 
-def prepare(kind: str, src_path: str, out_url: str, samples_per_shard: int = 1000, max_size: int = 0) -> dict[str, dict]:
+def prepare(kind: str, src_path: str, out_url: str, samples_per_shard: int = 1000,
+            max_size: int = 0) -> dict[str, dict]:
     """Write every split of dataset `kind` from `src_path` to `out_url`; returns the manifests."""
     src, skipped = _Source(src_path), []
     if kind in ("cifar10", "cifar100"):

@@ -29,10 +29,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from data_pipeline.errors import DataSpecError, first_line
 from data_pipeline.plan import TAG_AUGMENT, EpochPlan, RankSchedule
 from data_pipeline.reader import SHARD_ERROR_KEY, EpochReader, raw_samples
-from data_pipeline.shards import read_manifest
 from data_pipeline.storage import DEFAULT_STORAGE, StorageError, StorageOptions
 from data_pipeline.transforms import EvalTransform, TrainTransform
-from data_pipeline.urls import expand_urls
+from data_pipeline.urls import expand_urls, manifest_shards, no_urls_error, spec_parts
 
 log = logging.getLogger(__name__)
 
@@ -180,33 +179,24 @@ def resolve_source(source: DataSource, index: int, storage: StorageOptions) -> _
     Shards without a manifest stop the run at once: counting them would read the whole data set on
     one rank before the first step (days at ImageNet-21k scale); the message gives the index command.
     """
-    parts = [source.spec] if isinstance(source.spec, str) else list(source.spec)
     urls: list[str] = []
     counts: list[int] = []
     offsets: list[np.ndarray | None] = []
-    for item in parts:
-        for part in str(item).split("::"):
-            part = part.strip()
-            if not part:
-                continue
-            if not part.endswith(".json"):
-                raise DataSpecError(f"data spec {part!r} is not a manifest (.json): training needs each shard's "
-                                    f"sample count; write one with `{index_command(part)}` and point the "
-                                    f"data spec at it")
-            try:
-                shards = read_manifest(part, storage)["shards"]
-            except DataSpecError as exc:
-                raise type(exc)(f"data spec {source.spec!r}: {exc}") from None
-            for s in shards:
-                if "num_samples" not in s:
-                    raise DataSpecError(f"manifest {part!r}: shard {s['url']!r} has no num_samples; rebuild it "
-                                        f"with `python -m data_pipeline.index 'SHARD_PATTERN' --out {part}`")
-                urls.append(s["url"])
-                counts.append(int(s["num_samples"]))
-                # int64 arrays: a Python int per sample would cost ~0.5 GB per process at 14M samples
-                offsets.append(np.asarray(s["offsets"], dtype=np.int64) if s.get("offsets") else None)
+    for part in spec_parts(source.spec):
+        if not part.endswith(".json"):
+            raise DataSpecError(f"data spec {part!r} is not a manifest (.json): training needs each shard's "
+                                f"sample count; write one with `{index_command(part)}` and point the "
+                                f"data spec at it")
+        for s in manifest_shards(part, source.spec, storage):
+            if "num_samples" not in s:
+                raise DataSpecError(f"manifest {part!r}: shard {s['url']!r} has no num_samples; rebuild it "
+                                    f"with `python -m data_pipeline.index 'SHARD_PATTERN' --out {part}`")
+            urls.append(s["url"])
+            counts.append(int(s["num_samples"]))
+            # int64 arrays: a Python int per sample would cost ~0.5 GB per process at 14M samples
+            offsets.append(np.asarray(s["offsets"], dtype=np.int64) if s.get("offsets") else None)
     if not urls:
-        raise DataSpecError(f"data spec {source.spec!r} expands to no shard URLs")
+        raise no_urls_error(source.spec)
     if sum(counts) == 0:
         raise DataSpecError(f"data spec {source.spec!r}: its {len(urls)} shard(s) hold no sample")
     return _ResolvedSource(source.name or f"source{index}", urls, counts, float(source.weight), offsets)

@@ -9,29 +9,40 @@ from data_pipeline.errors import DataSpecError
 from data_pipeline.shards import read_manifest
 from data_pipeline.storage import DEFAULT_STORAGE, StorageOptions
 
-__all__ = ["DataSpecError", "expand_urls"]
+__all__ = ["DataSpecError", "expand_urls", "manifest_shards", "spec_parts"]
 
 
-def _expand_one(part: str, spec: object, storage: StorageOptions) -> list[str]:
-    if part.endswith(".json"):
-        try:
-            return [s["url"] for s in read_manifest(part, storage)["shards"]]
-        except DataSpecError as exc:
-            raise DataSpecError(f"data spec {spec!r}: {exc}") from None
-    return list(braceexpand(part))
+def spec_parts(spec: str | Sequence[str]) -> list[str]:
+    """The non-empty parts of a data spec: a string, a ``::``-separated list, or a list of these."""
+    items = [spec] if isinstance(spec, str) else list(spec)
+    parts: list[str] = []
+    for item in items:
+        if not isinstance(item, str):
+            raise DataSpecError(f"data spec {spec!r}: expected strings, got {type(item).__name__}")
+        parts.extend(p.strip() for p in item.split("::") if p.strip())
+    return parts
+
+
+def manifest_shards(part: str, spec: object, storage: StorageOptions) -> list[dict]:
+    """The shard entries of the manifest ``part``; an error names the whole data spec it came from."""
+    try:
+        return read_manifest(part, storage)["shards"]
+    except DataSpecError as exc:
+        raise type(exc)(f"data spec {spec!r}: {exc}") from None
+
+
+def no_urls_error(spec: object) -> DataSpecError:
+    return DataSpecError(f"data spec {spec!r} expands to no shard URLs")
 
 
 def expand_urls(spec: str | Sequence[str], storage: StorageOptions = DEFAULT_STORAGE) -> list[str]:
     """Expand a brace pattern, a ``::``-separated list, a manifest ``.json`` path/URL, or a list of these."""
-    parts = [spec] if isinstance(spec, str) else list(spec)
     urls: list[str] = []
-    for item in parts:
-        if not isinstance(item, str):
-            raise DataSpecError(f"data spec {spec!r}: expected strings, got {type(item).__name__}")
-        for part in item.split("::"):
-            part = part.strip()
-            if part:
-                urls.extend(_expand_one(part, spec, storage))
+    for part in spec_parts(spec):
+        if part.endswith(".json"):
+            urls.extend(s["url"] for s in manifest_shards(part, spec, storage))
+        else:
+            urls.extend(braceexpand(part))
     if not urls:
-        raise DataSpecError(f"data spec {spec!r} expands to no shard URLs")
+        raise no_urls_error(spec)
     return urls

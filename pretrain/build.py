@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 from functools import partial
+from typing import Any, Callable
 
 import torch
 from omegaconf import DictConfig
@@ -19,7 +20,7 @@ from data_pipeline.transforms import EvalTransform, TrainTransform
 
 from .config import ConfigError
 from .dist import DistInfo, barrier, node_leaders
-from .engines import Engine, build_engine
+from .engines import Engine, build_engine, effective_kind
 from .evaluation import (Evaluator, FeatureCache, FewShotEvaluator, FineTuneEvaluator, Forward,
                          LinearProbeEvaluator, UpstreamEvaluator)
 from .loss import build_loss
@@ -50,12 +51,6 @@ def batch_layout(cfg: DictConfig, dist_info: DistInfo, where: str) -> tuple[int,
         raise ConfigError(f"{where}: 'train.micro_batch_size' {micro} x 'train.grad_accum_steps' {accum} x world "
                           f"size {world} = {micro * accum * world}, not 'train.global_batch_size' {g}")
     return micro, accum
-
-
-def per_device_batch_size(cfg: DictConfig, dist_info: DistInfo, where: str) -> int:
-    """Images per rank per optimiser step (all its micro batches)."""
-    micro, accum = batch_layout(cfg, dist_info, where)
-    return micro * accum
 
 
 def prepare_data(cfg: DictConfig, dist_info: DistInfo) -> None:
@@ -89,8 +84,6 @@ def build_model(cfg: DictConfig, where: str = "config") -> nn.Module:
 def build_train_engine(cfg: DictConfig, model: nn.Module, dist_info: DistInfo, where: str = "config") -> Engine:
     o, e = cfg.optim, cfg.engine
     micro, accum = batch_layout(cfg, dist_info, where)
-    if e.kind != "deepspeed" and e.offload_optimizer:
-        raise ConfigError(f"{where}: 'engine.offload_optimizer' needs engine.kind=deepspeed, not {e.kind!r}")
     if e.kind == "deepspeed" and cfg.train.precision == "fp16" and dist_info.device.type == "cpu":
         raise ConfigError(f"{where}: 'train.precision' fp16 with engine.kind=deepspeed needs a GPU (DeepSpeed's "
                           "CPU accelerator has no fp16); use bf16 or fp32 on CPU")
@@ -122,8 +115,8 @@ def memory_report(cfg: DictConfig, world_size: int, where: str) -> str:
 
 def build_memory_estimate(cfg: DictConfig, model: nn.Module, dist_info: DistInfo, where: str) -> MemoryEstimate:
     micro, _ = batch_layout(cfg, dist_info, where)
-    kind = "single" if cfg.engine.kind == "ddp" and not dist_info.distributed else cfg.engine.kind
-    return estimate_memory(model, engine=kind, world_size=dist_info.world_size, micro_batch_size=micro,
+    return estimate_memory(model, engine=effective_kind(cfg.engine.kind, dist_info), world_size=dist_info.world_size,
+                           micro_batch_size=micro,
                            precision=cfg.train.precision, zero_stage=cfg.engine.zero_stage,
                            offload_optimizer=cfg.engine.offload_optimizer,
                            activation_checkpointing=cfg.engine.activation_checkpointing)
@@ -184,9 +177,10 @@ def build_forward(cfg: DictConfig, dist_info: DistInfo, engine: Engine) -> Forwa
     return Forward(prepare=_prepare(cfg, dist_info.device, mix), autocast=engine.autocast)
 
 
-def build_evaluators(cfg: DictConfig, dist_info: DistInfo, forward: Forward) -> list[Evaluator]:
+def build_evaluators(cfg: DictConfig, dist_info: DistInfo, autocast: Callable[[], Any]) -> list[Evaluator]:
+    """``autocast``: the training engine's (or, outside training, one for ``train.precision``)."""
     e, d = cfg.eval, cfg.data
-    forward = Forward(prepare=_prepare(cfg, dist_info.device, None), autocast=forward.autocast)  # never mixed
+    forward = Forward(prepare=_prepare(cfg, dist_info.device, None), autocast=autocast)  # never mixed
     transform = EvalTransform(d.image_size, crop_fraction=d.crop_fraction)
     batches = partial(eval_batches, batch_size=e.batch_size, transform=transform, num_workers=0,
                       storage=build_storage(cfg))

@@ -65,10 +65,6 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used (corrupt, partial, or of another format)."""
 
 
-class CheckpointLayoutError(CheckpointError):
-    """A valid checkpoint that this run cannot take: never skipped silently."""
-
-
 # What a file that passed its checksum but is not what it claims (tampered with, or written by a
 # foreign version) raises while loading; each becomes one CheckpointError line.
 _LOAD_ERRORS = (pickle.UnpicklingError, SafetensorError, RuntimeError, ValueError, KeyError, TypeError, EOFError)

@@ -511,6 +511,16 @@ RULES: dict[str, Rule] = {
 }
 
 
+# engine.* options that only some engines take (backend and activation_checkpointing apply to all).
+# Under another engine the option would be silently ignored, so a value other than the default stops
+# the run instead (the defaults, as configs/base.yaml spells them out, pass under every engine).
+ENGINE_OPTIONS: dict[str, tuple[str, ...]] = {
+    "zero_stage": ("deepspeed",),
+    "offload_optimizer": ("deepspeed",),
+    "reshard_after_forward": ("fsdp",),
+}
+
+
 def _expand(cfg: DictConfig, pattern: str) -> list[str]:
     """`pattern` with each `*` replaced by every index of the list it stands for."""
     if "*" not in pattern:
@@ -527,6 +537,12 @@ def validate(cfg: DictConfig, blame: Callable[[str], str]) -> None:
             value = OmegaConf.select(cfg, key)
             if not rule.ok(value):
                 raise ConfigError(f"{blame(key)}: {rule.message(key, value)}")
+    kind, defaults = cfg.engine.kind, EngineConfig()
+    for option, kinds in ENGINE_OPTIONS.items():
+        value = cfg.engine[option]
+        if kind not in kinds and value != getattr(defaults, option):
+            raise ConfigError(f"{blame(f'engine.{option}')}: 'engine.{option}' is {value!r} but applies only to "
+                              f"engine.kind={' | '.join(kinds)}, not {kind!r}; drop it or change engine.kind")
     if not cfg.data.sources and not cfg.data.train:
         raise ConfigError(f"{blame('data.train')}: 'data.train' is empty and 'data.sources' has no entry; "
                           "give the training shards in one of them")

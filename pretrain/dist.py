@@ -34,6 +34,17 @@ def _env_int(*names: str, default: int) -> int:
     return default
 
 
+def process_group_backend(backend: str, use_cuda: bool) -> str:
+    """The torch.distributed backend string for the setting ``backend`` (auto, gloo, nccl, ...)."""
+    if backend == "auto":
+        backend = "nccl" if use_cuda else "gloo"
+    if backend == "nccl":
+        # Small host-side collectives (skip counters, data-stream records) stay on CPU tensors:
+        # route those through gloo and everything on the GPU through NCCL, in one process group.
+        backend = "cpu:gloo,cuda:nccl"
+    return backend
+
+
 def init_distributed(device: str = "auto", backend: str = "auto", local_rank: int | None = None,
                      timeout_s: int | None = None) -> DistInfo:
     """Initialise torch.distributed if the environment describes more than one process.
@@ -60,12 +71,7 @@ def init_distributed(device: str = "auto", backend: str = "auto", local_rank: in
         dev = torch.device("cpu")
 
     if world_size > 1 and not dist.is_initialized():
-        if backend == "auto":
-            backend = "nccl" if use_cuda else "gloo"
-        if backend == "nccl":
-            # Small host-side collectives (skip counters, data-stream records) stay on CPU tensors:
-            # route those through gloo and everything on the GPU through NCCL, in one process group.
-            backend = "cpu:gloo,cuda:nccl"
+        backend = process_group_backend(backend, use_cuda)
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29500")
         dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world_size,

@@ -66,7 +66,7 @@ class CheckpointEvaluation:
     def __init__(self, run_dir: str, overrides: Sequence[str] = ()) -> None:
         from . import build
         from .dist import DistInfo
-        from .evaluation import EvalRecords, EvalRunner, Forward
+        from .evaluation import EvalRecords, EvalRunner
 
         self.run_dir = run_dir.rstrip("/")
         self.cfg = _load_config(f"{self.run_dir}/config.yaml", overrides)
@@ -75,18 +75,12 @@ class CheckpointEvaluation:
         self.dist = DistInfo(rank=0, world_size=1, local_rank=0, device=device)
         self.records = EvalRecords(self.run_dir)
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.cfg.train.precision)
-        mean, std = list(self.cfg.data.mean), list(self.cfg.data.std)
-
-        def prepare(batch):
-            from data_pipeline.device import normalize
-            return normalize(batch.images.to(device), mean, std), batch.labels.to(device)
 
         def autocast():
             return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
 
-        forward = Forward(prepare=prepare, autocast=autocast)
         self.writer = None
-        self.runner = EvalRunner(build.build_evaluators(self.cfg, self.dist, forward), self.run_dir, self.dist,
+        self.runner = EvalRunner(build.build_evaluators(self.cfg, self.dist, autocast), self.run_dir, self.dist,
                                  self._scalars)
         self._build_model = lambda: build.build_model(self.cfg, f"{self.run_dir}/config.yaml")
 
@@ -125,7 +119,8 @@ class CheckpointEvaluation:
             meta = json.loads(fs.cat_file(f"{root}/metadata.json"))
             blob = fs.cat_file(f"{root}/model.safetensors")
         except FileNotFoundError:
-            raise EvaluateError(f"{path}: no such checkpoint (never written, or purged by checkpoint.keep_last)") from None
+            raise EvaluateError(
+                f"{path}: no such checkpoint (never written, or purged by checkpoint.keep_last)") from None
         except json.JSONDecodeError:
             raise EvaluateError(f"{path}/metadata.json: not valid JSON") from None
         if hashlib.sha256(blob).hexdigest() != meta.get("files", {}).get("model.safetensors"):
@@ -210,10 +205,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s [eval] %(message)s", datefmt="%H:%M:%S")
-    from data_pipeline.errors import DataSpecError
+    from data_pipeline.errors import DataSpecError, first_line
 
     from .config import ConfigError
-    from .main import one_line
 
     # SIGTERM (scancel, kill) unwinds like Ctrl-C, so a watcher's claim is released on the way out.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -240,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             ev.records.release(args.step)
     except (ConfigError, DataSpecError, EvaluateError) as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
+        print(f"error: {first_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -28,21 +28,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=DEFAULT_CONFIG, help="YAML config (default: the demo)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint (= checkpoint.resume=auto)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the newest checkpoint (= checkpoint.resume=auto)")
     p.add_argument("--estimate-memory", type=int, metavar="WORLD_SIZE",
                    help="print the per-device memory estimate for WORLD_SIZE ranks and exit")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", metavar="key=value")
     return p.parse_args(argv)
-
-
-def one_line(err: BaseException) -> str:
-    """The message of a user-facing error, one line even when a DataLoader worker re-raised it
-    with the worker's traceback folded into the text."""
-    lines = [line for line in str(err).strip().splitlines() if line.strip()]
-    if len(lines) > 1 and "Original Traceback" in lines[1]:
-        return lines[-1].split(": ", 1)[-1]
-    return lines[0] if lines else type(err).__name__
 
 
 def report(message: str) -> None:
@@ -59,13 +51,14 @@ def report(message: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from data_pipeline.errors import first_line
     from pretrain.config import ConfigError, load_config, to_yaml
 
     overrides = list(args.overrides) + (["checkpoint.resume=auto"] if args.resume else [])
     try:  # before torch is imported: a bad value is reported in a second
         cfg = load_config(args.config, overrides)
     except ConfigError as e:
-        report(one_line(e))
+        report(first_line(e))
         return 2
     if args.print_config:
         print(to_yaml(cfg), end="")
@@ -84,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         trainer = Trainer(cfg, config_source=args.config, local_rank=args.local_rank)
         trainer.train()
     except (ConfigError, DataSpecError, CheckpointError, TrainingDiverged) as e:
-        report(one_line(e))
+        report(first_line(e))
         return 2
     except Preempted as e:
         print(f"{e}", file=sys.stderr)

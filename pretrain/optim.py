@@ -3,7 +3,6 @@ linear warm-up, then linear or cosine decay)."""
 from __future__ import annotations
 
 import math
-from typing import Callable
 
 import torch
 from torch import nn
@@ -44,5 +43,6 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str = "l
 
 def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int,
                     schedule: str, end_ratio: float) -> torch.optim.lr_scheduler.LambdaLR:
-    fn: Callable[[int], float] = lambda step: lr_factor(step, total_steps, warmup_steps, schedule, end_ratio)
+    def fn(step: int) -> float:
+        return lr_factor(step, total_steps, warmup_steps, schedule, end_ratio)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)

@@ -112,7 +112,7 @@ class Trainer:
                                cfg.train.global_batch_size, model.flops_per_image(), cfg.train.precision)
         # eval.mode external/none: training only writes checkpoints; `python -m pretrain.evaluate` does the rest.
         self.eval_inline = cfg.eval.mode == "inline"
-        evaluators = build.build_evaluators(cfg, self.dist, self.forward) if self.eval_inline else []
+        evaluators = build.build_evaluators(cfg, self.dist, self.forward.autocast) if self.eval_inline else []
         self.evaluate = EvalRunner(evaluators, self.run_dir, self.dist, self.monitor.scalars)
         self.step = 0  # optimiser steps taken; everything else is owned by the components
         self.last_save = time.monotonic()  # for checkpoint.every_minutes
@@ -124,9 +124,9 @@ class Trainer:
             fs, root = fsspec.core.url_to_fs(self.run_dir)
             fs.makedirs(root, exist_ok=True)
             write_atomic(fs, f"{root}/config.yaml", to_yaml(cfg).encode())
-        log.info("model %s: %.2fM params | %d ranks x %d images (%d x %d accumulated) | engine %s | device %s | run dir %s",
-                 cfg.model.name, n_params / 1e6, self.dist.world_size, self.batch_size, self.micro_batch_size,
-                 self.accum_steps, self.engine.kind, self.dist.device, self.run_dir)
+        log.info("model %s: %.2fM params | %d ranks x %d images (%d x %d accumulated) | engine %s | device %s"
+                 " | run dir %s", cfg.model.name, n_params / 1e6, self.dist.world_size, self.batch_size,
+                 self.micro_batch_size, self.accum_steps, self.engine.kind, self.dist.device, self.run_dir)
 
     def resume(self) -> None:
         restored = self.checkpointer.restore(self.engine)  # weights + optimiser, in the engine's own layout

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..dist import DistInfo
+from ..dist import DistInfo, process_group_backend
 
 PRECISION_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 OptimizerFactory = Callable[[nn.Module], torch.optim.Optimizer]
@@ -84,10 +84,7 @@ def ensure_process_group(dist_info: DistInfo, backend: str = "auto") -> None:
     """Sharding engines need a process group even with one rank (e.g. resuming 2 ranks -> 1)."""
     if dist.is_initialized():
         return
-    if backend == "auto":
-        backend = "nccl" if dist_info.device.type == "cuda" else "gloo"
-    if backend == "nccl":
-        backend = "cpu:gloo,cuda:nccl"  # host-side collectives on CPU tensors, as in pretrain/dist.py
+    backend = process_group_backend(backend, dist_info.device.type == "cuda")
     dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
 
 

@@ -17,6 +17,6 @@ from .records import EvalRecords
 from .runner import EvalRunner, Evaluator, Forward
 from .upstream import UpstreamEvaluator
 
-__all__ = ["EvalRecords", "FeatureCache", "extract_features", "EvalRunner", "EvalTimeout", "Evaluator", "FewShotEvaluator", "FineTuneEvaluator",
-           "Forward", "LinearProbeEvaluator", "UpstreamEvaluator", "fewshot_accuracy", "linear_probe_accuracy",
-           "ridge_solutions"]
+__all__ = ["EvalRecords", "FeatureCache", "extract_features", "EvalRunner", "EvalTimeout", "Evaluator",
+           "FewShotEvaluator", "FineTuneEvaluator", "Forward", "LinearProbeEvaluator", "UpstreamEvaluator",
+           "fewshot_accuracy", "linear_probe_accuracy", "ridge_solutions"]

@@ -3,12 +3,13 @@
 The paper's recipe scaled down: SGD with momentum 0.9, no weight decay, gradient clipping at
 global norm 1, linear warm-up then cosine decay, random crop + (optional) flip; the head is replaced
 through the model's own `reset_classifier` (zero-initialised). The pre-trained model is copied, never
-changed; at another resolution (`eval.finetune.image_size`) the copy gets the paper's resized token-mixing weights. Runs on rank 0 (downstream sets are small); the train split is held in memory as uint8.
+changed; at another resolution (`eval.finetune.image_size`) the copy gets the paper's resized
+token-mixing weights. Runs on rank 0 (downstream sets are small); the train split is held in memory
+as uint8.
 """
 from __future__ import annotations
 
 import copy
-import math
 import time
 from typing import TYPE_CHECKING, Callable, Iterable
 
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..dist import DistInfo
+from ..optim import lr_factor
 from .runner import Forward
 
 if TYPE_CHECKING:
@@ -69,10 +71,7 @@ class FineTuneEvaluator:
         self.time_budget_s = time_budget_s  # 0: no limit
 
     def _lr(self, step: int) -> float:
-        if step < self.warmup_steps:
-            return self.lr * (step + 1) / self.warmup_steps
-        progress = (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps)
-        return self.lr * 0.5 * (1 + math.cos(math.pi * progress))
+        return self.lr * lr_factor(step, self.steps, self.warmup_steps, "cosine")
 
     def run(self, model: nn.Module) -> dict[str, float]:
         if not self.dist.is_main:

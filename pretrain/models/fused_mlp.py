@@ -18,8 +18,9 @@ next block's ``norm1``, or with the model's final ``norm`` after the last block.
 inside the module that owns its parameters, so per-block sharding (FSDP gathers one block's
 parameters around its forward) and per-block activation checkpointing still see whole blocks;
 a checkpointed block boundary then keeps two tensors (stream and branch) instead of their sum.
-``use_fused_mlp(model, fuse_layernorm=False)`` leaves the norms eager, for comparison. The LayerNorm fusion is checked for correctness only:
-whether it pays on a GPU is unmeasured (``bench/model_throughput.py --impl fused fused_noln``).
+``use_fused_mlp(model, fuse_layernorm=False)`` leaves the norms eager, for comparison. The LayerNorm
+fusion is checked for correctness only: whether it pays on a GPU is unmeasured
+(``bench/model_throughput.py --impl fused fused_noln``).
 
 The fused modules keep the eager modules' parameters (same objects, same names: ``fc1``/``fc2``,
 ``norm1``/``norm2``/``norm``), so checkpoints, optimisers and engines do not notice the swap. They
@@ -30,7 +31,6 @@ training, tanh-GELU, or a device Triton cannot run on.
 from __future__ import annotations
 
 import importlib.util
-import os
 from typing import Callable, NamedTuple, Union
 
 import torch
@@ -38,6 +38,7 @@ from torch import nn
 
 from .fused_layernorm import fused_add_layernorm
 from .mixer import MixerBlock, MlpMixer, Mlp, TokenMixingMlp
+from .triton_mode import interpreting
 
 __all__ = ["fused_unavailable_reason", "use_fused_mlp", "FusedMlp", "FusedTokenMixingMlp",
            "FusedMixerBlock", "FusedLayerNorm", "PendingResidual", "fused_channel_mlp", "fused_token_mlp"]
@@ -45,15 +46,11 @@ __all__ = ["fused_unavailable_reason", "use_fused_mlp", "FusedMlp", "FusedTokenM
 _FUSED_DTYPES = (torch.bfloat16, torch.float16)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def fused_unavailable_reason() -> str | None:
     """Why the Triton path cannot run in this process, or None if it can."""
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed"
-    if not torch.cuda.is_available() and not _interpreting():
+    if not torch.cuda.is_available() and not interpreting():
         return "no CUDA device (and TRITON_INTERPRET is not set)"
     try:
         for module in ("triton_kernels", "triton_layernorm"):
@@ -174,7 +171,7 @@ class _FusedMixin:
             return None
         if not isinstance(self.act, nn.GELU) or self.act.approximate != "none":
             return None
-        if not (x.is_cuda or _interpreting()):
+        if not (x.is_cuda or interpreting()):
             return None
         return dtype
 
@@ -222,13 +219,14 @@ def _resolve(x: Stream) -> torch.Tensor:
     return x.resolve() if isinstance(x, PendingResidual) else x
 
 
-def _add_norm(pending: PendingResidual, norm: nn.LayerNorm, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def _add_norm(pending: PendingResidual, norm: nn.LayerNorm,
+              out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """``(s, norm(s))`` for ``s = stream + branch``: one Triton kernel where it applies, else eager."""
     x, y = pending
     affine = norm.weight is not None and norm.bias is not None and tuple(norm.normalized_shape) == (x.shape[-1],)
     # Mixed dtypes would need eager type promotion (an fp32 stream stays fp32); keep those eager.
     if affine and x.dtype == y.dtype and x.dtype in _FUSED_DTYPES and x.shape == y.shape \
-            and (x.is_cuda or _interpreting()):
+            and (x.is_cuda or interpreting()):
         return fused_add_layernorm(x, y, norm.weight, norm.bias, norm.eps, out_dtype)
     s = pending.resolve()
     return s, norm(s)
@@ -290,7 +288,7 @@ class FusedLayerNorm(nn.LayerNorm):
 def _norm_dtype(x: torch.Tensor) -> torch.dtype | None:
     """The 16-bit dtype the fused norms write for the MLPs, or None where the block runs eager."""
     dtype = _compute_dtype(x)
-    if dtype not in _FUSED_DTYPES or not (x.is_cuda or _interpreting()):
+    if dtype not in _FUSED_DTYPES or not (x.is_cuda or interpreting()):
         return None
     return dtype
 

@@ -18,7 +18,6 @@ GELU is the exact (erf) form, as in the paper's JAX code.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
@@ -26,13 +25,10 @@ import triton
 import triton.language as tl
 import triton.testing
 
+from .triton_mode import interpreting
+
 BIAS_NONE, BIAS_COL, BIAS_ROW = 0, 1, 2
 EPI_NONE, EPI_GELU, EPI_DGELU = 0, 1, 2
-
-
-def interpreting() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1, read at import)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @triton.jit

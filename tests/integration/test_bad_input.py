@@ -61,7 +61,8 @@ def test_deepspeed_fp16_on_cpu_is_one_line(tmp_path, demo_root):
 
     r = run_main(tiny_args(tmp_path / "run", demo_root, 4, 2, "engine.kind=deepspeed", "train.precision=fp16"))
     assert r.returncode == 2
-    assert r.stderr.strip().splitlines()[-1].startswith("error: ") and "DeepSpeed's CPU accelerator has no fp16" in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert "DeepSpeed's CPU accelerator has no fp16" in r.stderr
     assert "Traceback" not in r.stderr
 
 

@@ -1,7 +1,7 @@
 """A node lost mid-run, with DDP and with DeepSpeed ZeRO-2 as the engine: two torchrun agents (two
 "nodes" on loopback, elastic `--nnodes 1:2`, c10d rendezvous) train one run; after a checkpoint one
-node's agent and its rank are SIGKILLed. The survivor's rank fails on its next collective (the dead peer's sockets are closed), its agent restarts it
-on a world of one, it resumes from the last checkpoint and finishes.
+node's agent and its rank are SIGKILLed. The survivor's rank fails on its next collective (the dead
+peer's sockets are closed), its agent restarts it on a world of one, it resumes from the last checkpoint and finishes.
 
 Exactness over the whole run, from what the data loader delivered (tests/drivers/elastic_train.py):
 the steps a restarted attempt re-does are dropped from the attempt before it (their samples were not

@@ -112,6 +112,28 @@ def test_the_error_blames_whoever_set_the_value(tmp_path, text, overrides, key, 
     assert message.startswith(f"{path if blamed == 'file' else 'command line'}: ") and f"'{key}'" in message
 
 
+@pytest.mark.parametrize("kind, option, value", [
+    ("fsdp", "zero_stage", 3), ("ddp", "zero_stage", 1), ("single", "offload_optimizer", "true"),
+    ("fsdp", "offload_optimizer", "true"), ("deepspeed", "reshard_after_forward", "false"),
+    ("ddp", "reshard_after_forward", "false")])
+def test_engine_option_of_another_engine_is_one_line(kind, option, value):
+    message = one_error(DEMO, [f"engine.kind={kind}", f"engine.{option}={value}"])
+    assert message.startswith(f"command line: 'engine.{option}' is ") and f"not {kind!r}" in message, message
+
+
+def test_engine_options_from_a_file_blame_the_file_and_defaults_pass_under_every_engine(tmp_path):
+    path = config_file(tmp_path, "engine: {kind: fsdp, offload_optimizer: true}\n")
+    assert one_error(path) == (f"{path}: 'engine.offload_optimizer' is True but applies only to "
+                               "engine.kind=deepspeed, not 'fsdp'; drop it or change engine.kind")
+    h14 = str(ROOT / "configs/h14.yaml")  # deepspeed with zero_stage 3; the command line changes the engine
+    assert "'engine.zero_stage' is 3 but applies only to engine.kind=deepspeed, not 'fsdp'" in one_error(
+        h14, ["engine.kind=fsdp"])
+    for kind in ("single", "ddp", "fsdp", "deepspeed"):  # configs/base.yaml spells every default out
+        assert load_config(DEMO, [f"engine.kind={kind}"]).engine.kind == kind
+    assert load_config(h14, ["engine.zero_stage=1"]).engine.zero_stage == 1
+    assert load_config(DEMO, ["engine.kind=fsdp", "engine.reshard_after_forward=false"]).engine.kind == "fsdp"
+
+
 def test_command_line_can_repair_a_file_value(tmp_path):
     path = config_file(tmp_path, "optim: {label_smoothing: 1.5}\n")
     assert load_config(path, ["optim.label_smoothing=0.1"]).optim.label_smoothing == 0.1

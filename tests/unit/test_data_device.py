@@ -9,8 +9,9 @@ def test_normalize_layout_and_values():
     images = torch.randint(0, 256, (3, 5, 7, 3), dtype=torch.uint8)
     out = normalize(images, IMAGENET_MEAN, IMAGENET_STD)
     assert out.shape == (3, 3, 5, 7) and out.dtype == torch.float32
-    expected = (images.permute(0, 3, 1, 2).double() - torch.tensor(IMAGENET_MEAN, dtype=torch.float64).view(1, 3, 1, 1)) \
-        / torch.tensor(IMAGENET_STD, dtype=torch.float64).view(1, 3, 1, 1)
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float64).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float64).view(1, 3, 1, 1)
+    expected = (images.permute(0, 3, 1, 2).double() - mean) / std
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
     # Pixel (n=1, y=2, x=4), channel 2: checks the NHWC -> NCHW mapping explicitly.
     assert out[1, 2, 2, 4].item() == pytest.approx((images[1, 2, 4, 2].item() - IMAGENET_MEAN[2]) / IMAGENET_STD[2],

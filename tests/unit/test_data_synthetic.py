@@ -4,7 +4,8 @@ import collections
 import numpy as np
 
 from data_pipeline.shards import read_manifest
-from data_pipeline.synthetic import CLASSES, NUM_CLASSES, glyph_strokes, render_batch, render_sample, write_synthetic_glyphs
+from data_pipeline.synthetic import (CLASSES, NUM_CLASSES, glyph_strokes, render_batch, render_sample,
+                                     write_synthetic_glyphs)
 
 
 def test_render_is_deterministic_and_varied():

@@ -216,7 +216,8 @@ def test_img_size_not_divisible_by_patch():
 
 
 @pytest.mark.parametrize(
-    "kw, word", [(dict(act="relu"), "act"), (dict(global_pool="max"), "global_pool"), (dict(drop_path_rate=1.0), "drop_path")]
+    "kw, word",
+    [(dict(act="relu"), "act"), (dict(global_pool="max"), "global_pool"), (dict(drop_path_rate=1.0), "drop_path")]
 )
 def test_bad_constructor_values_are_named(kw, word):
     with pytest.raises(ValueError) as exc:

@@ -44,7 +44,8 @@ def test_cifar10_both_formats_keep_pixels_and_labels(tmp_path, fmt):
     for i, name in enumerate(names):
         part = slice(2 * i, 2 * i + 2)
         if fmt == "binary":
-            (src / f"{name}.bin").write_bytes(np.concatenate([labels[part, None].astype(np.uint8), rows[part]], 1).tobytes())
+            records = np.concatenate([labels[part, None].astype(np.uint8), rows[part]], 1)
+            (src / f"{name}.bin").write_bytes(records.tobytes())
         else:
             (src / name).write_bytes(pickle.dumps({b"data": rows[part], b"labels": labels[part].tolist()}, protocol=2))
     classes = [f"c{i}" for i in range(10)]
@@ -108,7 +109,8 @@ def test_pets_and_flowers_layouts_and_a_corrupt_image(tmp_path, capsys):
     for i in range(1, 7):
         jpg(flowers / f"jpg/image_{i:05d}.jpg")
     savemat(flowers / "imagelabels.mat", {"labels": np.array([[1, 2, 3, 1, 2, 3]])})
-    savemat(flowers / "setid.mat", {"trnid": np.array([[1, 2]]), "valid": np.array([[3]]), "tstid": np.array([[4, 5, 6]])})
+    savemat(flowers / "setid.mat",
+            {"trnid": np.array([[1, 2]]), "valid": np.array([[3]]), "tstid": np.array([[4, 5, 6]])})
     m = prepare("flowers102", str(flowers), str(tmp_path / "fl_out"))
     assert {k: v["num_samples"] for k, v in m.items()} == {"train": 2, "val": 1, "test": 3}
     test = read_samples(str(tmp_path / "fl_out/test.json"))
