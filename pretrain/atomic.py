@@ -28,3 +28,12 @@ def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def write_url_atomic(url: str, data: bytes) -> None:
+    """`write_atomic` to any fsspec URL, creating its parent directory first (exports, weight files)."""
+    fs, path = fsspec.core.url_to_fs(url)
+    parent = os.path.dirname(path)
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    write_atomic(fs, path, data)

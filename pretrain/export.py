@@ -35,6 +35,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from .atomic import write_url_atomic
 from .checkpoint import STEP_DIR, CheckpointError
 from .models import activation_name, create_model
 from .models.mixer import MODEL_CFGS
@@ -93,17 +94,6 @@ def export_bytes(state: dict[str, torch.Tensor], fmt: str, metadata: dict[str, s
     buf = io.BytesIO()
     torch.save(state, buf)  # plain {name: tensor}: loads with weights_only=True, as timm does
     return buf.getvalue()
-
-
-def write_atomically(url: str, data: bytes) -> None:
-    """Write to `<url>.tmp`, then rename, so a reader never sees half a file."""
-    fs, path = fsspec.core.url_to_fs(url)
-    parent = path.rsplit("/", 1)[0] if "/" in path else ""
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
-    with fs.open(path + ".tmp", "wb") as f:
-        f.write(data)
-    fs.mv(path + ".tmp", path)
 
 
 # Mixer variants timm registers under our names (others: timm's MlpMixer class with their sizes).
@@ -174,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         act = model_act(name, model_cfg.get("act"))
         info = {"source": checkpoint, "step": str(meta["step"]), "model": name, "act": act,
                 "dtype": args.dtype, "code_version": str(meta.get("code_version", "?"))}
-        write_atomically(args.out, export_bytes(state, fmt, info))
+        write_url_atomic(args.out, export_bytes(state, fmt, info))
     except (CheckpointError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

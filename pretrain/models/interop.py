@@ -31,7 +31,6 @@ the first offending key.
 from __future__ import annotations
 
 import io
-import os
 import re
 from typing import Mapping
 
@@ -42,6 +41,7 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 from torch import nn
 
+from ..atomic import write_url_atomic
 from .mixer import activation_name
 
 __all__ = [
@@ -230,18 +230,6 @@ def load_pretrained(model: nn.Module, source: str | Mapping[str, torch.Tensor], 
 
 
 # ------------------------------------------------------------------------------------ export
-def _atomic_write(url: str, data: bytes) -> None:
-    # Publish under the final name only when complete, so a crash never leaves half a file there.
-    fs, path = fsspec.core.url_to_fs(url)
-    parent = os.path.dirname(path)
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with fs.open(tmp, "wb") as f:
-        f.write(data)
-    fs.mv(tmp, path)
-
-
 def _plain_tensors(model_or_sd: nn.Module | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     sd = model_or_sd.state_dict() if isinstance(model_or_sd, nn.Module) else model_or_sd
     # clone(): safetensors refuses shared storage; contiguous CPU fp32 is what timm users expect.
@@ -263,7 +251,7 @@ def export_timm(model_or_sd: nn.Module | Mapping[str, torch.Tensor], url: str) -
         data = buf.getvalue()
     else:
         raise ValueError(f"{url}: export_timm writes .safetensors or .pth; use export_jax for .npz")
-    _atomic_write(url, data)
+    write_url_atomic(url, data)
 
 
 def export_jax(model_or_sd: nn.Module | Mapping[str, torch.Tensor], url: str, npz_act: str = JAX_ACT) -> None:
@@ -276,4 +264,4 @@ def export_jax(model_or_sd: nn.Module | Mapping[str, torch.Tensor], url: str, np
         _check_jax_act(model_or_sd, npz_act, url)
     buf = io.BytesIO()
     np.savez(buf, **timm_to_jax(_plain_tensors(model_or_sd)))
-    _atomic_write(url, buf.getvalue())
+    write_url_atomic(url, buf.getvalue())
