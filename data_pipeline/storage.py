@@ -164,13 +164,3 @@ def open_url(url: str, storage: StorageOptions = DEFAULT_STORAGE, mode: str = "r
     """Open ``url`` for reading, one attempt (callers retry through a :class:`RetryBudget`)."""
     fs, path = filesystem(url, storage)
     return fs.open(path, mode)
-
-
-def open_with_retries(url: str, storage: StorageOptions = DEFAULT_STORAGE, mode: str = "rb") -> IO:
-    """Open ``url``, retrying transient failures within the budget (for callers with no retry loop of their own)."""
-    budget = RetryBudget(url, storage)
-    while True:
-        try:
-            return open_url(url, storage, mode)
-        except Exception as exn:  # noqa: BLE001 - storage back-ends raise anything from OSError to ClientError
-            budget.failed(exn, "opening")
