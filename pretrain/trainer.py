@@ -12,9 +12,10 @@ import fsspec
 import torch
 from omegaconf import DictConfig
 
+from data_pipeline.batch import Batch
+from data_pipeline.decode import SKIP_KINDS
 from data_pipeline.errors import DataSpecError
 from data_pipeline.storage import StorageError
-from data_pipeline.stream import SKIP_KINDS, Batch
 
 from . import build
 from .atomic import write_atomic
@@ -105,14 +106,14 @@ class Trainer:
         self.engine = build.build_train_engine(cfg, model, self.dist, config_source)
         self.loss_fn = build.build_train_loss(cfg)
         self.guard = LossGuard(cfg.train.spike_factor, cfg.train.max_bad_steps)
-        self.forward = build.build_forward(cfg, self.dist, self.engine)
+        self.to_device = build.build_batch_to_device(cfg, self.dist)
         self.checkpointer = Checkpointer(self.run_dir, self.dist, keep_last=cfg.checkpoint.keep_last,
                                          keep_every=cfg.checkpoint.keep_every, async_save=cfg.checkpoint.async_save)
         self.monitor = Monitor(self.run_dir, self.dist, cfg.train.steps, cfg.train.log_every,
                                cfg.train.global_batch_size, model.flops_per_image(), cfg.train.precision)
         # eval.mode external/none: training only writes checkpoints; `python -m pretrain.evaluate` does the rest.
         self.eval_inline = cfg.eval.mode == "inline"
-        evaluators = build.build_evaluators(cfg, self.dist, self.forward.autocast) if self.eval_inline else []
+        evaluators = build.build_evaluators(cfg, self.dist, self.engine.autocast) if self.eval_inline else []
         self.evaluate = EvalRunner(evaluators, self.run_dir, self.dist, self.monitor.scalars)
         self.step = 0  # optimiser steps taken; everything else is owned by the components
         self.last_save = time.monotonic()  # for checkpoint.every_minutes
@@ -237,7 +238,7 @@ class Trainer:
             data_wait += time.perf_counter() - t0
             if bad is not None:
                 continue
-            images, labels = self.forward.prepare(batch)
+            images, labels = self.to_device(batch)
             with self.engine.autocast():
                 logits = self.engine.model(images)
             loss = self.loss_fn(logits, labels)

@@ -9,7 +9,8 @@ from webdataset import TarWriter
 
 from data_pipeline.errors import DataSpecError
 from data_pipeline.shards import encode_jpeg, write_shards
-from data_pipeline.stream import TrainLoader, eval_batches
+from data_pipeline.eval_stream import eval_batches
+from data_pipeline.train_loader import TrainLoader
 from data_pipeline.synthetic import render_batch
 from data_pipeline.transforms import EvalTransform, TrainTransform
 
@@ -210,7 +211,7 @@ def test_exact_resume_over_corrupt_data_keeps_counts(corrupt_dataset):
 
 
 def test_weighted_sources_mix_in_proportion_whatever_the_worker_count(tmp_path):
-    from data_pipeline.stream import DataSource
+    from data_pipeline.sources import DataSource
 
     write_shards(((f"a{i:03d}", jpg, c) for i, (_, jpg, c) in enumerate(_samples(60))), str(tmp_path), "a", 15)
     write_shards(((f"b{i:03d}", jpg, c) for i, (_, jpg, c) in enumerate(_samples(30))), str(tmp_path), "b", 10)
