@@ -18,15 +18,19 @@ from data_pipeline.storage import StorageOptions
 from data_pipeline.stream import Batch, DataSource, TrainLoader, eval_batches
 from data_pipeline.transforms import EvalTransform, TrainTransform
 
+from .checkpoint import Checkpointer
 from .config import ConfigError
 from .dist import DistInfo, barrier, node_leaders
 from .engines import Engine, build_engine, effective_kind
-from .evaluation import (Evaluator, FeatureCache, FewShotEvaluator, FineTuneEvaluator, Forward,
+from .evaluation import (EvalRunner, Evaluator, FeatureCache, FewShotEvaluator, FineTuneEvaluator, Forward,
                          LinearProbeEvaluator, UpstreamEvaluator)
 from .loss import build_loss
+from .loss_guard import LossGuard
 from .memory import MemoryEstimate, estimate_memory
 from .models import apply_mlp_impl, create_model
+from .monitor import Monitor
 from .optim import build_optimizer, build_scheduler
+from .preemption import PreemptionWatcher
 
 log = logging.getLogger("pretrain")
 
@@ -224,3 +228,32 @@ def _manifest_classes(spec: str, key: str) -> int:
     if not manifest.get("num_classes"):
         raise ConfigError(f"{spec}: the manifest gives no num_classes; set 'eval.finetune.num_classes'")
     return int(manifest["num_classes"])
+
+
+def build_loss_guard(cfg: DictConfig) -> LossGuard:
+    return LossGuard(cfg.train.spike_factor, cfg.train.max_bad_steps)
+
+
+def build_checkpointer(cfg: DictConfig, dist_info: DistInfo) -> Checkpointer:
+    c = cfg.checkpoint
+    return Checkpointer(cfg.run.dir, dist_info, keep_last=c.keep_last, keep_every=c.keep_every,
+                        async_save=c.async_save)
+
+
+def build_monitor(cfg: DictConfig, dist_info: DistInfo, model: nn.Module) -> Monitor:
+    t = cfg.train
+    return Monitor(cfg.run.dir, dist_info, t.steps, t.log_every, t.global_batch_size, model.flops_per_image(),
+                   t.precision)
+
+
+def build_eval_runner(cfg: DictConfig, dist_info: DistInfo, autocast: Callable[[], Any],
+                      scalars: Callable[[int, dict], None]) -> EvalRunner:
+    """The inline evaluators after each checkpoint; with eval.mode external or none the runner has none
+    (training only writes checkpoints and `python -m pretrain.evaluate` evaluates them)."""
+    evaluators = build_evaluators(cfg, dist_info, autocast) if cfg.eval.mode == "inline" else []
+    return EvalRunner(evaluators, cfg.run.dir, dist_info, scalars)
+
+
+def build_preemption_watcher(dist_info: DistInfo) -> PreemptionWatcher:
+    """SIGTERM / SIGUSR1 (SLURM's warning, a spot reclaim) -> checkpoint at the step boundary, exit for requeue."""
+    return PreemptionWatcher(dist_info)
