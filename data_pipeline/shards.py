@@ -26,7 +26,7 @@ from PIL import Image
 from webdataset import TarWriter
 
 from data_pipeline.errors import DataSpecError
-from data_pipeline.storage import DEFAULT_STORAGE, RetryBudget, StorageOptions, is_outage, open_url, permanent_reason
+from data_pipeline.storage import RetryBudget, Storage, is_outage, permanent_reason
 
 # Fixed member mtime so that the same samples always give byte-identical shards (stable sha256).
 _MTIME = 0  # an int: a float mtime makes tarfile add a PAX header to every member
@@ -161,12 +161,12 @@ def _absolute(base_url: str, name: str) -> str:
     return f"{protocol}://{joined}"
 
 
-def read_manifest(url: str, storage: StorageOptions = DEFAULT_STORAGE) -> dict:
+def read_manifest(url: str, storage: Storage) -> dict:
     """Load a manifest written by :func:`write_shards`, with shard URLs made absolute."""
     budget = RetryBudget(url, storage)
     while True:
         try:
-            with open_url(url, storage, "r") as f:
+            with storage.open(url, "r") as f:
                 manifest = json.load(f)
             break
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:

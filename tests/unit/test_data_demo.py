@@ -7,6 +7,9 @@ import pytest
 from data_pipeline.demo import ensure_demo_data, main
 from data_pipeline.errors import DataSpecError
 from data_pipeline.shards import read_manifest
+from data_pipeline.storage import Storage
+
+LOCAL = Storage()  # local paths: no object storage settings
 
 SMALL = dict(image_size=16, num_train=40, num_val=20, samples_per_shard=10, seed=0)
 
@@ -15,8 +18,8 @@ def test_ensure_demo_data_is_idempotent_and_regenerates_on_change(tmp_path):
     root = str(tmp_path / "demo")
     data = ensure_demo_data(root, **SMALL)
     assert data.train == f"{root}/shapes/train.json" and data.digits_test == f"{root}/digits/test.json"
-    assert read_manifest(data.train)["num_samples"] == 40 and read_manifest(data.val)["num_samples"] == 20
-    assert read_manifest(data.digits_train)["num_samples"] == 1000
+    assert read_manifest(data.train, LOCAL)["num_samples"] == 40 and read_manifest(data.val, LOCAL)["num_samples"] == 20
+    assert read_manifest(data.digits_train, LOCAL)["num_samples"] == 1000
     marker = tmp_path / "demo" / "DONE.json"
     shard = tmp_path / "demo" / "shapes" / "train-000000.tar"
     stamps = (marker.stat().st_mtime_ns, shard.stat().st_mtime_ns, shard.stat().st_ino)
@@ -26,7 +29,7 @@ def test_ensure_demo_data_is_idempotent_and_regenerates_on_change(tmp_path):
 
     ensure_demo_data(root, **dict(SMALL, num_train=30))
     assert json.loads(marker.read_text())["num_train"] == 30
-    assert read_manifest(data.train)["num_samples"] == 30
+    assert read_manifest(data.train, LOCAL)["num_samples"] == 30
     assert sorted(os.listdir(tmp_path)) == ["demo"], "temporary directories left behind"
 
 

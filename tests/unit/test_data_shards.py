@@ -10,6 +10,7 @@ from PIL import Image
 
 from data_pipeline.errors import DataSpecError
 from data_pipeline.shards import encode_jpeg, read_manifest, write_shards
+from data_pipeline.storage import Storage
 from data_pipeline.synthetic import render_batch
 
 
@@ -39,7 +40,7 @@ def test_round_trip_keys_labels_pixels(tmp_path, as_file_url):
     assert json.loads((tmp_path / "train.json").read_text()) == manifest
     assert not list(tmp_path.glob("*tmp*")), "temporary files left behind"
 
-    read = read_manifest(f"{out}/train.json")
+    read = read_manifest(f"{out}/train.json", Storage())
     got = {}
     for shard in read["shards"]:
         path = shard["url"].removeprefix("file://")
@@ -94,10 +95,10 @@ def test_rejects_label_outside_classes(tmp_path):
 
 def test_read_manifest_missing_or_invalid(tmp_path):
     with pytest.raises(DataSpecError, match="not found"):
-        read_manifest(str(tmp_path / "nope.json"))
+        read_manifest(str(tmp_path / "nope.json"), Storage())
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(DataSpecError, match="bad.json"):
-        read_manifest(str(tmp_path / "bad.json"))
+        read_manifest(str(tmp_path / "bad.json"), Storage())
 
 
 def test_encode_jpeg_checks_input():

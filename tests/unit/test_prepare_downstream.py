@@ -11,12 +11,13 @@ from scipy.io import savemat
 
 from data_pipeline.prepare_downstream import main, prepare
 from data_pipeline.shards import read_manifest
+from data_pipeline.storage import Storage
 
 
 def read_samples(manifest_url):
     """{key: (image HWC uint8, label)} of a written split."""
     out = {}
-    for shard in read_manifest(manifest_url)["shards"]:
+    for shard in read_manifest(manifest_url, Storage())["shards"]:
         with tarfile.open(shard["url"]) as tar:
             files = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
         for name, data in files.items():
@@ -102,7 +103,7 @@ def test_pets_and_flowers_layouts_and_a_corrupt_image(tmp_path, capsys):
     train = read_samples(str(tmp_path / "pets_out/train.json"))
     assert {k: v[1] for k, v in train.items()} == {"Abyssinian_1": 0, "Abyssinian_2": 0, "beagle_7": 1}
     assert min(train["beagle_7"][0].shape[:2]) == 20  # shrunk to --max-size
-    assert read_manifest(str(tmp_path / "pets_out/train.json"))["classes"] == ["Abyssinian", "beagle"]
+    assert read_manifest(str(tmp_path / "pets_out/train.json"), Storage())["classes"] == ["Abyssinian", "beagle"]
     assert list(read_samples(str(tmp_path / "pets_out/test.json"))) == ["Abyssinian_3"]  # the corrupt one skipped
 
     flowers = tmp_path / "flowers"
