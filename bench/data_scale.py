@@ -122,9 +122,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         many = write_shards(((f"m{i:07d}", jpgs[i % 16], i % 10) for i in range(a.shards * 2)), f"{tmp}/many",
-                            "train", 2)
-        few = write_shards(((f"f{i:07d}", jpgs[i % 16], i % 10) for i in range(20)), f"{tmp}/few", "train", 2)
-        mid = write_shards(((f"d{i:07d}", jpgs[i % 16], i % 10) for i in range(64 * 40)), f"{tmp}/mid", "train", 40)
+                            "train", 2, storage=Storage())
+        few = write_shards(((f"f{i:07d}", jpgs[i % 16], i % 10) for i in range(20)), f"{tmp}/few", "train", 2,
+                           storage=Storage())
+        mid = write_shards(((f"d{i:07d}", jpgs[i % 16], i % 10) for i in range(64 * 40)), f"{tmp}/mid", "train", 40,
+                           storage=Storage())
         for name in ("many", "few", "mid"):
             _upload(endpoint, Path(tmp) / name, name)
         setup_s = time.perf_counter() - t0

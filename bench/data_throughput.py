@@ -185,7 +185,7 @@ def main() -> None:
         path.write_bytes(data)
         files.append(str(path))
     write_shards(((f"s{i:05d}", d, i % 10) for i, d in enumerate(images)), str(tmp / "shards"), "train",
-                 max(10, a.files // 8))
+                 max(10, a.files // 8), storage=Storage())
     cores = a.workers
     results = {}
 

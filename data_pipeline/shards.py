@@ -21,7 +21,7 @@ from typing import BinaryIO, Iterable
 
 import fsspec
 import numpy as np
-from fsspec.core import split_protocol, url_to_fs
+from fsspec.core import split_protocol
 from PIL import Image
 from webdataset import TarWriter
 
@@ -106,11 +106,13 @@ def write_shards(
     prefix: str,
     samples_per_shard: int,
     classes: list[str] | None = None,
+    *,
+    storage: Storage,
 ) -> dict:
     """Write ``(key, jpeg_bytes, label)`` samples as tar shards plus ``{prefix}.json``; return the manifest."""
     if samples_per_shard <= 0:
         raise ValueError(f"samples_per_shard must be positive, got {samples_per_shard}")
-    fs, root = url_to_fs(out_url)
+    fs, root = storage.fs(out_url, own_retries=True)
     fs.makedirs(root, exist_ok=True)
     token = uuid.uuid4().hex[:8]  # unique temp names: two writers never clobber each other's partial files
     shards: list[dict] = []

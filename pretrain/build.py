@@ -60,7 +60,7 @@ def prepare_data(cfg: DictConfig, dist_info: DistInfo) -> None:
     if cfg.data.prepare == "demo":
         for leader in node_leaders(dist_info):
             if dist_info.rank == leader:
-                ensure_demo_data(cfg.data.root, image_size=cfg.data.image_size, seed=cfg.train.seed)
+                ensure_demo_data(cfg.data.root, build_storage(cfg), image_size=cfg.data.image_size, seed=cfg.train.seed)
             barrier()
 
 

@@ -59,9 +59,8 @@ def test_data_check_reads_object_storage_through_data_storage(s3_server, tmp_pat
     no AWS_ENDPOINT_URL, a manifest on the moto server is reachable exactly when data.storage.s3_endpoint
     points at it, and otherwise one line names the manifest."""
     monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
-    write_shards([(f"k{i}", b"x", i % 2) for i in range(4)], str(tmp_path / "shards"), "train", 2)
-    fs, _ = s3_server.storage.fs(s3_server.url())
-    fs.put(f"{tmp_path}/shards/", s3_server.url("shards") + "/", recursive=True)
+    write_shards([(f"k{i}", b"x", i % 2) for i in range(4)], s3_server.url("shards"), "train", 2,
+                 storage=s3_server.storage)
     manifest = s3_server.url("shards/train.json")
     args = ["--config", DEMO, f"run.dir={tmp_path}/run", "data.prepare=none", f"data.train={manifest}",
             "data.storage.give_up_after_s=1"]

@@ -23,7 +23,7 @@ N, PER_SHARD, BATCH = 120, 10, 8
 def _write(root) -> list[str]:
     jpg = encode_jpeg(np.random.default_rng(0).integers(0, 255, (12, 12, 3), dtype=np.uint8))
     samples = [(f"k{i:04d}", jpg, i % 10) for i in range(N)]
-    write_shards(samples, str(root), "train", PER_SHARD)
+    write_shards(samples, str(root), "train", PER_SHARD, storage=Storage())
     return [k for k, _, _ in samples]
 
 

@@ -16,7 +16,7 @@ SMALL = dict(image_size=16, num_train=40, num_val=20, samples_per_shard=10, seed
 
 def test_ensure_demo_data_is_idempotent_and_regenerates_on_change(tmp_path):
     root = str(tmp_path / "demo")
-    data = ensure_demo_data(root, **SMALL)
+    data = ensure_demo_data(root, **SMALL, storage=LOCAL)
     assert data.train == f"{root}/shapes/train.json" and data.digits_test == f"{root}/digits/test.json"
     assert read_manifest(data.train, LOCAL)["num_samples"] == 40 and read_manifest(data.val, LOCAL)["num_samples"] == 20
     assert read_manifest(data.digits_train, LOCAL)["num_samples"] == 1000
@@ -24,10 +24,10 @@ def test_ensure_demo_data_is_idempotent_and_regenerates_on_change(tmp_path):
     shard = tmp_path / "demo" / "shapes" / "train-000000.tar"
     stamps = (marker.stat().st_mtime_ns, shard.stat().st_mtime_ns, shard.stat().st_ino)
 
-    assert ensure_demo_data(root, **SMALL) == data
+    assert ensure_demo_data(root, **SMALL, storage=LOCAL) == data
     assert (marker.stat().st_mtime_ns, shard.stat().st_mtime_ns, shard.stat().st_ino) == stamps
 
-    ensure_demo_data(root, **dict(SMALL, num_train=30))
+    ensure_demo_data(root, **dict(SMALL, num_train=30), storage=LOCAL)
     assert json.loads(marker.read_text())["num_train"] == 30
     assert read_manifest(data.train, LOCAL)["num_samples"] == 30
     assert sorted(os.listdir(tmp_path)) == ["demo"], "temporary directories left behind"
@@ -36,7 +36,7 @@ def test_ensure_demo_data_is_idempotent_and_regenerates_on_change(tmp_path):
 def test_refuses_to_overwrite_foreign_directory(tmp_path):
     (tmp_path / "precious.txt").write_text("keep me")
     with pytest.raises(DataSpecError, match="refusing"):
-        ensure_demo_data(str(tmp_path), **SMALL)
+        ensure_demo_data(str(tmp_path), **SMALL, storage=LOCAL)
     assert (tmp_path / "precious.txt").read_text() == "keep me"
 
 

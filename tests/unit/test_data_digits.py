@@ -23,7 +23,7 @@ def _labels_and_keys(manifest):
 
 
 def test_counts_labels_and_split(tmp_path):
-    write_digits(str(tmp_path / "d"), image_size=16, samples_per_shard=300)
+    write_digits(str(tmp_path / "d"), image_size=16, samples_per_shard=300, storage=LOCAL)
     train, test = (read_manifest(str(tmp_path / "d" / f"{split}.json"), LOCAL) for split in ("train", "test"))
     assert train["num_samples"] == 1000 and test["num_samples"] == 797
     assert train["classes"] == [str(i) for i in range(10)]
@@ -36,7 +36,7 @@ def test_counts_labels_and_split(tmp_path):
         share = train_labels[digit] / (train_labels[digit] + test_labels[digit])
         assert abs(share - 1000 / 1797) < 0.02
 
-    write_digits(str(tmp_path / "e"), image_size=16, samples_per_shard=300, seed=1)
+    write_digits(str(tmp_path / "e"), image_size=16, samples_per_shard=300, seed=1, storage=LOCAL)
     assert _labels_and_keys(read_manifest(str(tmp_path / "e" / "train.json"), LOCAL))[1] != train_keys
 
 

@@ -65,7 +65,7 @@ def test_loader_in_gpu_mode_ships_jpeg_bytes_and_crops(tmp_path):
     from data_pipeline.stream import TrainLoader
 
     samples = [(f"k{i:03d}", encode_jpeg(_photo(40 + i, 50)), i % 3) for i in range(24)]
-    write_shards(samples, str(tmp_path), "train", 8)
+    write_shards(samples, str(tmp_path), "train", 8, storage=Storage())
     loader = TrainLoader(str(tmp_path / "train.json"), batch_size=6, transform=CropPlanner(TrainTransform(16)),
                          seed=0, num_workers=0, shuffle_buffer=8, storage=Storage())
     batch = next(iter(loader))

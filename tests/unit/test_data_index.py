@@ -14,7 +14,8 @@ from data_pipeline.storage import Storage
 
 def _shards(root, n=5, per=7):
     jpg = [encode_jpeg(np.random.default_rng(i).integers(0, 255, (10 + i, 9, 3), dtype=np.uint8)) for i in range(3)]
-    return write_shards(((f"k{i:03d}", jpg[i % 3], i % 4) for i in range(n * per)), str(root), "train", per)
+    return write_shards(((f"k{i:03d}", jpg[i % 3], i % 4) for i in range(n * per)), str(root), "train", per,
+                        storage=Storage())
 
 
 def test_index_matches_the_writers_manifest_and_resumes(tmp_path, capsys, caplog):

@@ -32,7 +32,7 @@ def test_round_trip_keys_labels_pixels(tmp_path, as_file_url):
     samples = _samples(10)
     out = f"file://{tmp_path}" if as_file_url else str(tmp_path)
     manifest = write_shards(((k, encode_jpeg(img), y) for k, img, y in samples), out, "train", 4,
-                            classes=["a", "b", "c"])
+                            classes=["a", "b", "c"], storage=Storage())
 
     assert [s["url"] for s in manifest["shards"]] == ["train-000000.tar", "train-000001.tar", "train-000002.tar"]
     assert [s["num_samples"] for s in manifest["shards"]] == [4, 4, 2]
@@ -61,8 +61,8 @@ def test_round_trip_keys_labels_pixels(tmp_path, as_file_url):
 
 def test_same_samples_give_identical_shards(tmp_path):
     data = [(k, encode_jpeg(img), y) for k, img, y in _samples(6)]
-    a = write_shards(data, str(tmp_path / "a"), "x", 4)
-    b = write_shards(data, str(tmp_path / "b"), "x", 4)
+    a = write_shards(data, str(tmp_path / "a"), "x", 4, storage=Storage())
+    b = write_shards(data, str(tmp_path / "b"), "x", 4, storage=Storage())
     assert [s["sha256"] for s in a["shards"]] == [s["sha256"] for s in b["shards"]]
     assert a["classes"] is None and a["num_classes"] == 3
 
@@ -75,7 +75,7 @@ def test_crash_mid_write_publishes_only_complete_shards(tmp_path):
             yield k, encode_jpeg(img), y
 
     with pytest.raises(RuntimeError):
-        write_shards(samples(), str(tmp_path), "train", 4)
+        write_shards(samples(), str(tmp_path), "train", 4, storage=Storage())
     # Shard 0 (4 samples) was complete; shard 1 was half written and must not carry a published name.
     assert sorted(p.name for p in tmp_path.glob("*.tar")) == ["train-000000.tar"]
     assert len(_read_tar(tmp_path / "train-000000.tar")) == 8
@@ -85,12 +85,12 @@ def test_crash_mid_write_publishes_only_complete_shards(tmp_path):
 
 def test_rejects_keys_that_webdataset_would_split(tmp_path):
     with pytest.raises(ValueError, match="key"):
-        write_shards([("a.b", b"x", 0)], str(tmp_path), "t", 4)
+        write_shards([("a.b", b"x", 0)], str(tmp_path), "t", 4, storage=Storage())
 
 
 def test_rejects_label_outside_classes(tmp_path):
     with pytest.raises(ValueError, match="label"):
-        write_shards([("a", b"x", 3)], str(tmp_path), "t", 4, classes=["x", "y"])
+        write_shards([("a", b"x", 3)], str(tmp_path), "t", 4, classes=["x", "y"], storage=Storage())
 
 
 def test_read_manifest_missing_or_invalid(tmp_path):

@@ -27,7 +27,7 @@ def _samples(n, seed=0):
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     root = tmp_path_factory.mktemp("shapes")
-    write_shards(_samples(NUM_SHARDS * PER_SHARD), str(root), "train", PER_SHARD)
+    write_shards(_samples(NUM_SHARDS * PER_SHARD), str(root), "train", PER_SHARD, storage=Storage())
     return str(root / "train.json")
 
 
@@ -215,8 +215,9 @@ def test_exact_resume_over_corrupt_data_keeps_counts(corrupt_dataset):
 def test_weighted_sources_mix_in_proportion_whatever_the_worker_count(tmp_path):
     from data_pipeline.stream import DataSource
 
-    write_shards(((f"a{i:03d}", jpg, c) for i, (_, jpg, c) in enumerate(_samples(60))), str(tmp_path), "a", 15)
-    write_shards(((f"b{i:03d}", jpg, c) for i, (_, jpg, c) in enumerate(_samples(30))), str(tmp_path), "b", 10)
+    for prefix, n, per in (("a", 60, 15), ("b", 30, 10)):
+        write_shards(((f"{prefix}{i:03d}", jpg, c) for i, (_, jpg, c) in enumerate(_samples(n))), str(tmp_path), prefix,
+                     per, storage=Storage())
     sources = [DataSource(str(tmp_path / "a.json"), 3.0, "big"), DataSource(str(tmp_path / "b.json"), 1.0, "small")]
     loader = _loader(sources, batch_size=8, num_workers=0)
     batches = _take(loader, 20)

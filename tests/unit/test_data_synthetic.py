@@ -50,7 +50,7 @@ def test_classes_are_distinct_fixed_glyphs():
 def test_written_set_is_deterministic_and_balanced(tmp_path):
     for name, seed in (("a", 1), ("b", 1), ("c", 2)):
         write_synthetic_glyphs(str(tmp_path / name), num_train=2 * NUM_CLASSES, num_val=20, image_size=16,
-                               samples_per_shard=25, seed=seed)
+                               samples_per_shard=25, seed=seed, storage=Storage())
     a, b, c = (read_manifest(str(tmp_path / n / "train.json"), Storage()) for n in "abc")
     assert a["num_samples"] == 128 and [s["num_samples"] for s in a["shards"]] == [25] * 5 + [3]
     assert a["classes"] == list(CLASSES) and a["num_classes"] == NUM_CLASSES

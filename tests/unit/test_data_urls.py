@@ -19,7 +19,7 @@ def test_double_colon_list_and_list_of_specs():
 
 
 def test_manifest_path_gives_absolute_shard_urls(tmp_path, monkeypatch):
-    write_shards([("k0", b"x", 0), ("k1", b"y", 1), ("k2", b"z", 0)], str(tmp_path), "train", 2)
+    write_shards([("k0", b"x", 0), ("k1", b"y", 1), ("k2", b"z", 0)], str(tmp_path), "train", 2, storage=Storage())
     expected = [str(tmp_path / "train-000000.tar"), str(tmp_path / "train-000001.tar")]
     assert expand_urls(str(tmp_path / "train.json"), Storage()) == expected
     monkeypatch.chdir(tmp_path.parent)  # a relative manifest path still gives cwd-independent urls
