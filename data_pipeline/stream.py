@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from data_pipeline.errors import DataSpecError, first_line
 from data_pipeline.plan import TAG_AUGMENT, EpochPlan, RankSchedule
 from data_pipeline.reader import SHARD_ERROR_KEY, EpochReader, raw_samples
-from data_pipeline.storage import DEFAULT_STORAGE, StorageError, StorageOptions
+from data_pipeline.storage import Storage, StorageError
 from data_pipeline.transforms import EvalTransform, TrainTransform
 from data_pipeline.urls import expand_urls, manifest_shards, no_urls_error, spec_parts
 
@@ -173,7 +173,7 @@ def index_command(spec: str) -> str:
     return f"python -m data_pipeline.index '{spec}' --out manifest.json"
 
 
-def resolve_source(source: DataSource, index: int, storage: StorageOptions) -> _ResolvedSource:
+def resolve_source(source: DataSource, index: int, storage: Storage) -> _ResolvedSource:
     """Shard URLs, per-shard sample counts and byte offsets, from the source's manifests.
 
     Shards without a manifest stop the run at once: counting them would read the whole data set on
@@ -308,7 +308,7 @@ class TrainLoader:
         shuffle_buffer: int = 1000,
         pin_memory: bool = False,
         epoch_mode: str = "exact",
-        storage: StorageOptions = DEFAULT_STORAGE,
+        storage: Storage,
         lookahead: int = 0,
     ) -> None:
         if batch_size <= 0:
@@ -469,7 +469,7 @@ class _EvalStream(IterableDataset):
     """One unshuffled pass over this rank's (and worker's) shards, batched in the worker."""
 
     def __init__(self, urls: list[str], batch_size: int, transform: EvalTransform,
-                 storage: StorageOptions = DEFAULT_STORAGE) -> None:
+                 storage: Storage) -> None:
         super().__init__()
         self.urls, self.batch_size, self.transform, self.storage = urls, batch_size, transform, storage
 
@@ -501,7 +501,7 @@ def eval_batches(
     rank: int = 0,
     world_size: int = 1,
     num_workers: int = 0,
-    storage: StorageOptions = DEFAULT_STORAGE,
+    storage: Storage,
 ) -> Iterator[Batch]:
     """One finite, unshuffled pass; shards are split across ranks so each sample is seen exactly once.
 

@@ -14,7 +14,7 @@ from data_pipeline.demo import ensure_demo_data
 from data_pipeline.device import normalize
 from data_pipeline.errors import DataSpecError
 from data_pipeline.gpu_decode import CropPlanner, decode_batch, gpu_decode_available
-from data_pipeline.storage import StorageOptions
+from data_pipeline.storage import Storage
 from data_pipeline.stream import Batch, DataSource, TrainLoader, eval_batches
 from data_pipeline.transforms import EvalTransform, TrainTransform
 
@@ -64,7 +64,7 @@ def prepare_data(cfg: DictConfig, dist_info: DistInfo) -> None:
     if cfg.data.prepare == "demo":
         for leader in node_leaders(dist_info):
             if dist_info.rank == leader:
-                ensure_demo_data(cfg.data.root, image_size=cfg.data.image_size, seed=cfg.train.seed)
+                ensure_demo_data(cfg.data.root, build_storage(cfg), image_size=cfg.data.image_size, seed=cfg.train.seed)
             barrier()
 
 
@@ -126,10 +126,11 @@ def build_memory_estimate(cfg: DictConfig, model: nn.Module, dist_info: DistInfo
                            activation_checkpointing=cfg.engine.activation_checkpointing)
 
 
-def build_storage(cfg: DictConfig) -> StorageOptions:
+def build_storage(cfg: DictConfig) -> Storage:
+    """The one storage handle of the run's data URLs (shards, manifests, demo data), from ``data.storage``."""
     st = cfg.data.storage
-    return StorageOptions(s3_endpoint=st.s3_endpoint, s3_profile=st.s3_profile, s3_anon=st.s3_anon,
-                          retries=st.retries, backoff_s=st.backoff_s, give_up_after_s=st.give_up_after_s)
+    return Storage(s3_endpoint=st.s3_endpoint, s3_profile=st.s3_profile, s3_anon=st.s3_anon,
+                   retries=st.retries, backoff_s=st.backoff_s, give_up_after_s=st.give_up_after_s)
 
 
 def build_train_loader(cfg: DictConfig, dist_info: DistInfo, batch_size: int) -> TrainLoader:
@@ -213,18 +214,19 @@ def build_evaluators(cfg: DictConfig, dist_info: DistInfo, autocast: Callable[[]
                                                               crop_fraction=d.crop_fraction))
         evaluators.append(FineTuneEvaluator(
             partial(ft_batches, f.train), partial(ft_batches, f.test), forward,
-            num_classes=f.num_classes or _manifest_classes(f.train, "eval.finetune.train"), steps=f.steps,
+            num_classes=f.num_classes or _manifest_classes(f.train, "eval.finetune.train", build_storage(cfg)),
+            steps=f.steps,
             batch_size=f.batch_size, lr=f.lr, warmup_steps=f.warmup_steps, hflip=f.hflip, dist_info=dist_info,
             seed=cfg.train.seed, time_budget_s=f.time_budget_s))
     return evaluators
 
 
-def _manifest_classes(spec: str, key: str) -> int:
+def _manifest_classes(spec: str, key: str, storage: Storage) -> int:
     from data_pipeline.shards import read_manifest
 
     if not spec.endswith(".json"):
         raise ConfigError(f"'{key}' {spec!r} is not a manifest; set 'eval.finetune.num_classes'")
-    manifest = read_manifest(spec)
+    manifest = read_manifest(spec, storage)
     if not manifest.get("num_classes"):
         raise ConfigError(f"{spec}: the manifest gives no num_classes; set 'eval.finetune.num_classes'")
     return int(manifest["num_classes"])
