@@ -6,14 +6,15 @@ from a watcher that follows a run as it trains.
   python -m pretrain.evaluate RUN_DIR --summary        # table of all records + one PNG per metric
   python -m pretrain.evaluate s3://bucket/runs/b16 --watch data.root=/mnt/data   # other machine
 
-It reads what the checkpoint holds (model.safetensors, checked against its sha256, and
-config.yaml) through fsspec, builds the evaluators from that config (`key=value` arguments
-override it, e.g. data paths that differ on this machine), and records the results exactly like
-inline evaluation does: `<RUN_DIR>/eval/step_XXXXXXX.json`, `results.jsonl`, TensorBoard scalars
-in `<RUN_DIR>/tb`. A step that already has a record is never evaluated again (`--force` does),
-and a watcher claims a step before evaluating it, so two watchers, or a watcher restarted after
-a crash, never duplicate one. Set `eval.mode: external` in the training config to leave
-evaluation to this command.
+It reads the checkpoint's weights through the checkpoint reader (model.safetensors, checked against
+its sha256 and the format version, as a resume does) and the run's config.yaml through fsspec, builds
+the evaluators from that config (`key=value` arguments override it, e.g. data paths that differ on
+this machine), and records the results exactly like inline evaluation does:
+`<RUN_DIR>/eval/step_XXXXXXX.json`, `results.jsonl`, TensorBoard scalars in `<RUN_DIR>/tb` (through the
+Monitor's writer, so they reach object storage too). A step that already has a record is never
+evaluated again (`--force` does), and a watcher claims a step before evaluating it, so two
+watchers, or a watcher restarted after a crash, never duplicate one. Set `eval.mode: external` in
+the training config to leave evaluation to this command.
 """
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
 """The one owner of run metrics: console progress lines and TensorBoard scalars, rank 0 only.
+`ScalarWriter` is the one TensorBoard writer (the evaluation CLI writes through it as well).
 
 Per-step values are accumulated as device tensors and read back (one host sync) only when a log
 line is due, so logging never stalls the accelerator between steps.

@@ -23,6 +23,8 @@ with ``act="gelu_tanh"``. Loading an ``.npz`` therefore refuses a model with ano
 (one line); ``npz_act="gelu"`` declares a file trained with exact GELU instead (e.g. our own
 ``export_jax`` of a ``gelu`` model, which would otherwise refuse to write it).
 
+:func:`export_timm` is the one exporter of timm files (``python -m pretrain.export`` writes through it).
+
 Loading never unpickles code: ``.safetensors``, ``torch.load(weights_only=True)`` and
 ``numpy.load(allow_pickle=False)``. Every problem with a file is one line naming the file and
 the first offending key.
