@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data_pipeline.plan import RankSchedule  # noqa: E402
 from data_pipeline.shards import encode_jpeg, write_shards  # noqa: E402
-from data_pipeline.storage import StorageOptions  # noqa: E402
+from data_pipeline.storage import Storage  # noqa: E402
 from data_pipeline.train_loader import TrainLoader  # noqa: E402
 from data_pipeline.transforms import TrainTransform  # noqa: E402
 
@@ -61,12 +61,12 @@ def _upload(endpoint: str, local: Path, prefix: str) -> None:
                                                                      recursive=True)
 
 
-def _loader(spec: str, storage: StorageOptions, workers: int, batch: int = 32) -> TrainLoader:
+def _loader(spec: str, storage: Storage, workers: int, batch: int = 32) -> TrainLoader:
     return TrainLoader(spec, batch_size=batch, transform=TrainTransform(32), seed=0, num_workers=workers,
                        shuffle_buffer=1000, storage=storage)
 
 
-def first_batch_s(spec: str, storage: StorageOptions) -> float:
+def first_batch_s(spec: str, storage: Storage) -> float:
     t0 = time.perf_counter()
     it = iter(_loader(spec, storage, workers=2))
     next(it)
@@ -75,7 +75,7 @@ def first_batch_s(spec: str, storage: StorageOptions) -> float:
     return took
 
 
-def bytes_per_sample(spec: str, storage: StorageOptions, sizes: dict[str, int], workers: int, batches: int) -> dict:
+def bytes_per_sample(spec: str, storage: Storage, sizes: dict[str, int], workers: int, batches: int) -> dict:
     loader = _loader(spec, storage, workers)
     it = iter(loader)
     wanted = 0
@@ -115,16 +115,18 @@ def main() -> None:
     p.add_argument("--out", default="bench/results/data_scale_cpu.json")
     a = p.parse_args()
     server, endpoint = _server()
-    storage = StorageOptions(s3_endpoint=endpoint)
+    storage = Storage(s3_endpoint=endpoint)
     rng = np.random.default_rng(0)
     jpgs = [encode_jpeg(rng.integers(0, 255, (32 + i, 32, 3), dtype=np.uint8)) for i in range(16)]
     results: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         many = write_shards(((f"m{i:07d}", jpgs[i % 16], i % 10) for i in range(a.shards * 2)), f"{tmp}/many",
-                            "train", 2)
-        few = write_shards(((f"f{i:07d}", jpgs[i % 16], i % 10) for i in range(20)), f"{tmp}/few", "train", 2)
-        mid = write_shards(((f"d{i:07d}", jpgs[i % 16], i % 10) for i in range(64 * 40)), f"{tmp}/mid", "train", 40)
+                            "train", 2, storage=Storage())
+        few = write_shards(((f"f{i:07d}", jpgs[i % 16], i % 10) for i in range(20)), f"{tmp}/few", "train", 2,
+                           storage=Storage())
+        mid = write_shards(((f"d{i:07d}", jpgs[i % 16], i % 10) for i in range(64 * 40)), f"{tmp}/mid", "train", 40,
+                           storage=Storage())
         for name in ("many", "few", "mid"):
             _upload(endpoint, Path(tmp) / name, name)
         setup_s = time.perf_counter() - t0

@@ -33,6 +33,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data_pipeline.shards import encode_jpeg, write_shards  # noqa: E402
+from data_pipeline.storage import Storage  # noqa: E402
 from data_pipeline.train_loader import TrainLoader  # noqa: E402
 from data_pipeline.transforms import TrainTransform, random_resized_crop_params  # noqa: E402
 
@@ -121,7 +122,7 @@ def time_gpu_path(spec: str, workers: int, n_images: int, batch: int) -> dict:
 
     device = torch.device("cuda")
     loader = TrainLoader(spec, batch_size=batch, transform=CropPlanner(TrainTransform(SIZE)), seed=0,
-                         num_workers=workers, shuffle_buffer=1000, pin_memory=True)
+                         num_workers=workers, shuffle_buffer=1000, pin_memory=True, storage=Storage())
     it = iter(loader)
     for _ in range(2):
         b = next(it)
@@ -184,13 +185,13 @@ def main() -> None:
         path.write_bytes(data)
         files.append(str(path))
     write_shards(((f"s{i:05d}", d, i % 10) for i, d in enumerate(images)), str(tmp / "shards"), "train",
-                 max(10, a.files // 8))
+                 max(10, a.files // 8), storage=Storage())
     cores = a.workers
     results = {}
 
-    def ours(spec: str, **kw) -> float:
+    def ours(spec: str, storage: Storage) -> float:
         loader = TrainLoader(spec, batch_size=a.batch, transform=TrainTransform(SIZE), seed=0,
-                             num_workers=a.workers, shuffle_buffer=1000, **kw)
+                             num_workers=a.workers, shuffle_buffer=1000, storage=storage)
         return time_loader(loader, a.images)
 
     def baseline(recipe: str) -> dict:
@@ -202,7 +203,7 @@ def main() -> None:
     for _ in range(a.repeat):  # interleaved, so load from other jobs hits every pipeline alike
         for name, fn in (("baseline_torchvision", lambda: baseline("torchvision")),
                          ("baseline_uint8", lambda: baseline("uint8")),
-                         ("ours", lambda: ours(str(tmp / "shards" / "train.json")))):
+                         ("ours", lambda: ours(str(tmp / "shards" / "train.json"), Storage()))):
             runs.setdefault(name, []).append(fn())
     for name, rs in runs.items():
         results[name] = {k: float(np.median([r[k] for r in rs])) for k in rs[0]}
@@ -211,7 +212,6 @@ def main() -> None:
         sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
         import s3fs
 
-        from data_pipeline.storage import StorageOptions
         from tests.servers import S3Server
 
         import logging
@@ -220,8 +220,7 @@ def main() -> None:
         server = S3Server()
         fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": server.endpoint})
         fs.put(str(tmp / "shards") + "/", server.url("shards") + "/", recursive=True)
-        results["ours_s3"] = ours(server.url("shards/train.json"),
-                                        storage=StorageOptions(s3_endpoint=server.endpoint))
+        results["ours_s3"] = ours(server.url("shards/train.json"), Storage(s3_endpoint=server.endpoint))
         server.stop()
     if a.gpu:
         from data_pipeline.gpu_decode import gpu_decode_available

@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 from data_pipeline.demo import ensure_demo_data  # noqa: E402
 from data_pipeline.device import normalize  # noqa: E402
 from data_pipeline.batch import Batch  # noqa: E402
+from data_pipeline.storage import Storage  # noqa: E402
 from pretrain import build  # noqa: E402
 from pretrain.config import load_config  # noqa: E402
 from pretrain.optim import build_optimizer, build_scheduler  # noqa: E402
@@ -138,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="loop_overhead_") as tmp:
         data_root = f"{tmp}/data"
-        ensure_demo_data(data_root, image_size=32, num_train=200, num_val=50, samples_per_shard=100)
+        ensure_demo_data(data_root, Storage(), image_size=32, num_train=200, num_val=50, samples_per_shard=100)
         trainer = make_trainer(args, f"{tmp}/run", data_root)
         try:
             device = trainer.dist.device

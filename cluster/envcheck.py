@@ -14,9 +14,12 @@ import socket
 import sys
 import uuid
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from cluster.rendezvous import check_reachable, endpoint, node_name
+
+if TYPE_CHECKING:  # imported where used: a check that does not need it costs no start-up
+    from data_pipeline.storage import Storage
 
 
 @dataclass
@@ -59,7 +62,7 @@ def check_writable(url: str) -> Check:
 
     probe = f"{url.rstrip('/')}/.envcheck-{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
     try:
-        fs, path = fsspec.core.url_to_fs(probe)
+        fs, path = fsspec.core.url_to_fs(probe)  # the run dir, not a data URL: fsspec's environment settings
         fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         with fs.open(path, "wb") as f:
             f.write(b"ok")
@@ -73,17 +76,17 @@ def check_writable(url: str) -> Check:
     return Check("run dir", True, f"{url} writable")
 
 
-def check_data(spec: str) -> Check:
-    import fsspec
-
+def check_data(spec: str, storage: Storage) -> Check:
+    """The first training shard is there, read through the run's storage handle (``data.storage``: endpoint,
+    profile, anonymous access; transient failures retried within ``data.storage.give_up_after_s``)."""
     from data_pipeline.urls import DataSpecError, expand_urls
 
     try:
-        urls = expand_urls(spec)
-        fs, path = fsspec.core.url_to_fs(urls[0])
+        urls = expand_urls(spec, storage)
+        fs, path = storage.fs(urls[0])
         if not fs.exists(path):
             return Check("data", False, f"{urls[0]}: first training shard not found")
-    except DataSpecError as e:
+    except DataSpecError as e:  # StorageError included: one line naming the URL
         return Check("data", False, str(e))
     except Exception as e:
         return Check("data", False, f"{spec}: cannot reach the training data ({type(e).__name__}: {e})")
@@ -109,14 +112,15 @@ def check_master() -> Check:
                                                                           if nnodes > 1 else ""))
 
 
-def run_checks(gpus_per_node: int, run_dir: str | None, data_spec: str | None) -> list[Check]:
+def run_checks(gpus_per_node: int, run_dir: str | None, data: tuple[str, Storage] | None) -> list[Check]:
+    """``data``: the training data spec and the storage handle it is read through (None: no data check)."""
     checks: list[Callable[[], Check]] = [check_master]
     if gpus_per_node > 0:
         checks += [lambda: check_gpus(gpus_per_node), check_nccl]
     if run_dir:
         checks.append(lambda: check_writable(run_dir))
-    if data_spec:
-        checks.append(lambda: check_data(data_spec))
+    if data:
+        checks.append(lambda: check_data(*data))
     return [check() for check in checks]
 
 
@@ -127,8 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run-dir", help="check this directory / URL is writable (default: the config's run.dir)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_args(argv)
-    run_dir, data_spec = args.run_dir, None
+    run_dir, data = args.run_dir, None
     if args.config:
+        from pretrain.build import build_storage
         from pretrain.config import ConfigError, load_config
 
         try:
@@ -137,9 +142,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
         run_dir = run_dir or cfg.run.dir
-        data_spec = None if cfg.data.prepare == "demo" else cfg.data.train  # demo data is generated on start
+        if cfg.data.prepare != "demo" and cfg.data.train:  # demo data is generated on start
+            data = (cfg.data.train, build_storage(cfg))
     host = node_name()
-    results = run_checks(args.gpus_per_node, run_dir, data_spec)
+    results = run_checks(args.gpus_per_node, run_dir, data)
     for c in results:
         print(f"envcheck [{host}] {'ok  ' if c.ok else 'FAIL'} {c.name}: {c.detail}",
               file=sys.stdout if c.ok else sys.stderr)

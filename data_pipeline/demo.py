@@ -19,9 +19,8 @@ import time
 import uuid
 from dataclasses import asdict, dataclass
 
-from fsspec.core import url_to_fs
-
 from data_pipeline.errors import DataSpecError
+from data_pipeline.storage import Storage
 
 _FORMAT = 2  # bump when the generators change, so existing data are regenerated
 _OURS = {"shapes", "digits", "DONE.json"}
@@ -51,12 +50,13 @@ def _read_marker(fs, path: str) -> dict | None:
         return None
 
 
-def ensure_demo_data(root: str, *, image_size: int = 32, num_train: int = 12000, num_val: int = 2000,
-                     samples_per_shard: int = 500, seed: int = 0) -> DemoData:
-    """Return the demo data under ``root``, generating it unless it exists with these parameters."""
+def ensure_demo_data(root: str, storage: Storage, *, image_size: int = 32, num_train: int = 12000,
+                     num_val: int = 2000, samples_per_shard: int = 500, seed: int = 0) -> DemoData:
+    """Return the demo data under ``root`` (read and written through ``storage``), generating it unless it
+    exists with these parameters."""
     params = {"format": _FORMAT, "image_size": image_size, "num_train": num_train, "num_val": num_val,
               "samples_per_shard": samples_per_shard, "seed": seed}
-    fs, path = url_to_fs(root)
+    fs, path = storage.fs(root, own_retries=True)
     path = path.rstrip("/")
     if _read_marker(fs, path) == params:
         return _paths(root.rstrip("/"))
@@ -74,10 +74,11 @@ def ensure_demo_data(root: str, *, image_size: int = 32, num_train: int = 12000,
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
     tmp_url = fs.unstrip_protocol(tmp)
     try:
-        write_synthetic_shapes(posixpath.join(tmp_url, "shapes"), num_train=num_train, num_val=num_val,
-                               image_size=image_size, samples_per_shard=samples_per_shard, seed=seed)
+        write_synthetic_shapes(posixpath.join(tmp_url, "shapes"), storage=storage, num_train=num_train,
+                               num_val=num_val, image_size=image_size, samples_per_shard=samples_per_shard, seed=seed)
         # The digits split is fixed (seed 0): the downstream benchmark must not move with the pre-training seed.
-        write_digits(posixpath.join(tmp_url, "digits"), image_size=image_size, samples_per_shard=256, seed=0)
+        write_digits(posixpath.join(tmp_url, "digits"), storage=storage, image_size=image_size, samples_per_shard=256,
+                     seed=0)
         with fs.open(posixpath.join(tmp, "DONE.json"), "w") as f:
             json.dump(params, f, indent=1)
     except BaseException:
@@ -100,8 +101,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    data = ensure_demo_data(args.out, image_size=args.image_size, num_train=args.num_train, num_val=args.num_val,
-                            samples_per_shard=args.samples_per_shard, seed=args.seed)
+    # No config here: --out takes the default storage settings (fsspec's, from the environment).
+    data = ensure_demo_data(args.out, Storage(), image_size=args.image_size, num_train=args.num_train,
+                            num_val=args.num_val, samples_per_shard=args.samples_per_shard, seed=args.seed)
     print(f"demo data ready in {time.perf_counter() - start:.1f} s:")
     for name, url in asdict(data).items():
         print(f"  {name:13s} {url}")

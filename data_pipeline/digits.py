@@ -14,6 +14,7 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
 from data_pipeline.shards import encode_jpeg, write_shards
+from data_pipeline.storage import Storage
 
 CLASSES = tuple(str(d) for d in range(10))
 NUM_TRAIN = 1000
@@ -35,10 +36,12 @@ def _samples(images: np.ndarray, labels: np.ndarray, indices: np.ndarray) -> Ite
         yield f"{int(i):05d}", encode_jpeg(images[i], quality=95), int(labels[i])
 
 
-def write_digits(out_url: str, *, image_size: int = 32, samples_per_shard: int = 256, seed: int = 0) -> None:
+def write_digits(out_url: str, *, storage: Storage, image_size: int = 32, samples_per_shard: int = 256,
+                 seed: int = 0) -> None:
     """Write ``train``/``test`` shards (+ manifests) of the upscaled digits to ``out_url``."""
     images, labels = digit_images(image_size)
     train_idx, test_idx = train_test_split(np.arange(len(labels)), train_size=NUM_TRAIN, stratify=labels,
                                            random_state=seed)
     for prefix, idx in (("train", np.sort(train_idx)), ("test", np.sort(test_idx))):
-        write_shards(_samples(images, labels, idx), out_url, prefix, samples_per_shard, classes=list(CLASSES))
+        write_shards(_samples(images, labels, idx), out_url, prefix, samples_per_shard, classes=list(CLASSES),
+                     storage=storage)

@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from data_pipeline.batch import Batch, make_batch
 from data_pipeline.decode import decode_sample
 from data_pipeline.reader import raw_samples
-from data_pipeline.storage import DEFAULT_STORAGE, StorageOptions
+from data_pipeline.storage import Storage
 from data_pipeline.transforms import EvalTransform
 from data_pipeline.urls import expand_urls
 from data_pipeline.workers import as_is
@@ -19,7 +19,7 @@ class _EvalStream(IterableDataset):
     """One unshuffled pass over this rank's (and worker's) shards, batched in the worker."""
 
     def __init__(self, urls: list[str], batch_size: int, transform: EvalTransform,
-                 storage: StorageOptions = DEFAULT_STORAGE) -> None:
+                 storage: Storage) -> None:
         super().__init__()
         self.urls, self.batch_size, self.transform, self.storage = urls, batch_size, transform, storage
 
@@ -51,7 +51,7 @@ def eval_batches(
     rank: int = 0,
     world_size: int = 1,
     num_workers: int = 0,
-    storage: StorageOptions = DEFAULT_STORAGE,
+    storage: Storage,
 ) -> Iterator[Batch]:
     """One finite, unshuffled pass; shards are split across ranks so each sample is seen exactly once.
 

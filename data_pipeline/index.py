@@ -21,18 +21,17 @@ import sys
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any, Sequence
 
-from fsspec.core import url_to_fs
 from tqdm import tqdm
 
 from data_pipeline.errors import DataSpecError
 from data_pipeline.reader import ShardSamples
-from data_pipeline.storage import DEFAULT_STORAGE, StorageOptions
+from data_pipeline.storage import Storage
 from data_pipeline.urls import expand_urls
 
 log = logging.getLogger("data_pipeline.index")
 
 
-def index_shard(url: str, storage: StorageOptions = DEFAULT_STORAGE) -> dict[str, Any]:
+def index_shard(url: str, storage: Storage) -> dict[str, Any]:
     """Manifest entry of one shard: ``{"url", "num_samples", "offsets", "max_label"}``; offsets are each
     sample's first byte, then the end of the last one (absent for compressed shards, which are streamed);
     ``"error"`` says why a damaged shard ends early (the samples before the damage are kept)."""
@@ -72,8 +71,7 @@ def _load_partial(path: str, urls: set[str]) -> dict[str, dict]:
     return done
 
 
-def build_index(spec: str, out: str, threads: int = 32, storage: StorageOptions = DEFAULT_STORAGE,
-                progress: bool = True) -> dict:
+def build_index(spec: str, out: str, storage: Storage, threads: int = 32, progress: bool = True) -> dict:
     """Index the shards of ``spec`` into the manifest ``out`` (any fsspec URL); return the manifest."""
     urls = expand_urls(spec, storage)
     partial = _partial_path(out)
@@ -108,7 +106,7 @@ def build_index(spec: str, out: str, threads: int = 32, storage: StorageOptions 
     shards = [{k: v for k, v in done[u].items() if k not in ("max_label", "error")} for u in urls]
     manifest = {"shards": shards, "num_samples": sum(s["num_samples"] for s in shards), "classes": None,
                 "num_classes": max(done[u]["max_label"] for u in urls) + 1}
-    fs, path = url_to_fs(out, **storage.fsspec_kwargs(out))
+    fs, path = storage.fs(out, own_retries=True)
     tmp = f"{path}.tmp-{os.getpid()}"
     with fs.open(tmp, "w") as f:
         json.dump(manifest, f, separators=(",", ":"))
@@ -130,9 +128,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not a.out.endswith(".json"):
         print(f"error: --out {a.out!r} must name a .json manifest", file=sys.stderr)
         return 2
-    storage = StorageOptions(s3_endpoint=a.s3_endpoint, give_up_after_s=a.give_up_after_s)
+    storage = Storage(s3_endpoint=a.s3_endpoint, give_up_after_s=a.give_up_after_s)  # no config: the flags
     try:
-        manifest = build_index(a.spec, a.out, a.threads, storage, progress=not a.no_progress)
+        manifest = build_index(a.spec, a.out, storage, a.threads, progress=not a.no_progress)
     except DataSpecError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -36,6 +36,7 @@ from PIL import Image
 
 from data_pipeline.errors import DataSpecError
 from data_pipeline.shards import encode_jpeg, write_shards
+from data_pipeline.storage import Storage
 
 log = logging.getLogger(__name__)
 Samples = Iterator[tuple[str, bytes, int]]
@@ -216,7 +217,7 @@ def imagefolder(src: _Source, max_size: int, skipped: list[str]) -> tuple[dict[s
 KINDS = ("cifar10", "cifar100", "pets", "flowers102", "imagefolder")
 
 
-def prepare(kind: str, src_path: str, out_url: str, samples_per_shard: int = 1000,
+def prepare(kind: str, src_path: str, out_url: str, storage: Storage, samples_per_shard: int = 1000,
             max_size: int = 0) -> dict[str, dict]:
     """Write every split of dataset `kind` from `src_path` to `out_url`; returns the manifests."""
     src, skipped = _Source(src_path), []
@@ -230,7 +231,7 @@ def prepare(kind: str, src_path: str, out_url: str, samples_per_shard: int = 100
         splits, classes = imagefolder(src, max_size, skipped)
     else:
         raise DataSpecError(f"unknown dataset kind {kind!r}; choose one of {', '.join(KINDS)}")
-    manifests = {name: write_shards(samples(), out_url, name, samples_per_shard, classes=classes)
+    manifests = {name: write_shards(samples(), out_url, name, samples_per_shard, classes=classes, storage=storage)
                  for name, samples in splits.items()}
     if skipped:
         log.warning("%d unreadable image(s) skipped, first: %s", len(skipped), skipped[0])
@@ -249,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        manifests = prepare(args.kind, args.src, args.out, args.samples_per_shard, args.max_size)
+        # No config here: the output URL takes the default storage settings (fsspec's, from the environment).
+        manifests = prepare(args.kind, args.src, args.out, Storage(), args.samples_per_shard, args.max_size)
     except DataSpecError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

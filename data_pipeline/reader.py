@@ -24,7 +24,7 @@ from typing import Any, Iterable, Iterator, Sequence
 from webdataset.tariterators import tar_file_iterator
 
 from data_pipeline.plan import EpochPlan
-from data_pipeline.storage import DEFAULT_STORAGE, RetryBudget, StorageOptions, filesystem, open_url
+from data_pipeline.storage import RetryBudget, Storage
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ class ShardSamples:
     (``error`` says why); storage failures are retried within the budget, then raise ``StorageError``.
     """
 
-    def __init__(self, url: str, storage: StorageOptions = DEFAULT_STORAGE, must_exist: bool = False) -> None:
+    def __init__(self, url: str, storage: Storage, must_exist: bool = False) -> None:
         self.url, self.storage = url, storage
         self.index = 0  # index of the next sample
         self.error: str | None = None  # why the shard ended early (None: not cut short)
@@ -162,7 +162,7 @@ class ShardSamples:
             self.error = f"{type(exn).__name__}: {str(exn)[:300]}"
 
     def _open(self) -> None:
-        self._file = open_url(self.url, self.storage)
+        self._file = self.storage.open(self.url)
         self._samples = group_samples(self._members())
         for _ in range(self.index):  # after a reopen: skip what was already delivered, undecoded
             next(self._samples)
@@ -199,7 +199,7 @@ class ShardSamples:
         return None
 
 
-def raw_samples(urls: Iterable[str], storage: StorageOptions = DEFAULT_STORAGE) -> Iterator[dict[str, Any]]:
+def raw_samples(urls: Iterable[str], storage: Storage) -> Iterator[dict[str, Any]]:
     """Samples as dicts ``{"__key__", "__url__", "<ext>": bytes, ...}`` from the given shards, in order."""
     for url in urls:
         shard = ShardSamples(url, storage)
@@ -212,7 +212,7 @@ def raw_samples(urls: Iterable[str], storage: StorageOptions = DEFAULT_STORAGE) 
 class _Ranges:
     """Range reads of one source's shards, each through its shard's retry budget."""
 
-    def __init__(self, urls: Sequence[str], storage: StorageOptions) -> None:
+    def __init__(self, urls: Sequence[str], storage: Storage) -> None:
         self.urls, self.storage = urls, storage
         self.budgets: dict[int, RetryBudget] = {}
         self.bytes_read = 0
@@ -222,7 +222,7 @@ class _Ranges:
         budget = self.budgets.setdefault(shard, RetryBudget(url, self.storage))
         while True:
             try:
-                fs, path = filesystem(url, self.storage)
+                fs, path = self.storage.fs(url)
                 data = fs.cat_file(path, start=start, end=stop)
             except Exception as exn:  # noqa: BLE001 - storage back-ends raise many types
                 budget.failed(exn)
@@ -252,7 +252,7 @@ class EpochReader:
     slower). ``bytes_read`` counts what was read from storage by range reads.
     """
 
-    def __init__(self, urls: Sequence[str], plan: EpochPlan, storage: StorageOptions = DEFAULT_STORAGE,
+    def __init__(self, urls: Sequence[str], plan: EpochPlan, storage: Storage,
                  offsets: Sequence[Sequence[int] | None] | None = None) -> None:
         self.urls, self.plan, self.storage = urls, plan, storage
         self.offsets = offsets or [None] * len(urls)

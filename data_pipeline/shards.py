@@ -21,12 +21,12 @@ from typing import BinaryIO, Iterable
 
 import fsspec
 import numpy as np
-from fsspec.core import split_protocol, url_to_fs
+from fsspec.core import split_protocol
 from PIL import Image
 from webdataset import TarWriter
 
 from data_pipeline.errors import DataSpecError
-from data_pipeline.storage import DEFAULT_STORAGE, RetryBudget, StorageOptions, is_outage, open_url, permanent_reason
+from data_pipeline.storage import RetryBudget, Storage, is_outage, permanent_reason
 
 # Fixed member mtime so that the same samples always give byte-identical shards (stable sha256).
 _MTIME = 0  # an int: a float mtime makes tarfile add a PAX header to every member
@@ -106,11 +106,13 @@ def write_shards(
     prefix: str,
     samples_per_shard: int,
     classes: list[str] | None = None,
+    *,
+    storage: Storage,
 ) -> dict:
     """Write ``(key, jpeg_bytes, label)`` samples as tar shards plus ``{prefix}.json``; return the manifest."""
     if samples_per_shard <= 0:
         raise ValueError(f"samples_per_shard must be positive, got {samples_per_shard}")
-    fs, root = url_to_fs(out_url)
+    fs, root = storage.fs(out_url, own_retries=True)
     fs.makedirs(root, exist_ok=True)
     token = uuid.uuid4().hex[:8]  # unique temp names: two writers never clobber each other's partial files
     shards: list[dict] = []
@@ -161,12 +163,12 @@ def _absolute(base_url: str, name: str) -> str:
     return f"{protocol}://{joined}"
 
 
-def read_manifest(url: str, storage: StorageOptions = DEFAULT_STORAGE) -> dict:
+def read_manifest(url: str, storage: Storage) -> dict:
     """Load a manifest written by :func:`write_shards`, with shard URLs made absolute."""
     budget = RetryBudget(url, storage)
     while True:
         try:
-            with open_url(url, storage, "r") as f:
+            with storage.open(url, "r") as f:
                 manifest = json.load(f)
             break
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:

@@ -7,7 +7,7 @@ from typing import Sequence
 import numpy as np
 
 from data_pipeline.errors import DataSpecError
-from data_pipeline.storage import StorageOptions
+from data_pipeline.storage import Storage
 from data_pipeline.urls import manifest_shards, no_urls_error, spec_parts
 
 
@@ -36,7 +36,7 @@ def index_command(spec: str) -> str:
     return f"python -m data_pipeline.index '{spec}' --out manifest.json"
 
 
-def resolve_source(source: DataSource, index: int, storage: StorageOptions) -> ResolvedSource:
+def resolve_source(source: DataSource, index: int, storage: Storage) -> ResolvedSource:
     """Shard URLs, per-shard sample counts and byte offsets, from the source's manifests.
 
     Shards without a manifest stop the run at once: counting them would read the whole data set on

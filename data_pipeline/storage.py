@@ -1,10 +1,15 @@
-"""Opening shard URLs through fsspec: per-scheme options from the config, and the one retry layer.
+"""The storage handle of data URLs (shards, manifests, demo data): fsspec per scheme, and the one retry layer.
+
+:class:`Storage` is built once from the config's ``data.storage`` (``pretrain.build.build_storage``; a CLI
+without a config builds it from its own flags) and handed to every reader, writer and check of a data URL;
+the run dir (checkpoints, TensorBoard, evaluation records) is not a data URL and takes fsspec's settings
+from the environment (``AWS_ENDPOINT_URL``, profiles).
 
 Credentials never pass through here as values: s3fs/gcsfs take them from the environment or the
 cloud SDK's chain (profiles, instance roles); only the endpoint, profile name and anonymous flag are
 configured, and nothing here logs an option value.
 
-Retries live in one place, :class:`RetryBudget`: the reader calls ``open_url`` once per attempt and
+Retries live in one place, :class:`RetryBudget`: the reader calls ``Storage.open`` once per attempt and
 hands every failure to its budget, which either waits (exponential back-off) or stops the run with one
 line naming the URL. Errors fall in three kinds:
 
@@ -17,6 +22,7 @@ line naming the URL. Errors fall in three kinds:
 """
 from __future__ import annotations
 
+import copy
 import logging
 import socket
 import time
@@ -36,8 +42,11 @@ class StorageError(DataSpecError):
 
 
 @dataclass(frozen=True)
-class StorageOptions:
-    """What the config says about object storage; turned into fsspec keyword arguments per scheme."""
+class Storage:
+    """How data URLs are reached: what the config says about object storage, as fsspec file systems per scheme.
+
+    Frozen and picklable: DataLoader workers and writer processes receive it whole.
+    """
 
     s3_endpoint: str = ""  # e.g. http://127.0.0.1:9000 for MinIO / moto; "" = AWS
     s3_profile: str = ""  # a profile of ~/.aws/config; "" = the default credential chain
@@ -47,9 +56,9 @@ class StorageOptions:
     give_up_after_s: float = 600.0  # transient failures of one URL are retried this long, then the run stops
     extra: dict = field(default_factory=dict)  # further fsspec options per scheme {"gs": {...}}
 
-    def fsspec_kwargs(self, url: str) -> dict[str, Any]:
+    def _fsspec_kwargs(self, url: str, one_attempt: bool) -> dict[str, Any]:
         protocol = split_protocol(url)[0] or "file"
-        kwargs: dict[str, Any] = dict(self.extra.get(protocol, {}))
+        kwargs: dict[str, Any] = copy.deepcopy(self.extra.get(protocol, {}))  # nested dicts are set below
         if protocol in ("s3", "s3a"):
             if self.s3_endpoint:
                 kwargs.setdefault("client_kwargs", {})["endpoint_url"] = self.s3_endpoint
@@ -57,15 +66,31 @@ class StorageOptions:
                 kwargs["profile"] = self.s3_profile
             if self.s3_anon:
                 kwargs["anon"] = True
-            # One retry layer (RetryBudget): botocore makes one attempt per call, not its own 5 with back-off.
-            kwargs.setdefault("config_kwargs", {}).setdefault("retries", {"total_max_attempts": 1, "mode": "standard"})
+            if one_attempt:  # one retry layer (RetryBudget): botocore makes one attempt per call, not its own 5
+                kwargs.setdefault("config_kwargs", {}).setdefault("retries", {"total_max_attempts": 1,
+                                                                              "mode": "standard"})
         return kwargs
 
     def wait(self, attempt: int) -> float:
         return min(30.0, self.backoff_s * 2**attempt)
 
+    def fs(self, url: str, *, own_retries: bool = False) -> tuple[fsspec.AbstractFileSystem, str]:
+        """The fsspec file system of ``url`` (cached by fsspec) and the path in it.
 
-DEFAULT_STORAGE = StorageOptions()
+        One attempt per call: the caller's :class:`RetryBudget` is the one retry layer. Callers that no
+        budget covers (the shard writers and the indexer's manifest write) pass ``own_retries=True`` and
+        keep the back-end's own retries, so one throttled request does not fail a long write.
+        """
+        fs, path = url_to_fs(url, **self._fsspec_kwargs(url, one_attempt=not own_retries))
+        if not own_retries and getattr(fs, "retries", None) not in (None, 1) and "s3" in fs.protocol:
+            fs.retries = 1  # s3fs's own retry loop (5 tries): the budget here is the one layer
+        return fs, path
+
+    def open(self, url: str, mode: str = "rb", *, own_retries: bool = False) -> IO:
+        """Open ``url`` (one attempt unless ``own_retries``, as :meth:`fs`)."""
+        fs, path = self.fs(url, own_retries=own_retries)
+        return fs.open(path, mode)
+
 
 # S3 error codes that no amount of waiting fixes (the rest, e.g. SlowDown, 5xx, NoSuchKey, are retried).
 _PERMANENT_CODES = {"NoSuchBucket", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch",
@@ -124,7 +149,7 @@ class RetryBudget:
     resets the budget, so a long run survives any number of short outages.
     """
 
-    def __init__(self, url: str, storage: StorageOptions = DEFAULT_STORAGE, missing_is_permanent: bool = False) -> None:
+    def __init__(self, url: str, storage: Storage, missing_is_permanent: bool = False) -> None:
         self.url, self.storage, self.missing_is_permanent = url, storage, missing_is_permanent
         self.attempts = 0
         self._since: float | None = None  # monotonic time of the first failure since the last success
@@ -151,16 +176,3 @@ class RetryBudget:
                     self.url, _brief(exn), self.attempts, delay, budget)
         time.sleep(delay)
 
-
-def filesystem(url: str, storage: StorageOptions = DEFAULT_STORAGE) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The fsspec file system of ``url`` (cached by fsspec) and the path in it."""
-    fs, path = url_to_fs(url, **storage.fsspec_kwargs(url))
-    if getattr(fs, "retries", None) not in (None, 1) and "s3" in fs.protocol:
-        fs.retries = 1  # s3fs's own retry loop (5 tries): the budget here is the one layer
-    return fs, path
-
-
-def open_url(url: str, storage: StorageOptions = DEFAULT_STORAGE, mode: str = "rb") -> IO:
-    """Open ``url`` for reading, one attempt (callers retry through a :class:`RetryBudget`)."""
-    fs, path = filesystem(url, storage)
-    return fs.open(path, mode)

@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from data_pipeline.shards import encode_jpeg, write_shards
+from data_pipeline.storage import Storage
 
 NUM_CLASSES = 64
 CLASSES = tuple(f"glyph_{i:03d}" for i in range(NUM_CLASSES))
@@ -151,11 +152,12 @@ def _samples(n: int, image_size: int, seed: int, split: str) -> Iterator[tuple[s
             yield f"{start + offset:08d}", encode_jpeg(image), labels[offset]
 
 
-def write_synthetic_glyphs(out_url: str, *, num_train: int, num_val: int, image_size: int = 32,
+def write_synthetic_glyphs(out_url: str, *, storage: Storage, num_train: int, num_val: int, image_size: int = 32,
                            samples_per_shard: int, seed: int) -> None:
     """Write ``train`` and ``val`` shards (+ manifests with class names) of the glyph set to ``out_url``."""
     for split, n in (("train", num_train), ("val", num_val)):
-        write_shards(_samples(n, image_size, seed, split), out_url, split, samples_per_shard, classes=list(CLASSES))
+        write_shards(_samples(n, image_size, seed, split), out_url, split, samples_per_shard, classes=list(CLASSES),
+                     storage=storage)
 
 
 write_synthetic_shapes = write_synthetic_glyphs  # the name the first demo used

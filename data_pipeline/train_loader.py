@@ -23,7 +23,7 @@ from data_pipeline.decode import SKIP_KINDS
 from data_pipeline.errors import DataSpecError, first_line
 from data_pipeline.plan import RankSchedule
 from data_pipeline.sources import DataSource, ResolvedSource, resolve_source
-from data_pipeline.storage import DEFAULT_STORAGE, StorageError, StorageOptions
+from data_pipeline.storage import Storage, StorageError
 from data_pipeline.train_worker import TrainWorkerStream
 from data_pipeline.transforms import TrainTransform
 from data_pipeline.workers import as_is, outlive_preemption_signals
@@ -53,7 +53,7 @@ class TrainLoader:
         shuffle_buffer: int = 1000,
         pin_memory: bool = False,
         epoch_mode: str = "exact",
-        storage: StorageOptions = DEFAULT_STORAGE,
+        storage: Storage,
         lookahead: int = 0,
     ) -> None:
         if batch_size <= 0:

@@ -7,7 +7,7 @@ from braceexpand import braceexpand
 
 from data_pipeline.errors import DataSpecError
 from data_pipeline.shards import read_manifest
-from data_pipeline.storage import DEFAULT_STORAGE, StorageOptions
+from data_pipeline.storage import Storage
 
 __all__ = ["DataSpecError", "expand_urls", "manifest_shards", "spec_parts"]
 
@@ -23,7 +23,7 @@ def spec_parts(spec: str | Sequence[str]) -> list[str]:
     return parts
 
 
-def manifest_shards(part: str, spec: object, storage: StorageOptions) -> list[dict]:
+def manifest_shards(part: str, spec: object, storage: Storage) -> list[dict]:
     """The shard entries of the manifest ``part``; an error names the whole data spec it came from."""
     try:
         return read_manifest(part, storage)["shards"]
@@ -35,7 +35,7 @@ def no_urls_error(spec: object) -> DataSpecError:
     return DataSpecError(f"data spec {spec!r} expands to no shard URLs")
 
 
-def expand_urls(spec: str | Sequence[str], storage: StorageOptions = DEFAULT_STORAGE) -> list[str]:
+def expand_urls(spec: str | Sequence[str], storage: Storage) -> list[str]:
     """Expand a brace pattern, a ``::``-separated list, a manifest ``.json`` path/URL, or a list of these."""
     urls: list[str] = []
     for part in spec_parts(spec):

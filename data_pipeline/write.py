@@ -23,14 +23,13 @@ import uuid
 from concurrent.futures import ProcessPoolExecutor
 from typing import Iterator, Sequence
 
-import fsspec
 import numpy as np
-from fsspec.core import url_to_fs
 from PIL import Image
 
 from data_pipeline.errors import DataSpecError
 from data_pipeline.reader import raw_samples
 from data_pipeline.shards import _PendingShard
+from data_pipeline.storage import Storage
 from data_pipeline.urls import expand_urls
 
 log = logging.getLogger("data_pipeline.write")
@@ -44,9 +43,9 @@ def _key(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", text).lstrip("_") or "x"
 
 
-def items_from_folder(root: str) -> tuple[list[Item], list[str]]:
+def items_from_folder(root: str, storage: Storage) -> tuple[list[Item], list[str]]:
     """``root/<class>/<image>``: classes are the sorted sub-folder names."""
-    fs, base = url_to_fs(root)
+    fs, base = storage.fs(root, own_retries=True)
     classes = sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(base, detail=False) if fs.isdir(p))
     if not classes:
         raise DataSpecError(f"{root}: no class sub-folders")
@@ -72,10 +71,10 @@ def _check_unique(seen: dict[str, str], key: str, source: str) -> str:
     return key
 
 
-def items_from_list(list_url: str) -> list[Item]:
+def items_from_list(list_url: str, storage: Storage) -> list[Item]:
     """Lines ``<path or URL> <label>`` (whitespace or tab separated; '#' comments)."""
     items = []
-    with fsspec.open(list_url, "r") as f:
+    with storage.open(list_url, "r", own_retries=True) as f:
         for n, line in enumerate(f, 1):
             line = line.strip()
             if not line or line.startswith("#"):
@@ -87,9 +86,9 @@ def items_from_list(list_url: str) -> list[Item]:
     return items
 
 
-def items_from_shards(spec: str) -> Iterator[Item]:
+def items_from_shards(spec: str, storage: Storage) -> Iterator[Item]:
     seen: dict[str, str] = {}
-    for sample in raw_samples(expand_urls(spec)):
+    for sample in raw_samples(expand_urls(spec, storage), storage):
         image = next((sample[e] for e in ("jpg", "jpeg", "png", "webp") if e in sample), None)
         if image is None or "cls" not in sample:
             log.warning("re-shard: skipping %s in %s (no image or label)", sample.get("__key__"), sample.get("__url__"))
@@ -114,16 +113,23 @@ def prepare(data: bytes, resize: int | None, quality: int) -> bytes:
     return buf.getvalue()
 
 
+def _image_bytes(src: object, storage: Storage) -> bytes:
+    """An item's image: the bytes it holds (re-sharding), or the file its path / URL names."""
+    if isinstance(src, bytes):
+        return src
+    with storage.open(str(src), own_retries=True) as f:
+        return f.read()
+
+
 def _write_one(args: tuple) -> tuple[dict, int]:
-    out_url, name, token, items, resize, quality = args
-    fs, root = url_to_fs(out_url)
+    out_url, name, token, items, resize, quality, storage = args
+    fs, root = storage.fs(out_url, own_retries=True)
     shard = _PendingShard(fs, root, name, token)
     bad = 0
     try:
         for key, src, label in items:
             try:
-                data = src if isinstance(src, bytes) else fsspec.open(src, "rb").open().read()
-                shard.write(key, prepare(data, resize, quality), label)
+                shard.write(key, prepare(_image_bytes(src, storage), resize, quality), label)
             except (OSError, ValueError) as exn:
                 bad += 1
                 log.warning("skipping %s (%s): %s", key, src if isinstance(src, str) else "bytes", exn)
@@ -133,22 +139,22 @@ def _write_one(args: tuple) -> tuple[dict, int]:
         raise
 
 
-def write(items: Sequence[Item], out_url: str, prefix: str, *, samples_per_shard: int = 0, shard_mb: float = 0,
-          resize: int | None = None, quality: int = 90, processes: int = 1, classes: list[str] | None = None,
-          progress: bool = True) -> dict:
+def write(items: Sequence[Item], out_url: str, prefix: str, *, storage: Storage, samples_per_shard: int = 0,
+          shard_mb: float = 0, resize: int | None = None, quality: int = 90, processes: int = 1,
+          classes: list[str] | None = None, progress: bool = True) -> dict:
     """Write the items as shards in parallel; return the manifest (also written as ``{prefix}.json``)."""
     if not items:
         raise DataSpecError("nothing to write: the input holds no images")
     if not samples_per_shard:
         if shard_mb <= 0:
             raise DataSpecError("give --samples-per-shard or --shard-mb")
-        sample_bytes = np.mean([len(_write_size(it, resize, quality)) for it in items[:50]])
+        sample_bytes = np.mean([len(prepare(_image_bytes(it[1], storage), resize, quality)) for it in items[:50]])
         samples_per_shard = max(1, int(shard_mb * 2**20 / (sample_bytes + 1536)))  # + tar headers
-    fs, root = url_to_fs(out_url)
+    fs, root = storage.fs(out_url, own_retries=True)
     fs.makedirs(root, exist_ok=True)
     token = uuid.uuid4().hex[:8]
     groups = [items[i:i + samples_per_shard] for i in range(0, len(items), samples_per_shard)]
-    jobs = [(out_url, f"{prefix}-{i:06d}.tar", token, g, resize, quality) for i, g in enumerate(groups)]
+    jobs = [(out_url, f"{prefix}-{i:06d}.tar", token, g, resize, quality, storage) for i, g in enumerate(groups)]
     shards, bad = [], 0
     with ProcessPoolExecutor(max(1, processes)) as pool:
         done = pool.map(_write_one, jobs)
@@ -172,11 +178,6 @@ def write(items: Sequence[Item], out_url: str, prefix: str, *, samples_per_shard
     return manifest
 
 
-def _write_size(item: Item, resize: int | None, quality: int) -> bytes:
-    src = item[1]
-    return prepare(src if isinstance(src, bytes) else fsspec.open(src, "rb").open().read(), resize, quality)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m data_pipeline.write", description=__doc__.splitlines()[0])
     src = p.add_mutually_exclusive_group(required=True)
@@ -194,21 +195,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--s3-endpoint", default="", help="S3-compatible endpoint (else AWS_ENDPOINT_URL or AWS)")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
-    if a.s3_endpoint:  # fsspec's per-protocol defaults reach every s3fs instance, here and in the pool
-        fsspec.config.conf.setdefault("s3", {}).setdefault("client_kwargs", {})["endpoint_url"] = a.s3_endpoint
+    storage = Storage(s3_endpoint=a.s3_endpoint)  # no config here: the flags; the pool's processes get it too
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     try:
         classes = None
         if a.folder:
-            items, classes = items_from_folder(a.folder)
+            items, classes = items_from_folder(a.folder, storage)
         elif a.list:
-            items = items_from_list(a.list)
+            items = items_from_list(a.list, storage)
         else:
-            items = list(items_from_shards(a.shards))
+            items = list(items_from_shards(a.shards, storage))
         if a.shuffle_seed is not None:
             order = np.random.default_rng(a.shuffle_seed).permutation(len(items))
             items = [items[i] for i in order]
-        manifest = write(items, a.out, a.prefix, samples_per_shard=a.samples_per_shard,
+        manifest = write(items, a.out, a.prefix, storage=storage, samples_per_shard=a.samples_per_shard,
                          shard_mb=a.shard_mb or (0 if a.samples_per_shard else 256), resize=a.resize,
                          quality=a.quality, processes=a.processes, classes=classes, progress=not a.no_progress)
     except (DataSpecError, FileNotFoundError) as exc:

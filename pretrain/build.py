@@ -16,18 +16,22 @@ from data_pipeline.errors import DataSpecError
 from data_pipeline.eval_stream import eval_batches
 from data_pipeline.gpu_decode import CropPlanner, gpu_decode_available
 from data_pipeline.sources import DataSource
-from data_pipeline.storage import StorageOptions
+from data_pipeline.storage import Storage
 from data_pipeline.train_loader import TrainLoader
 from data_pipeline.transforms import TrainTransform
 
+from .checkpoint import Checkpointer
 from .config import ConfigError
 from .dist import DistInfo, barrier, node_leaders
 from .engines import Engine, build_engine, effective_kind
-from .evaluation import EVALUATORS, EvalContext, Evaluator
+from .evaluation import EVALUATORS, EvalContext, EvalRunner, Evaluator
 from .loss import build_loss
+from .loss_guard import LossGuard
 from .memory import MemoryEstimate, estimate_memory
 from .models import apply_mlp_impl, create_model
+from .monitor import Monitor
 from .optim import build_optimizer, build_scheduler
+from .preemption import PreemptionWatcher
 
 log = logging.getLogger("pretrain")
 
@@ -61,7 +65,7 @@ def prepare_data(cfg: DictConfig, dist_info: DistInfo) -> None:
     if cfg.data.prepare == "demo":
         for leader in node_leaders(dist_info):
             if dist_info.rank == leader:
-                ensure_demo_data(cfg.data.root, image_size=cfg.data.image_size, seed=cfg.train.seed)
+                ensure_demo_data(cfg.data.root, build_storage(cfg), image_size=cfg.data.image_size, seed=cfg.train.seed)
             barrier()
 
 
@@ -123,10 +127,11 @@ def build_memory_estimate(cfg: DictConfig, model: nn.Module, dist_info: DistInfo
                            activation_checkpointing=cfg.engine.activation_checkpointing)
 
 
-def build_storage(cfg: DictConfig) -> StorageOptions:
+def build_storage(cfg: DictConfig) -> Storage:
+    """The one storage handle of the run's data URLs (shards, manifests, demo data), from ``data.storage``."""
     st = cfg.data.storage
-    return StorageOptions(s3_endpoint=st.s3_endpoint, s3_profile=st.s3_profile, s3_anon=st.s3_anon,
-                          retries=st.retries, backoff_s=st.backoff_s, give_up_after_s=st.give_up_after_s)
+    return Storage(s3_endpoint=st.s3_endpoint, s3_profile=st.s3_profile, s3_anon=st.s3_anon,
+                   retries=st.retries, backoff_s=st.backoff_s, give_up_after_s=st.give_up_after_s)
 
 
 def build_train_loader(cfg: DictConfig, dist_info: DistInfo, batch_size: int) -> TrainLoader:
@@ -164,9 +169,10 @@ def build_evaluators(cfg: DictConfig, dist_info: DistInfo, autocast: Callable[[]
     """The evaluator of every enabled ``eval.<name>`` section, in config order, from the builder registered
     under that name (pretrain/evaluation/registry.py). ``autocast``: the training engine's (or, outside
     training, one for ``train.precision``)."""
-    read = partial(eval_batches, batch_size=cfg.eval.batch_size, num_workers=0, storage=build_storage(cfg))
+    storage = build_storage(cfg)
+    read = partial(eval_batches, batch_size=cfg.eval.batch_size, num_workers=0, storage=storage)
     ctx = EvalContext(cfg, dist_info, build_batch_to_device(cfg, dist_info, mix=False), autocast, read,
-                      _manifest_classes)
+                      partial(_manifest_classes, storage=storage))
     evaluators: list[Evaluator] = []
     for name in cfg.eval:
         section = cfg.eval[name]
@@ -180,12 +186,41 @@ def build_evaluators(cfg: DictConfig, dist_info: DistInfo, autocast: Callable[[]
     return evaluators
 
 
-def _manifest_classes(spec: str, key: str) -> int:
+def _manifest_classes(spec: str, key: str, storage: Storage) -> int:
     from data_pipeline.shards import read_manifest
 
     if not spec.endswith(".json"):
         raise ConfigError(f"'{key}' {spec!r} is not a manifest; set 'eval.finetune.num_classes'")
-    manifest = read_manifest(spec)
+    manifest = read_manifest(spec, storage)
     if not manifest.get("num_classes"):
         raise ConfigError(f"{spec}: the manifest gives no num_classes; set 'eval.finetune.num_classes'")
     return int(manifest["num_classes"])
+
+
+def build_loss_guard(cfg: DictConfig) -> LossGuard:
+    return LossGuard(cfg.train.spike_factor, cfg.train.max_bad_steps)
+
+
+def build_checkpointer(cfg: DictConfig, dist_info: DistInfo) -> Checkpointer:
+    c = cfg.checkpoint
+    return Checkpointer(cfg.run.dir, dist_info, keep_last=c.keep_last, keep_every=c.keep_every,
+                        async_save=c.async_save)
+
+
+def build_monitor(cfg: DictConfig, dist_info: DistInfo, model: nn.Module) -> Monitor:
+    t = cfg.train
+    return Monitor(cfg.run.dir, dist_info, t.steps, t.log_every, t.global_batch_size, model.flops_per_image(),
+                   t.precision)
+
+
+def build_eval_runner(cfg: DictConfig, dist_info: DistInfo, autocast: Callable[[], Any],
+                      scalars: Callable[[int, dict], None]) -> EvalRunner:
+    """The inline evaluators after each checkpoint; with eval.mode external or none the runner has none
+    (training only writes checkpoints and `python -m pretrain.evaluate` evaluates them)."""
+    evaluators = build_evaluators(cfg, dist_info, autocast) if cfg.eval.mode == "inline" else []
+    return EvalRunner(evaluators, cfg.run.dir, dist_info, scalars)
+
+
+def build_preemption_watcher(dist_info: DistInfo) -> PreemptionWatcher:
+    """SIGTERM / SIGUSR1 (SLURM's warning, a spot reclaim) -> checkpoint at the step boundary, exit for requeue."""
+    return PreemptionWatcher(dist_info)

@@ -18,6 +18,9 @@ renamed when complete. On object storage (no atomic rename) files are written in
 metadata.json last, then `latest`; a directory without metadata, or with a file whose checksum does
 not match, is never taken for a checkpoint. Checksums are verified before anything is loaded, and
 loading never unpickles code (safetensors; torch.load(weights_only=True)).
+
+`CheckpointReader` is the one code that lists, verifies and reads checkpoints: resume (the
+`Checkpointer` is a reader that also writes), `python -m pretrain.evaluate` and `python -m pretrain.export`.
 """
 from __future__ import annotations
 
@@ -36,7 +39,7 @@ import tempfile
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
 
 import fsspec
 import numpy as np
@@ -59,6 +62,7 @@ log = logging.getLogger("pretrain")
 FORMAT_VERSION = 2
 STEP_DIR = re.compile(r"^step_(\d{7,})$")
 ENGINE_DIR = "engine"
+T = TypeVar("T")
 
 
 class CheckpointError(RuntimeError):
@@ -129,7 +133,153 @@ class Restored:
     metadata: dict[str, Any]
 
 
-class Checkpointer:
+class CheckpointReader:
+    """Lists, verifies and reads the checkpoints under `<run_dir>/checkpoints` (any fsspec URL). Needs no
+    process group; every error is one CheckpointError line naming the file."""
+
+    def __init__(self, run_dir: str) -> None:
+        self.fs, root = fsspec.core.url_to_fs(run_dir)
+        self.root = root.rstrip("/") + "/checkpoints"
+        self.local = isinstance(self.fs, LocalFileSystem)
+
+    @classmethod
+    def locate(cls, source: str) -> tuple[CheckpointReader, int | None]:
+        """A reader for `source`, a checkpoint directory (`.../checkpoints/step_XXXXXXX`: its step) or a
+        run directory (None: the caller picks, e.g. `newest_valid`)."""
+        fs, root = fsspec.core.url_to_fs(source)
+        root = root.rstrip("/")
+        if fs.exists(f"{root}/metadata.json"):
+            parent, _, name = root.rpartition("/")
+            m = STEP_DIR.match(name)
+            if not m or not parent.endswith("/checkpoints"):
+                raise CheckpointError(f"{source}: a checkpoint must sit at <run dir>/checkpoints/step_XXXXXXX")
+            reader = cls(fs.unstrip_protocol(parent.removesuffix("/checkpoints")))
+            return reader, int(m.group(1))
+        if not fs.exists(f"{root}/checkpoints"):
+            raise CheckpointError(f"{source}: neither a checkpoint (no metadata.json) nor a run dir (no checkpoints/)")
+        return cls(source), None
+
+    def step_path(self, step: int) -> str:
+        return f"{self.root}/step_{step:07d}"
+
+    def url(self, path: str) -> str:
+        """`path` as the user would write it (with its s3:// etc.; local paths stay paths)."""
+        return path if self.local else self.fs.unstrip_protocol(path)
+
+    def list_steps(self) -> list[int]:
+        """Published checkpoint directories (not .tmp), oldest first. Validity is checked on load."""
+        if not self.fs.exists(self.root):
+            return []
+        steps = []
+        for p in self.fs.ls(self.root, detail=False):
+            m = STEP_DIR.match(p.rstrip("/").rsplit("/", 1)[-1])
+            if m:
+                steps.append(int(m.group(1)))
+        return sorted(steps)
+
+    def read_latest(self) -> str | None:
+        """The name `checkpoints/latest` gives, or None when it is missing or unreadable (said in a
+        warning). Resume does not depend on it -- it takes the newest valid step directory -- but
+        outside readers (scripts, dashboards) do."""
+        try:
+            name = self.fs.cat_file(f"{self.root}/latest").decode().strip()
+        except FileNotFoundError:
+            return None
+        except (OSError, UnicodeDecodeError) as e:
+            log.warning("%s/latest unreadable (%s); treating it as absent", self.url(self.root), e)
+            return None
+        if not STEP_DIR.match(name):
+            log.warning("%s/latest holds %r, not a checkpoint name; treating it as absent", self.url(self.root),
+                        name[:40])
+            return None
+        return name
+
+    def read_metadata(self, step: int) -> dict[str, Any]:
+        """metadata.json of `step`, of this code's format (CheckpointError otherwise)."""
+        path = self.url(self.step_path(step))
+        try:
+            meta = json.loads(self.fs.cat_file(f"{self.step_path(step)}/metadata.json"))
+        except FileNotFoundError:
+            if not self.fs.exists(self.step_path(step)):
+                raise CheckpointError(f"{path}: no such checkpoint (never written, or purged by "
+                                      "checkpoint.keep_last)") from None
+            raise CheckpointError(f"{path}: no metadata.json (incomplete checkpoint)") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{path}/metadata.json: not valid JSON ({e})") from None
+        if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+            version = meta.get("format_version") if isinstance(meta, dict) else None
+            raise CheckpointError(f"{path}: format_version {version} != {FORMAT_VERSION}")
+        if not isinstance(meta.get("files"), dict):
+            raise CheckpointError(f"{path}/metadata.json: lists no files")
+        return meta
+
+    def _expected(self, step: int, name: str, meta: dict[str, Any]) -> str:
+        expected = meta["files"].get(name)
+        if expected is None:
+            raise CheckpointError(f"{self.url(self.step_path(step))}/metadata.json: lists no {name}")
+        return expected
+
+    def verify(self, step: int, share: tuple[int, int] = (0, 1)) -> dict[str, Any]:
+        """Metadata of `step` after checking its files against their sha256 (CheckpointError if not):
+        all of them, or with `share=(i, n)` every n-th from the i-th (one rank's part of the work)."""
+        path = self.url(self.step_path(step))
+        meta = self.read_metadata(step)
+        for name, expected in sorted(meta["files"].items())[share[0]::share[1]]:
+            try:
+                with self.fs.open(f"{self.step_path(step)}/{name}", "rb") as f:
+                    digest = _sha256(f)
+            except FileNotFoundError:
+                raise CheckpointError(f"{path}/{name}: missing (checkpoint incomplete)") from None
+            if digest != expected:
+                raise CheckpointError(f"{path}/{name}: checksum mismatch (file corrupt or partly written)")
+        return meta
+
+    def read_file(self, step: int, name: str, meta: dict[str, Any] | None = None) -> bytes:
+        """The bytes of one file of `step`, checked against the sha256 in its metadata (read first
+        when not given, which also checks the format version)."""
+        meta = self.read_metadata(step) if meta is None else meta
+        expected = self._expected(step, name, meta)
+        path = f"{self.url(self.step_path(step))}/{name}"
+        try:
+            data = self.fs.cat_file(f"{self.step_path(step)}/{name}")
+        except FileNotFoundError:
+            raise CheckpointError(f"{path}: missing (checkpoint incomplete)") from None
+        if hashlib.sha256(data).hexdigest() != expected:
+            raise CheckpointError(f"{path}: checksum mismatch (file corrupt or partly written)")
+        return data
+
+    def read_weights(self, step: int, meta: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
+        """The consolidated fp32 weights of `step` (model.safetensors, verified; no pickle involved)."""
+        data = self.read_file(step, "model.safetensors", meta)
+        try:
+            return st_load(data)
+        except SafetensorError as e:
+            raise CheckpointError(f"{self.url(self.step_path(step))}/model.safetensors: cannot be loaded: "
+                                  f"SafetensorError: {e}") from None
+
+    def read_config(self, step: int, meta: dict[str, Any] | None = None) -> str:
+        """The resolved config (YAML text) of the run that wrote `step`, verified."""
+        data = self.read_file(step, "config.yaml", meta)
+        try:
+            return data.decode()
+        except UnicodeDecodeError as e:
+            raise CheckpointError(f"{self.url(self.step_path(step))}/config.yaml: not text ({e})") from None
+
+    def newest_valid(self, check: Callable[[int], T] | None = None, steps: list[int] | None = None,
+                     skipped: Callable[[str], None] | None = None) -> tuple[int, T] | None:
+        """The newest of `steps` (default: all) that `check` (default: `verify`) accepts, with what it
+        returned; each one it refuses (CheckpointError) is passed to `skipped` (default: a warning)."""
+        check = check or self.verify
+        skipped = skipped or (lambda error: log.warning("skipping checkpoint: %s", error))
+        for step in reversed(self.list_steps() if steps is None else steps):
+            try:
+                return step, check(step)
+            except CheckpointError as e:
+                skipped(str(e))
+        return None
+
+
+class Checkpointer(CheckpointReader):
     """Collective save / restore of a whole run's state (every rank calls `save` and `restore`).
 
     With `async_save`, `save` copies the state off the device and returns; serialising, hashing
@@ -141,9 +291,7 @@ class Checkpointer:
 
     def __init__(self, run_dir: str, dist_info: DistInfo, keep_last: int = 3, keep_every: int = 0,
                  async_save: bool = False) -> None:
-        self.fs, root = fsspec.core.url_to_fs(run_dir)
-        self.root = root.rstrip("/") + "/checkpoints"
-        self.local = isinstance(self.fs, LocalFileSystem)
+        super().__init__(run_dir)
         self.dist = dist_info
         self.keep_last = keep_last
         self.keep_every = keep_every
@@ -151,13 +299,6 @@ class Checkpointer:
         self.group = dist.new_group(backend="gloo") if dist.is_available() and dist.is_initialized() else None
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="checkpoint") if async_save else None
         self._pending: Future | None = None
-
-    def step_path(self, step: int) -> str:
-        return f"{self.root}/step_{step:07d}"
-
-    def url(self, path: str) -> str:
-        """`path` as the user would write it (with its s3:// etc.; local paths stay paths)."""
-        return path if self.local else self.fs.unstrip_protocol(path)
 
     # ---- collectives on the checkpoint group (identity with one process) --------------------
     def _all_gather(self, obj: Any) -> list[Any]:
@@ -288,80 +429,23 @@ class Checkpointer:
                 if stale_save or stale_marker:
                     self.fs.rm(p, recursive=True)
 
-    # ---- reading ---------------------------------------------------------------------------
-    def list_steps(self) -> list[int]:
-        """Published checkpoint directories (not .tmp), oldest first. Validity is checked on load."""
-        if not self.fs.exists(self.root):
-            return []
-        steps = []
-        for p in self.fs.ls(self.root, detail=False):
-            m = STEP_DIR.match(p.rstrip("/").rsplit("/", 1)[-1])
-            if m:
-                steps.append(int(m.group(1)))
-        return sorted(steps)
-
-    def read_latest(self) -> str | None:
-        """The name `checkpoints/latest` gives, or None when it is missing or unreadable (said in a
-        warning). Resume does not depend on it -- it takes the newest valid step directory -- but
-        outside readers (scripts, dashboards) do."""
-        try:
-            name = self.fs.cat_file(f"{self.root}/latest").decode().strip()
-        except FileNotFoundError:
-            return None
-        except (OSError, UnicodeDecodeError) as e:
-            log.warning("%s/latest unreadable (%s); treating it as absent", self.url(self.root), e)
-            return None
-        if not STEP_DIR.match(name):
-            log.warning("%s/latest holds %r, not a checkpoint name; treating it as absent", self.url(self.root),
-                        name[:40])
-            return None
-        return name
-
-    def read_metadata(self, step: int) -> dict[str, Any]:
-        path = self.step_path(step)
-        try:
-            meta = json.loads(self.fs.cat_file(f"{path}/metadata.json"))
-        except FileNotFoundError:
-            raise CheckpointError(f"{path}: no metadata.json (incomplete checkpoint)") from None
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{path}/metadata.json: not valid JSON ({e})") from None
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise CheckpointError(f"{path}: format_version {meta.get('format_version')} != {FORMAT_VERSION}")
-        return meta
-
-    def verify(self, step: int, share: tuple[int, int] = (0, 1)) -> dict[str, Any]:
-        """Metadata of `step` after checking its files against their sha256 (CheckpointError if not):
-        all of them, or with `share=(i, n)` every n-th from the i-th (one rank's part of the work)."""
-        path = self.step_path(step)
-        meta = self.read_metadata(step)
-        for name, expected in sorted(meta["files"].items())[share[0]::share[1]]:
-            try:
-                with self.fs.open(f"{path}/{name}", "rb") as f:
-                    digest = _sha256(f)
-            except FileNotFoundError:
-                raise CheckpointError(f"{path}/{name}: missing (checkpoint incomplete)") from None
-            if digest != expected:
-                raise CheckpointError(f"{path}/{name}: checksum mismatch (file corrupt or partly written)")
-        return meta
-
-    def read_weights(self, step: int) -> dict[str, torch.Tensor]:
-        return st_load(self.fs.cat_file(f"{self.step_path(step)}/model.safetensors"))
-
+    # ---- reading (listing, verifying and reading are CheckpointReader's) ------------------------
     def _newest_valid(self) -> tuple[int, dict[str, Any]] | None:
         """Collective: the newest checkpoint whose files all match their checksums, with its
         metadata, each rank checking its share of the files; a bad one is skipped with a warning."""
-        for step in reversed(_broadcast_object(self.list_steps() if self.dist.is_main else None)):
+        def check(step: int) -> dict[str, Any]:
             meta, error = None, None
             try:
                 meta = self.verify(step, share=(self.dist.rank, self.dist.world_size))
             except CheckpointError as e:
                 error = str(e)
             errors = [e for e in self._all_gather(error) if e]
-            if not errors:
-                return step, meta
-            if self.dist.is_main:
-                log.warning("skipping checkpoint: %s", errors[0])
-        return None
+            if errors:
+                raise CheckpointError(errors[0])
+            return meta
+
+        steps = _broadcast_object(self.list_steps() if self.dist.is_main else None)
+        return self.newest_valid(check, steps, skipped=None if self.dist.is_main else lambda _: None)
 
     @contextlib.contextmanager
     def _engine_dir(self, step: int) -> Iterator[str]:
@@ -391,8 +475,8 @@ class Checkpointer:
             log.info("%s/latest names another checkpoint; resuming from the newest valid one", self.url(self.root))
         try:
             return self._load(engine, step, meta)
-        except CheckpointError:
-            raise
+        except CheckpointError as e:  # weights that do not parse, or a file changed since it was verified
+            raise CheckpointError(f"{e}; refusing to resume from it") from None
         except _LOAD_ERRORS as e:
             log.debug("loading %s failed", path, exc_info=True)
             raise CheckpointError(f"{self.url(path)}: cannot be loaded, refusing to resume from it: "
@@ -402,18 +486,18 @@ class Checkpointer:
         path = self.step_path(step)
         blocker = engine.resume_blocker(meta["layout"])
         if blocker is not None:
-            engine.load_consolidated_state_dict(self.read_weights(step))
+            engine.load_consolidated_state_dict(self.read_weights(step, meta))
             log.warning("%s: optimizer state not restored because %s; weights, schedule, step and data "
                         "position are restored and the optimizer moments restart", self.url(path), blocker)
         else:
             if not engine.state_has_weights:
-                engine.load_consolidated_state_dict(self.read_weights(step))
+                engine.load_consolidated_state_dict(self.read_weights(step, meta))
             with self._engine_dir(step) as d:
                 engine.load_state(d, meta["layout"])
-        shared = _torch_from_bytes(self.fs.cat_file(f"{path}/shared.pt"))
+        shared = _torch_from_bytes(self.read_file(step, "shared.pt", meta))
         rank_state = None
         if meta["world_size"] == self.dist.world_size:
-            rank_state = _torch_from_bytes(self.fs.cat_file(f"{path}/rank_{self.dist.rank:05d}.pt"))
+            rank_state = _torch_from_bytes(self.read_file(step, f"rank_{self.dist.rank:05d}.pt", meta))
             log.info("per-rank RNG state restored (same layout: %d ranks)", self.dist.world_size)
         else:
             log.info("per-rank RNG state not restored: saved by %d ranks, this run has %d (fresh per-rank "

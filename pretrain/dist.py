@@ -45,6 +45,18 @@ def process_group_backend(backend: str, use_cuda: bool) -> str:
     return backend
 
 
+def local_device(device: str = "auto", local_rank: int = 0) -> torch.device:
+    """This process's device for the setting `device` (train.device: auto = cuda if present | cpu | cuda),
+    made the current CUDA device."""
+    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    if use_cuda and not torch.cuda.is_available():
+        raise RuntimeError("train.device is 'cuda' but no CUDA device is visible")
+    if not use_cuda:
+        return torch.device("cpu")
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)
+
+
 def init_distributed(device: str = "auto", backend: str = "auto", local_rank: int | None = None,
                      timeout_s: int | None = None) -> DistInfo:
     """Initialise torch.distributed if the environment describes more than one process.
@@ -61,17 +73,9 @@ def init_distributed(device: str = "auto", backend: str = "auto", local_rank: in
     if local_rank is None or local_rank < 0:
         local_rank = _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0)
 
-    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
-    if use_cuda and not torch.cuda.is_available():
-        raise RuntimeError("train.device is 'cuda' but no CUDA device is visible")
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-        dev = torch.device("cuda", local_rank)
-    else:
-        dev = torch.device("cpu")
-
+    dev = local_device(device, local_rank)
     if world_size > 1 and not dist.is_initialized():
-        backend = process_group_backend(backend, use_cuda)
+        backend = process_group_backend(backend, dev.type == "cuda")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29500")
         dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world_size,

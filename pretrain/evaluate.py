@@ -6,21 +6,20 @@ from a watcher that follows a run as it trains.
   python -m pretrain.evaluate RUN_DIR --summary        # table of all records + one PNG per metric
   python -m pretrain.evaluate s3://bucket/runs/b16 --watch data.root=/mnt/data   # other machine
 
-It reads what the checkpoint holds (model.safetensors, checked against its sha256, and
-config.yaml) through fsspec, builds the evaluators from that config (`key=value` arguments
-override it, e.g. data paths that differ on this machine), and records the results exactly like
-inline evaluation does: `<RUN_DIR>/eval/step_XXXXXXX.json`, `results.jsonl`, TensorBoard scalars
-in `<RUN_DIR>/tb`. A step that already has a record is never evaluated again (`--force` does),
-and a watcher claims a step before evaluating it, so two watchers, or a watcher restarted after
-a crash, never duplicate one. Set `eval.mode: external` in the training config to leave
-evaluation to this command.
+It reads the checkpoint's weights through the checkpoint reader (model.safetensors, checked against
+its sha256 and the format version, as a resume does) and the run's config.yaml through fsspec, builds
+the evaluators from that config (`key=value` arguments override it, e.g. data paths that differ on
+this machine), and records the results exactly like inline evaluation does:
+`<RUN_DIR>/eval/step_XXXXXXX.json`, `results.jsonl`, TensorBoard scalars in `<RUN_DIR>/tb` (through the
+Monitor's writer, so they reach object storage too). A step that already has a record is never
+evaluated again (`--force` does), and a watcher claims a step before evaluating it, so two
+watchers, or a watcher restarted after a crash, never duplicate one. Set `eval.mode: external` in
+the training config to leave evaluation to this command.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
-import hashlib
-import json
+import functools
 import logging
 import os
 import signal
@@ -65,74 +64,48 @@ class CheckpointEvaluation:
 
     def __init__(self, run_dir: str, overrides: Sequence[str] = ()) -> None:
         from . import build
-        from .dist import DistInfo
+        from .checkpoint import CheckpointReader
+        from .dist import DistInfo, local_device
+        from .engines.base import precision_autocast
         from .evaluation import EvalRecords, EvalRunner
+        from .monitor import ScalarWriter
 
         self.run_dir = run_dir.rstrip("/")
         self.cfg = _load_config(f"{self.run_dir}/config.yaml", overrides)
-        use_cuda = torch.cuda.is_available() and self.cfg.train.device != "cpu"
-        device = torch.device("cuda" if use_cuda else "cpu")
+        # Evaluated wherever it is started: a run trained on cuda is evaluated on the CPU of a machine without one.
+        device = local_device("cpu" if self.cfg.train.device == "cpu" else "auto")
         self.dist = DistInfo(rank=0, world_size=1, local_rank=0, device=device)
         self.records = EvalRecords(self.run_dir)
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.cfg.train.precision)
-
-        def autocast():
-            return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
-
-        self.writer = None
+        self.checkpoints = CheckpointReader(self.run_dir)
+        # Evaluations are minutes apart: each one's scalars go up to object storage at once.
+        self.writer = ScalarWriter(self.run_dir, upload_every_s=0.0)
+        autocast = functools.partial(precision_autocast, device, self.cfg.train.precision)
         self.runner = EvalRunner(build.build_evaluators(self.cfg, self.dist, autocast), self.run_dir, self.dist,
                                  self._scalars)
         self._build_model = lambda: build.build_model(self.cfg, f"{self.run_dir}/config.yaml")
 
     def _scalars(self, step: int, values: dict) -> None:
-        if self.writer is None:
-            from torch.utils.tensorboard import SummaryWriter
-            try:
-                self.writer = SummaryWriter(log_dir=f"{self.run_dir}/tb")
-            except Exception as e:  # e.g. a storage TensorBoard cannot write to: the JSON records still are
-                log.warning("no TensorBoard scalars for %s: %s", self.run_dir, e)
-                self.writer = False
-        if not self.writer:
-            return
-        for k, v in values.items():
-            self.writer.add_scalar(k, v, step)
-        self.writer.flush()
-
-    def checkpoint_steps(self) -> list[int]:
-        fs, root = fsspec.core.url_to_fs(f"{self.run_dir}/checkpoints")
-        if not fs.exists(root):
-            return []
-        from .checkpoint import STEP_DIR
-        names = (p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False))
-        return sorted(int(m.group(1)) for m in map(STEP_DIR.match, names) if m)
+        try:
+            self.writer.write(step, values)
+        except OSError as e:  # storage the event files cannot reach: the JSON records are still written
+            log.warning("TensorBoard scalars of step %d not written to %s/tb: %s", step, self.run_dir, e)
 
     def load_model(self, step: int) -> tuple[torch.nn.Module, str]:
         """Step 0: the initial weights, rebuilt from the seed exactly as the trainer builds them."""
         if step == 0:
             torch.manual_seed(self.cfg.train.seed)
             return self._build_model(), "initial weights"
-        from safetensors.torch import load as st_load
-
-        path = f"{self.run_dir}/checkpoints/step_{step:07d}"
-        fs, root = fsspec.core.url_to_fs(path)
-        try:
-            meta = json.loads(fs.cat_file(f"{root}/metadata.json"))
-            blob = fs.cat_file(f"{root}/model.safetensors")
-        except FileNotFoundError:
-            raise EvaluateError(
-                f"{path}: no such checkpoint (never written, or purged by checkpoint.keep_last)") from None
-        except json.JSONDecodeError:
-            raise EvaluateError(f"{path}/metadata.json: not valid JSON") from None
-        if hashlib.sha256(blob).hexdigest() != meta.get("files", {}).get("model.safetensors"):
-            raise EvaluateError(f"{path}/model.safetensors: checksum mismatch (corrupt or partly written)")
+        weights = self.checkpoints.read_weights(step)  # verified, of this format; safetensors: no pickled code
         model = self._build_model()
-        model.load_state_dict(st_load(blob))  # safetensors: tensors only, no pickled code
-        return model, path
+        model.load_state_dict(weights)
+        return model, self.checkpoints.url(self.checkpoints.step_path(step))
 
     def evaluate(self, step: int) -> dict:
+        from .checkpoint import CheckpointError
+
         try:
             model, source = self.load_model(step)
-        except EvaluateError as e:
+        except CheckpointError as e:
             # Recorded, so that a watcher does not retry a checkpoint that will never load.
             record = {"step": step, "checkpoint": None, "results": {}, "errors": {"checkpoint": str(e)}}
             log.error("%s", e)
@@ -141,8 +114,10 @@ class CheckpointEvaluation:
         return self.runner(model.to(self.dist.device), step, source)
 
     def close(self) -> None:
-        if self.writer:
+        try:
             self.writer.close()
+        except OSError as e:
+            log.warning("TensorBoard scalars not written to %s/tb: %s", self.run_dir, e)
 
 
 def watch(ev: CheckpointEvaluation, poll_s: float, once: bool, stale_after_s: float = STALE_CLAIM_S) -> int:
@@ -151,7 +126,7 @@ def watch(ev: CheckpointEvaluation, poll_s: float, once: bool, stale_after_s: fl
     done = 0
     final = ev.cfg.train.steps
     while True:
-        steps = ([0] if ev.cfg.eval.baseline else []) + ev.checkpoint_steps()
+        steps = ([0] if ev.cfg.eval.baseline else []) + ev.checkpoints.list_steps()
         for step in steps:
             if ev.records.has(step) or not ev.records.claim(step, stale_after_s):
                 continue

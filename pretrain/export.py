@@ -24,91 +24,47 @@ timm's Mixer runs exact GELU. The safetensors metadata records `act`, `step`, `m
 from __future__ import annotations
 
 import argparse
-import hashlib
-import io
-import json
 import sys
 
-import fsspec
 import torch
 from omegaconf import OmegaConf
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
-from .atomic import write_url_atomic
-from .checkpoint import STEP_DIR, CheckpointError
+from .checkpoint import CheckpointError, CheckpointReader
 from .models import activation_name, create_model
+from .models.interop import EXPORT_FORMATS, export_timm
 from .models.mixer import MODEL_CFGS
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-FORMATS = ("safetensors", "timm-pth")
 
 
-def find_checkpoint(path: str) -> str:
-    """A checkpoint directory as given, or the newest one under `<run dir>/checkpoints` that verifies."""
-    fs, root = fsspec.core.url_to_fs(path)
-    root = root.rstrip("/")
-    if fs.exists(f"{root}/metadata.json"):
-        return path.rstrip("/")
-    if not fs.exists(f"{root}/checkpoints"):
-        raise CheckpointError(f"{path}: neither a checkpoint (no metadata.json) nor a run dir (no checkpoints/)")
-    steps = sorted((int(m.group(1)), p) for p in fs.ls(f"{root}/checkpoints", detail=False)
-                   if (m := STEP_DIR.match(p.rstrip("/").rsplit("/", 1)[-1])))
-    problems = []
-    for _, ckpt in reversed(steps):
-        url = fs.unstrip_protocol(ckpt) if "://" in path else ckpt
-        try:
-            read_model(url)
-            return url
-        except CheckpointError as e:
-            problems.append(str(e))
-    detail = f"; skipped: {'; '.join(problems)}" if problems else ""
-    raise CheckpointError(f"{path}: no valid checkpoint under checkpoints/{detail}")
+def find_checkpoint(source: str) -> tuple[CheckpointReader, int, dict[str, torch.Tensor], dict]:
+    """The checkpoint `source` names, or the newest one under `<run dir>/checkpoints` whose weights
+    verify: its reader, step, weights (checked against metadata.json) and metadata."""
+    reader, step = CheckpointReader.locate(source)
 
+    def read(s: int) -> tuple[dict[str, torch.Tensor], dict]:
+        meta = reader.read_metadata(s)
+        return reader.read_weights(s, meta), meta
 
-def read_model(checkpoint: str) -> tuple[dict[str, torch.Tensor], dict]:
-    """The checkpoint's consolidated weights, verified against metadata.json, and the metadata."""
-    fs, root = fsspec.core.url_to_fs(checkpoint)
-    root = root.rstrip("/")
-    try:
-        meta = json.loads(fs.cat_file(f"{root}/metadata.json"))
-        expected = meta["files"]["model.safetensors"]
-        data = fs.cat_file(f"{root}/model.safetensors")
-    except FileNotFoundError as e:
-        raise CheckpointError(f"{checkpoint}: missing {e.filename or 'file'} (incomplete checkpoint)") from None
-    except (json.JSONDecodeError, KeyError, TypeError):
-        raise CheckpointError(f"{checkpoint}/metadata.json: unreadable or lists no model.safetensors") from None
-    if hashlib.sha256(data).hexdigest() != expected:
-        raise CheckpointError(f"{checkpoint}/model.safetensors: checksum mismatch (file corrupt or partly written)")
-    return st_load(data), meta
-
-
-def convert(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Floating tensors to `dtype`, others untouched; contiguous, detached from any storage sharing."""
-    return {k: (v.to(dtype) if v.is_floating_point() else v).contiguous().clone() for k, v in state.items()}
-
-
-def export_bytes(state: dict[str, torch.Tensor], fmt: str, metadata: dict[str, str]) -> bytes:
-    if fmt == "safetensors":
-        return st_save(state, metadata=metadata)
-    buf = io.BytesIO()
-    torch.save(state, buf)  # plain {name: tensor}: loads with weights_only=True, as timm does
-    return buf.getvalue()
+    if step is not None:
+        return (reader, step, *read(step))
+    problems: list[str] = []
+    found = reader.newest_valid(read, skipped=problems.append)
+    if found is None:
+        detail = f"; skipped: {'; '.join(problems)}" if problems else ""
+        raise CheckpointError(f"{source}: no valid checkpoint under checkpoints/{detail}")
+    return (reader, found[0], *found[1])
 
 
 # Mixer variants timm registers under our names (others: timm's MlpMixer class with their sizes).
 TIMM_MIXERS = ("mixer_s32_224", "mixer_s16_224", "mixer_b32_224", "mixer_b16_224", "mixer_l32_224", "mixer_l16_224")
 
 
-def checkpoint_model_config(checkpoint: str, meta: dict) -> dict:
+def checkpoint_model_config(reader: CheckpointReader, step: int, meta: dict) -> dict:
     """The `model:` section the checkpoint was trained with (its config.yaml, checked against its sha256),
     {} where missing, altered or unreadable: the variant's defaults are then the best guess."""
-    fs, root = fsspec.core.url_to_fs(checkpoint)
     try:
-        data = fs.cat_file(f"{root.rstrip('/')}/config.yaml")
-        if hashlib.sha256(data).hexdigest() != meta["files"]["config.yaml"]:
-            return {}
-        model = OmegaConf.to_container(OmegaConf.create(data.decode())).get("model")
+        model = OmegaConf.to_container(OmegaConf.create(reader.read_config(step, meta))).get("model")
     except Exception:  # noqa: BLE001
         return {}
     return model if isinstance(model, dict) else {}
@@ -146,25 +102,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("source", metavar="CHECKPOINT_DIR_OR_RUN_DIR", help="local path or fsspec URL")
     p.add_argument("--out", help="file (path or URL) to write")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
-    p.add_argument("--format", choices=FORMATS, default=None,
+    p.add_argument("--format", choices=EXPORT_FORMATS, default=None,
                    help="default: from --out's suffix (.pth/.pt -> timm-pth, else safetensors)")
     p.add_argument("--print-step", action="store_true", help="print the step of the checkpoint that would be used")
     args = p.parse_args(argv)
     if not args.out and not args.print_step:
         p.error("--out is required (or --print-step)")
     try:
-        checkpoint = find_checkpoint(args.source)
-        state, meta = read_model(checkpoint)
+        reader, step, state, meta = find_checkpoint(args.source)
         if args.print_step:
             print(meta["step"])
             return 0
+        checkpoint = reader.url(reader.step_path(step))
         fmt = args.format or ("timm-pth" if args.out.endswith((".pth", ".pt")) else "safetensors")
-        state = convert(state, DTYPES[args.dtype])
-        name, model_cfg = str(meta.get("model", "?")), checkpoint_model_config(checkpoint, meta)
+        name, model_cfg = str(meta.get("model", "?")), checkpoint_model_config(reader, step, meta)
         act = model_act(name, model_cfg.get("act"))
         info = {"source": checkpoint, "step": str(meta["step"]), "model": name, "act": act,
                 "dtype": args.dtype, "code_version": str(meta.get("code_version", "?"))}
-        write_url_atomic(args.out, export_bytes(state, fmt, info))
+        export_timm(state, args.out, fmt, DTYPES[args.dtype], info)
     except (CheckpointError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -65,8 +65,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from data_pipeline.urls import DataSpecError
     from pretrain.checkpoint import CheckpointError
+    from pretrain.loss_guard import TrainingDiverged
     from pretrain.preemption import REQUEUE_EXIT_CODE, Preempted
-    from pretrain.trainer import Trainer, TrainingDiverged
+    from pretrain.trainer import Trainer
 
     trainer = None
     try:

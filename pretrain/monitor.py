@@ -1,4 +1,5 @@
 """The one owner of run metrics: console progress lines and TensorBoard scalars, rank 0 only.
+`ScalarWriter` is the one TensorBoard writer (the evaluation CLI writes through it as well).
 
 Per-step values are accumulated as device tensors and read back (one host sync) only when a log
 line is due, so logging never stalls the accelerator between steps.
@@ -18,7 +19,6 @@ from typing import Callable, Mapping
 import fsspec
 import torch
 from fsspec.implementations.local import LocalFileSystem
-from fsspec.spec import AbstractFileSystem
 
 from .dist import DistInfo, all_reduce_mean
 
@@ -63,6 +63,54 @@ def max_rss_gib() -> float:
     return peak / (2**30 if sys.platform == "darwin" else 2**20)  # bytes on macOS, KiB on Linux
 
 
+class ScalarWriter:
+    """The one TensorBoard writer: scalars into `<run_dir>/tb` on any fsspec storage (training's Monitor and
+    `python -m pretrain.evaluate` both write through it). TensorBoard's own writer has no fsspec, so on
+    object storage the event files are written locally and uploaded whole (they are small), at most every
+    `upload_every_s` and on close: TensorBoard pointed at the remote run dir lags by about that much. The
+    event file is opened at the first scalars, so a process that has none to write leaves none."""
+
+    def __init__(self, run_dir: str, upload_every_s: float = UPLOAD_EVERY_S) -> None:
+        self.fs, root = fsspec.core.url_to_fs(run_dir)
+        self.tb_dir = f"{root}/tb"
+        self.upload_every_s = upload_every_s
+        self.local_dir = self.tb_dir if isinstance(self.fs, LocalFileSystem) else None  # None: made on open
+        self.writer = None
+        self._uploaded = -math.inf
+
+    @property
+    def remote(self) -> bool:
+        return not isinstance(self.fs, LocalFileSystem)
+
+    def write(self, step: int, values: Mapping[str, float]) -> None:
+        if self.writer is None:
+            from torch.utils.tensorboard import SummaryWriter  # imported late: slow
+            if self.remote:
+                self.local_dir = tempfile.mkdtemp(prefix="tb-")
+            self.writer = SummaryWriter(log_dir=self.local_dir)
+        for k, v in values.items():
+            self.writer.add_scalar(k, v, step)
+        self.writer.flush()
+        if time.monotonic() - self._uploaded >= self.upload_every_s:
+            self._upload()
+
+    def _upload(self) -> None:
+        if not self.remote or self.local_dir is None:
+            return
+        for name in os.listdir(self.local_dir):
+            self.fs.put_file(os.path.join(self.local_dir, name), f"{self.tb_dir}/{name}")
+        self._uploaded = time.monotonic()
+
+    def close(self) -> None:
+        if self.writer is None:
+            return
+        self.writer.close()
+        self._upload()
+        if self.remote:
+            shutil.rmtree(self.local_dir, ignore_errors=True)
+        self.writer = None
+
+
 def _fmt_duration(seconds: float) -> str:
     if not math.isfinite(seconds):
         return "?"
@@ -85,19 +133,10 @@ class Monitor:
         self.peak_tflops = peak_tflops(self.device_name, precision)
         self.loss_scale = 1.0
         self.skipped = 0
-        self.writer = None
-        self._remote_tb: tuple[AbstractFileSystem, str, str] | None = None  # (fs, remote dir, local dir)
-        self._uploaded = 0.0
+        self.writer = ScalarWriter(run_dir) if dist_info.is_main else None
         if dist_info.is_main:
             log.info("device %s: peak %s TFLOP/s for %s (MFU %s)", self.device_name, self.peak_tflops or "unknown",
                      precision, "logged" if self.peak_tflops else "not logged: device not in the peak table")
-            from torch.utils.tensorboard import SummaryWriter  # imported late: slow, rank 0 only
-            fs, root = fsspec.core.url_to_fs(run_dir)
-            if isinstance(fs, LocalFileSystem):
-                self.writer = SummaryWriter(log_dir=f"{root}/tb")
-            else:  # TensorBoard's own writer has no fsspec: write locally, upload (see _upload)
-                self._remote_tb = (fs, f"{root}/tb", tempfile.mkdtemp(prefix="tb-"))
-                self.writer = SummaryWriter(log_dir=self._remote_tb[2])
         self._reset()
 
     def _reset(self) -> None:
@@ -167,25 +206,8 @@ class Monitor:
 
     def scalars(self, step: int, values: Mapping[str, float]) -> None:
         if self.writer is not None:
-            for k, v in values.items():
-                self.writer.add_scalar(k, v, step)
-            self.writer.flush()
-            if time.monotonic() - self._uploaded > UPLOAD_EVERY_S:
-                self._upload()
-
-    def _upload(self) -> None:
-        """Event files of a run dir on object storage go up whole (they are small), at most once a
-        minute and on close, so TensorBoard pointed at the remote run dir lags by about that much."""
-        if self._remote_tb is None:
-            return
-        fs, remote, local = self._remote_tb
-        for name in os.listdir(local):
-            fs.put_file(os.path.join(local, name), f"{remote}/{name}")
-        self._uploaded = time.monotonic()
+            self.writer.write(step, values)
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
-            self._upload()
-            if self._remote_tb is not None:
-                shutil.rmtree(self._remote_tb[2], ignore_errors=True)

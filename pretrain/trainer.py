@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import subprocess
 import time
 from pathlib import Path
@@ -19,12 +18,11 @@ from data_pipeline.storage import StorageError
 
 from . import build
 from .atomic import write_atomic
-from .checkpoint import Checkpointer, capture_rng, restore_rng
+from .checkpoint import capture_rng, restore_rng
 from .config import ConfigError, to_yaml
-from .dist import all_reduce_mean, all_reduce_sum, broadcast, describe_world, init_distributed, shutdown
-from .evaluation import EvalRunner
-from .monitor import Monitor, itstime
-from .preemption import Preempted, PreemptionWatcher
+from .dist import all_reduce_sum, broadcast, describe_world, init_distributed, shutdown
+from .monitor import itstime
+from .preemption import Preempted
 
 log = logging.getLogger("pretrain")
 
@@ -37,50 +35,17 @@ def _code_version() -> str:
         return "unknown"
 
 
-class TrainingDiverged(RuntimeError):
-    """Too many bad steps in a row: the run stops rather than train on garbage."""
-
-
-class LossGuard:
-    """Judges the micro batches' losses of a step: non-finite, or above `spike_factor` x the running
-    mean, is bad. Collective (each loss is averaged over ranks) so every rank decides alike.
-    `judge` takes all the losses it is given in one all-reduce and one host read: the trainer calls
-    it once per optimiser step, so the launch queue drains once per step, not once per micro batch."""
-
-    def __init__(self, spike_factor: float, max_bad_steps: int) -> None:
-        self.spike_factor, self.max_bad_steps = spike_factor, max_bad_steps
-        self.mean: float | None = None  # exponential moving average of good losses
-        self.streak = 0
-
-    def judge(self, losses: list[torch.Tensor]) -> str | None:
-        """The first bad loss of `losses` (in order, as if each were checked alone), or None."""
-        values = all_reduce_mean(torch.stack([x.detach().float().reshape(()) for x in losses])).tolist()  # the sync
-        for value in values:
-            if not math.isfinite(value):
-                return f"non-finite loss ({value})"
-            if self.spike_factor and self.mean is not None and value > self.spike_factor * self.mean:
-                return f"loss spike {value:.4f} > {self.spike_factor} x running mean {self.mean:.4f}"
-            self.mean = value if self.mean is None else 0.9 * self.mean + 0.1 * value
-        return None
-
-    def check(self, loss: torch.Tensor) -> str | None:
-        return self.judge([loss])
-
-    def end_step(self, step: int, bad: str | None) -> None:
-        if bad is None:
-            self.streak = 0
-            return
-        self.streak += 1
-        log.warning("step %d skipped: %s (%d in a row)", step, bad, self.streak)
-        if self.streak >= self.max_bad_steps:
-            raise TrainingDiverged(f"{self.streak} bad steps in a row up to step {step} (last: {bad}); stopping "
-                                   "(lower optim.lr, check the data, or raise train.max_bad_steps)")
-
-
 class Trainer:
     def __init__(self, cfg: DictConfig, config_source: str = "config", local_rank: int | None = None) -> None:
         self.cfg = cfg
         self.dist = init_distributed(cfg.train.device, cfg.engine.backend, local_rank)
+        try:
+            self._build(cfg, config_source)
+        except BaseException:
+            shutdown()  # a start that fails leaves no process group behind: the caller may report and start again
+            raise
+
+    def _build(self, cfg: DictConfig, config_source: str) -> None:
         logging.basicConfig(level=logging.INFO if self.dist.is_main else logging.WARNING,
                             format=f"%(asctime)s [rank {self.dist.rank}] %(message)s", datefmt="%H:%M:%S",
                             force=True)
@@ -105,19 +70,16 @@ class Trainer:
                  self.micro_batch_size, build.build_memory_estimate(cfg, model, self.dist, config_source).describe())
         self.engine = build.build_train_engine(cfg, model, self.dist, config_source)
         self.loss_fn = build.build_train_loss(cfg)
-        self.guard = LossGuard(cfg.train.spike_factor, cfg.train.max_bad_steps)
+        self.guard = build.build_loss_guard(cfg)
         self.to_device = build.build_batch_to_device(cfg, self.dist)
-        self.checkpointer = Checkpointer(self.run_dir, self.dist, keep_last=cfg.checkpoint.keep_last,
-                                         keep_every=cfg.checkpoint.keep_every, async_save=cfg.checkpoint.async_save)
-        self.monitor = Monitor(self.run_dir, self.dist, cfg.train.steps, cfg.train.log_every,
-                               cfg.train.global_batch_size, model.flops_per_image(), cfg.train.precision)
-        # eval.mode external/none: training only writes checkpoints; `python -m pretrain.evaluate` does the rest.
+        self.checkpointer = build.build_checkpointer(cfg, self.dist)
+        self.monitor = build.build_monitor(cfg, self.dist, model)
+        # eval.mode external/none: no evaluators here; `python -m pretrain.evaluate` does the rest.
         self.eval_inline = cfg.eval.mode == "inline"
-        evaluators = build.build_evaluators(cfg, self.dist, self.engine.autocast) if self.eval_inline else []
-        self.evaluate = EvalRunner(evaluators, self.run_dir, self.dist, self.monitor.scalars)
+        self.evaluate = build.build_eval_runner(cfg, self.dist, self.engine.autocast, self.monitor.scalars)
         self.step = 0  # optimiser steps taken; everything else is owned by the components
         self.last_save = time.monotonic()  # for checkpoint.every_minutes
-        self.preemption = PreemptionWatcher(self.dist)  # SIGTERM/SIGUSR1 -> checkpoint, exit for requeue
+        self.preemption = build.build_preemption_watcher(self.dist)  # SIGTERM/SIGUSR1 -> checkpoint, exit
         if cfg.checkpoint.resume == "never" and self.checkpointer.list_steps():
             raise ConfigError(f"{config_source}: checkpoint.resume is 'never' but {self.run_dir} already "
                               "holds checkpoints; choose another run.dir or resume")

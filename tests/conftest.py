@@ -14,9 +14,10 @@ MAIN = str(ROOT / "pretrain" / "main.py")
 def demo_root(tmp_path_factory) -> str:
     """The demo data (shapes + digits shards), generated once per test session."""
     from data_pipeline.demo import ensure_demo_data
+    from data_pipeline.storage import Storage
 
     root = str(tmp_path_factory.mktemp("demo_data"))
-    ensure_demo_data(root, image_size=32)
+    ensure_demo_data(root, Storage(), image_size=32)
     return root
 
 

@@ -3,7 +3,7 @@
 Both are registered as pytest fixtures in tests/conftest.py:
 
 ``s3_server`` yields an :class:`S3Server`: ``endpoint`` (``http://127.0.0.1:PORT``), ``bucket`` (an empty,
-freshly created bucket), ``storage`` (a ``StorageOptions`` pointing s3fs at the endpoint),
+freshly created bucket), ``storage`` (a ``Storage`` pointing s3fs at the endpoint),
 ``url(path)`` -> ``s3://bucket/path``, ``stop()`` / ``start()`` (same port, data kept).
 Dummy credentials are set in the environment for the test session's process and its children.
 
@@ -21,7 +21,7 @@ import uuid
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from data_pipeline.storage import StorageOptions
+from data_pipeline.storage import Storage
 
 
 def free_port() -> int:
@@ -57,7 +57,7 @@ class S3Server:
         import boto3
 
         boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1").create_bucket(Bucket=self.bucket)
-        self.storage = StorageOptions(s3_endpoint=self.endpoint, retries=8, backoff_s=0.2)
+        self.storage = Storage(s3_endpoint=self.endpoint, retries=8, backoff_s=0.2)
 
     def url(self, path: str = "") -> str:
         return f"s3://{self.bucket}/{path}".rstrip("/")

@@ -28,6 +28,14 @@ from torch import nn
 from ..dist import DistInfo, process_group_backend
 
 PRECISION_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def precision_autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """Autocast to `precision`'s dtype on `device` (fp32: none): the training step's, and evaluation's."""
+    dtype = PRECISION_DTYPES[precision]
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
 OptimizerFactory = Callable[[nn.Module], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
 
@@ -141,9 +149,7 @@ class Engine:
         return self._module
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+        return precision_autocast(self.device, self.precision)
 
     def backward(self, loss: torch.Tensor) -> None:
         """One micro batch. The loss is divided by the accumulation count so that the summed

@@ -23,6 +23,8 @@ with ``act="gelu_tanh"``. Loading an ``.npz`` therefore refuses a model with ano
 (one line); ``npz_act="gelu"`` declares a file trained with exact GELU instead (e.g. our own
 ``export_jax`` of a ``gelu`` model, which would otherwise refuse to write it).
 
+:func:`export_timm` is the one exporter of timm files (``python -m pretrain.export`` writes through it).
+
 Loading never unpickles code: ``.safetensors``, ``torch.load(weights_only=True)`` and
 ``numpy.load(allow_pickle=False)``. Every problem with a file is one line naming the file and
 the first offending key.
@@ -230,27 +232,39 @@ def load_pretrained(model: nn.Module, source: str | Mapping[str, torch.Tensor], 
 
 
 # ------------------------------------------------------------------------------------ export
-def _plain_tensors(model_or_sd: nn.Module | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+EXPORT_FORMATS = ("safetensors", "timm-pth")
+
+
+def _plain_tensors(model_or_sd: nn.Module | Mapping[str, torch.Tensor],
+                   dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Floating tensors as `dtype` (others untouched), on the CPU, contiguous and each with storage of its own
+    (safetensors refuses shared storage); contiguous CPU fp32 is what timm users expect."""
     sd = model_or_sd.state_dict() if isinstance(model_or_sd, nn.Module) else model_or_sd
-    # clone(): safetensors refuses shared storage; contiguous CPU fp32 is what timm users expect.
-    return {k: v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in sd.items()}
+    return {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous().clone()
+            for k, v in sd.items()}
 
 
-def export_timm(model_or_sd: nn.Module | Mapping[str, torch.Tensor], url: str) -> None:
-    """Write timm-loadable weights: ``.safetensors`` (with the model's activation in its metadata,
-    ``act``), or ``.pth``/``.pt`` of plain tensors."""
-    tensors = _plain_tensors(model_or_sd)
-    act = activation_name(model_or_sd) if isinstance(model_or_sd, nn.Module) else None
-    fmt = _format(url)
+def export_timm(model_or_sd: nn.Module | Mapping[str, torch.Tensor], url: str, fmt: str | None = None,
+                dtype: torch.dtype = torch.float32, metadata: Mapping[str, str] | None = None) -> None:
+    """Write timm-loadable weights to `url` (any fsspec URL, whole or not at all): `fmt` "safetensors"
+    (with `metadata`, and a model's activation as `act`), or "timm-pth", a plain ``{name: tensor}`` dict
+    saved with torch.save, which loads with ``weights_only=True`` as timm does. Default: from the suffix."""
+    if fmt is None:
+        fmt = {"safetensors": "safetensors", "torch": "timm-pth"}.get(_format(url))
+        if fmt is None:
+            raise ValueError(f"{url}: export_timm writes .safetensors or .pth; use export_jax for .npz")
+    if fmt not in EXPORT_FORMATS:
+        raise ValueError(f"export format {fmt!r}: expected one of {', '.join(EXPORT_FORMATS)}")
+    tensors = _plain_tensors(model_or_sd, dtype)
     if fmt == "safetensors":
         # The activation is not in the weights but decides the logits (gelu vs gelu_tanh): record it.
-        data = save_safetensors_bytes(tensors, metadata={"act": act} if act else None)
-    elif fmt == "torch":
+        act = activation_name(model_or_sd) if isinstance(model_or_sd, nn.Module) else None
+        info = {**({"act": act} if act else {}), **(metadata or {})}
+        data = save_safetensors_bytes(tensors, metadata=info or None)
+    else:
         buf = io.BytesIO()
         torch.save(tensors, buf)
         data = buf.getvalue()
-    else:
-        raise ValueError(f"{url}: export_timm writes .safetensors or .pth; use export_jax for .npz")
     write_url_atomic(url, data)
 
 

@@ -5,6 +5,8 @@ import pytest
 import torch
 
 from cluster.envcheck import main
+from data_pipeline.shards import write_shards
+from tests.servers import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEMO = os.path.join(ROOT, "configs", "demo.yaml")
@@ -50,3 +52,22 @@ def test_bad_config_and_unresolvable_master(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("MASTER_ADDR", "no-such-host.invalid")
     assert main(["--run-dir", str(tmp_path)]) == 1
     assert "FAIL master: MASTER_ADDR no-such-host.invalid does not resolve here" in capsys.readouterr().err
+
+
+def test_data_check_reads_object_storage_through_data_storage(s3_server, tmp_path, capsys, monkeypatch):
+    """The data check goes through the run's storage handle (data.storage.*), not fsspec's environment: with
+    no AWS_ENDPOINT_URL, a manifest on the moto server is reachable exactly when data.storage.s3_endpoint
+    points at it, and otherwise one line names the manifest."""
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    write_shards([(f"k{i}", b"x", i % 2) for i in range(4)], s3_server.url("shards"), "train", 2,
+                 storage=s3_server.storage)
+    manifest = s3_server.url("shards/train.json")
+    args = ["--config", DEMO, f"run.dir={tmp_path}/run", "data.prepare=none", f"data.train={manifest}",
+            "data.storage.give_up_after_s=1"]
+
+    assert main(args + [f"data.storage.s3_endpoint={s3_server.endpoint}"]) == 0
+    assert "ok   data: 2 shard(s), first one reachable" in capsys.readouterr().out
+
+    assert main(args + [f"data.storage.s3_endpoint=http://127.0.0.1:{free_port()}"]) == 1  # nothing listens
+    fails = [line for line in capsys.readouterr().err.splitlines() if "FAIL" in line]
+    assert len(fails) == 1 and "FAIL data:" in fails[0] and f"gave up on {manifest} after" in fails[0], fails

@@ -17,8 +17,8 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from data_pipeline.storage import StorageOptions  # noqa: E402
 from data_pipeline.sources import DataSource  # noqa: E402
+from data_pipeline.storage import Storage  # noqa: E402
 from data_pipeline.train_loader import TrainLoader  # noqa: E402
 from data_pipeline.transforms import TrainTransform  # noqa: E402
 
@@ -40,7 +40,7 @@ def main() -> None:
     sources = [DataSource(spec, weight) for spec, weight in json.loads(a.sources)]
     loader = TrainLoader(sources, batch_size=a.global_batch // world, transform=TrainTransform(8), seed=7,
                          rank=rank, world_size=world, num_workers=a.workers, shuffle_buffer=a.window,
-                         storage=StorageOptions(s3_endpoint=a.s3_endpoint, retries=8, backoff_s=0.2))
+                         storage=Storage(s3_endpoint=a.s3_endpoint, retries=8, backoff_s=0.2))
     if a.state:
         loader.load_state_dict(torch.load(a.state, weights_only=True))
     it = iter(loader)

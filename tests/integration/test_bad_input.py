@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 from data_pipeline.shards import encode_jpeg, write_shards
+from data_pipeline.storage import Storage
 from tests.conftest import ROOT, run_main
 
 pytestmark = pytest.mark.slow
@@ -27,7 +28,7 @@ def test_too_many_corrupt_samples_stop_the_run(tmp_path):
     good = encode_jpeg(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))
     # Every 4th sample is a truncated JPEG: 25% bad, far above the 1% default limit.
     samples = [(f"s{i:04d}", good[:40] if i % 4 == 0 else good, i % 10) for i in range(400)]
-    manifest = write_shards(samples, str(tmp_path / "shards"), "train", samples_per_shard=100)
+    manifest = write_shards(samples, str(tmp_path / "shards"), "train", samples_per_shard=100, storage=Storage())
     assert manifest["num_samples"] == 400
     r = run_main(base_args(tmp_path / "run", tmp_path / "shards/train.json"))
     assert r.returncode == 2, r.stderr[-2000:]

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from data_pipeline.shards import encode_jpeg, write_shards
+from data_pipeline.storage import Storage
 from tests.conftest import ROOT, free_port
 
 pytestmark = pytest.mark.slow
@@ -29,7 +30,7 @@ def write_uneven(root: Path, prefix: str, sizes: list[int]) -> tuple[str, list[s
     specs, keys = [], []
     for i, n in enumerate(sizes):
         shard = [(f"{prefix}{i}_{j:03d}", jpg, j % 10) for j in range(n)]
-        write_shards(shard, str(root), f"{prefix}{i}", n)
+        write_shards(shard, str(root), f"{prefix}{i}", n, storage=Storage())
         specs.append(str(root / f"{prefix}{i}.json"))
         keys += [k for k, _, _ in shard]
     return "::".join(specs), keys

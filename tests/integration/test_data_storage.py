@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from data_pipeline.shards import encode_jpeg, write_shards
-from data_pipeline.storage import DEFAULT_STORAGE, StorageError, StorageOptions
+from data_pipeline.storage import Storage, StorageError
 from data_pipeline.train_loader import TrainLoader
 from data_pipeline.transforms import TrainTransform
 
@@ -23,11 +23,11 @@ N, PER_SHARD, BATCH = 120, 10, 8
 def _write(root) -> list[str]:
     jpg = encode_jpeg(np.random.default_rng(0).integers(0, 255, (12, 12, 3), dtype=np.uint8))
     samples = [(f"k{i:04d}", jpg, i % 10) for i in range(N)]
-    write_shards(samples, str(root), "train", PER_SHARD)
+    write_shards(samples, str(root), "train", PER_SHARD, storage=Storage())
     return [k for k, _, _ in samples]
 
 
-def _epoch_with_outage(spec: str, server, storage: StorageOptions, caplog) -> tuple[list[str], float]:
+def _epoch_with_outage(spec: str, server, storage: Storage, caplog) -> tuple[list[str], float]:
     """Read one epoch; stop the server after 3 batches and bring it back 1.5 s later.
 
     Returns the keys and the longest wait for one batch (>= the outage when the outage was hit)."""
@@ -48,7 +48,7 @@ def _epoch_with_outage(spec: str, server, storage: StorageOptions, caplog) -> tu
 def test_http_server_restart_mid_epoch_loses_and_repeats_nothing(tmp_path, http_server, caplog):
     keys = _write(http_server.root / "shards")
     # block_size 0: stream each shard in one GET (Python's http.server has no range requests).
-    storage = StorageOptions(retries=8, backoff_s=0.2, extra={"http": {"block_size": 0}})
+    storage = Storage(retries=8, backoff_s=0.2, extra={"http": {"block_size": 0}})
     got, longest = _epoch_with_outage(http_server.url("shards/train.json"), http_server, storage, caplog)
     assert len(got) == len(set(got)) and sorted(got) == keys
     assert longest > 1.0 and any("retry" in r.getMessage() for r in caplog.records), "the outage was never hit"
@@ -85,7 +85,7 @@ def _loader(spec, storage, workers=0):
 def test_permanent_errors_stop_at_once_naming_the_url(s3_server, monkeypatch):
     t0 = time.monotonic()
     with pytest.raises(StorageError, match=r"cannot read foo://b/train.json \(unknown URL scheme\)"):
-        _loader("foo://b/train.json", DEFAULT_STORAGE)
+        _loader("foo://b/train.json", Storage())
     missing_bucket = f"s3://no-{s3_server.bucket}/train.json"
     with pytest.raises(StorageError, match=rf"cannot read {missing_bucket} \(NoSuchBucket\)"):
         _loader(missing_bucket, s3_server.storage)
@@ -153,7 +153,7 @@ def test_s3_restarted_empty_then_refilled_within_the_budget_is_bit_exact(tmp_pat
 def test_missing_object_is_retried_then_stops_naming_it(tmp_path, http_server):
     _write(http_server.root / "shards")
     (http_server.root / "shards" / "train-000003.tar").unlink()
-    storage = StorageOptions(backoff_s=0.1, give_up_after_s=1.0, extra={"http": {"block_size": 0}})
+    storage = Storage(backoff_s=0.1, give_up_after_s=1.0, extra={"http": {"block_size": 0}})
     it = iter(_loader(http_server.url("shards/train.json"), storage))
     # The manifest says it exists: a store being restored answers "not found" for a while, so it is
     # retried, and after the budget the run stops instead of training on a silently smaller data set.

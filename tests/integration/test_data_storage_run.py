@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from data_pipeline.shards import encode_jpeg, write_shards
+from data_pipeline.storage import Storage
 from tests.conftest import MAIN, ROOT, free_port
 
 pytestmark = pytest.mark.slow
@@ -21,7 +22,8 @@ def test_store_gone_for_good_stops_every_rank_within_the_budget_keeping_the_last
 
     rng = np.random.default_rng(0)
     jpgs = [encode_jpeg(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)) for _ in range(8)]
-    write_shards(((f"k{i:05d}", jpgs[i % 8], i % 10) for i in range(1600)), str(tmp_path / "shards"), "train", 40)
+    write_shards(((f"k{i:05d}", jpgs[i % 8], i % 10) for i in range(1600)), str(tmp_path / "shards"), "train", 40,
+                 storage=Storage())
     s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server.endpoint}).put(
         str(tmp_path / "shards") + "/", s3_server.url("shards") + "/", recursive=True)
     run_dir, budget = tmp_path / "run", 3.0

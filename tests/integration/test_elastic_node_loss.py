@@ -23,6 +23,7 @@ import psutil
 import pytest
 
 from data_pipeline.shards import encode_jpeg, write_shards
+from data_pipeline.storage import Storage
 from cluster.launch import ELASTIC_RDZV_CONF
 from tests.conftest import ROOT, free_port
 
@@ -36,7 +37,7 @@ def write_epoch(root: Path) -> tuple[str, list[str]]:
     rng = np.random.default_rng(0)
     shard = [(f"s{i:04d}", encode_jpeg(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)), i % 10)
              for i in range(SAMPLES)]
-    write_shards(shard, str(root), "train", 40)
+    write_shards(shard, str(root), "train", 40, storage=Storage())
     return str(root / "train.json"), [k for k, _, _ in shard]
 
 

@@ -79,9 +79,17 @@ def test_bad_run_dir_and_unloadable_checkpoint_give_one_line(tmp_path, demo_root
 
     run_dir = tmp_path / "run"
     assert run_main(tiny_args(run_dir, demo_root, 5, 5, "eval.mode=none")).returncode == 0
+    # Another checkpoint format version is refused as in a resume.
+    meta_path = run_dir / "checkpoints/step_0000005/metadata.json"
+    meta = meta_path.read_text()
+    meta_path.write_text(json.dumps({**json.loads(meta), "format_version": 1}))
+    no_eval = ("eval.fewshot.enabled=false", "eval.upstream.enabled=false")
+    old = evaluate(run_dir, "--step", 5, *no_eval)
+    assert old.returncode == 1 and "step_0000005: format_version 1 != 2" in old.stderr, old.stderr[-2000:]
+    meta_path.write_text(meta)
     blob = run_dir / "checkpoints/step_0000005/model.safetensors"
     blob.write_bytes(blob.read_bytes()[:-10] + b"0" * 10)
-    bad = evaluate(run_dir, "--step", 5, "eval.fewshot.enabled=false", "eval.upstream.enabled=false")
+    bad = evaluate(run_dir, "--step", 5, "--force", *no_eval)
     assert bad.returncode == 1 and "checksum mismatch" in bad.stderr
     # Recorded, so that a watcher does not try it again and again.
     assert "checksum mismatch" in json.loads((run_dir / "eval/step_0000005.json").read_text())["errors"]["checkpoint"]

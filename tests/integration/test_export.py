@@ -82,6 +82,14 @@ def test_corrupt_or_missing_checkpoint_is_one_line(run_dir, tmp_path, capsys):
     r = export(bad, "--print-step", capsys=capsys)
     assert r.returncode == 0 and r.stdout.strip() == "5", r.stderr
     assert json.loads((bad / "checkpoints/step_0000010/metadata.json").read_text())["step"] == 10
+    # A checkpoint of another format version is refused like in a resume, directly and from the run dir.
+    meta5 = bad / "checkpoints/step_0000005/metadata.json"
+    meta5.write_text(json.dumps({**json.loads(meta5.read_text()), "format_version": 1}))
+    r = export(bad / "checkpoints/step_0000005", "--out", tmp_path / "x.safetensors", capsys=capsys)
+    assert r.returncode == 2 and "format_version 1 != 2" in r.stderr and r.stderr.count("\n") == 1
+    r = export(bad, "--print-step", capsys=capsys)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "no valid checkpoint under checkpoints/; skipped: " in r.stderr and "checksum mismatch" in r.stderr
 
 
 def _timm_or_skip():

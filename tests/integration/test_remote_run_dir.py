@@ -1,7 +1,8 @@
 """A whole run whose run dir is on object storage (a real S3 server on loopback): two fsdp ranks
 save asynchronously (each rank stages its DCP shard locally, hashes it and uploads it; rank 0
 publishes metadata, then `latest`), TensorBoard events are uploaded, and one process resumes from
-the bucket, resharding the optimiser state through DCP."""
+the bucket, resharding the optimiser state through DCP; then `python -m pretrain.evaluate` evaluates a
+checkpoint in the bucket and leaves its TensorBoard scalars there too."""
 import json
 import os
 import subprocess
@@ -23,7 +24,7 @@ def run(cmd, endpoint):
     return r.stdout + r.stderr
 
 
-def test_two_ranks_checkpoint_to_s3_asynchronously_and_one_resumes(s3_server, demo_root):
+def test_two_ranks_checkpoint_to_s3_asynchronously_and_one_resumes(s3_server, demo_root, tmp_path):
     run_dir = s3_server.url("runs/remote")
     args = lambda steps: tiny_args(run_dir, demo_root, steps, 10, "engine.kind=fsdp", "checkpoint.async_save=true",  # noqa: E731
                                    "eval.upstream.enabled=false", "eval.fewshot.enabled=false", "data.num_workers=0")
@@ -47,3 +48,20 @@ def test_two_ranks_checkpoint_to_s3_asynchronously_and_one_resumes(s3_server, de
     assert f"resumed from {run_dir}/checkpoints/step_0000020 (step 20)" in second
     assert "optimizer state not restored" not in second
     assert fs.cat_file(f"{root}/checkpoints/latest").decode() == "step_0000025"
+
+    # The evaluation CLI on the s3:// run dir, with an evaluator the training did not run (few-shot).
+    fs.invalidate_cache()
+    before = set(fs.ls(f"{root}/tb"))
+    run([sys.executable, "-m", "pretrain.evaluate", run_dir, "--step", "25", "--force", "eval.fewshot.enabled=true",
+         "eval.linear_probe.enabled=false"], s3_server.endpoint)
+    fs.invalidate_cache()
+    new = sorted(set(fs.ls(f"{root}/tb")) - before)
+    assert len(new) == 1 and new[0].rsplit("/", 1)[-1].startswith("events.out.tfevents"), new
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    local = tmp_path / "tb"
+    fs.get(new[0], str(local / new[0].rsplit("/", 1)[-1]))
+    tb = EventAccumulator(str(local))
+    tb.Reload()
+    record = json.loads(fs.cat_file(f"{root}/eval/step_0000025.json"))
+    assert [(e.step, round(e.value, 5)) for e in tb.Scalars("eval/fewshot/5shot")] == [
+        (25, round(record["results"]["fewshot"]["5shot"], 5))]

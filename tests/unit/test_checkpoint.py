@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from pretrain.checkpoint import CheckpointError, Checkpointer, capture_rng, restore_rng
+from pretrain.checkpoint import CheckpointError, Checkpointer, CheckpointReader, capture_rng, restore_rng
 from pretrain.dist import DistInfo
 from pretrain.engines import Engine
 from pretrain.optim import build_optimizer, build_scheduler
@@ -142,6 +142,57 @@ def test_pickled_code_is_refused(tmp_path):
     (d / "metadata.json").write_text(json.dumps(meta))
     with pytest.raises(Exception, match="(?i)weights_only|unsupported|not allowed"):
         ck.restore(make_engine())
+
+
+def _rewrite_metadata(step_dir, **changes):
+    meta = json.loads((step_dir / "metadata.json").read_text())
+    meta.update(changes)
+    (step_dir / "metadata.json").write_text(json.dumps(meta))
+    return meta
+
+
+def test_reader_needs_no_process_group_and_checks_what_it_reads(tmp_path):
+    """The one reader (resume, evaluation and export read through it): steps, newest valid, weights and
+    config checked against their sha256 and the format version; each problem one line naming the file."""
+    e = make_engine()
+    save(Checkpointer(str(tmp_path), ONE), e, 1)
+    save(Checkpointer(str(tmp_path), ONE), e, 2)
+    reader = CheckpointReader(str(tmp_path))
+    assert reader.list_steps() == [1, 2] and reader.newest_valid()[0] == 2
+    assert all(torch.equal(reader.read_weights(2)[k], v) for k, v in weights(e).items())
+    assert reader.read_config(2) == "a: 1\n"
+    assert CheckpointReader.locate(str(tmp_path))[1] is None
+    located, step = CheckpointReader.locate(str(tmp_path / "checkpoints/step_0000002"))
+    assert step == 2 and located.list_steps() == [1, 2]
+    with pytest.raises(CheckpointError, match="neither a checkpoint"):
+        CheckpointReader.locate(str(tmp_path / "nothing"))
+
+    d2 = tmp_path / "checkpoints/step_0000002"
+    _rewrite_metadata(d2, format_version=1)  # a checkpoint of another version of this code
+    for read in (reader.read_weights, reader.read_config, reader.verify):
+        with pytest.raises(CheckpointError, match=r"step_0000002: format_version 1 != 2$"):
+            read(2)
+    skipped = []
+    assert reader.newest_valid(reader.read_weights, skipped=skipped.append)[0] == 1
+    assert len(skipped) == 1 and "format_version" in skipped[0]
+
+    d1 = tmp_path / "checkpoints/step_0000001"
+    data = bytearray((d1 / "model.safetensors").read_bytes())
+    data[-3] ^= 0xFF
+    (d1 / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError) as exc:
+        reader.read_weights(1)
+    assert str(exc.value) == f"{d1}/model.safetensors: checksum mismatch (file corrupt or partly written)"
+    # Bytes that match their (rewritten) checksum but are no safetensors file: one line as well.
+    (d1 / "model.safetensors").write_bytes(b"not safetensors")
+    _rewrite_metadata(d1, files={**json.loads((d1 / "metadata.json").read_text())["files"],
+                                 "model.safetensors": hashlib.sha256(b"not safetensors").hexdigest()})
+    with pytest.raises(CheckpointError, match="model.safetensors: cannot be loaded: SafetensorError") as exc:
+        reader.read_weights(1)
+    assert "\n" not in str(exc.value)
+    assert reader.newest_valid(reader.read_weights, skipped=skipped.append) is None
+    with pytest.raises(CheckpointError, match="step_0000007: no such checkpoint"):
+        reader.read_weights(7)
 
 
 def test_rng_capture_restore():

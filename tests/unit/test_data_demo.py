@@ -7,33 +7,36 @@ import pytest
 from data_pipeline.demo import ensure_demo_data, main
 from data_pipeline.errors import DataSpecError
 from data_pipeline.shards import read_manifest
+from data_pipeline.storage import Storage
+
+LOCAL = Storage()  # local paths: no object storage settings
 
 SMALL = dict(image_size=16, num_train=40, num_val=20, samples_per_shard=10, seed=0)
 
 
 def test_ensure_demo_data_is_idempotent_and_regenerates_on_change(tmp_path):
     root = str(tmp_path / "demo")
-    data = ensure_demo_data(root, **SMALL)
+    data = ensure_demo_data(root, **SMALL, storage=LOCAL)
     assert data.train == f"{root}/shapes/train.json" and data.digits_test == f"{root}/digits/test.json"
-    assert read_manifest(data.train)["num_samples"] == 40 and read_manifest(data.val)["num_samples"] == 20
-    assert read_manifest(data.digits_train)["num_samples"] == 1000
+    assert read_manifest(data.train, LOCAL)["num_samples"] == 40 and read_manifest(data.val, LOCAL)["num_samples"] == 20
+    assert read_manifest(data.digits_train, LOCAL)["num_samples"] == 1000
     marker = tmp_path / "demo" / "DONE.json"
     shard = tmp_path / "demo" / "shapes" / "train-000000.tar"
     stamps = (marker.stat().st_mtime_ns, shard.stat().st_mtime_ns, shard.stat().st_ino)
 
-    assert ensure_demo_data(root, **SMALL) == data
+    assert ensure_demo_data(root, **SMALL, storage=LOCAL) == data
     assert (marker.stat().st_mtime_ns, shard.stat().st_mtime_ns, shard.stat().st_ino) == stamps
 
-    ensure_demo_data(root, **dict(SMALL, num_train=30))
+    ensure_demo_data(root, **dict(SMALL, num_train=30), storage=LOCAL)
     assert json.loads(marker.read_text())["num_train"] == 30
-    assert read_manifest(data.train)["num_samples"] == 30
+    assert read_manifest(data.train, LOCAL)["num_samples"] == 30
     assert sorted(os.listdir(tmp_path)) == ["demo"], "temporary directories left behind"
 
 
 def test_refuses_to_overwrite_foreign_directory(tmp_path):
     (tmp_path / "precious.txt").write_text("keep me")
     with pytest.raises(DataSpecError, match="refusing"):
-        ensure_demo_data(str(tmp_path), **SMALL)
+        ensure_demo_data(str(tmp_path), **SMALL, storage=LOCAL)
     assert (tmp_path / "precious.txt").read_text() == "keep me"
 
 

@@ -6,6 +6,9 @@ import numpy as np
 
 from data_pipeline.digits import digit_images, write_digits
 from data_pipeline.shards import read_manifest
+from data_pipeline.storage import Storage
+
+LOCAL = Storage()  # local paths: no object storage settings
 
 
 def _labels_and_keys(manifest):
@@ -20,8 +23,8 @@ def _labels_and_keys(manifest):
 
 
 def test_counts_labels_and_split(tmp_path):
-    write_digits(str(tmp_path / "d"), image_size=16, samples_per_shard=300)
-    train, test = read_manifest(str(tmp_path / "d" / "train.json")), read_manifest(str(tmp_path / "d" / "test.json"))
+    write_digits(str(tmp_path / "d"), image_size=16, samples_per_shard=300, storage=LOCAL)
+    train, test = (read_manifest(str(tmp_path / "d" / f"{split}.json"), LOCAL) for split in ("train", "test"))
     assert train["num_samples"] == 1000 and test["num_samples"] == 797
     assert train["classes"] == [str(i) for i in range(10)]
     train_labels, train_keys = _labels_and_keys(train)
@@ -33,8 +36,8 @@ def test_counts_labels_and_split(tmp_path):
         share = train_labels[digit] / (train_labels[digit] + test_labels[digit])
         assert abs(share - 1000 / 1797) < 0.02
 
-    write_digits(str(tmp_path / "e"), image_size=16, samples_per_shard=300, seed=1)
-    assert _labels_and_keys(read_manifest(str(tmp_path / "e" / "train.json")))[1] != train_keys
+    write_digits(str(tmp_path / "e"), image_size=16, samples_per_shard=300, seed=1, storage=LOCAL)
+    assert _labels_and_keys(read_manifest(str(tmp_path / "e" / "train.json"), LOCAL))[1] != train_keys
 
 
 def test_digit_images_are_scaled_strokes():

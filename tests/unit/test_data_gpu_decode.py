@@ -10,6 +10,7 @@ from PIL import Image
 
 from data_pipeline.gpu_decode import CropPlanner, crop_resize_flip, gpu_decode_available
 from data_pipeline.shards import encode_jpeg
+from data_pipeline.storage import Storage
 from data_pipeline.transforms import TrainTransform, random_resized_crop_params
 
 
@@ -64,9 +65,9 @@ def test_loader_in_gpu_mode_ships_jpeg_bytes_and_crops(tmp_path):
     from data_pipeline.train_loader import TrainLoader
 
     samples = [(f"k{i:03d}", encode_jpeg(_photo(40 + i, 50)), i % 3) for i in range(24)]
-    write_shards(samples, str(tmp_path), "train", 8)
+    write_shards(samples, str(tmp_path), "train", 8, storage=Storage())
     loader = TrainLoader(str(tmp_path / "train.json"), batch_size=6, transform=CropPlanner(TrainTransform(16)),
-                         seed=0, num_workers=0, shuffle_buffer=8)
+                         seed=0, num_workers=0, shuffle_buffer=8, storage=Storage())
     batch = next(iter(loader))
     assert batch.images.shape == (0, 16, 16, 3) and batch.crops.shape == (6, 5) and len(batch.encoded) == 6
     by_key = dict((k, d) for k, d, _ in samples)

@@ -9,11 +9,13 @@ import numpy as np
 
 from data_pipeline.index import main
 from data_pipeline.shards import encode_jpeg, read_manifest, write_shards
+from data_pipeline.storage import Storage
 
 
 def _shards(root, n=5, per=7):
     jpg = [encode_jpeg(np.random.default_rng(i).integers(0, 255, (10 + i, 9, 3), dtype=np.uint8)) for i in range(3)]
-    return write_shards(((f"k{i:03d}", jpg[i % 3], i % 4) for i in range(n * per)), str(root), "train", per)
+    return write_shards(((f"k{i:03d}", jpg[i % 3], i % 4) for i in range(n * per)), str(root), "train", per,
+                        storage=Storage())
 
 
 def test_index_matches_the_writers_manifest_and_resumes(tmp_path, capsys, caplog):
@@ -30,7 +32,7 @@ def test_index_matches_the_writers_manifest_and_resumes(tmp_path, capsys, caplog
     with caplog.at_level(logging.WARNING, logger="data_pipeline.index"):
         assert main([pattern, "--out", out, "--threads", "3", "--no-progress"]) == 0
     assert any(f"resuming: {len(partial)} of 5" in r.getMessage() for r in caplog.records)
-    indexed = read_manifest(out)
+    indexed = read_manifest(out, Storage())
     assert [(s["num_samples"], s["offsets"]) for s in indexed["shards"]] == \
         [(s["num_samples"], s["offsets"]) for s in written["shards"]]
     assert indexed["num_samples"] == 35 and indexed["num_classes"] == 4
@@ -43,5 +45,5 @@ def test_damaged_shard_keeps_its_complete_samples(tmp_path):
     cut = (offsets[3] + offsets[4]) // 2  # inside sample 3
     path.write_bytes(path.read_bytes()[:cut])
     assert main([str(path), "--out", str(tmp_path / "m.json"), "--no-progress"]) == 0
-    entry = read_manifest(str(tmp_path / "m.json"))["shards"][0]
+    entry = read_manifest(str(tmp_path / "m.json"), Storage())["shards"][0]
     assert entry["num_samples"] == 3 and entry["offsets"] == offsets[:4]

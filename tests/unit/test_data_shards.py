@@ -10,6 +10,7 @@ from PIL import Image
 
 from data_pipeline.errors import DataSpecError
 from data_pipeline.shards import encode_jpeg, read_manifest, write_shards
+from data_pipeline.storage import Storage
 from data_pipeline.synthetic import render_batch
 
 
@@ -31,7 +32,7 @@ def test_round_trip_keys_labels_pixels(tmp_path, as_file_url):
     samples = _samples(10)
     out = f"file://{tmp_path}" if as_file_url else str(tmp_path)
     manifest = write_shards(((k, encode_jpeg(img), y) for k, img, y in samples), out, "train", 4,
-                            classes=["a", "b", "c"])
+                            classes=["a", "b", "c"], storage=Storage())
 
     assert [s["url"] for s in manifest["shards"]] == ["train-000000.tar", "train-000001.tar", "train-000002.tar"]
     assert [s["num_samples"] for s in manifest["shards"]] == [4, 4, 2]
@@ -39,7 +40,7 @@ def test_round_trip_keys_labels_pixels(tmp_path, as_file_url):
     assert json.loads((tmp_path / "train.json").read_text()) == manifest
     assert not list(tmp_path.glob("*tmp*")), "temporary files left behind"
 
-    read = read_manifest(f"{out}/train.json")
+    read = read_manifest(f"{out}/train.json", Storage())
     got = {}
     for shard in read["shards"]:
         path = shard["url"].removeprefix("file://")
@@ -60,8 +61,8 @@ def test_round_trip_keys_labels_pixels(tmp_path, as_file_url):
 
 def test_same_samples_give_identical_shards(tmp_path):
     data = [(k, encode_jpeg(img), y) for k, img, y in _samples(6)]
-    a = write_shards(data, str(tmp_path / "a"), "x", 4)
-    b = write_shards(data, str(tmp_path / "b"), "x", 4)
+    a = write_shards(data, str(tmp_path / "a"), "x", 4, storage=Storage())
+    b = write_shards(data, str(tmp_path / "b"), "x", 4, storage=Storage())
     assert [s["sha256"] for s in a["shards"]] == [s["sha256"] for s in b["shards"]]
     assert a["classes"] is None and a["num_classes"] == 3
 
@@ -74,7 +75,7 @@ def test_crash_mid_write_publishes_only_complete_shards(tmp_path):
             yield k, encode_jpeg(img), y
 
     with pytest.raises(RuntimeError):
-        write_shards(samples(), str(tmp_path), "train", 4)
+        write_shards(samples(), str(tmp_path), "train", 4, storage=Storage())
     # Shard 0 (4 samples) was complete; shard 1 was half written and must not carry a published name.
     assert sorted(p.name for p in tmp_path.glob("*.tar")) == ["train-000000.tar"]
     assert len(_read_tar(tmp_path / "train-000000.tar")) == 8
@@ -84,20 +85,20 @@ def test_crash_mid_write_publishes_only_complete_shards(tmp_path):
 
 def test_rejects_keys_that_webdataset_would_split(tmp_path):
     with pytest.raises(ValueError, match="key"):
-        write_shards([("a.b", b"x", 0)], str(tmp_path), "t", 4)
+        write_shards([("a.b", b"x", 0)], str(tmp_path), "t", 4, storage=Storage())
 
 
 def test_rejects_label_outside_classes(tmp_path):
     with pytest.raises(ValueError, match="label"):
-        write_shards([("a", b"x", 3)], str(tmp_path), "t", 4, classes=["x", "y"])
+        write_shards([("a", b"x", 3)], str(tmp_path), "t", 4, classes=["x", "y"], storage=Storage())
 
 
 def test_read_manifest_missing_or_invalid(tmp_path):
     with pytest.raises(DataSpecError, match="not found"):
-        read_manifest(str(tmp_path / "nope.json"))
+        read_manifest(str(tmp_path / "nope.json"), Storage())
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(DataSpecError, match="bad.json"):
-        read_manifest(str(tmp_path / "bad.json"))
+        read_manifest(str(tmp_path / "bad.json"), Storage())
 
 
 def test_encode_jpeg_checks_input():

@@ -8,10 +8,11 @@ import torch
 from webdataset import TarWriter
 
 from data_pipeline.errors import DataSpecError
-from data_pipeline.shards import encode_jpeg, write_shards
 from data_pipeline.eval_stream import eval_batches
-from data_pipeline.train_loader import TrainLoader
+from data_pipeline.shards import encode_jpeg, write_shards
+from data_pipeline.storage import Storage
 from data_pipeline.synthetic import render_batch
+from data_pipeline.train_loader import TrainLoader
 from data_pipeline.transforms import EvalTransform, TrainTransform
 
 SIZE = 12
@@ -27,7 +28,7 @@ def _samples(n, seed=0):
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     root = tmp_path_factory.mktemp("shapes")
-    write_shards(_samples(NUM_SHARDS * PER_SHARD), str(root), "train", PER_SHARD)
+    write_shards(_samples(NUM_SHARDS * PER_SHARD), str(root), "train", PER_SHARD, storage=Storage())
     return str(root / "train.json")
 
 
@@ -35,7 +36,7 @@ def _loader(spec, **kw):
     args = dict(batch_size=5, transform=TrainTransform(SIZE, scale=(0.3, 1.0)), seed=3, num_workers=2,
                 shuffle_buffer=16)
     args.update(kw)
-    return TrainLoader(spec, **args)
+    return TrainLoader(spec, **args, storage=Storage())
 
 
 def _take(loader, n):
@@ -137,12 +138,13 @@ def corrupt_dataset(tmp_path_factory):
     with TarWriter(str(root / "c-3.tar")) as w:
         for key, jpg, label in cut:
             w.write({"__key__": key, "jpg": jpg, "cls": str(label).encode()})
-    whole = build_index(str(root / "c-3.tar"), str(root / "whole.json"), progress=False)["shards"][0]["offsets"]
+    whole = build_index(str(root / "c-3.tar"), str(root / "whole.json"), Storage(), progress=False)
+    whole = whole["shards"][0]["offsets"]
     data = (root / "c-3.tar").read_bytes()
     cut_at = len(data) // 2 + 100
     (root / "c-3.tar").write_bytes(data[:cut_at])  # truncated mid-member
     complete = [k for (k, _, _), end in zip(cut, whole[1:]) if end <= cut_at]  # whole samples before the cut
-    build_index(str(root / "c-{0..3}.tar"), str(root / "c.json"), progress=False)
+    build_index(str(root / "c-{0..3}.tar"), str(root / "c.json"), Storage(), progress=False)
     return str(root / "c.json"), [k for k, _, _ in good], complete, bad
 
 
@@ -181,7 +183,7 @@ def test_eval_batches_cover_every_sample_once_across_ranks(dataset, num_workers)
     keys = []
     for rank in range(2):
         for batch in eval_batches(dataset, batch_size=7, transform=EvalTransform(SIZE), rank=rank, world_size=2,
-                                  num_workers=num_workers):
+                                  num_workers=num_workers, storage=Storage()):
             assert batch.images.shape[1:] == (SIZE, SIZE, 3) and len(batch.keys) <= 7
             keys += batch.keys
     assert len(keys) == len(set(keys)) == NUM_SHARDS * PER_SHARD
@@ -189,7 +191,8 @@ def test_eval_batches_cover_every_sample_once_across_ranks(dataset, num_workers)
 
 def test_eval_batches_rank_without_shards_yields_nothing(dataset):
     urls = [f"{dataset[:-len('train.json')]}train-00000{i}.tar" for i in range(2)]
-    per_rank = [[k for b in eval_batches(urls, batch_size=4, transform=EvalTransform(SIZE), rank=r, world_size=3)
+    per_rank = [[k for b in eval_batches(urls, batch_size=4, transform=EvalTransform(SIZE), rank=r, world_size=3,
+                                         storage=Storage())
                  for k in b.keys] for r in range(3)]
     assert per_rank[2] == [] and len(per_rank[0]) == len(per_rank[1]) == PER_SHARD
 
@@ -213,8 +216,9 @@ def test_exact_resume_over_corrupt_data_keeps_counts(corrupt_dataset):
 def test_weighted_sources_mix_in_proportion_whatever_the_worker_count(tmp_path):
     from data_pipeline.sources import DataSource
 
-    write_shards(((f"a{i:03d}", jpg, c) for i, (_, jpg, c) in enumerate(_samples(60))), str(tmp_path), "a", 15)
-    write_shards(((f"b{i:03d}", jpg, c) for i, (_, jpg, c) in enumerate(_samples(30))), str(tmp_path), "b", 10)
+    for prefix, n, per in (("a", 60, 15), ("b", 30, 10)):
+        write_shards(((f"{prefix}{i:03d}", jpg, c) for i, (_, jpg, c) in enumerate(_samples(n))), str(tmp_path), prefix,
+                     per, storage=Storage())
     sources = [DataSource(str(tmp_path / "a.json"), 3.0, "big"), DataSource(str(tmp_path / "b.json"), 1.0, "small")]
     loader = _loader(sources, batch_size=8, num_workers=0)
     batches = _take(loader, 20)

@@ -4,6 +4,7 @@ import collections
 import numpy as np
 
 from data_pipeline.shards import read_manifest
+from data_pipeline.storage import Storage
 from data_pipeline.synthetic import (CLASSES, NUM_CLASSES, glyph_strokes, render_batch, render_sample,
                                      write_synthetic_glyphs)
 
@@ -49,13 +50,13 @@ def test_classes_are_distinct_fixed_glyphs():
 def test_written_set_is_deterministic_and_balanced(tmp_path):
     for name, seed in (("a", 1), ("b", 1), ("c", 2)):
         write_synthetic_glyphs(str(tmp_path / name), num_train=2 * NUM_CLASSES, num_val=20, image_size=16,
-                               samples_per_shard=25, seed=seed)
-    a, b, c = (read_manifest(str(tmp_path / n / "train.json")) for n in "abc")
+                               samples_per_shard=25, seed=seed, storage=Storage())
+    a, b, c = (read_manifest(str(tmp_path / n / "train.json"), Storage()) for n in "abc")
     assert a["num_samples"] == 128 and [s["num_samples"] for s in a["shards"]] == [25] * 5 + [3]
     assert a["classes"] == list(CLASSES) and a["num_classes"] == NUM_CLASSES
     assert [s["sha256"] for s in a["shards"]] == [s["sha256"] for s in b["shards"]]
     assert [s["sha256"] for s in a["shards"]] != [s["sha256"] for s in c["shards"]]
-    val = read_manifest(str(tmp_path / "a" / "val.json"))
+    val = read_manifest(str(tmp_path / "a" / "val.json"), Storage())
     assert val["num_samples"] == 20
 
     import tarfile

@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from data_pipeline.reader import raw_samples
+from data_pipeline.storage import Storage
 from data_pipeline.urls import expand_urls
 from tests.conftest import ROOT
 
@@ -36,7 +37,7 @@ def folder(tmp_path_factory):
 
 
 def _read(manifest_path):
-    return [s for s in raw_samples(expand_urls(str(manifest_path)))]
+    return [s for s in raw_samples(expand_urls(str(manifest_path), Storage()), Storage())]
 
 
 def test_folder_to_shards_with_resize_and_manifest(folder, tmp_path):

@@ -51,7 +51,7 @@ def test_one_host_read_per_step_after_the_last_forward(trainer, monkeypatch):
         trainer.train_step(batches)
         per_step.append(events[:])
         events.clear()
-    guard_read = "read:pretrain.trainer.tolist"
+    guard_read = "read:pretrain.loss_guard.tolist"
     for step in per_step[:3]:
         assert step == ["backward", "backward", guard_read, "backward"], step
     # The log step adds the monitor's one read of the interval's loss and grad-norm means.
@@ -61,7 +61,7 @@ def test_one_host_read_per_step_after_the_last_forward(trainer, monkeypatch):
 def test_a_bad_micro_batch_skips_the_whole_step(trainer):
     """Semantics kept from judging each micro batch: a non-finite loss in any micro batch (here the
     first, whose backward already ran) leaves the weights untouched; max_bad_steps in a row stop the run."""
-    from pretrain.trainer import TrainingDiverged
+    from pretrain.loss_guard import TrainingDiverged
 
     batches = iter(trainer.loader)
     trainer.train_step(batches)  # a good step first: the guard has a running mean

@@ -38,7 +38,7 @@ def test_unknown_loss():
 
 
 def test_loss_guard_skips_non_finite_and_spikes_then_stops():
-    from pretrain.trainer import LossGuard, TrainingDiverged
+    from pretrain.loss_guard import LossGuard, TrainingDiverged
     guard = LossGuard(spike_factor=3.0, max_bad_steps=2)
     assert guard.check(torch.tensor(2.0)) is None
     assert guard.check(torch.tensor(5.0)) is None  # below 3 x 2.0

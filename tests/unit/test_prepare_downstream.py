@@ -11,12 +11,13 @@ from scipy.io import savemat
 
 from data_pipeline.prepare_downstream import main, prepare
 from data_pipeline.shards import read_manifest
+from data_pipeline.storage import Storage
 
 
 def read_samples(manifest_url):
     """{key: (image HWC uint8, label)} of a written split."""
     out = {}
-    for shard in read_manifest(manifest_url)["shards"]:
+    for shard in read_manifest(manifest_url, Storage())["shards"]:
         with tarfile.open(shard["url"]) as tar:
             files = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
         for name, data in files.items():
@@ -57,7 +58,7 @@ def test_cifar10_both_formats_keep_pixels_and_labels(tmp_path, fmt):
     archive = tmp_path / "cifar.tar.gz"
     with tarfile.open(archive, "w:gz") as tar:
         tar.add(src, arcname=src.name)
-    manifests = prepare("cifar10", str(archive), str(tmp_path / "out"), samples_per_shard=4)
+    manifests = prepare("cifar10", str(archive), str(tmp_path / "out"), samples_per_shard=4, storage=Storage())
     assert manifests["train"]["num_samples"] == 10 and manifests["test"]["num_samples"] == 2
     assert manifests["train"]["classes"] == classes
     train = read_samples(str(tmp_path / "out/train.json"))
@@ -102,7 +103,7 @@ def test_pets_and_flowers_layouts_and_a_corrupt_image(tmp_path, capsys):
     train = read_samples(str(tmp_path / "pets_out/train.json"))
     assert {k: v[1] for k, v in train.items()} == {"Abyssinian_1": 0, "Abyssinian_2": 0, "beagle_7": 1}
     assert min(train["beagle_7"][0].shape[:2]) == 20  # shrunk to --max-size
-    assert read_manifest(str(tmp_path / "pets_out/train.json"))["classes"] == ["Abyssinian", "beagle"]
+    assert read_manifest(str(tmp_path / "pets_out/train.json"), Storage())["classes"] == ["Abyssinian", "beagle"]
     assert list(read_samples(str(tmp_path / "pets_out/test.json"))) == ["Abyssinian_3"]  # the corrupt one skipped
 
     flowers = tmp_path / "flowers"
@@ -111,7 +112,7 @@ def test_pets_and_flowers_layouts_and_a_corrupt_image(tmp_path, capsys):
     savemat(flowers / "imagelabels.mat", {"labels": np.array([[1, 2, 3, 1, 2, 3]])})
     savemat(flowers / "setid.mat",
             {"trnid": np.array([[1, 2]]), "valid": np.array([[3]]), "tstid": np.array([[4, 5, 6]])})
-    m = prepare("flowers102", str(flowers), str(tmp_path / "fl_out"))
+    m = prepare("flowers102", str(flowers), str(tmp_path / "fl_out"), storage=Storage())
     assert {k: v["num_samples"] for k, v in m.items()} == {"train": 2, "val": 1, "test": 3}
     test = read_samples(str(tmp_path / "fl_out/test.json"))
     assert {k: v[1] for k, v in test.items()} == {"image_00004": 0, "image_00005": 1, "image_00006": 2}

@@ -1,0 +1,52 @@
+"""The loss guard: decides, collectively and with one host read per optimiser step, whether a step's
+losses are fit to update the weights (finite, no spike), and stops a run that keeps failing."""
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+
+from .dist import all_reduce_mean
+
+log = logging.getLogger("pretrain")
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many bad steps in a row: the run stops rather than train on garbage."""
+
+
+class LossGuard:
+    """Judges the micro batches' losses of a step: non-finite, or above `spike_factor` x the running
+    mean, is bad. Collective (each loss is averaged over ranks) so every rank decides alike.
+    `judge` takes all the losses it is given in one all-reduce and one host read: the trainer calls
+    it once per optimiser step, so the launch queue drains once per step, not once per micro batch."""
+
+    def __init__(self, spike_factor: float, max_bad_steps: int) -> None:
+        self.spike_factor, self.max_bad_steps = spike_factor, max_bad_steps
+        self.mean: float | None = None  # exponential moving average of good losses
+        self.streak = 0
+
+    def judge(self, losses: list[torch.Tensor]) -> str | None:
+        """The first bad loss of `losses` (in order, as if each were checked alone), or None."""
+        values = all_reduce_mean(torch.stack([x.detach().float().reshape(()) for x in losses])).tolist()  # the sync
+        for value in values:
+            if not math.isfinite(value):
+                return f"non-finite loss ({value})"
+            if self.spike_factor and self.mean is not None and value > self.spike_factor * self.mean:
+                return f"loss spike {value:.4f} > {self.spike_factor} x running mean {self.mean:.4f}"
+            self.mean = value if self.mean is None else 0.9 * self.mean + 0.1 * value
+        return None
+
+    def check(self, loss: torch.Tensor) -> str | None:
+        return self.judge([loss])
+
+    def end_step(self, step: int, bad: str | None) -> None:
+        if bad is None:
+            self.streak = 0
+            return
+        self.streak += 1
+        log.warning("step %d skipped: %s (%d in a row)", step, bad, self.streak)
+        if self.streak >= self.max_bad_steps:
+            raise TrainingDiverged(f"{self.streak} bad steps in a row up to step {step} (last: {bad}); stopping "
+                                   "(lower optim.lr, check the data, or raise train.max_bad_steps)")
