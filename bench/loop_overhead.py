@@ -31,8 +31,8 @@ sys.path.insert(0, str(ROOT))
 
 from data_pipeline.demo import ensure_demo_data  # noqa: E402
 from data_pipeline.device import normalize  # noqa: E402
+from data_pipeline.batch import Batch  # noqa: E402
 from data_pipeline.storage import Storage  # noqa: E402
-from data_pipeline.stream import Batch  # noqa: E402
 from pretrain import build  # noqa: E402
 from pretrain.config import load_config  # noqa: E402
 from pretrain.optim import build_optimizer, build_scheduler  # noqa: E402

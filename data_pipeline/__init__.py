@@ -11,8 +11,14 @@ Modules (import the one you need; this package root stays import-light):
     transforms  decode + crop/flip on the CPU (simplejpeg or PIL, uint8 out)
     augment     RandAugment (CPU workers), mixup / cutmix (device)
     gpu_decode  data.decode=gpu: crop planning from JPEG headers, batched nvJPEG decode + crop on device
-    stream      TrainLoader (infinite, elastic, exactly resumable, weighted sources) and eval_batches
-    device      normalisation on the accelerator
+    batch       Batch: what every stream yields on the host (uint8 images or JPEG bytes, labels, keys)
+    decode      one raw tar sample -> (pixels, label) or why it is unusable (SKIP_KINDS)
+    sources     DataSource and its resolution from manifests (URLs, counts, offsets)
+    train_loader  TrainLoader: infinite, elastic, exactly resumable, weighted sources (rank side)
+    train_worker  what each DataLoader worker runs to build its rank batches
+    eval_stream eval_batches: one unshuffled pass, split across ranks by shard
+    workers     DataLoader worker set-up shared by both streams (preemption signals)
+    device      BatchToDevice: a host Batch -> model inputs on the accelerator (GPU decode, normalise, mixup)
     synthetic, digits, demo   the demo's small data sets
 """
 from data_pipeline.errors import DataSpecError

@@ -11,19 +11,20 @@ from torch import nn
 
 from data_pipeline.augment import MixupCutmix, RandAugment
 from data_pipeline.demo import ensure_demo_data
-from data_pipeline.device import normalize
+from data_pipeline.device import BatchToDevice
 from data_pipeline.errors import DataSpecError
-from data_pipeline.gpu_decode import CropPlanner, decode_batch, gpu_decode_available
+from data_pipeline.eval_stream import eval_batches
+from data_pipeline.gpu_decode import CropPlanner, gpu_decode_available
+from data_pipeline.sources import DataSource
 from data_pipeline.storage import Storage
-from data_pipeline.stream import Batch, DataSource, TrainLoader, eval_batches
-from data_pipeline.transforms import EvalTransform, TrainTransform
+from data_pipeline.train_loader import TrainLoader
+from data_pipeline.transforms import TrainTransform
 
 from .checkpoint import Checkpointer
 from .config import ConfigError
 from .dist import DistInfo, barrier, node_leaders
 from .engines import Engine, build_engine, effective_kind
-from .evaluation import (EvalRunner, Evaluator, FeatureCache, FewShotEvaluator, FineTuneEvaluator, Forward,
-                         LinearProbeEvaluator, UpstreamEvaluator)
+from .evaluation import EVALUATORS, EvalContext, EvalRunner, Evaluator
 from .loss import build_loss
 from .loss_guard import LossGuard
 from .memory import MemoryEstimate, estimate_memory
@@ -156,68 +157,32 @@ def build_train_loader(cfg: DictConfig, dist_info: DistInfo, batch_size: int) ->
         raise type(exc)(f"{where}: {exc}; set {where} to your shards' manifest (.json)") from None
 
 
-def _prepare(cfg: DictConfig, device: torch.device, mix: MixupCutmix | None):
-    mean, std = list(cfg.data.mean), list(cfg.data.std)
-
-    def prepare(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        keys, labels = batch.keys, batch.labels
-        if batch.encoded is not None:  # data.decode gpu: JPEG bytes in, decoded + cropped on the device
-            images, keep = decode_batch(batch.encoded, batch.crops, cfg.data.image_size, device)
-            labels, keys = labels[keep], [k for k, ok in zip(keys, keep.tolist()) if ok]
-        else:
-            # uint8 crosses the bus (4x fewer bytes than float32); normalisation runs on the device.
-            images = batch.images.to(device, non_blocking=True)
-        images, labels = normalize(images, mean, std), labels.to(device, non_blocking=True)
-        if mix is not None and mix.enabled:  # soft targets [B, num_classes]; F.cross_entropy takes them as is
-            images, labels = mix(images, labels, keys)
-        return images, labels
-
-    return prepare
-
-
-def build_forward(cfg: DictConfig, dist_info: DistInfo, engine: Engine) -> Forward:
-    a = cfg.data.augment
-    mix = MixupCutmix(cfg.model.num_classes, a.mixup_alpha, a.cutmix_alpha, a.mix_prob, a.mix_switch_prob,
-                      seed=cfg.train.seed)
-    return Forward(prepare=_prepare(cfg, dist_info.device, mix), autocast=engine.autocast)
+def build_batch_to_device(cfg: DictConfig, dist_info: DistInfo, mix: bool = True) -> BatchToDevice:
+    """Host batch -> model inputs on the device; ``mix``: with the config's mixup/cutmix (training only)."""
+    d, a = cfg.data, cfg.data.augment
+    mixer = MixupCutmix(cfg.model.num_classes, a.mixup_alpha, a.cutmix_alpha, a.mix_prob, a.mix_switch_prob,
+                        seed=cfg.train.seed) if mix else None
+    return BatchToDevice(dist_info.device, d.image_size, d.mean, d.std, mixer)
 
 
 def build_evaluators(cfg: DictConfig, dist_info: DistInfo, autocast: Callable[[], Any]) -> list[Evaluator]:
-    """``autocast``: the training engine's (or, outside training, one for ``train.precision``)."""
-    e, d = cfg.eval, cfg.data
-    forward = Forward(prepare=_prepare(cfg, dist_info.device, None), autocast=autocast)  # never mixed
-    transform = EvalTransform(d.image_size, crop_fraction=d.crop_fraction)
-    batches = partial(eval_batches, batch_size=e.batch_size, transform=transform, num_workers=0,
-                      storage=build_storage(cfg))
-    # Each rank reads its share of the shards: upstream metrics and downstream features are data-parallel.
-    shared = partial(batches, rank=dist_info.rank, world_size=dist_info.world_size)
-    features = FeatureCache()  # few-shot and linear probe on the same split share one forward pass
+    """The evaluator of every enabled ``eval.<name>`` section, in config order, from the builder registered
+    under that name (pretrain/evaluation/registry.py). ``autocast``: the training engine's (or, outside
+    training, one for ``train.precision``)."""
+    storage = build_storage(cfg)
+    read = partial(eval_batches, batch_size=cfg.eval.batch_size, num_workers=0, storage=storage)
+    ctx = EvalContext(cfg, dist_info, build_batch_to_device(cfg, dist_info, mix=False), autocast, read,
+                      partial(_manifest_classes, storage=storage))
     evaluators: list[Evaluator] = []
-    if e.upstream.enabled and d.val:
-        evaluators.append(UpstreamEvaluator(
-            partial(batches, d.val, rank=dist_info.rank, world_size=dist_info.world_size),
-            cfg.model.num_classes, forward, dist_info.device))
-    if e.fewshot.enabled:
-        evaluators.append(FewShotEvaluator(
-            partial(shared, e.fewshot.train), partial(shared, e.fewshot.test), forward,
-            shots=e.fewshot.shots, seeds=e.fewshot.seeds, l2_regs=e.fewshot.l2_regs, dist_info=dist_info,
-            cache=features, keys=(e.fewshot.train, e.fewshot.test)))
-    if e.linear_probe.enabled:
-        evaluators.append(LinearProbeEvaluator(
-            partial(shared, e.linear_probe.train), partial(shared, e.linear_probe.test), forward,
-            l2_regs=e.linear_probe.l2_regs, dist_info=dist_info, cache=features,
-            keys=(e.linear_probe.train, e.linear_probe.test)))
-    if e.finetune.enabled:
-        f = e.finetune
-        # Rank 0 fine-tunes alone, so it reads whole splits.
-        ft_batches = partial(batches, transform=EvalTransform(f.image_size or d.image_size,
-                                                              crop_fraction=d.crop_fraction))
-        evaluators.append(FineTuneEvaluator(
-            partial(ft_batches, f.train), partial(ft_batches, f.test), forward,
-            num_classes=f.num_classes or _manifest_classes(f.train, "eval.finetune.train", build_storage(cfg)),
-            steps=f.steps,
-            batch_size=f.batch_size, lr=f.lr, warmup_steps=f.warmup_steps, hflip=f.hflip, dist_info=dist_info,
-            seed=cfg.train.seed, time_budget_s=f.time_budget_s))
+    for name in cfg.eval:
+        section = cfg.eval[name]
+        if not isinstance(section, DictConfig):
+            continue  # mode, baseline, batch_size: settings of the harness, not evaluators
+        if name not in EVALUATORS:
+            raise ConfigError(f"'eval.{name}' names no evaluator; registered: {', '.join(sorted(EVALUATORS))}")
+        evaluator = EVALUATORS[name](section, ctx) if section.enabled else None
+        if evaluator is not None:
+            evaluators.append(evaluator)
     return evaluators
 
 

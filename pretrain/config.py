@@ -229,6 +229,8 @@ class EvalConfig:
     # that later checkpoints must beat.
     baseline: bool = True
     batch_size: int = 256
+    # Each section below is one evaluator, made by the builder registered under its name
+    # (pretrain/evaluation/registry.py) when `enabled`; they run in this order.
     upstream: UpstreamEvalConfig = field(default_factory=UpstreamEvalConfig)
     fewshot: FewShotEvalConfig = field(default_factory=FewShotEvalConfig)
     linear_probe: LinearProbeEvalConfig = field(default_factory=LinearProbeEvalConfig)

@@ -11,9 +11,10 @@ import fsspec
 import torch
 from omegaconf import DictConfig
 
+from data_pipeline.batch import Batch
+from data_pipeline.decode import SKIP_KINDS
 from data_pipeline.errors import DataSpecError
 from data_pipeline.storage import StorageError
-from data_pipeline.stream import SKIP_KINDS, Batch
 
 from . import build
 from .atomic import write_atomic
@@ -70,7 +71,7 @@ class Trainer:
         self.engine = build.build_train_engine(cfg, model, self.dist, config_source)
         self.loss_fn = build.build_train_loss(cfg)
         self.guard = build.build_loss_guard(cfg)
-        self.forward = build.build_forward(cfg, self.dist, self.engine)
+        self.to_device = build.build_batch_to_device(cfg, self.dist)
         self.checkpointer = build.build_checkpointer(cfg, self.dist)
         self.monitor = build.build_monitor(cfg, self.dist, model)
         # eval.mode external/none: no evaluators here; `python -m pretrain.evaluate` does the rest.
@@ -199,7 +200,7 @@ class Trainer:
             data_wait += time.perf_counter() - t0
             if bad is not None:
                 continue
-            images, labels = self.forward.prepare(batch)
+            images, labels = self.to_device(batch)
             with self.engine.autocast():
                 logits = self.engine.model(images)
             loss = self.loss_fn(logits, labels)

@@ -11,21 +11,22 @@ from torch import nn
 from ..dist import DistInfo
 
 if TYPE_CHECKING:
-    from data_pipeline.stream import Batch
+    from data_pipeline.batch import Batch
 
-    from .runner import Forward
+    from .runner import Autocast, Batches, ToDevice
 
 
 @torch.no_grad()
-def extract_features(model: nn.Module, batches: Iterable[Batch], forward: Forward) -> tuple[np.ndarray, np.ndarray]:
+def extract_features(model: nn.Module, batches: Iterable[Batch], to_device: ToDevice,
+                     autocast: Autocast) -> tuple[np.ndarray, np.ndarray]:
     """Pre-logit features (the pooled representation the head reads) of every sample, in key
     order so that the result does not depend on how many ranks shared the work. Collective when
     a process group exists: each rank passes the batches of its own share of the shards and
     every rank gets all features back."""
     feats, labels, keys = [], [], []
     for batch in batches:
-        images, y = forward.prepare(batch)
-        with forward.autocast():
+        images, y = to_device(batch)
+        with autocast():
             f = model.forward_head(model.forward_features(images), pre_logits=True)
         feats.append(f.float())
         labels.append(y)
@@ -83,18 +84,19 @@ class FrozenFeatureEvaluator:
     cache; rank 0 alone fits, in `fit`."""
     name = ""
 
-    def __init__(self, train_batches: Callable[[], Iterable[Batch]], test_batches: Callable[[], Iterable[Batch]],
-                 forward: Forward, dist_info: DistInfo, cache: FeatureCache | None = None,
+    def __init__(self, train_batches: Batches, test_batches: Batches, to_device: ToDevice, autocast: Autocast,
+                 dist_info: DistInfo, cache: FeatureCache | None = None,
                  keys: tuple[str, str] = ("train", "test")) -> None:
-        self.train_batches, self.test_batches, self.forward, self.dist = train_batches, test_batches, forward, dist_info
+        self.train_batches, self.test_batches, self.dist = train_batches, test_batches, dist_info
+        self.to_device, self.autocast = to_device, autocast
         # A cache shared with other evaluators is keyed by split: pass the shard specs as keys.
         self.cache, (self.train_key, self.test_key) = cache or FeatureCache(), keys
 
     def run(self, model: nn.Module) -> dict[str, float]:
-        x_tr, y_tr = self.cache.get(self.train_key, model,
-                                    lambda: extract_features(model, self.train_batches(), self.forward))
-        x_te, y_te = self.cache.get(self.test_key, model,
-                                    lambda: extract_features(model, self.test_batches(), self.forward))
+        x_tr, y_tr = self.cache.get(self.train_key, model, lambda: extract_features(
+            model, self.train_batches(), self.to_device, self.autocast))
+        x_te, y_te = self.cache.get(self.test_key, model, lambda: extract_features(
+            model, self.test_batches(), self.to_device, self.autocast))
         if not self.dist.is_main:
             return {}
         return self.fit(x_tr, y_tr, x_te, y_te)

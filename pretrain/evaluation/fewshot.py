@@ -3,16 +3,15 @@ closed-form regularised least squares onto +-1 one-hot targets, the regulariser 
 held-out training samples, k samples per class, averaged over several random draws."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
+from omegaconf import DictConfig
 
 from ..dist import DistInfo
 from .features import FeatureCache, FrozenFeatureEvaluator
-from .runner import Forward
-
-if TYPE_CHECKING:
-    from data_pipeline.stream import Batch
+from .registry import EvalContext, register
+from .runner import Autocast, Batches, ToDevice
 
 BIAS_FEATURE = 100.0  # a large constant feature acts as an (almost) unregularised bias
 
@@ -70,14 +69,21 @@ def fewshot_accuracy(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarra
 class FewShotEvaluator(FrozenFeatureEvaluator):
     name = "fewshot"
 
-    def __init__(self, train_batches: Callable[[], Iterable[Batch]], test_batches: Callable[[], Iterable[Batch]],
-                 forward: Forward, shots: Sequence[int], seeds: int, l2_regs: Sequence[float],
-                 dist_info: DistInfo, cache: FeatureCache | None = None,
-                 keys: tuple[str, str] = ("train", "test")) -> None:
-        super().__init__(train_batches, test_batches, forward, dist_info, cache, keys)
+    def __init__(self, train_batches: Batches, test_batches: Batches, to_device: ToDevice, autocast: Autocast,
+                 shots: Sequence[int], seeds: int, l2_regs: Sequence[float], dist_info: DistInfo,
+                 cache: FeatureCache | None = None, keys: tuple[str, str] = ("train", "test")) -> None:
+        super().__init__(train_batches, test_batches, to_device, autocast, dist_info, cache, keys)
         self.shots, self.seeds, self.l2_regs = list(shots), seeds, list(l2_regs)
 
     def fit(self, x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray
             ) -> dict[str, float]:
         acc = fewshot_accuracy(x_train, y_train, x_test, y_test, self.shots, self.seeds, self.l2_regs)
         return {f"{k}shot": v for k, v in acc.items()}
+
+
+@register("fewshot")
+def build_fewshot(section: DictConfig, ctx: EvalContext) -> FewShotEvaluator:
+    """Each rank extracts the features of its share of the shards; rank 0 fits."""
+    return FewShotEvaluator(ctx.rank_share(section.train), ctx.rank_share(section.test), ctx.to_device, ctx.autocast,
+                            shots=section.shots, seeds=section.seeds, l2_regs=section.l2_regs, dist_info=ctx.dist,
+                            cache=ctx.features, keys=(section.train, section.test))

@@ -11,18 +11,17 @@ from __future__ import annotations
 
 import copy
 import time
-from typing import TYPE_CHECKING, Callable, Iterable
-
 import torch
 import torch.nn.functional as F
+from omegaconf import DictConfig
 from torch import nn
+
+from data_pipeline.batch import Batch
 
 from ..dist import DistInfo
 from ..optim import lr_factor
-from .runner import Forward
-
-if TYPE_CHECKING:
-    from data_pipeline.stream import Batch
+from .registry import EvalContext, register
+from .runner import Autocast, Batches, ToDevice
 
 
 class EvalTimeout(RuntimeError):
@@ -61,11 +60,11 @@ def transfer_copy(model: nn.Module, image_hw: tuple[int, int]) -> nn.Module:
 class FineTuneEvaluator:
     name = "finetune"
 
-    def __init__(self, train_batches: Callable[[], Iterable[Batch]], test_batches: Callable[[], Iterable[Batch]],
-                 forward: Forward, num_classes: int, steps: int, batch_size: int, lr: float,
-                 warmup_steps: int, hflip: bool, dist_info: DistInfo, seed: int = 0,
-                 time_budget_s: float = 0.0) -> None:
-        self.train_batches, self.test_batches, self.forward = train_batches, test_batches, forward
+    def __init__(self, train_batches: Batches, test_batches: Batches, to_device: ToDevice, autocast: Autocast,
+                 num_classes: int, steps: int, batch_size: int, lr: float, warmup_steps: int, hflip: bool,
+                 dist_info: DistInfo, seed: int = 0, time_budget_s: float = 0.0) -> None:
+        self.train_batches, self.test_batches = train_batches, test_batches
+        self.to_device, self.autocast = to_device, autocast
         self.num_classes, self.steps, self.batch_size, self.lr = num_classes, steps, batch_size, lr
         self.warmup_steps, self.hflip, self.dist, self.seed = warmup_steps, hflip, dist_info, seed
         self.time_budget_s = time_budget_s  # 0: no limit
@@ -76,8 +75,6 @@ class FineTuneEvaluator:
     def run(self, model: nn.Module) -> dict[str, float]:
         if not self.dist.is_main:
             return {}
-        from data_pipeline.stream import Batch
-
         start = time.perf_counter()
         batches = list(self.train_batches())
         images = torch.cat([b.images for b in batches])
@@ -98,10 +95,10 @@ class FineTuneEvaluator:
             idx = torch.randint(0, len(labels), (self.batch_size,), generator=gen)
             batch = Batch(images=random_crop_flip(images[idx], gen, pad=max(1, images.shape[1] // 8),
                                                   hflip=self.hflip), labels=labels[idx], keys=[])
-            x, y = self.forward.prepare(batch)
+            x, y = self.to_device(batch)
             for group in opt.param_groups:
                 group["lr"] = self._lr(step)
-            with self.forward.autocast():
+            with self.autocast():
                 loss = F.cross_entropy(tuned(x).float(), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -111,8 +108,18 @@ class FineTuneEvaluator:
         correct = total = 0
         with torch.no_grad():
             for batch in self.test_batches():
-                x, y = self.forward.prepare(batch)
-                with self.forward.autocast():
+                x, y = self.to_device(batch)
+                with self.autocast():
                     correct += int((tuned(x).argmax(1) == y).sum())
                 total += len(y)
         return {"top1": correct / max(1, total), "final_train_loss": float(loss.detach())}
+
+
+@register("finetune")
+def build_finetune(section: DictConfig, ctx: EvalContext) -> FineTuneEvaluator:
+    """Rank 0 fine-tunes alone, so it reads whole splits."""
+    return FineTuneEvaluator(
+        ctx.whole(section.train, section.image_size), ctx.whole(section.test, section.image_size), ctx.to_device,
+        ctx.autocast, num_classes=section.num_classes or ctx.manifest_classes(section.train, "eval.finetune.train"),
+        steps=section.steps, batch_size=section.batch_size, lr=section.lr, warmup_steps=section.warmup_steps,
+        hflip=section.hflip, dist_info=ctx.dist, seed=ctx.cfg.train.seed, time_budget_s=section.time_budget_s)

@@ -1,16 +1,15 @@
 """Linear probe: multinomial logistic regression on frozen pre-logit features of the full train split."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
+from omegaconf import DictConfig
 
 from ..dist import DistInfo
 from .features import FeatureCache, FrozenFeatureEvaluator
-from .runner import Forward
-
-if TYPE_CHECKING:
-    from data_pipeline.stream import Batch
+from .registry import EvalContext, register
+from .runner import Autocast, Batches, ToDevice
 
 
 def fit_logistic(x: np.ndarray, y: np.ndarray, num_classes: int, l2: float,
@@ -63,13 +62,21 @@ def linear_probe_accuracy(x_train: np.ndarray, y_train: np.ndarray, x_test: np.n
 class LinearProbeEvaluator(FrozenFeatureEvaluator):
     name = "linear_probe"
 
-    def __init__(self, train_batches: Callable[[], Iterable[Batch]], test_batches: Callable[[], Iterable[Batch]],
-                 forward: Forward, l2_regs: Sequence[float], dist_info: DistInfo,
-                 cache: FeatureCache | None = None,
+    def __init__(self, train_batches: Batches, test_batches: Batches, to_device: ToDevice, autocast: Autocast,
+                 l2_regs: Sequence[float], dist_info: DistInfo, cache: FeatureCache | None = None,
                  keys: tuple[str, str] = ("train", "test")) -> None:
-        super().__init__(train_batches, test_batches, forward, dist_info, cache, keys)
+        super().__init__(train_batches, test_batches, to_device, autocast, dist_info, cache, keys)
         self.l2_regs = list(l2_regs)
 
     def fit(self, x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray
             ) -> dict[str, float]:
         return linear_probe_accuracy(x_train, y_train, x_test, y_test, self.l2_regs)
+
+
+@register("linear_probe")
+def build_linear_probe(section: DictConfig, ctx: EvalContext) -> LinearProbeEvaluator:
+    """Each rank extracts the features of its share of the shards (shared with few-shot on the same
+    split through the context's cache); rank 0 fits."""
+    return LinearProbeEvaluator(ctx.rank_share(section.train), ctx.rank_share(section.test), ctx.to_device,
+                                ctx.autocast, l2_regs=section.l2_regs, dist_info=ctx.dist, cache=ctx.features,
+                                keys=(section.train, section.test))

@@ -4,18 +4,16 @@ from __future__ import annotations
 import logging
 import time
 import traceback
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Mapping, Protocol, Sequence
+from contextlib import AbstractContextManager
+from typing import Callable, Iterable, Mapping, Protocol, Sequence
 
+import torch
 from torch import nn
+
+from data_pipeline.batch import Batch
 
 from ..dist import DistInfo
 from .records import EvalRecords
-
-if TYPE_CHECKING:
-    import torch
-
-    from data_pipeline.stream import Batch
 
 log = logging.getLogger(__name__)
 
@@ -28,11 +26,11 @@ class Evaluator(Protocol):
     def run(self, model: nn.Module) -> dict[str, float]: ...
 
 
-@dataclass
-class Forward:
-    """How to feed a uint8 batch to the model: device copy, normalisation, autocast."""
-    prepare: Callable[[Batch], tuple[torch.Tensor, torch.Tensor]]
-    autocast: Callable[[], object]
+# What every evaluator is given: a split's batches (a fresh pass per call), the host batch -> device
+# inputs step (data_pipeline.device.BatchToDevice) and the autocast context of the forward passes.
+Batches = Callable[[], Iterable[Batch]]
+ToDevice = Callable[[Batch], tuple[torch.Tensor, torch.Tensor]]
+Autocast = Callable[[], AbstractContextManager]
 
 
 class EvalRunner:

@@ -1,27 +1,24 @@
 """Upstream validation: loss, top-1, top-5 on held-out shards of the pre-training set."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Iterable
-
 import torch
 import torch.nn.functional as F
+from omegaconf import DictConfig
 from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from .runner import Forward
-
-if TYPE_CHECKING:
-    from data_pipeline.stream import Batch
+from .registry import EvalContext, register
+from .runner import Autocast, Batches, ToDevice
 
 
 class UpstreamEvaluator:
     """Collective: every rank evaluates its share of the held-out shards; torchmetrics reduces."""
     name = "upstream"
 
-    def __init__(self, batches: Callable[[], Iterable[Batch]], num_classes: int, forward: Forward,
+    def __init__(self, batches: Batches, num_classes: int, to_device: ToDevice, autocast: Autocast,
                  device: torch.device) -> None:
-        self.batches, self.forward = batches, forward
+        self.batches, self.to_device, self.autocast = batches, to_device, autocast
         self.top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro").to(device)
         self.top5 = (MulticlassAccuracy(num_classes, top_k=5, average="micro").to(device)
                      if num_classes >= 5 else None)
@@ -33,8 +30,8 @@ class UpstreamEvaluator:
         for m in metrics:
             m.reset()
         for batch in self.batches():
-            images, labels = self.forward.prepare(batch)
-            with self.forward.autocast():
+            images, labels = self.to_device(batch)
+            with self.autocast():
                 logits = model(images).float()
             self.top1.update(logits, labels)
             if self.top5 is not None:
@@ -45,3 +42,12 @@ class UpstreamEvaluator:
         if self.top5 is not None:
             out["top5"] = self.top5.compute().item()
         return out
+
+
+@register("upstream")
+def build_upstream(section: DictConfig, ctx: EvalContext) -> UpstreamEvaluator | None:
+    """The held-out shards of ``data.val``, each rank its share; none given: nothing to evaluate."""
+    if not ctx.cfg.data.val:
+        return None
+    return UpstreamEvaluator(ctx.rank_share(ctx.cfg.data.val), ctx.cfg.model.num_classes, ctx.to_device,
+                             ctx.autocast, ctx.dist.device)

@@ -17,8 +17,9 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from data_pipeline.sources import DataSource  # noqa: E402
 from data_pipeline.storage import Storage  # noqa: E402
-from data_pipeline.stream import DataSource, TrainLoader  # noqa: E402
+from data_pipeline.train_loader import TrainLoader  # noqa: E402
 from data_pipeline.transforms import TrainTransform  # noqa: E402
 
 

@@ -14,7 +14,7 @@ import torch
 
 from data_pipeline.shards import encode_jpeg, write_shards
 from data_pipeline.storage import Storage, StorageError
-from data_pipeline.stream import TrainLoader
+from data_pipeline.train_loader import TrainLoader
 from data_pipeline.transforms import TrainTransform
 
 N, PER_SHARD, BATCH = 120, 10, 8

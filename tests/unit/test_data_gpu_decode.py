@@ -62,7 +62,7 @@ def test_gpu_decode_reports_why_it_is_unavailable_on_cpu():
 
 def test_loader_in_gpu_mode_ships_jpeg_bytes_and_crops(tmp_path):
     from data_pipeline.shards import write_shards
-    from data_pipeline.stream import TrainLoader
+    from data_pipeline.train_loader import TrainLoader
 
     samples = [(f"k{i:03d}", encode_jpeg(_photo(40 + i, 50)), i % 3) for i in range(24)]
     write_shards(samples, str(tmp_path), "train", 8, storage=Storage())

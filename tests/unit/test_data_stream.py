@@ -8,10 +8,11 @@ import torch
 from webdataset import TarWriter
 
 from data_pipeline.errors import DataSpecError
+from data_pipeline.eval_stream import eval_batches
 from data_pipeline.shards import encode_jpeg, write_shards
 from data_pipeline.storage import Storage
-from data_pipeline.stream import TrainLoader, eval_batches
 from data_pipeline.synthetic import render_batch
+from data_pipeline.train_loader import TrainLoader
 from data_pipeline.transforms import EvalTransform, TrainTransform
 
 SIZE = 12
@@ -213,7 +214,7 @@ def test_exact_resume_over_corrupt_data_keeps_counts(corrupt_dataset):
 
 
 def test_weighted_sources_mix_in_proportion_whatever_the_worker_count(tmp_path):
-    from data_pipeline.stream import DataSource
+    from data_pipeline.sources import DataSource
 
     for prefix, n, per in (("a", 60, 15), ("b", 30, 10)):
         write_shards(((f"{prefix}{i:03d}", jpg, c) for i, (_, jpg, c) in enumerate(_samples(n))), str(tmp_path), prefix,

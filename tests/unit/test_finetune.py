@@ -6,15 +6,21 @@ import numpy as np
 import pytest
 import torch
 
-from data_pipeline.stream import Batch
+from data_pipeline.batch import Batch
 from pretrain.dist import DistInfo
-from pretrain.evaluation import EvalTimeout, FineTuneEvaluator, Forward
+from pretrain.evaluation import EvalTimeout, FineTuneEvaluator
 from pretrain.evaluation.finetune import random_crop_flip
 from pretrain.models import create_model
 
 MAIN = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-FORWARD = Forward(prepare=lambda b: ((b.images.permute(0, 3, 1, 2).float() - 127.5) / 127.5, b.labels),
-                  autocast=contextlib.nullcontext)
+
+
+def to_device(b):
+    return (b.images.permute(0, 3, 1, 2).float() - 127.5) / 127.5, b.labels
+
+
+def finetune(train_batches, test_batches, **options):
+    return FineTuneEvaluator(train_batches, test_batches, to_device, contextlib.nullcontext, dist_info=MAIN, **options)
 
 
 @pytest.fixture(autouse=True)
@@ -42,9 +48,8 @@ def test_finetune_learns_a_new_head_and_leaves_the_model_alone():
     torch.manual_seed(0)
     model = create_model("mixer_p4_32", num_classes=10, img_size=16)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    ev = FineTuneEvaluator(lambda: bright_half_batches(128, 0), lambda: bright_half_batches(96, 1), FORWARD,
-                           num_classes=2, steps=40, batch_size=32, lr=0.05, warmup_steps=4, hflip=False,
-                           dist_info=MAIN)
+    ev = finetune(lambda: bright_half_batches(128, 0), lambda: bright_half_batches(96, 1),
+                  num_classes=2, steps=40, batch_size=32, lr=0.05, warmup_steps=4, hflip=False)
     out = ev.run(model)
     assert out["top1"] > 0.9, out
     assert model.head.out_features == 10
@@ -55,25 +60,23 @@ def test_finetune_at_twice_the_resolution_uses_resized_token_mixing():
     torch.manual_seed(0)
     model = create_model("mixer_p4_32", num_classes=10, img_size=16)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    ev = FineTuneEvaluator(lambda: bright_half_batches(128, 0, 32), lambda: bright_half_batches(96, 1, 32), FORWARD,
-                           num_classes=2, steps=40, batch_size=32, lr=0.05, warmup_steps=4, hflip=False,
-                           dist_info=MAIN)
+    ev = finetune(lambda: bright_half_batches(128, 0, 32), lambda: bright_half_batches(96, 1, 32),
+                  num_classes=2, steps=40, batch_size=32, lr=0.05, warmup_steps=4, hflip=False)
     out = ev.run(model)
     assert out["top1"] > 0.9, out
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     # 24 px is not an integer multiple of the 16 px grid: one clear line, no silent interpolation.
-    bad = FineTuneEvaluator(lambda: bright_half_batches(32, 0, 24), lambda: bright_half_batches(32, 1, 24), FORWARD,
-                            num_classes=2, steps=2, batch_size=32, lr=0.05, warmup_steps=1, hflip=False,
-                            dist_info=MAIN)
+    bad = finetune(lambda: bright_half_batches(32, 0, 24), lambda: bright_half_batches(32, 1, 24),
+                   num_classes=2, steps=2, batch_size=32, lr=0.05, warmup_steps=1, hflip=False)
     with pytest.raises(ValueError, match=r"finetune at \(24, 24\) px"):
         bad.run(model)
 
 
 def test_finetune_time_budget_raises():
     model = create_model("mixer_p4_32", num_classes=10, img_size=16)
-    ev = FineTuneEvaluator(lambda: bright_half_batches(64, 0), lambda: bright_half_batches(32, 1), FORWARD,
-                           num_classes=2, steps=10_000, batch_size=32, lr=0.05, warmup_steps=4, hflip=False,
-                           dist_info=MAIN, time_budget_s=0.5)
+    ev = finetune(lambda: bright_half_batches(64, 0), lambda: bright_half_batches(32, 1),
+                  num_classes=2, steps=10_000, batch_size=32, lr=0.05, warmup_steps=4, hflip=False,
+                  time_budget_s=0.5)
     with pytest.raises(EvalTimeout, match="time budget of 0.5 s"):
         ev.run(model)
 

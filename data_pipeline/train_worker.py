@@ -1,0 +1,126 @@
+"""The training stream's worker side: what each DataLoader worker runs to build its rank batches.
+
+Rank batch ``i`` is built by worker ``i % num_workers``; each worker runs the rank's schedule itself
+(arithmetic only) and reads, through an ``EpochReader`` per source and epoch, just the samples of its
+own batches; skipped samples are never decoded.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, Iterator
+
+import numpy as np
+from torch.utils.data import IterableDataset, get_worker_info
+
+from data_pipeline.batch import Batch, make_batch
+from data_pipeline.decode import SKIP_KINDS, decode_sample
+from data_pipeline.plan import TAG_AUGMENT, EpochPlan, RankSchedule
+from data_pipeline.reader import EpochReader
+
+if TYPE_CHECKING:
+    from data_pipeline.train_loader import TrainLoader
+
+
+@dataclass
+class WorkerBatch:
+    """A batch plus its index in the rank's stream and the samples skipped while building it."""
+
+    batch: Batch
+    index: int
+    skipped: list[int]  # per SKIP_KINDS, for this batch only
+    replaced: int = 0  # slots of unusable samples filled with another sample of the batch
+    bytes_read: int = 0  # bytes this worker read from storage by range reads, so far (all batches)
+
+    def pin_memory(self) -> WorkerBatch:
+        return replace(self, batch=self.batch.pin_memory())
+
+
+def augment_rng(seed: int, source: int, epoch: int, raw: int) -> np.random.Generator:
+    """Per-sample augmentation randomness: a function of the sample's place in the plan only."""
+    return np.random.default_rng([TAG_AUGMENT, seed, source, epoch, raw])
+
+
+class TrainWorkerStream(IterableDataset):
+    """Runs inside each DataLoader worker: yields the rank batches ``i`` with ``i % workers == worker``."""
+
+    def __init__(self, loader: TrainLoader) -> None:
+        super().__init__()
+        self.sources = loader.sources
+        self.schedule_args = loader.schedule_args()
+        self.batch_size, self.transform, self.seed = loader.batch_size, loader.transform, loader.seed
+        self.window, self.resampled, self.storage = loader.window, loader.resampled, loader.storage
+        self.num_workers = max(1, loader.num_workers)
+        self.lookahead = loader.lookahead
+
+    def __iter__(self) -> Iterator[WorkerBatch]:
+        info = get_worker_info()
+        return self._batches(info.id if info else 0)
+
+    def _batches(self, worker: int) -> Iterator[WorkerBatch]:
+        schedule = RankSchedule(**self.schedule_args)
+        readers: dict[tuple[int, int], EpochReader] = {}
+        queue: deque[tuple[int, list]] = deque()  # this worker's upcoming batches, positions announced
+        next_index = 0
+
+        def reader(s: int, epoch: int) -> EpochReader:
+            if (s, epoch) not in readers:
+                plan = EpochPlan(self.sources[s].counts, self.seed, s, epoch, self.window, self.resampled)
+                readers[(s, epoch)] = EpochReader(self.sources[s].urls, plan, self.storage, self.sources[s].offsets)
+            return readers[(s, epoch)]
+
+        def enqueue() -> None:
+            nonlocal next_index
+            parts = schedule.next()
+            if next_index % self.num_workers == worker:
+                parts = [(s, e, reader(s, e).plan.raw(sigma)) for s, e, sigma in parts]
+                for s, e, raw in parts:
+                    readers[(s, e)].want(raw)
+                queue.append((next_index, parts))
+            next_index += 1
+
+        last_good: tuple[dict, int] | None = None  # a sample to fill a batch with no usable sample at all
+        bytes_done = 0  # bytes read by readers already closed
+        while True:
+            while len(queue) < self.lookahead:
+                enqueue()
+            index, parts = queue.popleft()
+            slots: list[tuple[dict, int, np.random.Generator] | None] = []  # (raw sample, source, rng) or unusable
+            skipped = [0] * len(SKIP_KINDS)
+            for s, epoch, raws in parts:
+                rd = reader(s, epoch)
+                for raw in raws:
+                    slots.append((rd.fetch(raw), s, augment_rng(self.seed, s, epoch, int(raw))))
+            filled: list[tuple[Any, int, str, int] | None] = []  # (pixels, label, key, source) per slot
+            for sample, s, rng in slots:
+                out = decode_sample(sample, lambda b: self.transform(b, rng))
+                if isinstance(out, str):
+                    skipped[SKIP_KINDS.index(out)] += 1
+                    filled.append(None)
+                else:
+                    filled.append((out[0], out[1], sample["__key__"], s))
+                    last_good = (sample, s)
+            # Constant batch shapes: an unusable slot takes the next usable sample of the batch (the
+            # worker's last usable one if the batch has none), augmented with the slot's own randomness.
+            # A pure function of the plan, so resume stays exact; the counters count it as skipped.
+            good = [i for i, f in enumerate(filled) if f is not None]
+            replaced = 0
+            for i in [i for i, f in enumerate(filled) if f is None]:
+                if good:
+                    donor, s = slots[next((g for g in good if g > i), good[0])][:2]
+                elif last_good is not None:
+                    donor, s = last_good
+                else:
+                    continue  # nothing usable read yet on this worker: the batch stays short
+                out = decode_sample(donor, lambda b: self.transform(b, slots[i][2]))
+                filled[i] = (out[0], out[1], donor["__key__"], s)
+                replaced += 1
+            images, labels, keys, srcs = (list(x) for x in zip(*[f for f in filled if f is not None])) \
+                if any(filled) else ([], [], [], [])
+            live = {(s, e) for _, queued in queue for s, e, _ in queued}
+            for key in [k for k in readers if k not in live and any(k[0] == s and k[1] < e for s, e in live)]:
+                done = readers.pop(key)  # an epoch of that source this worker has finished
+                bytes_done += done.bytes_read
+                done.close()
+            yield WorkerBatch(make_batch(images, labels, keys, self.transform.image_size, srcs), index, skipped,
+                               replaced, bytes_done + sum(r.bytes_read for r in readers.values()))
