@@ -58,14 +58,14 @@ def batch_layout(cfg: DictConfig, dist_info: DistInfo, where: str) -> tuple[int,
     return micro, accum
 
 
-def prepare_data(cfg: DictConfig, dist_info: DistInfo) -> None:
+def prepare_data(cfg: DictConfig, dist_info: DistInfo, storage: Storage) -> None:
     """Generate the demo data on first use, once per node (local rank 0 writes, the others wait): a
     node-local data.root is filled on every node. The nodes take turns, so on a shared file system
     the first one writes and the others find it done."""
     if cfg.data.prepare == "demo":
         for leader in node_leaders(dist_info):
             if dist_info.rank == leader:
-                ensure_demo_data(cfg.data.root, build_storage(cfg), image_size=cfg.data.image_size, seed=cfg.train.seed)
+                ensure_demo_data(cfg.data.root, storage, image_size=cfg.data.image_size, seed=cfg.train.seed)
             barrier()
 
 
@@ -134,7 +134,7 @@ def build_storage(cfg: DictConfig) -> Storage:
                    retries=st.retries, backoff_s=st.backoff_s, give_up_after_s=st.give_up_after_s)
 
 
-def build_train_loader(cfg: DictConfig, dist_info: DistInfo, batch_size: int) -> TrainLoader:
+def build_train_loader(cfg: DictConfig, dist_info: DistInfo, batch_size: int, storage: Storage) -> TrainLoader:
     d = cfg.data
     a = d.augment
     randaugment = RandAugment(a.randaugment_ops, a.randaugment_magnitude) if a.randaugment_ops else None
@@ -151,7 +151,7 @@ def build_train_loader(cfg: DictConfig, dist_info: DistInfo, batch_size: int) ->
         return TrainLoader(sources, batch_size=batch_size, transform=transform, seed=cfg.train.seed,
                            rank=dist_info.rank, world_size=dist_info.world_size, num_workers=d.num_workers,
                            shuffle_buffer=d.shuffle_buffer, pin_memory=dist_info.device.type == "cuda",
-                           epoch_mode=d.epoch_mode, storage=build_storage(cfg))
+                           epoch_mode=d.epoch_mode, storage=storage)
     except DataSpecError as exc:
         where = "data.sources" if d.sources else "data.train"
         raise type(exc)(f"{where}: {exc}; set {where} to your shards' manifest (.json)") from None
@@ -165,11 +165,11 @@ def build_batch_to_device(cfg: DictConfig, dist_info: DistInfo, mix: bool = True
     return BatchToDevice(dist_info.device, d.image_size, d.mean, d.std, mixer)
 
 
-def build_evaluators(cfg: DictConfig, dist_info: DistInfo, autocast: Callable[[], Any]) -> list[Evaluator]:
+def build_evaluators(cfg: DictConfig, dist_info: DistInfo, autocast: Callable[[], Any],
+                     storage: Storage) -> list[Evaluator]:
     """The evaluator of every enabled ``eval.<name>`` section, in config order, from the builder registered
     under that name (pretrain/evaluation/registry.py). ``autocast``: the training engine's (or, outside
     training, one for ``train.precision``)."""
-    storage = build_storage(cfg)
     read = partial(eval_batches, batch_size=cfg.eval.batch_size, num_workers=0, storage=storage)
     ctx = EvalContext(cfg, dist_info, build_batch_to_device(cfg, dist_info, mix=False), autocast, read,
                       partial(_manifest_classes, storage=storage))
@@ -214,10 +214,12 @@ def build_monitor(cfg: DictConfig, dist_info: DistInfo, model: nn.Module) -> Mon
 
 
 def build_eval_runner(cfg: DictConfig, dist_info: DistInfo, autocast: Callable[[], Any],
-                      scalars: Callable[[int, dict], None]) -> EvalRunner:
-    """The inline evaluators after each checkpoint; with eval.mode external or none the runner has none
-    (training only writes checkpoints and `python -m pretrain.evaluate` evaluates them)."""
-    evaluators = build_evaluators(cfg, dist_info, autocast) if cfg.eval.mode == "inline" else []
+                      scalars: Callable[[int, dict], None], storage: Storage, in_training: bool = True) -> EvalRunner:
+    """The evaluators of each checkpoint and the runner that records their results. In the training job
+    they run only with eval.mode inline; with external or none training only writes checkpoints and
+    `python -m pretrain.evaluate` (``in_training=False``) evaluates them."""
+    wanted = not in_training or cfg.eval.mode == "inline"
+    evaluators = build_evaluators(cfg, dist_info, autocast, storage) if wanted else []
     return EvalRunner(evaluators, cfg.run.dir, dist_info, scalars)
 
 

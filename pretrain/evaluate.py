@@ -67,11 +67,12 @@ class CheckpointEvaluation:
         from .checkpoint import CheckpointReader
         from .dist import DistInfo, local_device
         from .engines.base import precision_autocast
-        from .evaluation import EvalRecords, EvalRunner
+        from .evaluation import EvalRecords
         from .monitor import ScalarWriter
 
         self.run_dir = run_dir.rstrip("/")
-        self.cfg = _load_config(f"{self.run_dir}/config.yaml", overrides)
+        # run.dir: where the run is now (it may have been copied or moved since it trained).
+        self.cfg = _load_config(f"{self.run_dir}/config.yaml", [*overrides, f"run.dir={self.run_dir}"])
         # Evaluated wherever it is started: a run trained on cuda is evaluated on the CPU of a machine without one.
         device = local_device("cpu" if self.cfg.train.device == "cpu" else "auto")
         self.dist = DistInfo(rank=0, world_size=1, local_rank=0, device=device)
@@ -80,8 +81,8 @@ class CheckpointEvaluation:
         # Evaluations are minutes apart: each one's scalars go up to object storage at once.
         self.writer = ScalarWriter(self.run_dir, upload_every_s=0.0)
         autocast = functools.partial(precision_autocast, device, self.cfg.train.precision)
-        self.runner = EvalRunner(build.build_evaluators(self.cfg, self.dist, autocast), self.run_dir, self.dist,
-                                 self._scalars)
+        self.runner = build.build_eval_runner(self.cfg, self.dist, autocast, self._scalars,
+                                              build.build_storage(self.cfg), in_training=False)
         self._build_model = lambda: build.build_model(self.cfg, f"{self.run_dir}/config.yaml")
 
     def _scalars(self, step: int, values: dict) -> None:

@@ -60,8 +60,10 @@ class Trainer:
         model = build.build_model(cfg, config_source)
         torch.manual_seed(cfg.train.seed + 1000 * (self.dist.rank + 1))
         n_params = sum(p.numel() for p in model.parameters())
-        build.prepare_data(cfg, self.dist)
-        self.loader = build.build_train_loader(cfg, self.dist, self.micro_batch_size)  # bad data specs fail here
+        storage = build.build_storage(cfg)  # the one handle every data read goes through
+        build.prepare_data(cfg, self.dist, storage)
+        # Bad data specs fail here, before the engine allocates anything.
+        self.loader = build.build_train_loader(cfg, self.dist, self.micro_batch_size, storage)
         self.data_error: str | None = None  # this rank's storage failed for good (see next_batch)
         self.last_batch: Batch | None = None
         # Before the engine allocates anything: a run that cannot fit says so in its first lines.
@@ -76,7 +78,8 @@ class Trainer:
         self.monitor = build.build_monitor(cfg, self.dist, model)
         # eval.mode external/none: no evaluators here; `python -m pretrain.evaluate` does the rest.
         self.eval_inline = cfg.eval.mode == "inline"
-        self.evaluate = build.build_eval_runner(cfg, self.dist, self.engine.autocast, self.monitor.scalars)
+        self.evaluate = build.build_eval_runner(cfg, self.dist, self.engine.autocast, self.monitor.scalars,
+                                                  storage)
         self.step = 0  # optimiser steps taken; everything else is owned by the components
         self.last_save = time.monotonic()  # for checkpoint.every_minutes
         self.preemption = build.build_preemption_watcher(self.dist)  # SIGTERM/SIGUSR1 -> checkpoint, exit

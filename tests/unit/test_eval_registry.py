@@ -6,11 +6,16 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from data_pipeline.storage import Storage
 from pretrain import build
 from pretrain.config import ConfigError, EvalConfig, load_config
 from pretrain.dist import DistInfo
 from pretrain.evaluation import EVALUATORS, FewShotEvaluator, LinearProbeEvaluator, UpstreamEvaluator, register
 from tests.conftest import ROOT
+
+
+def evaluators_of(cfg):
+    return build.build_evaluators(cfg, CPU, contextlib.nullcontext, Storage())
 
 CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
@@ -27,10 +32,10 @@ def test_every_eval_section_of_the_schema_has_a_builder():
 
 
 def test_enabled_sections_are_built_in_config_order_and_the_flags_still_switch_them():
-    evaluators = build.build_evaluators(demo_config(), CPU, contextlib.nullcontext)
+    evaluators = evaluators_of(demo_config())
     assert [type(e) for e in evaluators] == [UpstreamEvaluator, FewShotEvaluator, LinearProbeEvaluator]
     assert evaluators[1].cache is evaluators[2].cache  # few-shot and probe on one split share its features
-    off = build.build_evaluators(demo_config("eval.fewshot.enabled=false", "data.val=''"), CPU, contextlib.nullcontext)
+    off = evaluators_of(demo_config("eval.fewshot.enabled=false", "data.val=''"))
     assert [type(e) for e in off] == [LinearProbeEvaluator]  # no data.val: no upstream even when enabled
 
 
@@ -39,7 +44,7 @@ def test_a_new_evaluator_is_a_builder_and_a_section_and_an_unknown_section_is_on
     cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))  # open the schema to a new section, as a
     cfg.eval.custom = {"enabled": True, "metric": "ones"}  # new dataclass section in pretrain/config.py does
     with pytest.raises(ConfigError) as err:
-        build.build_evaluators(cfg, CPU, contextlib.nullcontext)
+        evaluators_of(cfg)
     assert str(err.value) == ("'eval.custom' names no evaluator; registered: "
                               "fewshot, finetune, linear_probe, upstream")
 
@@ -53,10 +58,10 @@ def test_a_new_evaluator_is_a_builder_and_a_section_and_an_unknown_section_is_on
     try:
         with pytest.raises(ValueError, match="registered twice"):
             register("custom")(lambda section, ctx: None)
-        evaluators = build.build_evaluators(cfg, CPU, contextlib.nullcontext)
+        evaluators = evaluators_of(cfg)
         assert [type(e) for e in evaluators] == [UpstreamEvaluator, Constant] and evaluators[1].metric == "ones"
         cfg.eval.custom.enabled = False
-        assert [type(e) for e in build.build_evaluators(cfg, CPU, contextlib.nullcontext)] == [UpstreamEvaluator]
+        assert [type(e) for e in evaluators_of(cfg)] == [UpstreamEvaluator]
     finally:
         del EVALUATORS["custom"]
 
