@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from pretrain.config import DeepSpeedOptions  # noqa: E402
 from pretrain.dist import init_distributed  # noqa: E402
 from pretrain.engines import build_engine  # noqa: E402
 from pretrain.loss import build_loss  # noqa: E402
@@ -30,8 +31,8 @@ from pretrain.models import create_model  # noqa: E402
 from pretrain.monitor import peak_tflops  # noqa: E402
 from pretrain.optim import build_optimizer, build_scheduler  # noqa: E402
 
-ENGINES = {"single": ("single", {}), "fsdp": ("fsdp", {}), "zero1": ("deepspeed", {"zero_stage": 1}),
-           "zero2": ("deepspeed", {"zero_stage": 2}), "zero3": ("deepspeed", {"zero_stage": 3})}
+ENGINES = {"single": ("single", None), "fsdp": ("fsdp", None),
+           **{f"zero{s}": ("deepspeed", DeepSpeedOptions(zero_stage=s)) for s in (1, 2, 3)}}
 
 
 def measure(name: str, args: argparse.Namespace, info) -> dict:
@@ -44,7 +45,7 @@ def measure(name: str, args: argparse.Namespace, info) -> dict:
                           scheduler_factory=partial(build_scheduler, total_steps=10**6, warmup_steps=100,
                                                     schedule="linear", end_ratio=0.0),
                           precision=args.precision, grad_clip=1.0, accum_steps=1, micro_batch_size=args.batch,
-                          **options)
+                          options=options)
     loss_fn = build_loss("softmax")
     images = torch.randn(args.batch, 3, args.img_size, args.img_size, device=info.device)
     labels = torch.randint(0, args.num_classes, (args.batch,), device=info.device)

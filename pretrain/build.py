@@ -21,13 +21,13 @@ from data_pipeline.train_loader import TrainLoader
 from data_pipeline.transforms import TrainTransform
 
 from .checkpoint import Checkpointer
-from .config import ConfigError
+from .config import ConfigError, engine_options
 from .dist import DistInfo, barrier, node_leaders
 from .engines import Engine, build_engine, effective_kind
 from .evaluation import EVALUATORS, EvalContext, EvalRunner, Evaluator
 from .loss import build_loss
 from .loss_guard import LossGuard
-from .memory import MemoryEstimate, estimate_memory
+from .memory import estimate_memory
 from .models import apply_mlp_impl, create_model
 from .monitor import Monitor
 from .optim import build_optimizer, build_scheduler
@@ -99,32 +99,29 @@ def build_train_engine(cfg: DictConfig, model: nn.Module, dist_info: DistInfo, w
         scheduler_factory=partial(build_scheduler, total_steps=cfg.train.steps,
                                   warmup_steps=o.warmup_steps, schedule=o.schedule, end_ratio=o.end_lr_ratio),
         precision=cfg.train.precision, grad_clip=o.grad_clip, accum_steps=accum,
-        activation_checkpointing=e.activation_checkpointing, backend=e.backend, zero_stage=e.zero_stage,
-        offload_optimizer=e.offload_optimizer, micro_batch_size=micro, reshard_after_forward=e.reshard_after_forward)
+        activation_checkpointing=e.activation_checkpointing, backend=e.backend, options=engine_options(e),
+        micro_batch_size=micro)
 
 
 def build_train_loss(cfg: DictConfig) -> nn.Module:
     return build_loss(cfg.optim.loss, cfg.optim.label_smoothing)
 
 
-def memory_report(cfg: DictConfig, world_size: int, where: str) -> str:
-    """The estimate for `world_size` ranks without allocating the model (meta device)."""
-    with torch.device("meta"):
-        model = build_model(cfg, where)
+def memory_report(cfg: DictConfig, world_size: int, where: str, model: nn.Module | None = None) -> str:
+    """One line: the per-device memory estimate of this config on `world_size` ranks. Without `model`
+    it is built on the meta device (no memory, no init), as for `main.py --estimate-memory`."""
+    if model is None:
+        with torch.device("meta"):
+            model = build_model(cfg, where)
     info = DistInfo(rank=0, world_size=world_size, local_rank=0, device=torch.device("cpu"))
-    engine = cfg.engine.kind + (f" ZeRO-{cfg.engine.zero_stage}" if cfg.engine.kind == "deepspeed" else "")
+    e = cfg.engine
     micro, accum = batch_layout(cfg, info, where)
-    return (f"{cfg.model.name} on {engine}, {world_size} ranks, micro batch {micro} x {accum}: "
-            + build_memory_estimate(cfg, model, info, where).describe())
-
-
-def build_memory_estimate(cfg: DictConfig, model: nn.Module, dist_info: DistInfo, where: str) -> MemoryEstimate:
-    micro, _ = batch_layout(cfg, dist_info, where)
-    return estimate_memory(model, engine=effective_kind(cfg.engine.kind, dist_info), world_size=dist_info.world_size,
-                           micro_batch_size=micro,
-                           precision=cfg.train.precision, zero_stage=cfg.engine.zero_stage,
-                           offload_optimizer=cfg.engine.offload_optimizer,
-                           activation_checkpointing=cfg.engine.activation_checkpointing)
+    estimate = estimate_memory(model, engine=effective_kind(e.kind, info), world_size=world_size,
+                               micro_batch_size=micro, precision=cfg.train.precision, zero_stage=e.zero_stage,
+                               offload_optimizer=e.offload_optimizer,
+                               activation_checkpointing=e.activation_checkpointing)
+    engine = e.kind + (f" ZeRO-{e.zero_stage}" if e.kind == "deepspeed" else "")
+    return f"{cfg.model.name} on {engine}, {world_size} ranks, micro batch {micro} x {accum}: {estimate.describe()}"
 
 
 def build_storage(cfg: DictConfig) -> Storage:

@@ -10,7 +10,7 @@ import difflib
 import math
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Callable, List, Optional, Sequence
 
 import fsspec
@@ -153,11 +153,25 @@ class TrainConfig:
 class EngineConfig:
     kind: str = "ddp"  # single | ddp | fsdp | deepspeed; with one process `ddp` runs as `single`
     backend: str = "auto"  # auto: nccl on cuda, gloo on cpu
+    activation_checkpointing: bool = False  # recompute each Mixer block in backward (any engine)
+    # Options of one engine (typed below in DeepSpeedOptions / FSDPOptions; keys kept flat, as users write them).
     zero_stage: int = 2  # deepspeed only: 1 | 2 | 3 (optimizer / +gradients / +parameters sharded)
     offload_optimizer: bool = False  # deepspeed only: optimizer states in CPU memory
-    # fsdp: free the gathered block weights after forward (less memory, one more all-gather in backward).
+    # fsdp only: free the gathered block weights after forward (less memory, one more all-gather in backward).
     reshard_after_forward: bool = True
-    activation_checkpointing: bool = False  # recompute each Mixer block in backward (any engine)
+
+
+@dataclass(frozen=True)
+class DeepSpeedOptions:
+    """What only engine.kind=deepspeed takes (defaults: EngineConfig's)."""
+    zero_stage: int = EngineConfig.zero_stage
+    offload_optimizer: bool = EngineConfig.offload_optimizer
+
+
+@dataclass(frozen=True)
+class FSDPOptions:
+    """What only engine.kind=fsdp takes (defaults: EngineConfig's)."""
+    reshard_after_forward: bool = EngineConfig.reshard_after_forward
 
 
 @dataclass
@@ -513,14 +527,18 @@ RULES: dict[str, Rule] = {
 }
 
 
-# engine.* options that only some engines take (backend and activation_checkpointing apply to all).
-# Under another engine the option would be silently ignored, so a value other than the default stops
-# the run instead (the defaults, as configs/base.yaml spells them out, pass under every engine).
-ENGINE_OPTIONS: dict[str, tuple[str, ...]] = {
-    "zero_stage": ("deepspeed",),
-    "offload_optimizer": ("deepspeed",),
-    "reshard_after_forward": ("fsdp",),
+# The engines with options of their own. Under another engine such an option would be silently ignored,
+# so a value other than the default stops the run instead (the defaults pass under every engine).
+ENGINE_OPTIONS: dict[str, type[DeepSpeedOptions] | type[FSDPOptions]] = {
+    "deepspeed": DeepSpeedOptions,
+    "fsdp": FSDPOptions,
 }
+
+
+def engine_options(engine: DictConfig) -> DeepSpeedOptions | FSDPOptions | None:
+    """The typed options of `engine.kind` from the flat engine.* keys (None: the engine takes none)."""
+    options = ENGINE_OPTIONS.get(engine.kind)
+    return options(**{f.name: engine[f.name] for f in fields(options)}) if options else None
 
 
 def _expand(cfg: DictConfig, pattern: str) -> list[str]:
@@ -539,12 +557,13 @@ def validate(cfg: DictConfig, blame: Callable[[str], str]) -> None:
             value = OmegaConf.select(cfg, key)
             if not rule.ok(value):
                 raise ConfigError(f"{blame(key)}: {rule.message(key, value)}")
-    kind, defaults = cfg.engine.kind, EngineConfig()
-    for option, kinds in ENGINE_OPTIONS.items():
-        value = cfg.engine[option]
-        if kind not in kinds and value != getattr(defaults, option):
-            raise ConfigError(f"{blame(f'engine.{option}')}: 'engine.{option}' is {value!r} but applies only to "
-                              f"engine.kind={' | '.join(kinds)}, not {kind!r}; drop it or change engine.kind")
+    kind = cfg.engine.kind
+    for owner, options in ENGINE_OPTIONS.items():
+        for option in fields(options):
+            value = cfg.engine[option.name]
+            if kind != owner and value != option.default:
+                raise ConfigError(f"{blame(f'engine.{option.name}')}: 'engine.{option.name}' is {value!r} but "
+                                  f"applies only to engine.kind={owner}, not {kind!r}; drop it or change engine.kind")
     if not cfg.data.sources and not cfg.data.train:
         raise ConfigError(f"{blame('data.train')}: 'data.train' is empty and 'data.sources' has no entry; "
                           "give the training shards in one of them")

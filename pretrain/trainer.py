@@ -67,9 +67,7 @@ class Trainer:
         self.data_error: str | None = None  # this rank's storage failed for good (see next_batch)
         self.last_batch: Batch | None = None
         # Before the engine allocates anything: a run that cannot fit says so in its first lines.
-        log.info("memory estimate for %s on %s (%d ranks, micro batch %d): %s", cfg.model.name, cfg.engine.kind
-                 + (f" ZeRO-{cfg.engine.zero_stage}" if cfg.engine.kind == "deepspeed" else ""), self.dist.world_size,
-                 self.micro_batch_size, build.build_memory_estimate(cfg, model, self.dist, config_source).describe())
+        log.info("memory estimate: %s", build.memory_report(cfg, self.dist.world_size, config_source, model))
         self.engine = build.build_train_engine(cfg, model, self.dist, config_source)
         self.loss_fn = build.build_train_loss(cfg)
         self.guard = build.build_loss_guard(cfg)

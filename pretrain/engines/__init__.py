@@ -5,6 +5,7 @@ from typing import Any
 
 from torch import nn
 
+from ..config import ENGINE_OPTIONS, DeepSpeedOptions, FSDPOptions
 from ..dist import DistInfo
 from .base import PRECISION_DTYPES, Engine
 
@@ -14,23 +15,32 @@ def effective_kind(kind: str, dist_info: DistInfo) -> str:
     return "single" if kind == "ddp" and not dist_info.distributed else kind
 
 
-def build_engine(kind: str, model: nn.Module, dist_info: DistInfo, **kwargs: Any) -> Engine:
-    """kwargs: optimizer_factory, scheduler_factory, precision, grad_clip, accum_steps,
-    activation_checkpointing, backend, and engine options (zero_stage, offload_optimizer,
-    micro_batch_size for deepspeed; reshard_after_forward for fsdp)."""
+def build_engine(kind: str, model: nn.Module, dist_info: DistInfo, *,
+                 options: DeepSpeedOptions | FSDPOptions | None = None, micro_batch_size: int | None = None,
+                 **common: Any) -> Engine:
+    """common: optimizer_factory, scheduler_factory, precision, grad_clip, accum_steps, activation_checkpointing,
+    backend (every engine). ``options``: the typed options of `kind` (config.engine_options; None: defaults);
+    ``micro_batch_size``: what DeepSpeed's JSON names (ignored by the engines that do not need it)."""
     if kind == "single" and dist_info.distributed:
         raise ValueError(f"engine.kind 'single' cannot run with world size {dist_info.world_size}; use 'ddp'")
     kind = effective_kind(kind, dist_info)
+    wanted = ENGINE_OPTIONS.get(kind)
+    if options is not None and not isinstance(options, wanted or ()):
+        raise TypeError(f"engine {kind!r} takes {wanted.__name__ if wanted else 'no options'}, "
+                        f"not {type(options).__name__}")
     if kind == "ddp":
         from .ddp import DDPEngine
-        return DDPEngine(model, dist_info=dist_info, **kwargs)
+        return DDPEngine(model, dist_info=dist_info, **common)
     if kind == "fsdp":
         from .fsdp import FSDPEngine
-        return FSDPEngine(model, dist_info=dist_info, **kwargs)
+        return FSDPEngine(model, dist_info=dist_info, options=options or FSDPOptions(), **common)
     if kind == "deepspeed":
         from .deepspeed import DeepSpeedEngine  # imported late: DeepSpeed is slow to import
-        return DeepSpeedEngine(model, dist_info=dist_info, **kwargs)
-    return Engine(model, dist_info=dist_info, **kwargs)
+        if micro_batch_size is None:
+            raise TypeError("the deepspeed engine needs micro_batch_size")
+        return DeepSpeedEngine(model, dist_info=dist_info, options=options or DeepSpeedOptions(),
+                               micro_batch_size=micro_batch_size, **common)
+    return Engine(model, dist_info=dist_info, **common)
 
 
 __all__ = ["Engine", "PRECISION_DTYPES", "build_engine", "effective_kind"]

@@ -104,14 +104,13 @@ class Engine:
 
     def __init__(self, model: nn.Module, optimizer_factory: OptimizerFactory, scheduler_factory: SchedulerFactory,
                  *, dist_info: DistInfo, precision: str = "fp32", grad_clip: float = 1.0, accum_steps: int = 1,
-                 activation_checkpointing: bool = False, backend: str = "auto", **options: Any) -> None:
+                 activation_checkpointing: bool = False, backend: str = "auto") -> None:
         self.dist = dist_info
         self.device = dist_info.device
         self.precision = precision
         self.grad_clip = grad_clip
         self.accum_steps = accum_steps
         self.backend = backend
-        self.options = options
         self.autocast_dtype = PRECISION_DTYPES[precision]
         if activation_checkpointing:
             model.set_grad_checkpointing(True)

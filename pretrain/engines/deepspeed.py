@@ -18,8 +18,10 @@ from collections import ChainMap
 from typing import Any, Mapping
 
 import torch
+from torch import nn
 
-from .base import Engine, StateWriter, ensure_process_group, host_copy
+from ..config import DeepSpeedOptions
+from .base import Engine, OptimizerFactory, SchedulerFactory, StateWriter, ensure_process_group, host_copy
 from .safe_load import enum_member, forced_weights_only
 from .zero_reshard import read_zero_checkpoint
 
@@ -69,6 +71,12 @@ class DeepSpeedEngine(Engine):
     kind = "deepspeed"
     state_has_weights = True
 
+    def __init__(self, model: nn.Module, optimizer_factory: OptimizerFactory, scheduler_factory: SchedulerFactory,
+                 *, options: DeepSpeedOptions, micro_batch_size: int, **common: Any) -> None:
+        self.zero_stage, self.offload_optimizer = options.zero_stage, options.offload_optimizer
+        self.micro_batch_size = micro_batch_size  # DeepSpeed's JSON names the micro batch; other engines never need it
+        super().__init__(model, optimizer_factory, scheduler_factory, **common)
+
     def _setup(self, model, optimizer_factory, scheduler_factory) -> None:
         if self.device.type == "cpu":
             os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read when deepspeed is first imported
@@ -79,11 +87,10 @@ class DeepSpeedEngine(Engine):
         for name, value in (("LOCAL_RANK", self.dist.local_rank), ("RANK", self.dist.rank),
                             ("WORLD_SIZE", self.dist.world_size)):
             os.environ.setdefault(name, str(value))
-        self.zero_stage = int(self.options["zero_stage"])
         self.ds_config = deepspeed_config(
-            micro_batch_size=int(self.options["micro_batch_size"]), accum_steps=self.accum_steps,
+            micro_batch_size=self.micro_batch_size, accum_steps=self.accum_steps,
             world_size=self.dist.world_size, zero_stage=self.zero_stage, precision=self.precision,
-            grad_clip=self.grad_clip, offload_optimizer=bool(self.options.get("offload_optimizer", False)))
+            grad_clip=self.grad_clip, offload_optimizer=self.offload_optimizer)
         self._module = model.to(self.device)
         optimizer = optimizer_factory(model)
         self.scheduler = scheduler_factory(optimizer)

@@ -21,9 +21,11 @@ from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_model_state_dict, set_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
+from torch import nn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from .base import Engine, StateWriter, ensure_process_group
+from ..config import FSDPOptions
+from .base import Engine, OptimizerFactory, SchedulerFactory, StateWriter, ensure_process_group
 from .safe_load import forced_weights_only, read_dcp_metadata
 
 
@@ -48,14 +50,18 @@ class FSDPEngine(Engine):
     shards_weights = True
     state_has_weights = True
 
+    def __init__(self, model: nn.Module, optimizer_factory: OptimizerFactory, scheduler_factory: SchedulerFactory,
+                 *, options: FSDPOptions, **common: Any) -> None:
+        self.reshard_after_forward = options.reshard_after_forward
+        super().__init__(model, optimizer_factory, scheduler_factory, **common)
+
     def _setup(self, model, optimizer_factory, scheduler_factory) -> None:
         ensure_process_group(self.dist, self.backend)
         self._module = model.to(self.device)
         mesh = init_device_mesh(self.device.type, (self.dist.world_size,))
         policy = MixedPrecisionPolicy(param_dtype=self.autocast_dtype, reduce_dtype=torch.float32)
-        reshard = bool(self.options.get("reshard_after_forward", True))
         for block in model.blocks:
-            fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
+            fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=self.reshard_after_forward)
         # The root's own parameters are used last (norm, head): keeping them gathered saves an all-gather.
         fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
         self.model = model

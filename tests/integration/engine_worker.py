@@ -13,6 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch  # noqa: E402
 
+from pretrain.config import DeepSpeedOptions, FSDPOptions  # noqa: E402
 from pretrain.dist import DistInfo, init_distributed  # noqa: E402
 from pretrain.engines import Engine, build_engine  # noqa: E402
 from pretrain.loss import build_loss  # noqa: E402
@@ -29,11 +30,11 @@ def fresh_model() -> torch.nn.Module:
     return model
 
 
-def engine_kwargs(accum: int, micro: int) -> dict:
+def engine_kwargs(accum: int) -> dict:
     return dict(optimizer_factory=partial(build_optimizer, lr=3e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.05),
                 scheduler_factory=partial(build_scheduler, total_steps=100, warmup_steps=0, schedule="linear",
                                           end_ratio=0.0),
-                precision="fp32", grad_clip=1.0, accum_steps=accum, micro_batch_size=micro)
+                precision="fp32", grad_clip=1.0, accum_steps=accum)
 
 
 def train(engine: Engine, images: torch.Tensor, labels: torch.Tensor, accum: int) -> tuple[list, dict]:
@@ -67,13 +68,15 @@ def main() -> None:
     if info.is_main:  # the reference: one process, the whole batch (and the same with accumulation)
         one = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
         for name, accum in (("single", 1), ("single_accum2", 2)):
-            losses, w = train(Engine(fresh_model(), dist_info=one, **engine_kwargs(accum, GLOBAL_BATCH // accum)),
+            losses, w = train(Engine(fresh_model(), dist_info=one, **engine_kwargs(accum)),
                               images, labels, accum)
             results[name], weights[name] = losses, w
-    engines = [("ddp", "ddp", {}), ("fsdp", "fsdp", {}), ("fsdp_keep", "fsdp", {"reshard_after_forward": False})]
-    engines += [(f"zero{s}", "deepspeed", {"zero_stage": s}) for s in (1, 2, 3)]
+    engines = [("ddp", "ddp", None), ("fsdp", "fsdp", None),
+               ("fsdp_keep", "fsdp", FSDPOptions(reshard_after_forward=False))]
+    engines += [(f"zero{s}", "deepspeed", DeepSpeedOptions(zero_stage=s)) for s in (1, 2, 3)]
     for name, kind, options in engines:
-        engine = build_engine(kind, fresh_model(), info, **engine_kwargs(1, GLOBAL_BATCH // 2), **options)
+        engine = build_engine(kind, fresh_model(), info, options=options, micro_batch_size=GLOBAL_BATCH // 2,
+                              **engine_kwargs(1))
         losses, w = train(engine, images[mine], labels[mine], 1)
         results[name], weights[name] = losses, w
     if info.is_main:
