@@ -21,6 +21,28 @@ def demo_root(tmp_path_factory) -> str:
     return root
 
 
+def _unmapped_deepspeed_buffers() -> set[Path]:
+    """DeepSpeed's CPU all-reduce buffers in /dev/shm that no live process maps (its ranks never unlink them)."""
+    mapped: set[str] = set()
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        try:
+            mapped.update(line.split()[-1] for line in maps.read_text().splitlines() if "/dev/shm/deepspeed_" in line)
+        except OSError:  # the process ended while we looked
+            continue
+    return {p for p in Path("/dev/shm").glob("deepspeed_allreduce_buffer_*") if str(p) not in mapped}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _remove_deepspeed_shm_buffers():
+    """Each 2-rank DeepSpeed run on CPU leaves ~140 MB in /dev/shm; the suite starts a dozen. Only
+    buffers that appeared during this session and that nothing maps any more are removed."""
+    before = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")) if Path("/dev/shm").is_dir() else set()
+    yield
+    if Path("/dev/shm").is_dir():
+        for path in _unmapped_deepspeed_buffers() - before:
+            path.unlink(missing_ok=True)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
