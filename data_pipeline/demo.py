@@ -6,8 +6,9 @@ Layout under ``root``::
     digits/train.json  digits/test.json (+ shards)
     DONE.json          the parameters it was generated with, written last
 
-Everything is written into a sibling temporary directory that is renamed to ``root`` once complete,
-so an interrupted generation is never mistaken for a finished one. Call it from one process
+Everything is written in place and DONE.json last, so an interrupted generation is never mistaken for
+a finished one (it is cleared and written again); no rename is needed, so ``root`` may be a local path
+or an object-storage URL (``s3://bucket/demo``). Call it from one process
 (rank 0) and let the others wait: concurrent generators of the same root are not coordinated.
 """
 from __future__ import annotations
@@ -16,7 +17,6 @@ import argparse
 import json
 import posixpath
 import time
-import uuid
 from dataclasses import asdict, dataclass
 
 from data_pipeline.errors import DataSpecError
@@ -71,22 +71,17 @@ def ensure_demo_data(root: str, storage: Storage, *, image_size: int = 32, num_t
     from data_pipeline.digits import write_digits
     from data_pipeline.synthetic import write_synthetic_shapes
 
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp_url = fs.unstrip_protocol(tmp)
-    try:
-        write_synthetic_shapes(posixpath.join(tmp_url, "shapes"), storage=storage, num_train=num_train,
-                               num_val=num_val, image_size=image_size, samples_per_shard=samples_per_shard, seed=seed)
-        # The digits split is fixed (seed 0): the downstream benchmark must not move with the pre-training seed.
-        write_digits(posixpath.join(tmp_url, "digits"), storage=storage, image_size=image_size, samples_per_shard=256,
-                     seed=0)
-        with fs.open(posixpath.join(tmp, "DONE.json"), "w") as f:
-            json.dump(params, f, indent=1)
-    except BaseException:
-        fs.rm(tmp, recursive=True)  # best effort; an interrupted temp dir is never read anyway
-        raise
+    # Written in place, DONE.json last: the marker, not a rename, is what makes the data complete, so this
+    # works alike on local disks and on object storage (which has no directory rename).
     if fs.exists(path):
         fs.rm(path, recursive=True)
-    fs.mv(tmp, path, recursive=True)
+    write_synthetic_shapes(posixpath.join(root.rstrip("/"), "shapes"), storage=storage, num_train=num_train,
+                           num_val=num_val, image_size=image_size, samples_per_shard=samples_per_shard, seed=seed)
+    # The digits split is fixed (seed 0): the downstream benchmark must not move with the pre-training seed.
+    write_digits(posixpath.join(root.rstrip("/"), "digits"), storage=storage, image_size=image_size,
+                 samples_per_shard=256, seed=0)
+    with fs.open(posixpath.join(path, "DONE.json"), "w") as f:
+        json.dump(params, f, indent=1)
     return _paths(root.rstrip("/"))
 
 

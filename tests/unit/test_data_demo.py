@@ -1,4 +1,4 @@
-"""Demo data generation: idempotent, parameter-aware, never half-published."""
+"""Demo data generation: idempotent, parameter-aware, never half-published, on disk and on object storage."""
 import json
 import os
 
@@ -45,3 +45,28 @@ def test_cli_prints_manifests(tmp_path, capsys):
           "--samples-per-shard", "10"])
     out = capsys.readouterr().out
     assert f"{tmp_path}/d/shapes/train.json" in out and "digits_test" in out
+
+
+def test_an_interrupted_generation_is_never_taken_as_done(tmp_path):
+    root = str(tmp_path / "demo")
+    ensure_demo_data(root, **SMALL, storage=LOCAL)
+    (tmp_path / "demo" / "DONE.json").unlink()  # as if the writer died before its last file
+    (tmp_path / "demo" / "shapes" / "train-000000.tar").write_bytes(b"half")
+    data = ensure_demo_data(root, **SMALL, storage=LOCAL)
+    assert (tmp_path / "demo" / "DONE.json").exists()
+    assert read_manifest(data.train, LOCAL)["num_samples"] == 40
+    assert (tmp_path / "demo" / "shapes" / "train-000000.tar").stat().st_size > 1000
+
+
+def test_demo_data_on_object_storage(s3_server):
+    """Object storage has no directory rename: the data is written in place and DONE.json comes last."""
+    storage = Storage(s3_endpoint=s3_server.endpoint)
+    root = f"s3://{s3_server.bucket}/demo"
+    data = ensure_demo_data(root, **SMALL, storage=storage)
+    assert data.train == f"{root}/shapes/train.json"
+    manifest = read_manifest(data.train, storage)
+    assert manifest["num_samples"] == 40
+    fs, _ = storage.fs(root)
+    assert all(fs.exists(shard["url"]) for shard in manifest["shards"])
+    assert json.loads(fs.cat_file(f"{s3_server.bucket}/demo/DONE.json"))["num_train"] == 40
+    assert ensure_demo_data(root, **SMALL, storage=storage) == data  # found complete: not written again
