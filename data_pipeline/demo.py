@@ -54,12 +54,12 @@ def ensure_demo_data(root: str, storage: Storage, *, image_size: int = 32, num_t
                      num_val: int = 2000, samples_per_shard: int = 500, seed: int = 0) -> DemoData:
     """Return the demo data under ``root`` (read and written through ``storage``), generating it unless it
     exists with these parameters."""
+    root = root.rstrip("/")
     params = {"format": _FORMAT, "image_size": image_size, "num_train": num_train, "num_val": num_val,
               "samples_per_shard": samples_per_shard, "seed": seed}
     fs, path = storage.fs(root, own_retries=True)
-    path = path.rstrip("/")
     if _read_marker(fs, path) == params:
-        return _paths(root.rstrip("/"))
+        return _paths(root)
     if fs.exists(path):
         leftovers = {posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False)}
         if not leftovers <= _OURS:
@@ -75,14 +75,14 @@ def ensure_demo_data(root: str, storage: Storage, *, image_size: int = 32, num_t
     # works alike on local disks and on object storage (which has no directory rename).
     if fs.exists(path):
         fs.rm(path, recursive=True)
-    write_synthetic_shapes(posixpath.join(root.rstrip("/"), "shapes"), storage=storage, num_train=num_train,
+    write_synthetic_shapes(posixpath.join(root, "shapes"), storage=storage, num_train=num_train,
                            num_val=num_val, image_size=image_size, samples_per_shard=samples_per_shard, seed=seed)
     # The digits split is fixed (seed 0): the downstream benchmark must not move with the pre-training seed.
-    write_digits(posixpath.join(root.rstrip("/"), "digits"), storage=storage, image_size=image_size,
+    write_digits(posixpath.join(root, "digits"), storage=storage, image_size=image_size,
                  samples_per_shard=256, seed=0)
     with fs.open(posixpath.join(path, "DONE.json"), "w") as f:
         json.dump(params, f, indent=1)
-    return _paths(root.rstrip("/"))
+    return _paths(root)
 
 
 def main(argv: list[str] | None = None) -> None:
