@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import socket
@@ -23,6 +24,7 @@ from ..atomic import write_atomic
 
 log = logging.getLogger(__name__)
 STEP_FILE = re.compile(r"^step_(\d{7,})\.json$")
+HALF_WRITTEN_CLAIM_S = 60.0  # an unreadable claim younger than this is still being written by its owner
 
 
 class EvalRecords:
@@ -92,8 +94,12 @@ class EvalRecords:
         try:
             with self.fs.open(path, "rb") as f:
                 owner = json.loads(f.read())
-        except (FileNotFoundError, json.JSONDecodeError):
-            return True  # vanished or half-written by a crashed owner
+        except FileNotFoundError:
+            return True  # released meanwhile: try again
+        except json.JSONDecodeError:
+            # Empty or half-written: its owner is between creating and writing it (a few ms; a rival
+            # watcher that took it over then would evaluate the step twice), or died right there.
+            return self._age_s(path) > HALF_WRITTEN_CLAIM_S
         if time.time() - owner.get("time", 0) > stale_after_s:
             return True
         if owner.get("host") == socket.gethostname():  # same machine: we can tell if it is alive
@@ -104,6 +110,12 @@ class EvalRecords:
             except PermissionError:
                 return False
         return False
+
+    def _age_s(self, path: str) -> float:
+        try:
+            return time.time() - self.fs.modified(path).timestamp()
+        except (FileNotFoundError, NotImplementedError):
+            return math.inf
 
     def release(self, step: int) -> None:
         try:

@@ -19,6 +19,19 @@ def test_claims_are_exclusive_and_stale_ones_are_taken_over(tmp_path):
     assert not a.claim(10, stale_after_s=3600) and a.claim(10, stale_after_s=50)
 
 
+def test_a_claim_still_being_written_is_not_taken_over(tmp_path):
+    """The owner creates its claim file, then writes it: a rival reading in between finds it empty.
+    Taking that over made two watchers evaluate the same step; only an old unreadable claim is stale."""
+    a, b = EvalRecords(str(tmp_path)), EvalRecords(str(tmp_path))
+    claim = tmp_path / "eval/claims/step_0000000.claim"
+    claim.parent.mkdir(parents=True)
+    claim.write_bytes(b"")  # created, not yet written
+    assert not b.claim(0, stale_after_s=3600)
+    old = time.time() - 120  # the owner died between creating and writing it
+    os.utime(claim, (old, old))
+    assert a.claim(0, stale_after_s=3600)
+
+
 def test_records_round_trip_and_table(tmp_path):
     rec = EvalRecords(str(tmp_path))
     for step, acc in ((200, 0.8), (0, 0.5)):
