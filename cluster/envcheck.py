@@ -79,7 +79,7 @@ def check_writable(url: str) -> Check:
 def check_data(spec: str, storage: Storage) -> Check:
     """The first training shard is there, read through the run's storage handle (``data.storage``: endpoint,
     profile, anonymous access; transient failures retried within ``data.storage.give_up_after_s``)."""
-    from data_pipeline.urls import DataSpecError, expand_urls
+    from data_pipeline.shards.spec import DataSpecError, expand_urls
 
     try:
         urls = expand_urls(spec, storage)
