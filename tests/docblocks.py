@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PAGES = ["README.md", "docs/*.md"]
 TAGS = {"gpu", "cluster", "remote", "long"}  # needs something this machine lacks: checked, not run
 RUN_LANGS = {"bash", "python"}
-DEFAULT_TIMEOUT_S = 120.0
+DEFAULT_TIMEOUT_S = 300.0
 # What a page's sandbox links to: the repository as a newcomer's checkout has it.
 SANDBOX_LINKS = ["pretrain", "data_pipeline", "cluster", "configs", "bench", "tests", "docs", "Makefile",
                  "pyproject.toml", "constraints.txt", "README.md"]
