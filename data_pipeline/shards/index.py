@@ -1,4 +1,4 @@
-"""Index shards that have no manifest: sample counts and per-sample byte offsets, in parallel.
+"""Index shards that have no manifest: sample counts, per-sample byte offsets and classes, in parallel.
 
 The command is ``python -m data_pipeline.index`` (data_pipeline/index.py). Training reads only manifests:
 the counts fix each epoch's plan at once, and the offsets let every DataLoader worker read just the byte
@@ -18,29 +18,54 @@ from typing import Any
 
 from tqdm import tqdm
 
+from data_pipeline.errors import DataSpecError
+from data_pipeline.shards.labels import LABEL_FORMS, BadLabel, LabelSource, parse_label_source, raw_label
 from data_pipeline.shards.manifest import make_manifest, publish_manifest
 from data_pipeline.shards.spec import expand_urls
-from data_pipeline.shards.tar_read import ShardSamples
+from data_pipeline.shards.tar_read import ShardSamples, members_note
 from data_pipeline.storage import Storage
 
 log = logging.getLogger(__name__)
+CLS = LabelSource("cls")
 
 
-def index_shard(url: str, storage: Storage) -> dict[str, Any]:
-    """Manifest entry of one shard: ``{"url", "num_samples", "offsets", "max_label"}``; offsets are each
-    sample's first byte, then the end of the last one (absent for compressed shards, which are streamed);
-    ``"error"`` says why a damaged shard ends early (the samples before the damage are kept)."""
+def index_shard(url: str, storage: Storage, label: LabelSource = CLS) -> dict[str, Any]:
+    """Manifest entry of one shard: ``{"url", "num_samples", "bytes", "offsets", "max_label", "names"}``;
+    offsets are each sample's first byte, then the end of the last one (absent for compressed shards,
+    which are streamed); ``max_label`` / ``names``: the class indices / class names found in ``label``;
+    ``"error"`` says why a damaged shard ends early (the samples before the damage are kept).
+
+    A shard with samples but no label in ``label`` at all raises ``DataSpecError`` naming the shard, a key
+    and the members it has: training it would skip every sample."""
     shard = ShardSamples(url, storage, must_exist=True)
     offsets: list[int | None] = []
-    end, max_label = None, -1
+    end, max_label, names, labelled, first = None, -1, set(), 0, None
     while (sample := shard.next()) is not None:
-        if "cls" in sample and sample["cls"].strip().isdigit():
-            max_label = max(max_label, int(sample["cls"]))
+        try:
+            value = raw_label(sample, label)
+        except BadLabel:
+            value = None  # counted as bad_label in training; the shard is still labelled
+            labelled += 1
+        if isinstance(value, int):
+            max_label = max(max_label, value)
+        elif isinstance(value, str):
+            names.add(value)
+        labelled += value is not None
+        first = first or sample
         offsets.append(sample.get("__offset__"))
         end = sample.get("__end__")
-    entry: dict[str, Any] = {"url": url, "num_samples": len(offsets), "max_label": max_label}
+    if first is not None and not labelled:
+        raise DataSpecError(f"shard {url}: sample {first['__key__']!r} has no label in {label} "
+                            f"({members_note(first)}), nor has any other sample of the shard; say where the "
+                            f"labels are with --label ({LABEL_FORMS})")
+    entry: dict[str, Any] = {"url": url, "num_samples": len(offsets), "max_label": max_label, "names": sorted(names)}
     if offsets and None not in offsets and end is not None:
         entry["offsets"] = offsets + [end]
+    try:
+        fs, path = storage.fs(url)
+        entry["bytes"] = int(fs.size(path))
+    except Exception:  # noqa: BLE001 - the size is informative; a store that cannot say leaves it unknown
+        pass
     if shard.error:
         entry["error"] = shard.error
     return entry
@@ -66,8 +91,13 @@ def _load_partial(path: str, urls: set[str]) -> dict[str, dict]:
     return done
 
 
-def build_index(spec: str, out: str, storage: Storage, threads: int = 32, progress: bool = True) -> dict:
-    """Index the shards of ``spec`` into the manifest ``out`` (any fsspec URL); return the manifest."""
+def build_index(spec: str, out: str, storage: Storage, threads: int = 32, progress: bool = True,
+                label: str = "cls") -> dict:
+    """Index the shards of ``spec`` into the manifest ``out`` (any fsspec URL); return the manifest.
+
+    ``label`` (cls, txt, json:FIELD): where the samples' labels are; class names found there become the
+    manifest's sorted ``classes``, class indices give ``num_classes`` = max + 1."""
+    source = parse_label_source(label)
     urls = expand_urls(spec, storage)
     partial = _partial_path(out)
     done = _load_partial(partial, set(urls))
@@ -76,7 +106,7 @@ def build_index(spec: str, out: str, storage: Storage, threads: int = 32, progre
         log.warning("resuming: %d of %d shard(s) already indexed in %s", len(done), len(urls), partial)
     with open(partial, "a") as log_file, ThreadPoolExecutor(max(1, threads)) as pool, \
             tqdm(total=len(urls), initial=len(done), unit="shard", disable=not progress) as bar:
-        futures = {pool.submit(index_shard, u, storage): u for u in todo}
+        futures = {pool.submit(index_shard, u, storage, source): u for u in todo}
 
         def keep(entry: dict) -> None:
             done[entry["url"]] = entry
@@ -98,8 +128,14 @@ def build_index(spec: str, out: str, storage: Storage, threads: int = 32, progre
                 if f.done() and not f.cancelled() and f.exception() is None and futures[f] not in done:
                     keep(f.result())
             raise
-    shards = [{k: v for k, v in done[u].items() if k not in ("max_label", "error")} for u in urls]
-    manifest = make_manifest(shards, None, num_classes=max(done[u]["max_label"] for u in urls) + 1)
+    shards = [{k: v for k, v in done[u].items() if k not in ("max_label", "names", "error")} for u in urls]
+    names = sorted({n for u in urls for n in done[u].get("names", ())})
+    max_label = max(done[u]["max_label"] for u in urls)
+    if names and max_label >= 0:
+        raise DataSpecError(f"{spec}: {label} holds class indices in some samples and class names in others "
+                            f"(e.g. {names[0]!r}); make them one kind")
+    manifest = make_manifest(shards, names or None, num_classes=len(names) if names else max_label + 1,
+                             label=str(source))
     fs, path = storage.fs(out, own_retries=True)
     publish_manifest(manifest, fs, path)  # published whole: a reader never sees half a manifest
     os.remove(partial)
