@@ -3,8 +3,9 @@
 The command is ``python -m data_pipeline.index`` (data_pipeline/index.py). Training reads only manifests:
 the counts fix each epoch's plan at once, and the offsets let every DataLoader worker read just the byte
 ranges of its own samples. Indexing reads every shard once, in ``threads`` parallel streams. It is
-resumable: each finished shard is appended to ``<out>.partial.jsonl`` (a local file), and a rerun with
-the same arguments skips the shards listed there. A damaged shard keeps the samples before the damage
+resumable: each finished shard is appended to ``<out>.partial.jsonl`` (its offsets to
+``<out>.partial.offsets``; local files), and a rerun with the same arguments skips the shards listed
+there. Memory grows with shards, not samples. A damaged shard keeps the samples before the damage
 (a warning says so); a shard that is not there stops the indexing with one line naming it.
 """
 from __future__ import annotations
@@ -16,11 +17,13 @@ import posixpath
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any
 
+import numpy as np
 from tqdm import tqdm
 
 from data_pipeline.errors import DataSpecError
 from data_pipeline.shards.labels import LABEL_FORMS, BadLabel, LabelSource, parse_label_source, raw_label
 from data_pipeline.shards.manifest import make_manifest, publish_manifest
+from data_pipeline.shards.offsets import OFFSET_DTYPE
 from data_pipeline.shards.spec import expand_urls
 from data_pipeline.shards.tar_read import ShardSamples, members_note
 from data_pipeline.storage import Storage
@@ -77,23 +80,49 @@ def _partial_path(out: str) -> str:
     return (out if protocol == "file" else name) + ".partial.jsonl"
 
 
+class _Run:
+    """One shard's offsets, kept in the local ``<out>.partial.offsets`` file until the manifest is published:
+    the indexer's memory grows with shards, not samples (2.3 billion offsets would not fit as lists)."""
+
+    def __init__(self, path: str, at: int, n: int) -> None:
+        self.path, self.at, self.n = path, at, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        run = np.fromfile(self.path, dtype=OFFSET_DTYPE, count=self.n, offset=self.at)
+        return run if dtype is None else run.astype(dtype, copy=False)
+
+    def __getitem__(self, i):
+        return np.asarray(self)[i]
+
+
 def _load_partial(path: str, urls: set[str]) -> dict[str, dict]:
     done: dict[str, dict] = {}
     if os.path.exists(path):
+        size = os.path.getsize(path + ".offsets") if os.path.exists(path + ".offsets") else 0
         with open(path) as f:
             for line in f:
                 try:
                     entry = json.loads(line)
                 except json.JSONDecodeError:
                     continue  # the line being written when the last run stopped
-                if entry.get("url") in urls:
-                    done[entry["url"]] = entry
+                if entry.get("url") not in urls:
+                    continue
+                run = entry.get("offsets")
+                if isinstance(run, dict):
+                    if run["at"] + 8 * run["n"] > size:
+                        continue  # its offsets never reached the file: index the shard again
+                    entry["offsets"] = _Run(path + ".offsets", run["at"], run["n"])
+                done[entry["url"]] = entry
     return done
 
 
 def build_index(spec: str, out: str, storage: Storage, threads: int = 32, progress: bool = True,
                 label: str = "cls") -> dict:
-    """Index the shards of ``spec`` into the manifest ``out`` (any fsspec URL); return the manifest.
+    """Index the shards of ``spec`` into the manifest ``out`` (any fsspec URL); return the manifest (its
+    shard entries without offsets: ``read_manifest(out, storage, offsets=True)`` reads them back).
 
     ``label`` (cls, txt, json:FIELD): where the samples' labels are; class names found there become the
     manifest's sorted ``classes``, class indices give ``num_classes`` = max + 1."""
@@ -104,13 +133,21 @@ def build_index(spec: str, out: str, storage: Storage, threads: int = 32, progre
     todo = [u for u in urls if u not in done]
     if done:
         log.warning("resuming: %d of %d shard(s) already indexed in %s", len(done), len(urls), partial)
-    with open(partial, "a") as log_file, ThreadPoolExecutor(max(1, threads)) as pool, \
+    with open(partial, "a") as log_file, open(partial + ".offsets", "ab") as runs, \
+            ThreadPoolExecutor(max(1, threads)) as pool, \
             tqdm(total=len(urls), initial=len(done), unit="shard", disable=not progress) as bar:
         futures = {pool.submit(index_shard, u, storage, source): u for u in todo}
 
         def keep(entry: dict) -> None:
+            line = dict(entry)
+            if entry.get("offsets") is not None:  # to the local file first, then the line that points at it
+                at = runs.seek(0, os.SEEK_END)
+                runs.write(np.asarray(entry["offsets"], dtype=OFFSET_DTYPE).tobytes())
+                runs.flush()
+                line["offsets"] = {"at": at, "n": len(entry["offsets"])}
+                entry = dict(entry, offsets=_Run(partial + ".offsets", at, len(entry["offsets"])))
             done[entry["url"]] = entry
-            log_file.write(json.dumps(entry) + "\n")
+            log_file.write(json.dumps(line) + "\n")
             log_file.flush()
             bar.update()
 
@@ -139,4 +176,7 @@ def build_index(spec: str, out: str, storage: Storage, threads: int = 32, progre
     fs, path = storage.fs(out, own_retries=True)
     publish_manifest(manifest, fs, path)  # published whole: a reader never sees half a manifest
     os.remove(partial)
+    os.remove(partial + ".offsets")
+    for shard in shards:  # they lived in the partial file; read_manifest(out, storage, offsets=True) has them
+        shard.pop("offsets", None)
     return manifest

@@ -29,6 +29,8 @@ def test_index_matches_the_writers_manifest_and_resumes(tmp_path, capsys, caplog
     partial = [json.loads(line) for line in open(out + ".partial.jsonl")]
     # The shards finished before the error (and the one running while it was raised) are kept for the rerun.
     assert [p["url"][-9:] for p in partial][:3] == ["00000.tar", "00001.tar", "00002.tar"] and len(partial) <= 4
+    # The offsets wait in a local binary file, not in memory or JSON: the indexer grows with shards.
+    assert all(set(p["offsets"]) == {"at", "n"} for p in partial)
     shutil.move(tmp_path / "away.tar", tmp_path / "s" / "train-000003.tar")
     with caplog.at_level(logging.WARNING, logger="data_pipeline.index"):
         assert main([pattern, "--out", out, "--threads", "3", "--no-progress"]) == 0
