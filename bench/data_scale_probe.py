@@ -5,9 +5,9 @@
 Prints one JSON line. Only the ``TrainLoader`` API common to every version is used, so the same probe
 measures today's code (an export of an older commit on PYTHONPATH) and this branch. Start-up is the
 loader built, the workers' spec made and the first step planned (what a rank does before its DataLoader
-starts); CPU seconds are the process's user + system time; "added" RSS is the peak over start-up minus
-the peak after the imports; index bytes are what the process read through read syscalls meanwhile
-(/proc/self/io rchar: local files; for S3 the bytes received are counted by the caller's server instead).
+starts); CPU seconds are the process's user + system time; "added" RSS is the peak over start-up (VmHWM,
+reset after the imports) minus the RSS after the imports; index bytes are what the process read through
+read syscalls meanwhile (/proc/self/io rchar: local files; for S3 the caller counts the objects' sizes).
 """
 from __future__ import annotations
 
@@ -23,8 +23,15 @@ def _rchar() -> int:
         return next(int(line.split()[1]) for line in f if line.startswith("rchar"))
 
 
-def _maxrss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def _status_mib(field: str) -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
+
+
+def _reset_peak() -> None:
+    # Linux: "5" resets the peak RSS (VmHWM) to the current RSS, so the peak of the imports is not counted.
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
 
 
 def _cpu() -> float:
@@ -60,14 +67,15 @@ def main() -> None:
 
     storage = Storage(s3_endpoint=a.s3_endpoint) if a.s3_endpoint else Storage()
     gc.collect()
-    rss0, cpu0, io0, t0 = _maxrss_mib(), _cpu(), _rchar(), time.perf_counter()
+    _reset_peak()
+    rss0, cpu0, io0, t0 = _status_mib("VmRSS"), _cpu(), _rchar(), time.perf_counter()
     kw = {"label": a.label} if a.label else {}
     loader = TrainLoader(a.spec, batch_size=32, transform=TrainTransform(32), seed=0, num_workers=a.workers,
                          shuffle_buffer=10_000, storage=storage, **kw)
     loader.worker_spec()
     RankSchedule(**loader.schedule_args()).next()
     out = {"startup_cpu_s": round(_cpu() - cpu0, 3), "startup_wall_s": round(time.perf_counter() - t0, 3),
-           "peak_rss_added_mib": round(_maxrss_mib() - rss0, 1), "index_bytes_read": _rchar() - io0}
+           "peak_rss_added_mib": round(_status_mib("VmHWM") - rss0, 1), "index_bytes_read": _rchar() - io0}
     if a.batches:
         it = iter(loader)
         next(it)
