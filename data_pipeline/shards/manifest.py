@@ -126,9 +126,10 @@ def _read_bytes(url: str, storage: Storage, what: str) -> bytes:
             budget.failed(exc, f"reading {what}")  # permanent (no credentials, bad scheme): one line at once
 
 
-def _parse_json(url: str, data: bytes) -> dict:
+def _parse_json(url: str, storage: Storage) -> dict:
     try:
-        manifest = json.loads(data)
+        # Decoded first, the bytes dropped: a format 1 manifest is 100+ MB and json.loads(bytes) holds both.
+        manifest = json.loads(_read_bytes(url, storage, "manifest").decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DataSpecError(f"manifest {url!r} is not valid JSON: {exc}") from None
     if not isinstance(manifest, dict):
@@ -167,7 +168,9 @@ def _legacy(url: str, manifest: dict) -> Manifest:
     shards = manifest.get("shards")
     if not isinstance(shards, list) or not all(isinstance(s, dict) and "url" in s for s in shards):
         raise DataSpecError(f"manifest {url!r} has no valid 'shards' list")
-    runs, offsets_at, at = [], [], 0
+    total = sum(len(s["offsets"]) for s in shards if isinstance(s, dict) and isinstance(s.get("offsets"), list))
+    flat = np.empty(total, dtype=np.int64)  # filled in place: no second copy at the peak
+    offsets_at, at = [], 0
     for s in shards:
         if "num_samples" not in s:
             raise DataSpecError(f"manifest {url!r}: shard {s['url']!r} has no num_samples; rebuild it "
@@ -179,7 +182,7 @@ def _legacy(url: str, manifest: dict) -> Manifest:
             raise DataSpecError(f"manifest {url!r}: shard {s['url']!r} has 'offsets' that are not num_samples + 1 "
                                 f"increasing byte offsets; rebuild it with python -m data_pipeline.index")
         if offsets:
-            runs.append(np.asarray(offsets, dtype=np.int64))
+            flat[at:at + len(offsets)] = offsets
             offsets_at.append(at)
             at += len(offsets)
         else:
@@ -189,7 +192,7 @@ def _legacy(url: str, manifest: dict) -> Manifest:
     header = {k: manifest.get(k) for k in _HEADER_KEYS if k in manifest}
     header.setdefault("num_samples", int(table.counts.sum()))
     header.update(format_version=1, num_shards=len(table))
-    return Manifest(url, header, table, np.concatenate(runs) if runs else None)
+    return Manifest(url, header, table, flat if at else None)
 
 
 def read_index(url: str, storage: Storage) -> Manifest:
@@ -198,7 +201,7 @@ def read_index(url: str, storage: Storage) -> Manifest:
     Reads the JSON header and the ``.npz`` table (format 2), never the offsets; a format 1 manifest is
     parsed whole (its cost grows with samples) with one warning giving the conversion command.
     """
-    manifest = _parse_json(url, _read_bytes(url, storage, "manifest"))
+    manifest = _parse_json(url, storage)
     version = manifest.get("format_version", 1)
     if version == 1 or "shards" in manifest:
         if url not in _warned_v1:
