@@ -22,16 +22,17 @@ _MAX_RUN_BYTES = 64 << 20  # one range request reads at most this much (more sam
 
 
 class _Ranges:
-    """Range reads of one source's shards, each through its shard's retry budget."""
+    """Range reads of one source's shards, each read through a retry budget for its shard."""
 
     def __init__(self, urls: Sequence[str], storage: Storage) -> None:
         self.urls, self.storage = urls, storage
-        self.budgets: dict[int, RetryBudget] = {}
         self.bytes_read = 0
 
     def read(self, shard: int, start: int, stop: int) -> bytes:
         url = self.urls[shard]
-        budget = self.budgets.setdefault(shard, RetryBudget(url, self.storage))
+        # One budget per read: a budget is reset by every success, so keeping one per shard would only
+        # grow a worker's memory with the shards of the epoch (230,000 at LAION-2B size).
+        budget = RetryBudget(url, self.storage)
         while True:
             try:
                 fs, path = self.storage.fs(url)
