@@ -112,6 +112,10 @@ class DataConfig:
     # Corrupt or unreadable samples are skipped and counted; above this fraction the run stops,
     # because a silently shrinking data set is worse than a clear failure.
     max_skip_fraction: float = 0.01
+    # Where the labels are: cls (the .cls member, the default), txt (a class name in .txt) or json:FIELD
+    # (an index or a class name in the .json member: img2dataset's `--save_additional_columns '["label"]'`
+    # gives json:label); class names map through the manifest's classes (docs/manifest.md).
+    label: str = "cls"
 
 
 @dataclass
@@ -477,6 +481,8 @@ RULES: dict[str, Rule] = {
     "data.storage.backoff_s": within(0, 300),
     "data.storage.give_up_after_s": within(0, 7 * 86400, lo_open=True),
     "data.max_skip_fraction": FRACTION,
+    "data.label": Rule(lambda v: isinstance(v, str) and (v in ("cls", "txt") or bool(re.match(r"^json:\S+$", v))),
+                       "cls, txt or json:FIELD"),
     "optim.lr": POSITIVE,
     "optim.betas": values(within(0, 1, hi_open=True), 2),
     "optim.eps": POSITIVE,

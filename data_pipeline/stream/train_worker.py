@@ -14,6 +14,7 @@ import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 
 from data_pipeline.image.transforms import TrainTransform
+from data_pipeline.shards.labels import LabelReader
 from data_pipeline.storage import Storage
 from data_pipeline.stream.batch import Batch, make_batch
 from data_pipeline.stream.decode import SKIP_KINDS, decode_sample
@@ -54,6 +55,7 @@ class WorkerSpec:
     storage: Storage
     num_workers: int  # >= 1: batch i is built by worker i % num_workers
     lookahead: int  # batches a worker plans ahead
+    label: str = "cls"  # where the labels are (data.label): cls, txt, json:FIELD
 
 
 class TrainWorkerStream(IterableDataset):
@@ -71,6 +73,7 @@ class TrainWorkerStream(IterableDataset):
         spec = self.spec
         schedule = RankSchedule(**spec.schedule_args)
         readers: dict[tuple[int, int], EpochReader] = {}
+        label_of = [LabelReader(spec.label, src.classes) for src in spec.sources]  # per source
         queue: deque[tuple[int, list]] = deque()  # this worker's upcoming batches, positions announced
         next_index = 0
 
@@ -104,7 +107,7 @@ class TrainWorkerStream(IterableDataset):
                     slots.append((rd.fetch(raw), s, augment_rng(spec.seed, s, epoch, int(raw))))
             filled: list[tuple[Any, int, str, int] | None] = []  # (pixels, label, key, source) per slot
             for sample, s, rng in slots:
-                out = decode_sample(sample, lambda b: spec.transform(b, rng))
+                out = decode_sample(sample, lambda b: spec.transform(b, rng), label_of[s])
                 if isinstance(out, str):
                     skipped[SKIP_KINDS.index(out)] += 1
                     filled.append(None)
@@ -123,7 +126,7 @@ class TrainWorkerStream(IterableDataset):
                     donor, s = last_good
                 else:
                     continue  # nothing usable read yet on this worker: the batch stays short
-                out = decode_sample(donor, lambda b: spec.transform(b, slots[i][2]))
+                out = decode_sample(donor, lambda b: spec.transform(b, slots[i][2]), label_of[s])
                 filled[i] = (out[0], out[1], donor["__key__"], s)
                 replaced += 1
             images, labels, keys, srcs = (list(x) for x in zip(*[f for f in filled if f is not None])) \
