@@ -12,6 +12,7 @@ Any `dotted.key=value` after the options overrides the config file.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -83,6 +84,12 @@ def main(argv: list[str] | None = None) -> int:
     except Preempted as e:
         print(f"{e}", file=sys.stderr)
         return REQUEUE_EXIT_CODE
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        # A full disk outside the checkpoint writer (which says more: see checkpoint.py): eval records, config.
+        report(f"{e.filename or 'the run dir'}: no space left on the device ({e.strerror}); free space or move run.dir")
+        return 2
     finally:
         if trainer is not None:
             trainer.close()
