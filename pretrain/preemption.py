@@ -7,13 +7,20 @@ handler only sets a flag (nothing else is safe inside a signal handler). The tra
 saves the same step even when the signal reaches them a moment apart, or reaches only one of them.
 The process then exits with REQUEUE_EXIT_CODE, which cluster/slurm/pretrain.sbatch turns into
 `scontrol requeue`; the requeued job resumes from that checkpoint (`checkpoint.resume: auto`).
+
+A signal that arrives while the rank waits for data (`interruptible`: a store that does not answer
+while the reads are retried) ends the wait at once: the trainer finishes the step on stand-in batches so
+that every collective still meets, has every rank drop it (the loss guard's veto), and saves the step
+boundary before it -- weights, schedule, data position and RNG of the last finished step.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import threading
 from types import FrameType
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -37,6 +44,11 @@ class Preempted(Exception):
         self.step = step
 
 
+class WaitInterrupted(BaseException):
+    """A wait for data ended by a preemption signal (raised inside `PreemptionWatcher.interruptible`).
+    A BaseException, like KeyboardInterrupt, so that no `except Exception` on the way swallows it."""
+
+
 class PreemptionWatcher:
     """Catches the preemption signals in this process and answers, collectively, "stop now?".
 
@@ -49,6 +61,8 @@ class PreemptionWatcher:
         self.dist = dist_info
         self.signal_name: str | None = None
         self.data_failed = False  # any rank's data storage failed for good (see requested)
+        self.save_failed = False  # any rank's checkpoint thread failed (see requested)
+        self._waiting = False  # inside `interruptible`: the handler ends the wait
         self._boundaries = 0  # calls of requested() so far = step boundaries seen
         self._signal_at = 0
         if threading.current_thread() is threading.main_thread():  # signal.signal's own rule
@@ -63,17 +77,37 @@ class PreemptionWatcher:
         if self.signal_name is None:
             self.signal_name = signal.Signals(signum).name
             self._signal_at = self._boundaries
+        if self._waiting:
+            self._waiting = False
+            raise WaitInterrupted(f"{self.signal_name} received while waiting for data")
 
-    def requested(self, data_failed: bool = False) -> bool:
+    @contextlib.contextmanager
+    def interruptible(self) -> Iterator[None]:
+        """A wait (for the next batch) that a preemption signal ends with WaitInterrupted: at once when
+        the signal came earlier in this step, else when it comes."""
+        if self.signal_name is not None:
+            raise WaitInterrupted(f"{self.signal_name} received; not waiting for more data")
+        self._waiting = True
+        try:
+            yield
+        finally:
+            self._waiting = False
+
+    def stop_reason(self) -> str | None:
+        """Why this process should stop waiting (a signal arrived), or None; for the storage retry layer."""
+        return f"{self.signal_name} received" if self.signal_name else None
+
+    def requested(self, data_failed: bool = False, save_failed: bool = False) -> bool:
         """Collective (every rank calls it at every step boundary): did any rank get a signal?
 
-        ``data_failed`` rides along in the same all-reduce (no extra collective per step): afterwards
-        ``self.data_failed`` says whether any rank's data storage failed for good."""
+        ``data_failed`` and ``save_failed`` ride along in the same all-reduce (no extra collective per
+        step): afterwards ``self.data_failed`` / ``self.save_failed`` say whether any rank's data storage
+        failed for good / any rank's checkpoint thread ended in an error."""
         self._boundaries += 1
-        flag = torch.tensor([1 if self.signal_name else 0, int(data_failed)], dtype=torch.int32)
+        flag = torch.tensor([1 if self.signal_name else 0, int(data_failed), int(save_failed)], dtype=torch.int32)
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
-        self.data_failed = bool(flag[1].item())
+        self.data_failed, self.save_failed = bool(flag[1].item()), bool(flag[2].item())
         return bool(flag[0].item())
 
     def reason(self) -> str:
