@@ -6,7 +6,8 @@ over, at start, when:
 
 - its heartbeat is older than `run.lease_timeout_s` (the owner died without releasing it; a node
   that lost power, a SIGKILL on another host);
-- it names this SLURM job (same SLURM_JOB_ID): a requeued job continues its own run at once;
+- it names this SLURM job (same SLURM_JOB_ID): a requeued job continues its own run at once; likewise
+  this torchrun job (same rendezvous id, when one is given): an elastic restart after a node loss;
 - it names a process of this host that no longer exists (kill -9 and start again on a workstation).
 
 Taking and taking over are atomic, so two runs that start together cannot both win:
@@ -55,19 +56,21 @@ class Owner:
     slurm_job: str
     started: float
     heartbeat: float
+    elastic_run: str = ""  # torchrun's --rdzv_id when set by the user (the same across elastic restarts)
 
     @classmethod
     def me(cls) -> Owner:
         now = time.time()
+        run_id = os.environ.get("TORCHELASTIC_RUN_ID", "")
         return cls(secrets.token_hex(8), socket.gethostname(), os.getpid(), os.environ.get("SLURM_JOB_ID", ""),
-                   now, now)
+                   now, now, "" if run_id in ("none", "local") else run_id)  # torchrun's and our default ids
 
     @classmethod
     def parse(cls, data: bytes) -> Owner | None:
         try:
             d = json.loads(data)
             return cls(str(d["token"]), str(d["host"]), int(d["pid"]), str(d.get("slurm_job", "")),
-                       float(d["started"]), float(d["heartbeat"]))
+                       float(d["started"]), float(d["heartbeat"]), str(d.get("elastic_run", "")))
         except (ValueError, KeyError, TypeError):
             return None
 
@@ -270,6 +273,8 @@ class RunLease:
             return "it is ours"
         if self.owner.slurm_job and other.slurm_job == self.owner.slurm_job:
             return f"SLURM job {other.slurm_job} was requeued"
+        if self.owner.elastic_run and other.elastic_run == self.owner.elastic_run:
+            return f"torchrun job {other.elastic_run} restarted its ranks"
         if other.host == self.owner.host and (other.pid == self.owner.pid or _pid_gone(other.pid)):
             return f"its owner (pid {other.pid} on this host) is gone"
         if time.time() - other.heartbeat > self.timeout_s:

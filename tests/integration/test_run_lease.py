@@ -105,6 +105,17 @@ def test_requeued_slurm_job_takes_its_own_run_over_at_once(run_dir, monkeypatch)
     write_lease(run_dir, slurm_job="99999")
     with pytest.raises(RunDirBusy, match="SLURM job 99999"):
         RunLease(run_dir, timeout_s=300).acquire()
+    # Without SLURM: torchrun's rendezvous id, when the user gives one, is the job across elastic restarts.
+    monkeypatch.delenv("SLURM_JOB_ID")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "mixer-l16-7")
+    write_lease(run_dir, elastic_run="mixer-l16-7")
+    lease = RunLease(run_dir, timeout_s=300)
+    lease.acquire()
+    lease.release()
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")  # torchrun's default id names no job
+    write_lease(run_dir, elastic_run="none")
+    with pytest.raises(RunDirBusy):
+        RunLease(run_dir, timeout_s=300).acquire()
 
 
 def test_two_mains_on_one_run_dir(tmp_path, demo_root):
