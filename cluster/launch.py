@@ -130,19 +130,13 @@ def _report(failures: dict) -> None:
         text = f.error_file_data.get("message")  # torchrun's placeholder without an error file: "<NONE>"
         return text if isinstance(text, str) and text != "<NONE>" else None
 
-    def lost_peer(f) -> bool:
-        return bool(f.error_file_data.get("lost_peer"))
-
-    def stopped_by_torchrun(f) -> bool:
-        return f.exitcode == -signal.SIGTERM
-    culprits = [f for f in failures.values() if f.exitcode != REQUEUE_EXIT_CODE and not lost_peer(f)
-                and not stopped_by_torchrun(f)]
+    def cause(f) -> bool:  # what ended the run, rather than a consequence of it
+        return f.exitcode not in (REQUEUE_EXIT_CODE, -signal.SIGTERM) and not f.error_file_data.get("lost_peer")
+    any_cause = any(cause(f) for f in failures.values())
     seen: set[str] = set()
     for rank, failure in sorted(failures.items()):
-        if failure.exitcode == REQUEUE_EXIT_CODE or (stopped_by_torchrun(failure) and len(culprits) < len(failures)):
-            continue
-        if lost_peer(failure) and culprits:
-            continue
+        if failure.exitcode == REQUEUE_EXIT_CODE or (any_cause and not cause(failure)):
+            continue  # preempted (said by the rank); stopped by torchrun, or lost its peer, after another failed
         if message(failure):
             line = f"error: {message(failure)}"
         elif failure.exitcode < 0:

@@ -8,10 +8,12 @@ saves the same step even when the signal reaches them a moment apart, or reaches
 The process then exits with REQUEUE_EXIT_CODE, which cluster/slurm/pretrain.sbatch turns into
 `scontrol requeue`; the requeued job resumes from that checkpoint (`checkpoint.resume: auto`).
 
-A signal that arrives while the rank waits for data (`interruptible`: a store that does not answer
-while the reads are retried) ends the wait at once: the trainer finishes the step on stand-in batches so
-that every collective still meets, has every rank drop it (the loss guard's veto), and saves the step
-boundary before it -- weights, schedule, data position and RNG of the last finished step.
+A signal also bounds the waits for data (`interruptible`): a batch that has not come STALL_GRACE_S
+after the signal means storage that does not answer (reads being retried, up to the retry budget);
+the wait ends there, the trainer finishes the step on stand-in batches so that every collective still
+meets, has every rank drop it (the loss guard's veto), and saves the step boundary before it --
+weights, schedule, data position and RNG of the last finished step. A batch that comes in time is
+used: without a stall, the step in progress is finished and saved, as before.
 """
 from __future__ import annotations
 
@@ -32,6 +34,9 @@ log = logging.getLogger(__name__)
 # EX_TEMPFAIL from sysexits.h: "temporary failure, the user is invited to retry". Distinct from
 # 0 (done), 1 (crash) and 2 (bad input) so that a script can requeue on exactly this code.
 REQUEUE_EXIT_CODE = 75
+# After a preemption signal, a wait for the next batch longer than this is a stall (storage not answering):
+# far above a normal wait (milliseconds, with the workers reading ahead), far below a scheduler's grace period.
+STALL_GRACE_S = 3.0
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
@@ -65,9 +70,11 @@ class PreemptionWatcher:
         self._waiting = False  # inside `interruptible`: the handler ends the wait
         self._boundaries = 0  # calls of requested() so far = step boundaries seen
         self._signal_at = 0
-        if threading.current_thread() is threading.main_thread():  # signal.signal's own rule
+        self._can_alarm = threading.current_thread() is threading.main_thread()  # signal.signal's own rule
+        if self._can_alarm:
             for sig in signals:
                 signal.signal(sig, self._handle)
+            signal.signal(signal.SIGALRM, self._stalled)
         # Agreement travels over gloo on CPU tensors: no device synchronisation every step on NCCL.
         self._group = None
         if dist.is_available() and dist.is_initialized() and dist.get_backend() != "gloo":
@@ -78,20 +85,31 @@ class PreemptionWatcher:
             self.signal_name = signal.Signals(signum).name
             self._signal_at = self._boundaries
         if self._waiting:
+            self._arm()
+
+    def _arm(self) -> None:
+        if self._can_alarm:
+            signal.setitimer(signal.ITIMER_REAL, STALL_GRACE_S)
+
+    def _stalled(self, signum: int, frame: FrameType | None) -> None:
+        if self._waiting:  # the alarm of a wait that already ended is ignored
             self._waiting = False
-            raise WaitInterrupted(f"{self.signal_name} received while waiting for data")
+            raise WaitInterrupted(f"{self.signal_name} received and no data for {STALL_GRACE_S:g}s (storage "
+                                  "stalled?)")
 
     @contextlib.contextmanager
     def interruptible(self) -> Iterator[None]:
-        """A wait (for the next batch) that a preemption signal ends with WaitInterrupted: at once when
-        the signal came earlier in this step, else when it comes."""
-        if self.signal_name is not None:
-            raise WaitInterrupted(f"{self.signal_name} received; not waiting for more data")
+        """A wait (for the next batch) that a preemption signal bounds: STALL_GRACE_S after the signal
+        (or after entering, when the signal came earlier) it ends with WaitInterrupted."""
         self._waiting = True
+        if self.signal_name is not None:
+            self._arm()
         try:
             yield
         finally:
             self._waiting = False
+            if self._can_alarm and self.signal_name is not None:
+                signal.setitimer(signal.ITIMER_REAL, 0)
 
     def stop_reason(self) -> str | None:
         """Why this process should stop waiting (a signal arrived), or None; for the storage retry layer."""
