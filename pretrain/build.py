@@ -22,7 +22,7 @@ from data_pipeline.image.transforms import TrainTransform
 
 from .checkpoint import Checkpointer
 from .config import ConfigError, engine_options
-from .dist import DistInfo, barrier, node_leaders
+from .dist import DistInfo, barrier, broadcast_object, node_leaders
 from .engines import Engine, build_engine, effective_kind
 from .evaluation import EVALUATORS, EvalContext, EvalRunner, Evaluator
 from .loss import build_loss
@@ -32,6 +32,7 @@ from .models import apply_mlp_impl, create_model
 from .monitor import Monitor
 from .optim import build_optimizer, build_scheduler
 from .preemption import PreemptionWatcher
+from .run_lease import RunDirBusy, RunLease
 
 log = logging.getLogger("pretrain")
 
@@ -223,3 +224,19 @@ def build_eval_runner(cfg: DictConfig, dist_info: DistInfo, autocast: Callable[[
 def build_preemption_watcher(dist_info: DistInfo) -> PreemptionWatcher:
     """SIGTERM / SIGUSR1 (SLURM's warning, a spot reclaim) -> checkpoint at the step boundary, exit for requeue."""
     return PreemptionWatcher(dist_info)
+
+
+def build_run_lease(cfg: DictConfig, dist_info: DistInfo) -> RunLease | None:
+    """Rank 0 takes the run dir's lease (pretrain/run_lease.py); every rank gets its answer, so a busy
+    run dir stops every rank with the same line (ConfigError). Other ranks hold None."""
+    lease, error = None, None
+    if dist_info.is_main:
+        try:
+            lease = RunLease(cfg.run.dir, cfg.run.lease_timeout_s)
+            lease.acquire()
+        except RunDirBusy as e:
+            error = str(e)
+    error = broadcast_object(error)
+    if error:
+        raise ConfigError(error)
+    return lease

@@ -27,6 +27,9 @@ class RunConfig:
     name: str = "mixer"
     # Every artefact of a run (checkpoints, TensorBoard, eval records, resolved config) lives here.
     dir: str = "runs/${run.name}"
+    # One run owns run.dir (pretrain/run_lease.py): a second one stops at start. A lease whose heartbeat
+    # (every quarter of this) is older than this is taken over: its owner died without releasing it.
+    lease_timeout_s: float = 120.0
 
 
 @dataclass
@@ -449,6 +452,7 @@ POSITIVE, COUNT, FRACTION = above(0), at_least(0), within(0, 1)
 # tests/unit/test_config_validation.py checks that every numeric key of the schema has a rule here.
 RULES: dict[str, Rule] = {
     "run.dir": location(required=True),
+    "run.lease_timeout_s": above(0),
     "model.num_classes": POSITIVE,
     "model.img_size": optional(POSITIVE),
     "model.drop_rate": within(0, 1, hi_open=True),

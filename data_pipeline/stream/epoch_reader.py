@@ -18,6 +18,10 @@ from data_pipeline.stream.plan import EpochPlan
 
 log = logging.getLogger(__name__)
 
+# Why a range read found no sample where the manifest said one starts (a manifest of other shards, or
+# shards rewritten after indexing); the run's skip-fraction stop repeats it.
+OFFSETS_MISMATCH = ("the manifest's offsets do not match the shard (no tar sample at a sample's offset); rebuild "
+                    "the manifest with python -m data_pipeline.index '<shards>' --out <manifest.json>")
 _MAX_RUN_BYTES = 64 << 20  # one range request reads at most this much (more samples: more requests)
 
 
@@ -120,7 +124,7 @@ class EpochReader:
             sample = parse_sample(chunk, url) if len(chunk) == offsets[k + 1] - offsets[k] else None
             if sample is None:
                 why = "the shard is shorter than its manifest says" if len(chunk) < offsets[k + 1] - offsets[k] \
-                    else "the bytes at this sample's offset are not one tar sample"
+                    else OFFSETS_MISMATCH
                 sample = self._missing(j, url, k, why)
             if k != idx:
                 self._cache[first + k] = sample

@@ -98,6 +98,8 @@ class TrainLoader:
         self._schedule: RankSchedule | None = None
         self.source_counts = [0] * len(self.sources)  # samples delivered per source on this rank
         self.bytes_read = 0  # bytes read from storage by range reads in the current iteration (all workers)
+        self.skip_causes: dict[str, str] = {}  # per skip kind, the first sample skipped for it on this rank, and why
+        self._mark: tuple | None = None
 
     def _resolve(self, specs: list[DataSource]) -> list[ResolvedSource]:
         # Every rank reads the manifests itself: no rank waits on another, and nothing is counted.
@@ -157,12 +159,25 @@ class TrainLoader:
             self._schedule.next()
             self._source_state, self._total = self._schedule.state(), self._schedule.total
             self._skipped = [a + b for a, b in zip(self._skipped, item.skipped)]
+            for kind, why in item.causes.items():
+                self.skip_causes.setdefault(kind, why)
             self.delivered += len(item.batch) - item.replaced
             worker_bytes[expected % workers] = item.bytes_read
             self.bytes_read = sum(worker_bytes)
             for s in item.batch.sources or ():
                 self.source_counts[s] += 1
             yield item.batch
+
+    def mark(self) -> None:
+        """Remember the position (a step boundary) that ``rewind`` goes back to; cheap, local."""
+        self._mark = (self._source_state, self._total, list(self._skipped), self.delivered, list(self.source_counts))
+
+    def rewind(self) -> None:
+        """Back to the position of the last ``mark``: the batches delivered since then count as never read
+        (a step cut short by a preemption signal is saved as the step boundary before it)."""
+        if self._mark is not None:
+            self._source_state, self._total, skipped, self.delivered, counts = self._mark
+            self._skipped, self.source_counts = list(skipped), list(counts)
 
     def blank_batch(self) -> Batch:
         """A full batch of black images, label 0: a stand-in while a run stops (never trained on for real)."""
