@@ -9,6 +9,7 @@ import io
 import math
 
 import numpy as np
+import torch
 from PIL import Image
 
 from data_pipeline.image.augment import RandAugment
@@ -21,14 +22,45 @@ except ImportError:  # pragma: no cover - depends on the platform's wheels
 _JPEG_MAGIC = b"\xff\xd8"
 
 
+def jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """``(width, height)`` from a JPEG's header without decoding pixels; None if not a JPEG simplejpeg reads."""
+    if simplejpeg is None or data[:2] != _JPEG_MAGIC:
+        return None
+    try:
+        height, width = simplejpeg.decode_jpeg_header(data)[:2]
+    except ValueError:
+        return None
+    return width, height
+
+
+def dct_reduction(width: int, height: int, min_width: int, min_height: int) -> int:
+    """The largest of 1, 2, 4, 8 that keeps a ``width`` x ``height`` region at least ``min_width`` x ``min_height``.
+
+    Only powers of two: libjpeg-turbo's SIMD IDCTs cover 1/1, 1/2 and 1/4 (1/8 is DC only), while the
+    other M/8 scales run scalar IDCTs and decode slower than the full image (measured in docs/decode.md).
+    """
+    d = 1
+    while d < 8 and width >= 2 * d * min_width and height >= 2 * d * min_height:
+        d *= 2
+    return d
+
+
+def _decode_reduced(data: bytes, width: int, height: int, d: int) -> np.ndarray:
+    """RGB pixels of a JPEG decoded at 1/``d`` scale by the IDCT (``d`` in 1, 2, 4, 8)."""
+    if d == 1:
+        return simplejpeg.decode_jpeg(data, colorspace="RGB")
+    # simplejpeg picks the smallest M/8 scale whose size is >= the minimum: exactly 1/d here.
+    return simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=-(-height // d), min_width=-(-width // d))
+
+
 def decode_image(data: bytes, min_size: int | None = None) -> Image.Image:
-    """Decode image bytes to RGB; JPEGs at least twice ``min_size`` are DCT-downscaled while decoding."""
-    if simplejpeg is not None and data[:2] == _JPEG_MAGIC:
+    """Decode image bytes to RGB; JPEGs at least twice ``min_size`` are DCT-downscaled (1/2, 1/4, 1/8) while
+    decoding, keeping both sides >= ``min_size``."""
+    size = jpeg_size(data)
+    if size is not None:
         try:
-            # min_height/min_width: the largest 1/2, 1/4, 1/8 DCT scale that keeps both sides >= min_size,
-            # as PIL's draft(); strict (the default) raises on corrupt or truncated data.
-            kw = {"min_height": min_size, "min_width": min_size} if min_size else {}
-            return Image.fromarray(simplejpeg.decode_jpeg(data, colorspace="RGB", **kw), "RGB")
+            d = dct_reduction(*size, min_size, min_size) if min_size else 1
+            return Image.fromarray(_decode_reduced(data, *size, d), "RGB")
         except ValueError:
             pass  # e.g. CMYK or progressive oddities simplejpeg refuses: let PIL decide
     img = Image.open(io.BytesIO(data))
@@ -84,6 +116,17 @@ def random_resized_crop(
     return img.resize((size, size), Image.Resampling.BILINEAR, box=(left, top, left + w, top + h))
 
 
+def resize_reduce(pixels: np.ndarray, size: int) -> np.ndarray:
+    """uint8 HWC ``pixels`` (at least ``size`` on both sides) -> ``size`` x ``size``, antialiased bilinear.
+
+    The filter of ``Image.resize(BILINEAR)``, differing only at the border: PIL's taps may reach outside
+    a ``box``, here they stop at the edge of ``pixels``.
+    """
+    x = torch.from_numpy(pixels).permute(2, 0, 1).unsqueeze(0)
+    out = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return out[0].permute(1, 2, 0).numpy()
+
+
 def center_crop_resize(img: Image.Image, size: int, crop_fraction: float = 0.875) -> Image.Image:
     """Centre square crop covering ``crop_fraction`` of the short side, resized to ``size`` (the usual eval view)."""
     side = min(img.width, img.height) * crop_fraction
@@ -121,13 +164,40 @@ class TrainTransform:
         self.decode_size = math.ceil(self.image_size / min_side)
 
     def __call__(self, data: bytes, rng: np.random.Generator) -> np.ndarray:
-        img = decode_image(data, self.decode_size)
-        img = random_resized_crop(img, self.image_size, rng, self.scale, self.ratio)
+        img = self._crop_jpeg(data, rng)
+        if img is None:  # not a JPEG simplejpeg reads: decode (PIL draft) first, then crop
+            img = decode_image(data, self.decode_size)
+            img = random_resized_crop(img, self.image_size, rng, self.scale, self.ratio)
         if self.hflip and rng.random() < 0.5:
-            img = horizontal_flip(img)
+            img = img[:, ::-1] if isinstance(img, np.ndarray) else horizontal_flip(img)
         if self.randaugment is not None:
-            img = self.randaugment(img, rng)
+            img = self.randaugment(img if isinstance(img, Image.Image) else Image.fromarray(img), rng)
         return np.asarray(img, dtype=np.uint8)
+
+    def _crop_jpeg(self, data: bytes, rng: np.random.Generator) -> Image.Image | np.ndarray | None:
+        """Decode only as much as the crop needs: the crop box is drawn from the header's size (the same
+        draws from ``rng`` as cropping a decoded image), then the IDCT scales by the largest 1/2, 1/4, 1/8
+        that keeps the crop at >= ``image_size`` on both sides, so the resize never upsamples."""
+        size = jpeg_size(data)
+        if size is None:
+            return None
+        width, height = size
+        state = rng.bit_generator.state
+        top, left, h, w = random_resized_crop_params(width, height, rng, self.scale, self.ratio)
+        d = dct_reduction(w, h, self.image_size, self.image_size)
+        try:
+            pixels = _decode_reduced(data, width, height, d)
+        except ValueError:  # simplejpeg refuses it (e.g. CMYK): PIL decides, with the same draws
+            rng.bit_generator.state = state
+            return None
+        if d == 1 and h >= self.image_size and w >= self.image_size:
+            # A reduction from full-size pixels: torch's uint8 antialiased bilinear (SIMD) is PIL's filter
+            # at about a third of PIL's cost (docs/decode.md).
+            return resize_reduce(pixels[top:top + h, left:left + w], self.image_size)
+        # Enlargements (e.g. the 32 px demo: the pixels of before) and DCT-scaled pixels stay with PIL, whose
+        # box may be fractional: DCT scaling maps pixel edges x -> x / d exactly.
+        box = (left / d, top / d, (left + w) / d, (top + h) / d)
+        return Image.fromarray(pixels, "RGB").resize((self.image_size,) * 2, Image.Resampling.BILINEAR, box=box)
 
     def __repr__(self) -> str:
         return (f"TrainTransform(image_size={self.image_size}, scale={self.scale}, ratio={self.ratio}, "

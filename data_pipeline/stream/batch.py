@@ -5,6 +5,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
+from torch.utils.data import get_worker_info
 
 
 @dataclass
@@ -42,6 +43,19 @@ def make_batch(images: list, labels: list[int], keys: list[str], size: int = 0,
                      labels=torch.tensor(labels, dtype=torch.int64), keys=list(keys), sources=sources,
                      encoded=[torch.frombuffer(bytearray(b), dtype=torch.uint8) for b, _ in images],
                      crops=torch.tensor([c for _, c in images], dtype=torch.int64))
-    stacked = np.stack(images) if images else np.zeros((0, size, size, 3), dtype=np.uint8)
-    return Batch(images=torch.from_numpy(stacked), labels=torch.tensor(labels, dtype=torch.int64),
+    stacked = _stack(images) if images else torch.zeros((0, size, size, 3), dtype=torch.uint8)
+    return Batch(images=stacked, labels=torch.tensor(labels, dtype=torch.int64),
                  keys=list(keys), sources=sources)
+
+
+def _stack(images: list[np.ndarray]) -> torch.Tensor:
+    """The images as one uint8 tensor. In a DataLoader worker it is written straight into shared memory, as
+    torch's default_collate does: sending a tensor that is not there yet costs one more copy of the batch."""
+    shape = (len(images), *np.shape(images[0]))
+    if get_worker_info() is None:
+        out = torch.empty(shape, dtype=torch.uint8)
+    else:
+        elem = torch.empty(0, dtype=torch.uint8)
+        out = elem.new(elem._typed_storage()._new_shared(int(np.prod(shape)), device=elem.device)).resize_(shape)
+    np.stack(images, out=out.numpy())
+    return out
