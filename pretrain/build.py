@@ -117,10 +117,10 @@ def memory_report(cfg: DictConfig, world_size: int, where: str, model: nn.Module
     e = cfg.engine
     micro, accum = batch_layout(cfg, info, where)
     estimate = estimate_memory(model, engine=effective_kind(e.kind, info), world_size=world_size,
-                               micro_batch_size=micro, precision=cfg.train.precision, zero_stage=e.zero_stage,
-                               offload_optimizer=e.offload_optimizer,
+                               micro_batch_size=micro, precision=cfg.train.precision, zero_stage=e.deepspeed.zero_stage,
+                               offload_optimizer=e.deepspeed.offload_optimizer,
                                activation_checkpointing=e.activation_checkpointing)
-    engine = e.kind + (f" ZeRO-{e.zero_stage}" if e.kind == "deepspeed" else "")
+    engine = e.kind + (f" ZeRO-{e.deepspeed.zero_stage}" if e.kind == "deepspeed" else "")
     return f"{cfg.model.name} on {engine}, {world_size} ranks, micro batch {micro} x {accum}: {estimate.describe()}"
 
 
