@@ -6,7 +6,7 @@ from functools import partial
 from typing import Any, Callable
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from data_pipeline.augment import MixupCutmix, RandAugment
@@ -22,6 +22,7 @@ from data_pipeline.transforms import TrainTransform
 
 from .checkpoint import Checkpointer
 from .config import ConfigError, engine_options
+from .data_check import check_data_paths, manifest_num_classes, placeholder_error
 from .dist import DistInfo, barrier, node_leaders
 from .engines import Engine, build_engine, effective_kind
 from .evaluation import EVALUATORS, EvalContext, EvalRunner, Evaluator
@@ -69,7 +70,36 @@ def prepare_data(cfg: DictConfig, dist_info: DistInfo, storage: Storage) -> None
             barrier()
 
 
+def check_data(cfg: DictConfig, storage: Storage, where: str, train: bool = True) -> None:
+    """Every data path the run reads (training, data.val, each enabled evaluator's splits) is there:
+    checked before the engine is built, so a wrong eval path is not found hours later."""
+    check_data_paths(cfg, storage, where, train)
+
+
+def resolve_num_classes(cfg: DictConfig, storage: Storage, where: str) -> DictConfig:
+    """The config with model.num_classes a number: `auto` takes the training manifest's; a number given
+    that disagrees with the manifest stops the run (a head of the wrong size trains without a word)."""
+    given = cfg.model.num_classes
+    if given != "auto":
+        try:
+            found = manifest_num_classes(cfg, storage, where)
+        except DataSpecError:  # shards without a manifest (or one without counts): the number given stands
+            return cfg
+        if found != given:
+            key = "data.sources" if cfg.data.sources else "data.train"
+            raise ConfigError(f"{where}: 'model.num_classes' is {given} but the manifest of {key} has {found} "
+                              f"classes; set model.num_classes={found} or model.num_classes=auto")
+        return cfg
+    resolved = cfg.copy()
+    OmegaConf.set_readonly(resolved, False)
+    resolved.model.num_classes = manifest_num_classes(cfg, storage, where)
+    OmegaConf.set_readonly(resolved, True)
+    return resolved
+
+
 def build_model(cfg: DictConfig, where: str = "config") -> nn.Module:
+    if cfg.model.num_classes == "auto":
+        raise ConfigError(f"{where}: 'model.num_classes' is 'auto' here; resolve it from the manifest first")
     overrides = {"drop_rate": cfg.model.drop_rate, "drop_path_rate": cfg.model.drop_path_rate}
     if cfg.model.img_size is not None:
         overrides["img_size"] = cfg.model.img_size
@@ -110,7 +140,10 @@ def build_train_loss(cfg: DictConfig) -> nn.Module:
 def memory_report(cfg: DictConfig, world_size: int, where: str, model: nn.Module | None = None) -> str:
     """One line: the per-device memory estimate of this config on `world_size` ranks. Without `model`
     it is built on the meta device (no memory, no init), as for `main.py --estimate-memory`."""
+    note = ""
     if model is None:
+        if cfg.model.num_classes == "auto":
+            cfg, note = _classes_for_estimate(cfg, where)
         with torch.device("meta"):
             model = build_model(cfg, where)
     info = DistInfo(rank=0, world_size=world_size, local_rank=0, device=torch.device("cpu"))
@@ -121,7 +154,22 @@ def memory_report(cfg: DictConfig, world_size: int, where: str, model: nn.Module
                                offload_optimizer=e.deepspeed.offload_optimizer,
                                activation_checkpointing=e.activation_checkpointing)
     engine = e.kind + (f" ZeRO-{e.deepspeed.zero_stage}" if e.kind == "deepspeed" else "")
-    return f"{cfg.model.name} on {engine}, {world_size} ranks, micro batch {micro} x {accum}: {estimate.describe()}"
+    return (f"{cfg.model.name} on {engine}, {world_size} ranks, micro batch {micro} x {accum}: "
+            f"{estimate.describe()}{note}")
+
+
+def _classes_for_estimate(cfg: DictConfig, where: str) -> tuple[DictConfig, str]:
+    """model.num_classes auto for an estimate made before the data is there: the manifest's count if it
+    can be read, else a 1000-class head, said so in the line."""
+    if not cfg.data.sources and placeholder_error("data.train", cfg.data.train, where) is None:
+        try:
+            return resolve_num_classes(cfg, build_storage(cfg), where), ""
+        except DataSpecError:
+            pass
+    fixed = cfg.copy()
+    OmegaConf.set_readonly(fixed, False)
+    fixed.model.num_classes = 1000
+    return fixed, " (head counted for 1000 classes: model.num_classes is auto and data.train is not readable)"
 
 
 def build_storage(cfg: DictConfig) -> Storage:

@@ -32,7 +32,8 @@ class RunConfig:
 @dataclass
 class ModelConfig:
     name: str = "mixer_b16_224"  # any name from pretrain.models.list_models()
-    num_classes: int = 1000
+    # auto: the training manifest's num_classes (or len(classes)); a number is checked against it at start.
+    num_classes: Any = "auto"
     img_size: Optional[int] = None  # None: the variant's own resolution
     drop_rate: float = 0.0
     drop_path_rate: float = 0.0
@@ -451,7 +452,8 @@ POSITIVE, COUNT, FRACTION = above(0), at_least(0), within(0, 1)
 # tests/unit/test_config_validation.py checks that every numeric key of the schema has a rule here.
 RULES: dict[str, Rule] = {
     "run.dir": location(required=True),
-    "model.num_classes": POSITIVE,
+    "model.num_classes": Rule(lambda v: v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v > 0),
+                              "'auto' (from the training manifest) or an integer > 0"),
     "model.img_size": optional(POSITIVE),
     "model.drop_rate": within(0, 1, hi_open=True),
     "model.drop_path_rate": within(0, 1, hi_open=True),

@@ -54,15 +54,17 @@ class Trainer:
         self.run_dir = cfg.run.dir
         self.micro_batch_size, self.accum_steps = build.batch_layout(cfg, self.dist, config_source)
         self.batch_size = self.micro_batch_size * self.accum_steps  # per rank per optimiser step
+        storage = build.build_storage(cfg)  # the one handle every data read goes through
+        build.prepare_data(cfg, self.dist, storage)
+        # Every data path (training, val, each evaluator's) fails here, before anything is allocated.
+        build.check_data(cfg, storage, config_source)
+        self.cfg = cfg = build.resolve_num_classes(cfg, storage, config_source)  # model.num_classes: auto
         # Same seed on every rank for the weights (DDP also broadcasts rank 0's), then a per-rank
         # seed so that dropout / drop-path masks differ between ranks.
         torch.manual_seed(cfg.train.seed)
         model = build.build_model(cfg, config_source)
         torch.manual_seed(cfg.train.seed + 1000 * (self.dist.rank + 1))
         n_params = sum(p.numel() for p in model.parameters())
-        storage = build.build_storage(cfg)  # the one handle every data read goes through
-        build.prepare_data(cfg, self.dist, storage)
-        # Bad data specs fail here, before the engine allocates anything.
         self.loader = build.build_train_loader(cfg, self.dist, self.micro_batch_size, storage)
         self.data_error: str | None = None  # this rank's storage failed for good (see next_batch)
         self.last_batch: Batch | None = None
