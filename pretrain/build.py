@@ -33,6 +33,7 @@ from .models import apply_mlp_impl, create_model
 from .monitor import Monitor
 from .optim import build_optimizer, build_scheduler
 from .preemption import PreemptionWatcher
+from .profiling import StepProfiler
 
 log = logging.getLogger("pretrain")
 
@@ -266,6 +267,11 @@ def build_eval_runner(cfg: DictConfig, dist_info: DistInfo, autocast: Callable[[
     wanted = not in_training or cfg.eval.mode == "inline"
     evaluators = build_evaluators(cfg, dist_info, autocast, storage) if wanted else []
     return EvalRunner(evaluators, cfg.run.dir, dist_info, scalars)
+
+
+def build_profiler(cfg: DictConfig, dist_info: DistInfo) -> StepProfiler:
+    """train.profile: torch.profiler traces of the listed steps in <run.dir>/profile."""
+    return StepProfiler(cfg.run.dir, cfg.train.profile, dist_info)
 
 
 def build_preemption_watcher(dist_info: DistInfo) -> PreemptionWatcher:

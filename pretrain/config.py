@@ -148,6 +148,9 @@ class TrainConfig:
     # corrupting the weights; max_bad_steps in a row stop the run (something is broken, not noisy).
     spike_factor: float = 0.0  # 0 disables spike detection (non-finite losses are always skipped)
     max_bad_steps: int = 5
+    # Optimiser steps (1-based) traced with torch.profiler into <run.dir>/profile (pretrain/profiling.py),
+    # with a CUDA memory snapshot where CUDA is present; e.g. [20, 21]: steps after the warm-up of the caches.
+    profile: List[int] = field(default_factory=list)
 
 
 @dataclass
@@ -505,6 +508,8 @@ RULES: dict[str, Rule] = {
     "train.grad_accum_steps": optional(POSITIVE),
     "train.spike_factor": Rule(lambda v: _number(v) and (v == 0 or v > 1), "0 (off) or > 1"),
     "train.max_bad_steps": POSITIVE,
+    "train.profile": Rule(lambda v: isinstance(v, (list, ListConfig)) and all(POSITIVE.ok(x) for x in v),
+                          "a list of steps, each > 0 (e.g. [20, 21])"),
     "engine.kind": one_of("single", "ddp", "fsdp", "deepspeed"),
     "engine.backend": one_of("auto", "gloo", "nccl"),
     "engine.deepspeed.zero_stage": one_of(1, 2, 3),

@@ -82,6 +82,7 @@ class Trainer:
                                                   storage)
         self.step = 0  # optimiser steps taken; everything else is owned by the components
         self.last_save = time.monotonic()  # for checkpoint.every_minutes
+        self.profiler = build.build_profiler(cfg, self.dist)  # train.profile: traces of chosen steps
         self.preemption = build.build_preemption_watcher(self.dist)  # SIGTERM/SIGUSR1 -> checkpoint, exit
         if cfg.checkpoint.resume == "never" and self.checkpointer.list_steps():
             raise ConfigError(f"{config_source}: checkpoint.resume is 'never' but {self.run_dir} already "
@@ -174,7 +175,8 @@ class Trainer:
         batches = iter(self.loader)
         self.engine.model.train()
         while self.step < cfg.train.steps:
-            self.train_step(batches)
+            with self.profiler.step(self.step + 1):
+                self.train_step(batches)
             # ---- step boundary: weights, schedule and data position agree on self.step here
             preempted = self.preemption.requested(data_failed=self.data_error is not None)  # collective
             if self.preemption.data_failed:
