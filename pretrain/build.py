@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from functools import partial
 from typing import Any, Callable
 
@@ -28,7 +29,7 @@ from .engines import Engine, build_engine, effective_kind
 from .evaluation import EVALUATORS, EvalContext, EvalRunner, Evaluator
 from .loss import build_loss
 from .loss_guard import LossGuard
-from .memory import estimate_memory
+from .memory import GIB, MachineMemory, MemoryEstimate, estimate_memory, host_memory
 from .models import apply_mlp_impl, create_model
 from .monitor import Monitor
 from .optim import build_optimizer, build_scheduler
@@ -138,8 +139,9 @@ def build_train_loss(cfg: DictConfig) -> nn.Module:
     return build_loss(cfg.optim.loss, cfg.optim.label_smoothing)
 
 
-def memory_report(cfg: DictConfig, world_size: int, where: str, model: nn.Module | None = None) -> str:
-    """One line: the per-device memory estimate of this config on `world_size` ranks. Without `model`
+def memory_estimate(cfg: DictConfig, world_size: int, where: str, model: nn.Module | None = None,
+                    device_type: str = "cpu", rank: int = 0) -> tuple[str, MemoryEstimate]:
+    """The memory estimate of this config on `world_size` ranks, and its one-line report. Without `model`
     it is built on the meta device (no memory, no init), as for `main.py --estimate-memory`."""
     note = ""
     if model is None:
@@ -153,10 +155,54 @@ def memory_report(cfg: DictConfig, world_size: int, where: str, model: nn.Module
     estimate = estimate_memory(model, engine=effective_kind(e.kind, info), world_size=world_size,
                                micro_batch_size=micro, precision=cfg.train.precision, zero_stage=e.deepspeed.zero_stage,
                                offload_optimizer=e.deepspeed.offload_optimizer,
-                               activation_checkpointing=e.activation_checkpointing)
+                               activation_checkpointing=e.activation_checkpointing, device_type=device_type,
+                               async_checkpoint=cfg.checkpoint.async_save, num_workers=cfg.data.num_workers,
+                               image_size=cfg.data.image_size, rank=rank)
     engine = e.kind + (f" ZeRO-{e.deepspeed.zero_stage}" if e.kind == "deepspeed" else "")
-    return (f"{cfg.model.name} on {engine}, {world_size} ranks, micro batch {micro} x {accum}: "
+    line = (f"{cfg.model.name} on {engine}, {world_size} ranks, micro batch {micro} x {accum}, {device_type}: "
             f"{estimate.describe()}{note}")
+    return line, estimate
+
+
+def memory_report(cfg: DictConfig, world_size: int, where: str, model: nn.Module | None = None,
+                  device_type: str = "cpu") -> str:
+    """One line: the memory estimate of this config on `world_size` ranks (see memory_estimate)."""
+    return memory_estimate(cfg, world_size, where, model, device_type)[0]
+
+
+def check_memory_fit(cfg: DictConfig, estimate: MemoryEstimate, dist_info: DistInfo, where: str) -> None:
+    """Stop before step 1 when the estimate exceeds what this machine has: one line with both numbers and
+    what to change, instead of the kernel killing a rank at its first checkpoint (seen by the others as a
+    gloo 'Connection reset by peer'). train.memory_check=false skips it."""
+    if not cfg.train.memory_check:
+        return
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    needs: list[tuple[int, MachineMemory]] = [(estimate.host, host_memory(local_ranks))]
+    if dist_info.device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(dist_info.device)
+        name = f"{dist_info.device} ({torch.cuda.get_device_name(dist_info.device)})"
+        needs.append((estimate.total, MachineMemory(free + torch.cuda.memory_reserved(dist_info.device), total, name)))
+    for need, have in needs:
+        if need > have.available:
+            raise ConfigError(f"{where}: the run needs about {need / GIB:.1f} GiB of {have.what} per rank (memory "
+                              f"estimate above) but {have.available / GIB:.1f} GiB is available there; "
+                              f"{_memory_advice(cfg)}, or train.memory_check=false to start anyway")
+
+
+def _memory_advice(cfg: DictConfig) -> str:
+    e, advice = cfg.engine, []
+    if e.kind != "deepspeed" or e.deepspeed.zero_stage < 3:
+        advice.append("shard the weights (engine.kind=fsdp, or engine.kind=deepspeed engine.deepspeed.zero_stage=3)")
+    if e.kind == "deepspeed" and not e.deepspeed.offload_optimizer:
+        advice.append("engine.deepspeed.offload_optimizer=true")
+    if not e.activation_checkpointing:
+        advice.append("engine.activation_checkpointing=true")
+    advice.append("a smaller train.micro_batch_size (more grad_accum_steps)")
+    if cfg.checkpoint.async_save:
+        advice.append("checkpoint.async_save=false")
+    if cfg.data.num_workers > 2:
+        advice.append("fewer data.num_workers")
+    return "try " + ", ".join(advice[:-1]) + " or " + advice[-1]
 
 
 def _classes_for_estimate(cfg: DictConfig, where: str) -> tuple[DictConfig, str]:

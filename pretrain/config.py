@@ -151,6 +151,8 @@ class TrainConfig:
     # Optimiser steps (1-based) traced with torch.profiler into <run.dir>/profile (pretrain/profiling.py),
     # with a CUDA memory snapshot where CUDA is present; e.g. [20, 21]: steps after the warm-up of the caches.
     profile: List[int] = field(default_factory=list)
+    # Stop before step 1 when the memory estimate exceeds the host's (or the GPU's) free memory.
+    memory_check: bool = True
 
 
 @dataclass

@@ -59,6 +59,11 @@ class Trainer:
         # Every data path (training, val, each evaluator's) fails here, before anything is allocated.
         build.check_data(cfg, storage, config_source)
         self.cfg = cfg = build.resolve_num_classes(cfg, storage, config_source)  # model.num_classes: auto
+        # Before anything large is allocated: a run that cannot fit says so in its first lines, and stops.
+        line, estimate = build.memory_estimate(cfg, self.dist.world_size, config_source,
+                                               device_type=self.dist.device.type, rank=self.dist.rank)
+        log.info("memory estimate: %s", line)
+        build.check_memory_fit(cfg, estimate, self.dist, config_source)
         # Same seed on every rank for the weights (DDP also broadcasts rank 0's), then a per-rank
         # seed so that dropout / drop-path masks differ between ranks.
         torch.manual_seed(cfg.train.seed)
@@ -68,8 +73,6 @@ class Trainer:
         self.loader = build.build_train_loader(cfg, self.dist, self.micro_batch_size, storage)
         self.data_error: str | None = None  # this rank's storage failed for good (see next_batch)
         self.last_batch: Batch | None = None
-        # Before the engine allocates anything: a run that cannot fit says so in its first lines.
-        log.info("memory estimate: %s", build.memory_report(cfg, self.dist.world_size, config_source, model))
         self.engine = build.build_train_engine(cfg, model, self.dist, config_source)
         self.loss_fn = build.build_train_loss(cfg)
         self.guard = build.build_loss_guard(cfg)
