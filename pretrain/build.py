@@ -99,7 +99,8 @@ def resolve_num_classes(cfg: DictConfig, storage: Storage, where: str) -> DictCo
     return resolved
 
 
-def build_model(cfg: DictConfig, where: str = "config") -> nn.Module:
+def build_model(cfg: DictConfig, where: str = "config", mlp_impl: bool = True) -> nn.Module:
+    """The model of `cfg`; ``mlp_impl=False``: eager MLPs (shapes only, e.g. on the meta device for an estimate)."""
     if cfg.model.num_classes == "auto":
         raise ConfigError(f"{where}: 'model.num_classes' is 'auto' here; resolve it from the manifest first")
     overrides = {"drop_rate": cfg.model.drop_rate, "drop_path_rate": cfg.model.drop_path_rate}
@@ -115,7 +116,7 @@ def build_model(cfg: DictConfig, where: str = "config") -> nn.Module:
     if tuple(model.stem.img_size) != (size, size):
         raise ConfigError(f"{where}: 'data.image_size' is {size} but {cfg.model.name} takes "
                           f"{model.stem.img_size[0]} px; set model.img_size={size} or data.image_size")
-    return apply_mlp_impl(model, cfg.model.mlp_impl)
+    return apply_mlp_impl(model, cfg.model.mlp_impl) if mlp_impl else model
 
 
 def build_train_engine(cfg: DictConfig, model: nn.Module, dist_info: DistInfo, where: str = "config") -> Engine:
@@ -148,7 +149,7 @@ def memory_estimate(cfg: DictConfig, world_size: int, where: str, model: nn.Modu
         if cfg.model.num_classes == "auto":
             cfg, note = _classes_for_estimate(cfg, where)
         with torch.device("meta"):
-            model = build_model(cfg, where)
+            model = build_model(cfg, where, mlp_impl=False)  # the MLP kernels do not change the memory
     info = DistInfo(rank=0, world_size=world_size, local_rank=0, device=torch.device("cpu"))
     e = cfg.engine
     micro, accum = batch_layout(cfg, info, where)
