@@ -193,7 +193,8 @@ def check_memory_fit(cfg: DictConfig, estimate: MemoryEstimate, dist_info: DistI
 def _memory_advice(cfg: DictConfig) -> str:
     e, advice = cfg.engine, []
     if e.kind != "deepspeed" or e.deepspeed.zero_stage < 3:
-        advice.append("shard the weights (engine.kind=fsdp, or engine.kind=deepspeed engine.deepspeed.zero_stage=3)")
+        advice.append("sharding over more ranks (engine.kind=fsdp, or engine.kind=deepspeed "
+                      "engine.deepspeed.zero_stage=3)")
     if e.kind == "deepspeed" and not e.deepspeed.offload_optimizer:
         advice.append("engine.deepspeed.offload_optimizer=true")
     if not e.activation_checkpointing:

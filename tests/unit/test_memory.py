@@ -142,14 +142,16 @@ def test_estimate_is_within_35_percent_of_a_measured_run(tmp_path, demo_root):
 
 
 def test_a_run_that_cannot_fit_stops_before_step_1_with_one_line(tmp_path, demo_root):
-    """A million ranks sharing this host: each one's share is far below the estimate."""
+    """A million ranks sharing this host: each one's share is what it holds already, below the estimate of
+    a B/16 (60M parameters, at 32 px here); the check runs before the model is built."""
     import os
     import subprocess
     import sys
 
     from tests.conftest import MAIN, ROOT, tiny_args
 
-    r = subprocess.run([sys.executable, MAIN, *tiny_args(tmp_path / "run", demo_root, 4, 2, "eval.mode=none")],
+    r = subprocess.run([sys.executable, MAIN, *tiny_args(tmp_path / "run", demo_root, 4, 2, "eval.mode=none"),
+                        "model.name=mixer_b16_224", "model.img_size=32"],
                        capture_output=True, text=True, cwd=ROOT, timeout=120,
                        env={**os.environ, "OMP_NUM_THREADS": "1", "LOCAL_WORLD_SIZE": "1000000"})
     assert r.returncode == 2, r.stderr[-2000:]
