@@ -28,11 +28,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data_pipeline.plan import RankSchedule  # noqa: E402
-from data_pipeline.shards import encode_jpeg, write_shards  # noqa: E402
+from data_pipeline.stream.plan import RankSchedule  # noqa: E402
+from data_pipeline.shards.tar_write import encode_jpeg, write_shards  # noqa: E402
 from data_pipeline.storage import Storage  # noqa: E402
-from data_pipeline.train_loader import TrainLoader  # noqa: E402
-from data_pipeline.transforms import TrainTransform  # noqa: E402
+from data_pipeline.stream.train_loader import TrainLoader  # noqa: E402
+from data_pipeline.image.transforms import TrainTransform  # noqa: E402
 
 
 def _server():

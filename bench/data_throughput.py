@@ -32,10 +32,10 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data_pipeline.shards import encode_jpeg, write_shards  # noqa: E402
+from data_pipeline.shards.tar_write import encode_jpeg, write_shards  # noqa: E402
 from data_pipeline.storage import Storage  # noqa: E402
-from data_pipeline.train_loader import TrainLoader  # noqa: E402
-from data_pipeline.transforms import TrainTransform, random_resized_crop_params  # noqa: E402
+from data_pipeline.stream.train_loader import TrainLoader  # noqa: E402
+from data_pipeline.image.transforms import TrainTransform, random_resized_crop_params  # noqa: E402
 
 SIZE = 224
 
@@ -118,7 +118,7 @@ def time_loader(batches, n_images: int) -> dict:
 
 def time_gpu_path(spec: str, workers: int, n_images: int, batch: int) -> dict:
     """decode: gpu — workers plan crops from headers, the device decodes (nvJPEG) and crops."""
-    from data_pipeline.gpu_decode import CropPlanner, decode_batch
+    from data_pipeline.image.gpu_decode import CropPlanner, decode_batch
 
     device = torch.device("cuda")
     loader = TrainLoader(spec, batch_size=batch, transform=CropPlanner(TrainTransform(SIZE)), seed=0,
@@ -223,7 +223,7 @@ def main() -> None:
         results["ours_s3"] = ours(server.url("shards/train.json"), Storage(s3_endpoint=server.endpoint))
         server.stop()
     if a.gpu:
-        from data_pipeline.gpu_decode import gpu_decode_available
+        from data_pipeline.image.gpu_decode import gpu_decode_available
 
         why_not = gpu_decode_available(torch.device("cuda"))
         if why_not:

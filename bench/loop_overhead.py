@@ -30,8 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from data_pipeline.demo import ensure_demo_data  # noqa: E402
-from data_pipeline.device import normalize  # noqa: E402
-from data_pipeline.batch import Batch  # noqa: E402
+from data_pipeline.image.device import normalize  # noqa: E402
+from data_pipeline.stream.batch import Batch  # noqa: E402
 from data_pipeline.storage import Storage  # noqa: E402
 from pretrain import build  # noqa: E402
 from pretrain.config import load_config  # noqa: E402

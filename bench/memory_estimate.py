@@ -32,7 +32,7 @@ GIB = 2**30
 def make_data(root: Path, n: int = 48) -> str:
     import numpy as np
 
-    from data_pipeline.shards import encode_jpeg, write_shards
+    from data_pipeline.shards.tar_write import encode_jpeg, write_shards
     from data_pipeline.storage import Storage
 
     rng = np.random.default_rng(0)

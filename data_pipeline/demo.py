@@ -68,8 +68,8 @@ def ensure_demo_data(root: str, storage: Storage, *, image_size: int = 32, num_t
                                 f"refusing to overwrite it, choose an empty or new directory")
 
     # Imported only when generating: scikit-learn alone takes seconds to import, the no-op path should not.
-    from data_pipeline.digits import write_digits
-    from data_pipeline.synthetic import write_synthetic_shapes
+    from data_pipeline.demo_data.digits import write_digits
+    from data_pipeline.demo_data.synthetic import write_synthetic_shapes
 
     # Written in place, DONE.json last: the marker, not a rename, is what makes the data complete, so this
     # works alike on local disks and on object storage (which has no directory rename).

@@ -35,7 +35,7 @@ import numpy as np
 from PIL import Image
 
 from data_pipeline.errors import DataSpecError
-from data_pipeline.shards import encode_jpeg, write_shards
+from data_pipeline.shards.tar_write import encode_jpeg, write_shards
 from data_pipeline.storage import Storage
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import logging
 import os
 import posixpath
@@ -27,10 +26,11 @@ import numpy as np
 from PIL import Image
 
 from data_pipeline.errors import DataSpecError
-from data_pipeline.reader import raw_samples
-from data_pipeline.shards import _PendingShard
+from data_pipeline.shards.manifest import make_manifest, publish_manifest
+from data_pipeline.shards.spec import expand_urls
+from data_pipeline.shards.tar_read import raw_samples
+from data_pipeline.shards.tar_write import ShardWriter
 from data_pipeline.storage import Storage
-from data_pipeline.urls import expand_urls
 
 log = logging.getLogger("data_pipeline.write")
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -124,7 +124,7 @@ def _image_bytes(src: object, storage: Storage) -> bytes:
 def _write_one(args: tuple) -> tuple[dict, int]:
     out_url, name, token, items, resize, quality, storage = args
     fs, root = storage.fs(out_url, own_retries=True)
-    shard = _PendingShard(fs, root, name, token)
+    shard = ShardWriter(fs, root, name, token)
     bad = 0
     try:
         for key, src, label in items:
@@ -169,12 +169,8 @@ def write(items: Sequence[Item], out_url: str, prefix: str, *, storage: Storage,
             shards.append(entry)
             bad += n_bad
     labels = [label for _, _, label in items]
-    manifest = {"shards": shards, "num_samples": sum(s["num_samples"] for s in shards),
-                "classes": classes, "num_classes": len(classes) if classes else max(labels) + 1, "skipped": bad}
-    tmp = posixpath.join(root, f"{prefix}.json.tmp-{token}")
-    with fs.open(tmp, "w") as f:
-        json.dump(manifest, f, indent=1)
-    fs.mv(tmp, posixpath.join(root, f"{prefix}.json"))
+    manifest = make_manifest(shards, classes or None, num_classes=None if classes else max(labels) + 1, skipped=bad)
+    publish_manifest(manifest, fs, posixpath.join(root, f"{prefix}.json"))
     return manifest
 
 

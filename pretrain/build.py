@@ -10,16 +10,16 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from data_pipeline.augment import MixupCutmix, RandAugment
+from data_pipeline.image.augment import MixupCutmix, RandAugment
 from data_pipeline.demo import ensure_demo_data
-from data_pipeline.device import BatchToDevice
+from data_pipeline.image.device import BatchToDevice
 from data_pipeline.errors import DataSpecError
-from data_pipeline.eval_stream import eval_batches
-from data_pipeline.gpu_decode import CropPlanner, gpu_decode_available
-from data_pipeline.sources import DataSource
+from data_pipeline.stream.eval_stream import eval_batches
+from data_pipeline.image.gpu_decode import CropPlanner, gpu_decode_available
+from data_pipeline.stream.sources import DataSource
 from data_pipeline.storage import Storage
-from data_pipeline.train_loader import TrainLoader
-from data_pipeline.transforms import TrainTransform
+from data_pipeline.stream.train_loader import TrainLoader
+from data_pipeline.image.transforms import TrainTransform
 
 from .checkpoint import Checkpointer
 from .config import ConfigError, engine_options
@@ -281,7 +281,7 @@ def build_evaluators(cfg: DictConfig, dist_info: DistInfo, autocast: Callable[[]
 
 
 def _manifest_classes(spec: str, key: str, storage: Storage) -> int:
-    from data_pipeline.shards import read_manifest
+    from data_pipeline.shards.manifest import read_manifest
 
     if not spec.endswith(".json"):
         raise ConfigError(f"'{key}' {spec!r} is not a manifest; set 'eval.finetune.num_classes'")

@@ -11,10 +11,10 @@ from braceexpand import braceexpand
 from omegaconf import DictConfig
 
 from data_pipeline.errors import DataSpecError
-from data_pipeline.shards import read_manifest
-from data_pipeline.sources import index_command
+from data_pipeline.shards.manifest import read_manifest
+from data_pipeline.shards.spec import spec_parts
 from data_pipeline.storage import Storage
-from data_pipeline.urls import spec_parts
+from data_pipeline.stream.sources import index_command
 
 # What the shipped configs put where the user's data goes (configs/b16.yaml: s3://your-bucket/...).
 PLACEHOLDER_MARK = "your-bucket"

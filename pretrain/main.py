@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(to_yaml(cfg), end="")
         return 0
-    from data_pipeline.urls import DataSpecError
+    from data_pipeline.shards.spec import DataSpecError
     from pretrain.checkpoint import CheckpointError
     from pretrain.loss_guard import TrainingDiverged
     from pretrain.preemption import REQUEUE_EXIT_CODE, Preempted

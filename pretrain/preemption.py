@@ -41,7 +41,7 @@ class PreemptionWatcher:
     """Catches the preemption signals in this process and answers, collectively, "stop now?".
 
     Construct it on every rank (it may create a process group). The data-loader workers ignore
-    these signals (data_pipeline.workers), so a scheduler that signals every process of the job does
+    these signals (data_pipeline.stream.workers), so a scheduler that signals every process of the job does
     not take the workers down before the rank has saved.
     """
 

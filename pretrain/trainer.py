@@ -11,8 +11,8 @@ import fsspec
 import torch
 from omegaconf import DictConfig
 
-from data_pipeline.batch import Batch
-from data_pipeline.decode import SKIP_KINDS
+from data_pipeline.stream.batch import Batch
+from data_pipeline.stream.decode import SKIP_KINDS
 from data_pipeline.errors import DataSpecError
 from data_pipeline.storage import StorageError
 

@@ -178,7 +178,7 @@ class DeepSpeedEngine(Engine):
 
         DeepSpeed's `latest` file is written (it names the tag), so its own tools read `engine/` without
         `--tag`; its copies of `zero_to_fp32.py` are not: their CLI needs huggingface_hub, and
-        `python -m deepspeed.utils.zero_to_fp32` is the same script (README, Checkpoints)."""
+        `python -m deepspeed.utils.zero_to_fp32` is the same script (docs/checkpoints.md)."""
         self.ds._copy_recovery_script = lambda save_path: None  # instance attribute: shadows the method
         if not background:
             self.ds.save_checkpoint(directory, tag=STATE_TAG, save_latest=True)

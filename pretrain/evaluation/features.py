@@ -11,7 +11,7 @@ from torch import nn
 from ..dist import DistInfo
 
 if TYPE_CHECKING:
-    from data_pipeline.batch import Batch
+    from data_pipeline.stream.batch import Batch
 
     from .runner import Autocast, Batches, ToDevice
 

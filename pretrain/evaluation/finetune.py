@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 
-from data_pipeline.batch import Batch
+from data_pipeline.stream.batch import Batch
 
 from ..dist import DistInfo
 from ..optim import lr_factor

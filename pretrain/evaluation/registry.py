@@ -13,14 +13,14 @@ from typing import TYPE_CHECKING, Callable, Iterator
 
 from omegaconf import DictConfig
 
-from data_pipeline.transforms import EvalTransform
+from data_pipeline.image.transforms import EvalTransform
 
 from ..dist import DistInfo
 from .features import FeatureCache
 from .runner import Autocast, Batches, ToDevice
 
 if TYPE_CHECKING:
-    from data_pipeline.batch import Batch
+    from data_pipeline.stream.batch import Batch
 
     from .runner import Evaluator
 

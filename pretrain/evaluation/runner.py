@@ -10,7 +10,7 @@ from typing import Callable, Iterable, Mapping, Protocol, Sequence
 import torch
 from torch import nn
 
-from data_pipeline.batch import Batch
+from data_pipeline.stream.batch import Batch
 
 from ..dist import DistInfo
 from .records import EvalRecords
@@ -27,7 +27,7 @@ class Evaluator(Protocol):
 
 
 # What every evaluator is given: a split's batches (a fresh pass per call), the host batch -> device
-# inputs step (data_pipeline.device.BatchToDevice) and the autocast context of the forward passes.
+# inputs step (data_pipeline.image.device.BatchToDevice) and the autocast context of the forward passes.
 Batches = Callable[[], Iterable[Batch]]
 ToDevice = Callable[[Batch], tuple[torch.Tensor, torch.Tensor]]
 Autocast = Callable[[], AbstractContextManager]

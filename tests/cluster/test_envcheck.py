@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from cluster.envcheck import main
-from data_pipeline.shards import write_shards
+from data_pipeline.shards.tar_write import write_shards
 from tests.servers import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -17,10 +17,10 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from data_pipeline.sources import DataSource  # noqa: E402
+from data_pipeline.stream.sources import DataSource  # noqa: E402
 from data_pipeline.storage import Storage  # noqa: E402
-from data_pipeline.train_loader import TrainLoader  # noqa: E402
-from data_pipeline.transforms import TrainTransform  # noqa: E402
+from data_pipeline.stream.train_loader import TrainLoader  # noqa: E402
+from data_pipeline.image.transforms import TrainTransform  # noqa: E402
 
 
 def main() -> None:

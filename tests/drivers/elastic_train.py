@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from data_pipeline.train_loader import TrainLoader  # noqa: E402
+from data_pipeline.stream.train_loader import TrainLoader  # noqa: E402
 from pretrain import main as pretrain_main  # noqa: E402
 from pretrain.trainer import Trainer  # noqa: E402
 

@@ -54,7 +54,7 @@ def test_one_cuda_sync_per_step(tmp_path, demo_root):
 
 
 def test_normalize_on_device_matches_cpu():
-    from data_pipeline.device import normalize
+    from data_pipeline.image.device import normalize
 
     x = torch.randint(0, 256, (4, 8, 8, 3), dtype=torch.uint8)
     mean, std = [120.0, 110.0, 100.0], [60.0, 50.0, 40.0]

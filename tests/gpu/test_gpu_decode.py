@@ -6,9 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
-from data_pipeline.gpu_decode import CropPlanner, decode_batch, gpu_decode_available
-from data_pipeline.shards import encode_jpeg
-from data_pipeline.transforms import TrainTransform
+from data_pipeline.image.gpu_decode import CropPlanner, decode_batch, gpu_decode_available
+from data_pipeline.shards.tar_write import encode_jpeg
+from data_pipeline.image.transforms import TrainTransform
 
 _why = gpu_decode_available(torch.device("cuda")) if torch.cuda.is_available() else "needs a CUDA GPU; none is visible"
 pytestmark = pytest.mark.skipif(_why is not None, reason=f"gpu decode unavailable: {_why}")

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from data_pipeline.shards import encode_jpeg, write_shards
+from data_pipeline.shards.tar_write import encode_jpeg, write_shards
 from data_pipeline.storage import Storage
 from tests.conftest import ROOT, run_main
 

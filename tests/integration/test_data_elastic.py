@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from data_pipeline.shards import encode_jpeg, write_shards
+from data_pipeline.shards.tar_write import encode_jpeg, write_shards
 from data_pipeline.storage import Storage
 from tests.conftest import ROOT, free_port
 

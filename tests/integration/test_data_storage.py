@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from data_pipeline.shards import encode_jpeg, write_shards
+from data_pipeline.shards.tar_write import encode_jpeg, write_shards
 from data_pipeline.storage import Storage, StorageError
-from data_pipeline.train_loader import TrainLoader
-from data_pipeline.transforms import TrainTransform
+from data_pipeline.stream.train_loader import TrainLoader
+from data_pipeline.image.transforms import TrainTransform
 
 N, PER_SHARD, BATCH = 120, 10, 8
 

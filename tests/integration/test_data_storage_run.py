@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from data_pipeline.shards import encode_jpeg, write_shards
+from data_pipeline.shards.tar_write import encode_jpeg, write_shards
 from data_pipeline.storage import Storage
 from tests.conftest import MAIN, ROOT, free_port
 

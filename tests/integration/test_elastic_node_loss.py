@@ -22,7 +22,7 @@ import numpy as np
 import psutil
 import pytest
 
-from data_pipeline.shards import encode_jpeg, write_shards
+from data_pipeline.shards.tar_write import encode_jpeg, write_shards
 from data_pipeline.storage import Storage
 from cluster.launch import ELASTIC_RDZV_CONF
 from tests.conftest import ROOT, free_port

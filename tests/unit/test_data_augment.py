@@ -4,9 +4,9 @@ import pytest
 import torch
 from PIL import Image
 
-from data_pipeline.augment import MixupCutmix, RandAugment
-from data_pipeline.shards import encode_jpeg
-from data_pipeline.transforms import TrainTransform
+from data_pipeline.image.augment import MixupCutmix, RandAugment
+from data_pipeline.shards.tar_write import encode_jpeg
+from data_pipeline.image.transforms import TrainTransform
 
 
 def _image():

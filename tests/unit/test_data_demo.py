@@ -6,7 +6,7 @@ import pytest
 
 from data_pipeline.demo import ensure_demo_data, main
 from data_pipeline.errors import DataSpecError
-from data_pipeline.shards import read_manifest
+from data_pipeline.shards.manifest import read_manifest
 from data_pipeline.storage import Storage
 
 LOCAL = Storage()  # local paths: no object storage settings

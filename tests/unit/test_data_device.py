@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from data_pipeline.augment import MixupCutmix
-from data_pipeline.batch import Batch
-from data_pipeline.device import IMAGENET_MEAN, IMAGENET_STD, BatchToDevice, normalize
+from data_pipeline.image.augment import MixupCutmix
+from data_pipeline.stream.batch import Batch
+from data_pipeline.image.device import IMAGENET_MEAN, IMAGENET_STD, BatchToDevice, normalize
 
 
 def test_normalize_layout_and_values():

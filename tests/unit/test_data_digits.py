@@ -4,8 +4,8 @@ import tarfile
 
 import numpy as np
 
-from data_pipeline.digits import digit_images, write_digits
-from data_pipeline.shards import read_manifest
+from data_pipeline.demo_data.digits import digit_images, write_digits
+from data_pipeline.shards.manifest import read_manifest
 from data_pipeline.storage import Storage
 
 LOCAL = Storage()  # local paths: no object storage settings

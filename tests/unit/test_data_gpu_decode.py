@@ -8,10 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
-from data_pipeline.gpu_decode import CropPlanner, crop_resize_flip, gpu_decode_available
-from data_pipeline.shards import encode_jpeg
+from data_pipeline.image.gpu_decode import CropPlanner, crop_resize_flip, gpu_decode_available
+from data_pipeline.shards.tar_write import encode_jpeg
 from data_pipeline.storage import Storage
-from data_pipeline.transforms import TrainTransform, random_resized_crop_params
+from data_pipeline.image.transforms import TrainTransform, random_resized_crop_params
 
 
 def _photo(h=96, w=128):
@@ -61,8 +61,8 @@ def test_gpu_decode_reports_why_it_is_unavailable_on_cpu():
 
 
 def test_loader_in_gpu_mode_ships_jpeg_bytes_and_crops(tmp_path):
-    from data_pipeline.shards import write_shards
-    from data_pipeline.train_loader import TrainLoader
+    from data_pipeline.shards.tar_write import write_shards
+    from data_pipeline.stream.train_loader import TrainLoader
 
     samples = [(f"k{i:03d}", encode_jpeg(_photo(40 + i, 50)), i % 3) for i in range(24)]
     write_shards(samples, str(tmp_path), "train", 8, storage=Storage())

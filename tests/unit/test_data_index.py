@@ -8,7 +8,8 @@ import shutil
 import numpy as np
 
 from data_pipeline.index import main
-from data_pipeline.shards import encode_jpeg, read_manifest, write_shards
+from data_pipeline.shards.tar_write import encode_jpeg, write_shards
+from data_pipeline.shards.manifest import read_manifest
 from data_pipeline.storage import Storage
 
 

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from data_pipeline.plan import EpochPlan, RankSchedule, complement, merge_intervals, rho_to_sigma, split_batch
+from data_pipeline.stream.plan import EpochPlan, RankSchedule, complement, merge_intervals, rho_to_sigma, split_batch
 
 
 def test_plan_is_a_permutation_and_a_pure_function_of_its_inputs():

@@ -5,7 +5,7 @@ import tarfile
 import pytest
 from webdataset.tariterators import tar_file_iterator
 
-from data_pipeline.reader import _fast_tar_members
+from data_pipeline.shards.tar_read import _fast_tar_members
 
 
 def _tar(fmt, members):

@@ -9,9 +9,10 @@ import pytest
 from PIL import Image
 
 from data_pipeline.errors import DataSpecError
-from data_pipeline.shards import encode_jpeg, read_manifest, write_shards
+from data_pipeline.shards.tar_write import encode_jpeg, write_shards
+from data_pipeline.shards.manifest import read_manifest
 from data_pipeline.storage import Storage
-from data_pipeline.synthetic import render_batch
+from data_pipeline.demo_data.synthetic import render_batch
 
 
 def _samples(n, size=16, seed=0):

@@ -8,12 +8,12 @@ import torch
 from webdataset import TarWriter
 
 from data_pipeline.errors import DataSpecError
-from data_pipeline.eval_stream import eval_batches
-from data_pipeline.shards import encode_jpeg, write_shards
+from data_pipeline.stream.eval_stream import eval_batches
+from data_pipeline.shards.tar_write import encode_jpeg, write_shards
 from data_pipeline.storage import Storage
-from data_pipeline.synthetic import render_batch
-from data_pipeline.train_loader import TrainLoader
-from data_pipeline.transforms import EvalTransform, TrainTransform
+from data_pipeline.demo_data.synthetic import render_batch
+from data_pipeline.stream.train_loader import TrainLoader
+from data_pipeline.image.transforms import EvalTransform, TrainTransform
 
 SIZE = 12
 NUM_SHARDS, PER_SHARD = 8, 12
@@ -118,7 +118,7 @@ def test_resume_under_another_seed_or_window_is_refused(dataset):
 @pytest.fixture(scope="module")
 def corrupt_dataset(tmp_path_factory):
     """3 readable shards holding 3 bad samples, plus a truncated one; a manifest from the indexer."""
-    from data_pipeline.index import build_index
+    from data_pipeline.shards.index import build_index
 
     root = tmp_path_factory.mktemp("corrupt")
     good = list(_samples(18, seed=1))
@@ -214,7 +214,7 @@ def test_exact_resume_over_corrupt_data_keeps_counts(corrupt_dataset):
 
 
 def test_weighted_sources_mix_in_proportion_whatever_the_worker_count(tmp_path):
-    from data_pipeline.sources import DataSource
+    from data_pipeline.stream.sources import DataSource
 
     for prefix, n, per in (("a", 60, 15), ("b", 30, 10)):
         write_shards(((f"{prefix}{i:03d}", jpg, c) for i, (_, jpg, c) in enumerate(_samples(n))), str(tmp_path), prefix,

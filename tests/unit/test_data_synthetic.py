@@ -3,9 +3,9 @@ import collections
 
 import numpy as np
 
-from data_pipeline.shards import read_manifest
+from data_pipeline.shards.manifest import read_manifest
 from data_pipeline.storage import Storage
-from data_pipeline.synthetic import (CLASSES, NUM_CLASSES, glyph_strokes, render_batch, render_sample,
+from data_pipeline.demo_data.synthetic import (CLASSES, NUM_CLASSES, glyph_strokes, render_batch, render_sample,
                                      write_synthetic_glyphs)
 
 

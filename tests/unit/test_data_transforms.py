@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_pipeline.shards import encode_jpeg
-from data_pipeline.transforms import (EvalTransform, TrainTransform, center_crop_resize, decode_image,
+from data_pipeline.shards.tar_write import encode_jpeg
+from data_pipeline.image.transforms import (EvalTransform, TrainTransform, center_crop_resize, decode_image,
                                       random_resized_crop, random_resized_crop_params)
 
 

@@ -3,9 +3,9 @@ import os
 
 import pytest
 
-from data_pipeline.shards import write_shards
+from data_pipeline.shards.tar_write import write_shards
 from data_pipeline.storage import Storage
-from data_pipeline.urls import DataSpecError, expand_urls
+from data_pipeline.shards.spec import DataSpecError, expand_urls
 
 
 def test_brace_pattern():

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_pipeline.reader import raw_samples
+from data_pipeline.shards.tar_read import raw_samples
 from data_pipeline.storage import Storage
-from data_pipeline.urls import expand_urls
+from data_pipeline.shards.spec import expand_urls
 from tests.conftest import ROOT
 
 

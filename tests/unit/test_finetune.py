@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from data_pipeline.batch import Batch
+from data_pipeline.stream.batch import Batch
 from pretrain.dist import DistInfo
 from pretrain.evaluation import EvalTimeout, FineTuneEvaluator
 from pretrain.evaluation.finetune import random_crop_flip

@@ -10,7 +10,7 @@ from PIL import Image
 from scipy.io import savemat
 
 from data_pipeline.prepare_downstream import main, prepare
-from data_pipeline.shards import read_manifest
+from data_pipeline.shards.manifest import read_manifest
 from data_pipeline.storage import Storage
 
 

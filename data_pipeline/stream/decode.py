@@ -6,7 +6,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from data_pipeline.reader import SHARD_ERROR_KEY
+from data_pipeline.shards.tar_read import SHARD_ERROR_KEY
 
 log = logging.getLogger(__name__)
 

@@ -6,13 +6,13 @@ from typing import Iterator, Sequence
 import numpy as np
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data_pipeline.batch import Batch, make_batch
-from data_pipeline.decode import decode_sample
-from data_pipeline.reader import raw_samples
+from data_pipeline.image.transforms import EvalTransform
+from data_pipeline.shards.spec import expand_urls
+from data_pipeline.shards.tar_read import raw_samples
 from data_pipeline.storage import Storage
-from data_pipeline.transforms import EvalTransform
-from data_pipeline.urls import expand_urls
-from data_pipeline.workers import as_is
+from data_pipeline.stream.batch import Batch, make_batch
+from data_pipeline.stream.decode import decode_sample
+from data_pipeline.stream.workers import as_is
 
 
 class _EvalStream(IterableDataset):

@@ -1,29 +1,24 @@
-"""Raw samples from tar shards: files opened through fsspec, members grouped into samples by key.
+"""Reading the shard format: tar members grouped into samples by key, as webdataset groups them.
 
-Two readers:
-- ``raw_samples`` streams whole shards in order (the eval pass, re-sharding). A shard whose content is
-  damaged ends early with one marker sample ``{"__key__": SHARD_ERROR_KEY, "__url__": url, "err": ...}``
+- ``raw_samples`` streams whole shards in order (the eval pass, re-sharding, the indexer). A shard whose
+  content is damaged ends early with one marker sample ``{"__key__": SHARD_ERROR_KEY, "__url__": url, "err": ...}``
   after every complete sample before the damage.
-- ``EpochReader`` fetches samples of an epoch plan by raw position for the training stream. With the
-  per-sample byte offsets of the manifest it reads just the byte ranges of the samples it is asked for
-  (contiguous ones in one request), so a worker reads only its own samples; without offsets it streams
-  each shard and skips the samples it does not need, undecoded.
+- ``ShardSamples`` is one shard streamed, reopened and skipped forward after a transient failure.
+- ``parse_sample`` reads the sample held by one sample's byte range (the manifest's offsets).
 
-Storage failures go through one :class:`RetryBudget` per shard (see storage.py): permanent ones and
-a budget run out raise ``StorageError``; content errors end the shard (the same on every rank).
+Storage failures go through one :class:`RetryBudget` per shard (see data_pipeline.storage); permanent ones
+and a budget run out raise ``StorageError``; content errors end the shard (the same on every rank).
 """
 from __future__ import annotations
 
-import bisect
 import io
 import logging
 import re
 import tarfile
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator
 
 from webdataset.tariterators import tar_file_iterator
 
-from data_pipeline.plan import EpochPlan
 from data_pipeline.storage import RetryBudget, Storage
 
 log = logging.getLogger(__name__)
@@ -31,8 +26,7 @@ log = logging.getLogger(__name__)
 SHARD_ERROR_KEY = "__shard_error__"
 
 # Content errors: the bytes are wrong, reading them again gives the same answer.
-_CONTENT_ERRORS = (tarfile.TarError, EOFError, UnicodeDecodeError, ValueError)
-_MAX_RUN_BYTES = 64 << 20  # one range request reads at most this much (more samples: more requests)
+CONTENT_ERRORS = (tarfile.TarError, EOFError, UnicodeDecodeError, ValueError)
 
 _BLOCK = 512
 _META = re.compile(r"__[^/]*__($|/)")  # webdataset's metadata members, skipped as it does
@@ -128,7 +122,7 @@ def group_samples(members: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]
         yield current
 
 
-def _error_marker(url: str, why: str, logged: bool = False) -> dict[str, Any]:
+def error_marker(url: str, why: str, logged: bool = False) -> dict[str, Any]:
     return {"__key__": SHARD_ERROR_KEY, "__url__": url, "err": why.encode(), "__logged__": logged}
 
 
@@ -156,7 +150,7 @@ class ShardSamples:
             for m in tar_members(self._file, self.url):
                 m["__url__"] = self.url
                 yield m
-        except _CONTENT_ERRORS as exn:
+        except CONTENT_ERRORS as exn:
             # Ending cleanly lets the grouping hand out the last sample it holds (complete if the cut
             # fell between samples; a sample missing a member is counted as such by the caller).
             self.error = f"{type(exn).__name__}: {str(exn)[:300]}"
@@ -206,161 +200,14 @@ def raw_samples(urls: Iterable[str], storage: Storage) -> Iterator[dict[str, Any
         while (sample := shard.next()) is not None:
             yield sample
         if shard.error:
-            yield _error_marker(url, shard.error)
+            yield error_marker(url, shard.error)
 
 
-class _Ranges:
-    """Range reads of one source's shards, each through its shard's retry budget."""
-
-    def __init__(self, urls: Sequence[str], storage: Storage) -> None:
-        self.urls, self.storage = urls, storage
-        self.budgets: dict[int, RetryBudget] = {}
-        self.bytes_read = 0
-
-    def read(self, shard: int, start: int, stop: int) -> bytes:
-        url = self.urls[shard]
-        budget = self.budgets.setdefault(shard, RetryBudget(url, self.storage))
-        while True:
-            try:
-                fs, path = self.storage.fs(url)
-                data = fs.cat_file(path, start=start, end=stop)
-            except Exception as exn:  # noqa: BLE001 - storage back-ends raise many types
-                budget.failed(exn)
-                continue
-            budget.succeeded()
-            self.bytes_read += len(data)
-            return data
-
-
-def _parse_one(data: bytes, url: str) -> dict[str, Any] | None:
+def parse_sample(data: bytes, url: str) -> dict[str, Any] | None:
     """The sample held by one sample's byte range, or None when those bytes are not a whole sample."""
     members = ({**m, "__url__": url} for m in _fast_tar_members(io.BytesIO(data)))
     try:
         samples = list(group_samples(members))
-    except _CONTENT_ERRORS:
+    except CONTENT_ERRORS:
         return None
     return samples[0] if len(samples) == 1 else None
-
-
-class EpochReader:
-    """Samples of one source's epoch by raw position, for one worker.
-
-    ``want`` announces positions the worker will ask for soon. With byte offsets (``offsets[shard]``,
-    from the manifest), a fetch reads the announced positions contiguous with it in one range request;
-    without, the shard is streamed, announced positions are kept when the reader passes them and the
-    rest is skipped undecoded (asking for a position behind the reader reopens its shard: correct, only
-    slower). ``bytes_read`` counts what was read from storage by range reads.
-    """
-
-    def __init__(self, urls: Sequence[str], plan: EpochPlan, storage: Storage,
-                 offsets: Sequence[Sequence[int] | None] | None = None) -> None:
-        self.urls, self.plan, self.storage = urls, plan, storage
-        self.offsets = offsets or [None] * len(urls)
-        self.cursor = 0  # next raw position the open shard would deliver (streaming)
-        self._cache: dict[int, dict[str, Any]] = {}
-        self._pending: list[int] = []  # sorted announced positions not yet read
-        self._pending_set: set[int] = set()
-        self._shard: ShardSamples | None = None
-        self._shard_j = -1
-        self._reported: set[int] = set()
-        self._ranges = _Ranges(urls, storage)
-
-    @property
-    def bytes_read(self) -> int:
-        return self._ranges.bytes_read
-
-    def want(self, raws: Iterable[int]) -> None:
-        for r in raws:
-            r = int(r)
-            if r not in self._cache and r not in self._pending_set:
-                bisect.insort(self._pending, r)
-                self._pending_set.add(r)
-
-    def _forget(self, raw: int) -> None:
-        if raw in self._pending_set:
-            self._pending_set.discard(raw)
-            del self._pending[bisect.bisect_left(self._pending, raw)]
-
-    def fetch(self, raw: int) -> dict[str, Any]:
-        """The sample at ``raw``, or a shard-error marker if its shard is damaged or ends before it."""
-        raw = int(raw)
-        if raw in self._cache:
-            return self._cache.pop(raw)
-        j, idx = self.plan.locate(raw)
-        if self.offsets[int(self.plan.shards[j])] is not None:
-            return self._fetch_range(raw, j, idx)
-        return self._fetch_stream(raw)
-
-    # ---- range reads (manifest with offsets)
-    def _fetch_range(self, raw: int, j: int, idx: int) -> dict[str, Any]:
-        shard = int(self.plan.shards[j])
-        offsets, url = self.offsets[shard], self.urls[shard]
-        first = int(self.plan.offsets[j])  # raw position of the shard's sample 0
-        n = len(offsets) - 1
-        if idx >= n:  # the manifest promised more samples than its offsets cover
-            return self._missing(j, url, idx, f"the manifest lists {n} offsets")
-        lo, hi = idx, idx + 1  # merge announced neighbours into one request
-        while lo > 0 and first + lo - 1 in self._pending_set and offsets[idx] - offsets[lo - 1] < _MAX_RUN_BYTES:
-            lo -= 1
-        while hi < n and first + hi in self._pending_set and offsets[hi + 1] - offsets[lo] < _MAX_RUN_BYTES:
-            hi += 1
-        data = self._ranges.read(shard, offsets[lo], offsets[hi])
-        base = offsets[lo]
-        for k in range(lo, hi):
-            self._forget(first + k)
-            chunk = data[offsets[k] - base:offsets[k + 1] - base]
-            sample = _parse_one(chunk, url) if len(chunk) == offsets[k + 1] - offsets[k] else None
-            if sample is None:
-                why = "the shard is shorter than its manifest says" if len(chunk) < offsets[k + 1] - offsets[k] \
-                    else "the bytes at this sample's offset are not one tar sample"
-                sample = self._missing(j, url, k, why)
-            if k != idx:
-                self._cache[first + k] = sample
-            else:
-                found = sample
-        return found
-
-    def _missing(self, j: int, url: str, idx: int, why: str) -> dict[str, Any]:
-        if j not in self._reported:
-            self._reported.add(j)
-            log.warning("skipping sample %d of shard %s (and any other of its samples like it): %s", idx, url, why)
-        return _error_marker(url, why, logged=True)
-
-    # ---- streaming (no offsets: compressed shards, old manifests)
-    def _fetch_stream(self, raw: int) -> dict[str, Any]:
-        if raw < self.cursor:
-            self._forget(raw)
-            return self._read_at(raw)
-        while True:
-            i = bisect.bisect_left(self._pending, self.cursor)
-            for r in self._pending[:i]:  # announced positions already passed (fetched directly)
-                self._pending_set.discard(r)
-            del self._pending[:i]
-            target = self._pending[0] if self._pending and self._pending[0] < raw else raw
-            self._forget(target)
-            sample = self._read_at(target)
-            if target == raw:
-                return sample
-            self._cache[target] = sample
-
-    def _read_at(self, raw: int) -> dict[str, Any]:
-        j, idx = self.plan.locate(raw)
-        url = self.urls[int(self.plan.shards[j])]
-        if j != self._shard_j or self._shard is None or self._shard.index > idx:
-            if self._shard is not None:
-                self._shard.close()
-            self._shard, self._shard_j = ShardSamples(url, self.storage), j
-        sample = None
-        while self._shard.index <= idx:
-            sample = self._shard.next()
-            if sample is None:
-                break
-        self.cursor = raw + 1
-        if sample is None:
-            why = self._shard.error or f"the shard ends after {self._shard.index} samples"
-            return self._missing(j, url, idx, why)
-        return sample
-
-    def close(self) -> None:
-        if self._shard is not None:
-            self._shard.close()

@@ -10,11 +10,11 @@ from typing import TYPE_CHECKING, Sequence
 
 import torch
 
-from data_pipeline.gpu_decode import decode_batch
+from data_pipeline.image.gpu_decode import decode_batch
 
 if TYPE_CHECKING:
-    from data_pipeline.augment import MixupCutmix
-    from data_pipeline.batch import Batch
+    from data_pipeline.image.augment import MixupCutmix
+    from data_pipeline.stream.batch import Batch
 
 # ImageNet channel statistics on the 0..255 scale (the images arrive as uint8).
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)

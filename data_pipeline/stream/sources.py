@@ -7,8 +7,8 @@ from typing import Sequence
 import numpy as np
 
 from data_pipeline.errors import DataSpecError
+from data_pipeline.shards.spec import manifest_shards, no_urls_error, spec_parts
 from data_pipeline.storage import Storage
-from data_pipeline.urls import manifest_shards, no_urls_error, spec_parts
 
 
 @dataclass

@@ -18,15 +18,15 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from data_pipeline.batch import Batch, make_batch
-from data_pipeline.decode import SKIP_KINDS
 from data_pipeline.errors import DataSpecError, first_line
-from data_pipeline.plan import RankSchedule
-from data_pipeline.sources import DataSource, ResolvedSource, resolve_source
+from data_pipeline.image.transforms import TrainTransform
 from data_pipeline.storage import Storage, StorageError
-from data_pipeline.train_worker import TrainWorkerStream
-from data_pipeline.transforms import TrainTransform
-from data_pipeline.workers import as_is, outlive_preemption_signals
+from data_pipeline.stream.batch import Batch, make_batch
+from data_pipeline.stream.decode import SKIP_KINDS
+from data_pipeline.stream.plan import RankSchedule
+from data_pipeline.stream.sources import DataSource, ResolvedSource, resolve_source
+from data_pipeline.stream.train_worker import TrainWorkerStream, WorkerSpec
+from data_pipeline.stream.workers import as_is, outlive_preemption_signals
 
 _STATE_VERSION = 2
 EPOCH_MODES = ("exact", "resampled")
@@ -129,8 +129,13 @@ class TrainLoader:
                 out[f"data/{s.name}/observed_share"] = n / total
         return out
 
+    def worker_spec(self) -> WorkerSpec:
+        """What the DataLoader workers need, from the current position (``schedule_args``)."""
+        return WorkerSpec(self.sources, self.schedule_args(), self.transform, self.seed, self.window,
+                          self.resampled, self.storage, max(1, self.num_workers), self.lookahead)
+
     def __iter__(self) -> Iterator[Batch]:
-        dataset = TrainWorkerStream(self)
+        dataset = TrainWorkerStream(self.worker_spec())
         self._schedule = RankSchedule(**self.schedule_args())
         loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers, collate_fn=as_is,
                             pin_memory=self.pin_memory, worker_init_fn=outlive_preemption_signals)

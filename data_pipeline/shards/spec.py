@@ -6,7 +6,7 @@ from typing import Sequence
 from braceexpand import braceexpand
 
 from data_pipeline.errors import DataSpecError
-from data_pipeline.shards import read_manifest
+from data_pipeline.shards.manifest import read_manifest
 from data_pipeline.storage import Storage
 
 __all__ = ["DataSpecError", "expand_urls", "manifest_shards", "spec_parts"]

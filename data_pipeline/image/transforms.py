@@ -11,7 +11,7 @@ import math
 import numpy as np
 from PIL import Image
 
-from data_pipeline.augment import RandAugment
+from data_pipeline.image.augment import RandAugment
 
 try:  # libjpeg-turbo with DCT scaling, without PIL's per-call overhead; PIL's draft mode otherwise
     import simplejpeg

@@ -8,18 +8,18 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 
-from data_pipeline.batch import Batch, make_batch
-from data_pipeline.decode import SKIP_KINDS, decode_sample
-from data_pipeline.plan import TAG_AUGMENT, EpochPlan, RankSchedule
-from data_pipeline.reader import EpochReader
-
-if TYPE_CHECKING:
-    from data_pipeline.train_loader import TrainLoader
+from data_pipeline.image.transforms import TrainTransform
+from data_pipeline.storage import Storage
+from data_pipeline.stream.batch import Batch, make_batch
+from data_pipeline.stream.decode import SKIP_KINDS, decode_sample
+from data_pipeline.stream.epoch_reader import EpochReader
+from data_pipeline.stream.plan import TAG_AUGMENT, EpochPlan, RankSchedule
+from data_pipeline.stream.sources import ResolvedSource
 
 
 @dataclass
@@ -41,38 +41,49 @@ def augment_rng(seed: int, source: int, epoch: int, raw: int) -> np.random.Gener
     return np.random.default_rng([TAG_AUGMENT, seed, source, epoch, raw])
 
 
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a DataLoader worker needs from its rank's loader, picklable (spawned workers get a copy)."""
+
+    sources: list[ResolvedSource]
+    schedule_args: dict  # RankSchedule(**schedule_args): the rank's schedule from the current position
+    transform: TrainTransform
+    seed: int
+    window: int
+    resampled: bool
+    storage: Storage
+    num_workers: int  # >= 1: batch i is built by worker i % num_workers
+    lookahead: int  # batches a worker plans ahead
+
+
 class TrainWorkerStream(IterableDataset):
     """Runs inside each DataLoader worker: yields the rank batches ``i`` with ``i % workers == worker``."""
 
-    def __init__(self, loader: TrainLoader) -> None:
+    def __init__(self, spec: WorkerSpec) -> None:
         super().__init__()
-        self.sources = loader.sources
-        self.schedule_args = loader.schedule_args()
-        self.batch_size, self.transform, self.seed = loader.batch_size, loader.transform, loader.seed
-        self.window, self.resampled, self.storage = loader.window, loader.resampled, loader.storage
-        self.num_workers = max(1, loader.num_workers)
-        self.lookahead = loader.lookahead
+        self.spec = spec
 
     def __iter__(self) -> Iterator[WorkerBatch]:
         info = get_worker_info()
         return self._batches(info.id if info else 0)
 
     def _batches(self, worker: int) -> Iterator[WorkerBatch]:
-        schedule = RankSchedule(**self.schedule_args)
+        spec = self.spec
+        schedule = RankSchedule(**spec.schedule_args)
         readers: dict[tuple[int, int], EpochReader] = {}
         queue: deque[tuple[int, list]] = deque()  # this worker's upcoming batches, positions announced
         next_index = 0
 
         def reader(s: int, epoch: int) -> EpochReader:
             if (s, epoch) not in readers:
-                plan = EpochPlan(self.sources[s].counts, self.seed, s, epoch, self.window, self.resampled)
-                readers[(s, epoch)] = EpochReader(self.sources[s].urls, plan, self.storage, self.sources[s].offsets)
+                plan = EpochPlan(spec.sources[s].counts, spec.seed, s, epoch, spec.window, spec.resampled)
+                readers[(s, epoch)] = EpochReader(spec.sources[s].urls, plan, spec.storage, spec.sources[s].offsets)
             return readers[(s, epoch)]
 
         def enqueue() -> None:
             nonlocal next_index
             parts = schedule.next()
-            if next_index % self.num_workers == worker:
+            if next_index % spec.num_workers == worker:
                 parts = [(s, e, reader(s, e).plan.raw(sigma)) for s, e, sigma in parts]
                 for s, e, raw in parts:
                     readers[(s, e)].want(raw)
@@ -82,7 +93,7 @@ class TrainWorkerStream(IterableDataset):
         last_good: tuple[dict, int] | None = None  # a sample to fill a batch with no usable sample at all
         bytes_done = 0  # bytes read by readers already closed
         while True:
-            while len(queue) < self.lookahead:
+            while len(queue) < spec.lookahead:
                 enqueue()
             index, parts = queue.popleft()
             slots: list[tuple[dict, int, np.random.Generator] | None] = []  # (raw sample, source, rng) or unusable
@@ -90,10 +101,10 @@ class TrainWorkerStream(IterableDataset):
             for s, epoch, raws in parts:
                 rd = reader(s, epoch)
                 for raw in raws:
-                    slots.append((rd.fetch(raw), s, augment_rng(self.seed, s, epoch, int(raw))))
+                    slots.append((rd.fetch(raw), s, augment_rng(spec.seed, s, epoch, int(raw))))
             filled: list[tuple[Any, int, str, int] | None] = []  # (pixels, label, key, source) per slot
             for sample, s, rng in slots:
-                out = decode_sample(sample, lambda b: self.transform(b, rng))
+                out = decode_sample(sample, lambda b: spec.transform(b, rng))
                 if isinstance(out, str):
                     skipped[SKIP_KINDS.index(out)] += 1
                     filled.append(None)
@@ -112,7 +123,7 @@ class TrainWorkerStream(IterableDataset):
                     donor, s = last_good
                 else:
                     continue  # nothing usable read yet on this worker: the batch stays short
-                out = decode_sample(donor, lambda b: self.transform(b, slots[i][2]))
+                out = decode_sample(donor, lambda b: spec.transform(b, slots[i][2]))
                 filled[i] = (out[0], out[1], donor["__key__"], s)
                 replaced += 1
             images, labels, keys, srcs = (list(x) for x in zip(*[f for f in filled if f is not None])) \
@@ -122,5 +133,5 @@ class TrainWorkerStream(IterableDataset):
                 done = readers.pop(key)  # an epoch of that source this worker has finished
                 bytes_done += done.bytes_read
                 done.close()
-            yield WorkerBatch(make_batch(images, labels, keys, self.transform.image_size, srcs), index, skipped,
+            yield WorkerBatch(make_batch(images, labels, keys, spec.transform.image_size, srcs), index, skipped,
                                replaced, bytes_done + sum(r.bytes_read for r in readers.values()))

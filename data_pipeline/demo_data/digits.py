@@ -13,7 +13,7 @@ from PIL import Image
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-from data_pipeline.shards import encode_jpeg, write_shards
+from data_pipeline.shards.tar_write import encode_jpeg, write_shards
 from data_pipeline.storage import Storage
 
 CLASSES = tuple(str(d) for d in range(10))

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from data_pipeline.transforms import TrainTransform, random_resized_crop_params
+from data_pipeline.image.transforms import TrainTransform, random_resized_crop_params
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""The demo's small data sets: synthetic glyphs (pre-training) and digits (downstream)."""

@@ -1,0 +1,1 @@
+"""The shard and manifest format (the one owner of the manifest): writing, reading, indexing, data specs."""
