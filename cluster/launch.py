@@ -22,6 +22,7 @@ import argparse
 import os
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -119,18 +120,33 @@ def dry_run(plan: Plan, main_args: list[str]) -> str:
 
 def _report(failures: dict) -> None:
     """One line per distinct reason: the message a rank left in its error file (pretrain/main.py's
-    `report`), else its exit code or signal -- except for preempted ranks (exit 75, said by the rank)
-    and ranks torchrun itself terminated (SIGTERM) after another rank had failed."""
+    `report`), else how it ended (exit code, or the signal that killed it) with its rank and node. Left
+    out: preempted ranks (exit 75, said by the rank), ranks torchrun itself stopped (SIGTERM) after
+    another one failed, and survivors that only lost their connection to the rank that died (their
+    line is printed only when no rank is to blame)."""
+    node = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+
+    def message(f) -> str | None:
+        text = f.error_file_data.get("message")  # torchrun's placeholder without an error file: "<NONE>"
+        return text if isinstance(text, str) and text != "<NONE>" else None
+
+    def cause(f) -> bool:  # what ended the run, rather than a consequence of it
+        return f.exitcode not in (REQUEUE_EXIT_CODE, -signal.SIGTERM) and not f.error_file_data.get("lost_peer")
+    any_cause = any(cause(f) for f in failures.values())
     seen: set[str] = set()
-    root_failed = any(f.exitcode > 0 for f in failures.values())
     for rank, failure in sorted(failures.items()):
-        if isinstance(failure.error_file_data.get("message"), str):
-            line = f"error: {failure.error_file_data['message']}"
-        elif failure.exitcode == REQUEUE_EXIT_CODE or (failure.exitcode == -signal.SIGTERM and root_failed):
-            continue  # preempted (the rank said so), or stopped by torchrun after another rank failed
+        if failure.exitcode == REQUEUE_EXIT_CODE or (any_cause and not cause(failure)):
+            continue  # preempted (said by the rank); stopped by torchrun, or lost its peer, after another failed
+        if message(failure):
+            line = f"error: {message(failure)}"
+        elif failure.exitcode < 0:
+            name = failure.signal_name()
+            line = (f"error: rank {rank} (local rank {failure.local_rank}) on node {node} was killed by {name}"
+                    + (" (out of memory? the kernel's OOM killer sends SIGKILL; see dmesg)" if name == "SIGKILL"
+                       else ""))
         else:
-            line = (f"error: rank {rank} (local rank {failure.local_rank}) exited with code {failure.exitcode}"
-                    + (f" ({failure.signal_name()})" if failure.exitcode < 0 else "") + "; see its output above")
+            line = (f"error: rank {rank} (local rank {failure.local_rank}) on node {node} exited with code "
+                    f"{failure.exitcode} without reporting an error (e.g. on import); see its output above")
         if line not in seen:
             seen.add(line)
             print(line, file=sys.stderr)

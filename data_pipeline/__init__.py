@@ -9,8 +9,10 @@ hold the library, one job each (import the module you need; this package root st
     demo                the demo's data sets, generated once under data.root
 
     storage/    reaching URLs: the Storage handle (fsspec per scheme) and the one retry layer (time budget)
-    shards/     the shard and manifest format, its one owner: manifest (fields, publish, read), tar_write,
-                tar_read (members -> samples), index (counting shards), spec (data spec -> shard URLs)
+    shards/     the shard and manifest format, its one owner: manifest (format 2 header, publish, read,
+                convert; docs/manifest.md), table (per-shard columns), offsets (a shard's sample offsets,
+                read by the worker), labels (cls / txt / json:FIELD), tar_write, tar_read (members ->
+                samples), index (counting shards), spec (data spec -> shard URLs)
     stream/     the streams: plan (the global epoch plan), sources (manifests -> counts, offsets),
                 epoch_reader (a worker's samples by position, range reads), train_loader (rank side),
                 train_worker (DataLoader worker side), eval_stream, batch, decode (sample -> pixels, label),

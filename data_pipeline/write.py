@@ -28,8 +28,8 @@ from PIL import Image
 from data_pipeline.errors import DataSpecError
 from data_pipeline.shards.manifest import make_manifest, publish_manifest
 from data_pipeline.shards.spec import expand_urls
-from data_pipeline.shards.tar_read import raw_samples
-from data_pipeline.shards.tar_write import ShardWriter
+from data_pipeline.shards.tar_read import members_note, raw_samples
+from data_pipeline.shards.tar_write import ShardWriter, check_key
 from data_pipeline.storage import Storage
 
 log = logging.getLogger("data_pipeline.write")
@@ -91,7 +91,8 @@ def items_from_shards(spec: str, storage: Storage) -> Iterator[Item]:
     for sample in raw_samples(expand_urls(spec, storage), storage):
         image = next((sample[e] for e in ("jpg", "jpeg", "png", "webp") if e in sample), None)
         if image is None or "cls" not in sample:
-            log.warning("re-shard: skipping %s in %s (no image or label)", sample.get("__key__"), sample.get("__url__"))
+            log.warning("re-shard: skipping %s in %s: no %s (%s)", sample.get("__key__"), sample.get("__url__"),
+                        "image" if image is None else ".cls label", members_note(sample))
             continue
         key = _check_unique(seen, sample["__key__"], f"{sample['__url__']} (key {sample['__key__']})")
         yield key, image, int(sample["cls"].decode().strip())
@@ -128,6 +129,7 @@ def _write_one(args: tuple) -> tuple[dict, int]:
     bad = 0
     try:
         for key, src, label in items:
+            check_key(key)  # a key webdataset would split stops the write: skipping it would lose samples quietly
             try:
                 shard.write(key, prepare(_image_bytes(src, storage), resize, quality), label)
             except (OSError, ValueError) as exn:

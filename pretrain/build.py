@@ -24,7 +24,7 @@ from data_pipeline.image.transforms import TrainTransform
 from .checkpoint import Checkpointer
 from .config import ConfigError, engine_options
 from .data_check import check_data_paths, manifest_num_classes, placeholder_error
-from .dist import DistInfo, barrier, node_leaders
+from .dist import DistInfo, barrier, broadcast_object, node_leaders
 from .engines import Engine, build_engine, effective_kind
 from .evaluation import EVALUATORS, EvalContext, EvalRunner, Evaluator
 from .loss import build_loss
@@ -35,6 +35,7 @@ from .monitor import Monitor
 from .optim import build_optimizer, build_scheduler
 from .preemption import PreemptionWatcher
 from .profiling import StepProfiler
+from .run_lease import RunDirBusy, RunLease
 
 log = logging.getLogger("pretrain")
 
@@ -245,7 +246,7 @@ def build_train_loader(cfg: DictConfig, dist_info: DistInfo, batch_size: int, st
         return TrainLoader(sources, batch_size=batch_size, transform=transform, seed=cfg.train.seed,
                            rank=dist_info.rank, world_size=dist_info.world_size, num_workers=d.num_workers,
                            shuffle_buffer=d.shuffle_buffer, pin_memory=dist_info.device.type == "cuda",
-                           epoch_mode=d.epoch_mode, storage=storage)
+                           epoch_mode=d.epoch_mode, storage=storage, label=d.label)
     except DataSpecError as exc:
         where = "data.sources" if d.sources else "data.train"
         raise type(exc)(f"{where}: {exc}; set {where} to your shards' manifest (.json)") from None
@@ -325,3 +326,19 @@ def build_profiler(cfg: DictConfig, dist_info: DistInfo) -> StepProfiler:
 def build_preemption_watcher(dist_info: DistInfo) -> PreemptionWatcher:
     """SIGTERM / SIGUSR1 (SLURM's warning, a spot reclaim) -> checkpoint at the step boundary, exit for requeue."""
     return PreemptionWatcher(dist_info)
+
+
+def build_run_lease(cfg: DictConfig, dist_info: DistInfo) -> RunLease | None:
+    """Rank 0 takes the run dir's lease (pretrain/run_lease.py); every rank gets its answer, so a busy
+    run dir stops every rank with the same line (ConfigError). Other ranks hold None."""
+    lease, error = None, None
+    if dist_info.is_main:
+        try:
+            lease = RunLease(cfg.run.dir, cfg.run.lease_timeout_s)
+            lease.acquire()
+        except RunDirBusy as e:
+            error = str(e)
+    error = broadcast_object(error)
+    if error:
+        raise ConfigError(error)
+    return lease

@@ -25,6 +25,7 @@ loading never unpickles code (safetensors; torch.load(weights_only=True)).
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import hashlib
 import io
@@ -108,6 +109,39 @@ def _torch_bytes(obj: Any) -> bytes:
     buf = io.BytesIO()
     torch.save(obj, buf)
     return buf.getvalue()
+
+
+def _tensor_bytes(obj: Any) -> int:
+    """Bytes of the tensors in a nested state (dicts, lists, tuples): what torch.save will write, near enough."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
+def _writer_bytes(state: StateWriter) -> int:
+    """Bytes an engine's StateWriter will write, where its jobs are torch.save of known objects (else 0)."""
+    return sum(_tensor_bytes(job.args[0]) for job in state.jobs
+               if isinstance(job, functools.partial) and job.func is torch.save and job.args)
+
+
+def _free_bytes(path: str) -> int:
+    """Free bytes on the file system of `path` (or of its nearest existing parent)."""
+    while path and not os.path.exists(path):
+        path = os.path.dirname(path.rstrip("/"))
+    return shutil.disk_usage(path or ".").free
+
+
+def _no_space(exn: BaseException) -> bool:
+    """A write failed for want of space: ENOSPC/EDQUOT, or torch's own words for a short write."""
+    for e in (exn, exn.__cause__, exn.__context__):
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+    text = str(exn)
+    return "No space left" in text or "unexpected pos" in text or "file write failed" in text
 
 
 def _torch_from_bytes(data: bytes) -> Any:
@@ -356,13 +390,23 @@ class Checkpointer(CheckpointReader):
         if pending is not None:
             pending.result()
 
+    def failed(self) -> bool:
+        """Whether the save on the checkpoint thread has ended in an error (local, no waiting). The
+        trainer asks at every step boundary and stops on every rank (`wait` raises the same line on each)."""
+        pending = self._pending
+        return pending is not None and pending.done() and pending.exception() is not None
+
     def _write_and_publish(self, final: str, work: str, stage: str, state: StateWriter,
                            weights: dict[str, torch.Tensor], small: dict[str, bytes], meta: dict[str, Any]) -> None:
         """Write this rank's files, hash them, move them into the checkpoint; then rank 0 writes the
         metadata and publishes. Every rank takes part in both agreements even after a failure of its
         own, so a failed save raises on all ranks instead of leaving some waiting."""
         t0, files, error = time.perf_counter(), {}, None
+        needed = _tensor_bytes(weights) + sum(map(len, small.values())) + _writer_bytes(state)
+        free = _free_bytes(stage)
         try:
+            if needed > free:  # say so before writing a byte, rather than fill the disk and fail half-way
+                raise OSError(errno.ENOSPC, "not enough space for this checkpoint")
             state.finish()
             if weights:
                 save_safetensors({k: v.contiguous() for k, v in weights.items()}, f"{stage}/model.safetensors")
@@ -373,6 +417,10 @@ class Checkpointer(CheckpointReader):
             files = self._publish_stage(stage, work)
         except Exception as e:  # noqa: BLE001 -- reported to every rank below
             error = f"rank {self.dist.rank}: {type(e).__name__}: {e}"
+            if _no_space(e):
+                where = self.url(self.root) if self.local else f"{stage} (local staging)"
+                error = (f"rank {self.dist.rank}: no space left on the device of {where}: this rank's files need "
+                         f"{needed:,} bytes, {free:,} were free ({type(e).__name__}: {str(e)[:120]})")
         finally:
             shutil.rmtree(stage, ignore_errors=True)
         results = self._all_gather((files, error))
@@ -392,7 +440,14 @@ class Checkpointer(CheckpointReader):
                 error = f"rank 0: {type(e).__name__}: {e}"
         errors = errors or [e for e in self._all_gather(error) if e]
         if errors:
-            raise CheckpointError(f"{self.url(final)}: checkpoint not saved ({errors[0]}); the previous one is intact")
+            if self.dist.is_main:  # what was written of it only takes space (never published: no metadata)
+                with contextlib.suppress(Exception):
+                    if self.fs.exists(work) and not self.fs.exists(f"{work}/metadata.json"):
+                        self.fs.rm(work, recursive=True)
+            self._all_gather(None)  # every rank reads `latest` after the clean-up: the same line on each
+            latest = self.read_latest()
+            kept = f"{latest} stays latest" if latest else "no earlier checkpoint exists"
+            raise CheckpointError(f"{self.url(final)}: checkpoint not saved ({errors[0]}); {kept}")
         if self.dist.is_main:
             log.info("checkpoint %s published (files written in %.1fs%s)", self.url(final), time.perf_counter() - t0,
                      " on the checkpoint thread" if self._thread else "")

@@ -27,6 +27,9 @@ class RunConfig:
     name: str = "mixer"
     # Every artefact of a run (checkpoints, TensorBoard, eval records, resolved config) lives here.
     dir: str = "runs/${run.name}"
+    # One run owns run.dir (pretrain/run_lease.py): a second one stops at start. A lease whose heartbeat
+    # (every quarter of this) is older than this is taken over: its owner died without releasing it.
+    lease_timeout_s: float = 120.0
 
 
 @dataclass
@@ -113,6 +116,10 @@ class DataConfig:
     # Corrupt or unreadable samples are skipped and counted; above this fraction the run stops,
     # because a silently shrinking data set is worse than a clear failure.
     max_skip_fraction: float = 0.01
+    # Where the labels are: cls (the .cls member, the default), txt (a class name in .txt) or json:FIELD
+    # (an index or a class name in the .json member: img2dataset's `--save_additional_columns '["label"]'`
+    # gives json:label); class names map through the manifest's classes (docs/manifest.md).
+    label: str = "cls"
 
 
 @dataclass
@@ -457,6 +464,7 @@ POSITIVE, COUNT, FRACTION = above(0), at_least(0), within(0, 1)
 # tests/unit/test_config_validation.py checks that every numeric key of the schema has a rule here.
 RULES: dict[str, Rule] = {
     "run.dir": location(required=True),
+    "run.lease_timeout_s": above(0),
     "model.num_classes": Rule(lambda v: v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v > 0),
                               "'auto' (from the training manifest) or an integer > 0"),
     "model.img_size": optional(POSITIVE),
@@ -490,6 +498,8 @@ RULES: dict[str, Rule] = {
     "data.storage.backoff_s": within(0, 300),
     "data.storage.give_up_after_s": within(0, 7 * 86400, lo_open=True),
     "data.max_skip_fraction": FRACTION,
+    "data.label": Rule(lambda v: isinstance(v, str) and (v in ("cls", "txt") or bool(re.match(r"^json:\S+$", v))),
+                       "cls, txt or json:FIELD"),
     "optim.lr": POSITIVE,
     "optim.betas": values(within(0, 1, hi_open=True), 2),
     "optim.eps": POSITIVE,

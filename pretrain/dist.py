@@ -137,6 +137,15 @@ def broadcast(tensor: torch.Tensor, src: int = 0) -> None:
         dist.broadcast(tensor, src)
 
 
+def broadcast_object(obj: object, src: int = 0) -> object:
+    """Rank ``src``'s (picklable, small) value on every rank (identity with one process)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        box = [obj]
+        dist.broadcast_object_list(box, src=src)
+        return box[0]
+    return obj
+
+
 def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

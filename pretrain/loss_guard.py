@@ -26,10 +26,18 @@ class LossGuard:
         self.spike_factor, self.max_bad_steps = spike_factor, max_bad_steps
         self.mean: float | None = None  # exponential moving average of good losses
         self.streak = 0
+        self.vetoed = False  # the last judge found a rank's veto: drop the step, do not count it as bad
 
-    def judge(self, losses: list[torch.Tensor]) -> str | None:
-        """The first bad loss of `losses` (in order, as if each were checked alone), or None."""
-        values = all_reduce_mean(torch.stack([x.detach().float().reshape(()) for x in losses])).tolist()  # the sync
+    def judge(self, losses: list[torch.Tensor], veto: bool = False) -> str | None:
+        """The first bad loss of `losses` (in order, as if each were checked alone), or None. `veto`: this
+        rank's step was cut short (a preemption signal ended its wait for data); it rides in the same
+        all-reduce, and if any rank vetoes, every rank is told so (`vetoed`) and drops the step."""
+        flags = [x.detach().float().reshape(()) for x in losses]
+        flags.append(torch.tensor(float(veto), device=flags[0].device))
+        *values, vetoes = all_reduce_mean(torch.stack(flags)).tolist()  # the one sync
+        self.vetoed = vetoes > 0
+        if self.vetoed:
+            return "step cut short by a preemption signal"
         for value in values:
             if not math.isfinite(value):
                 return f"non-finite loss ({value})"

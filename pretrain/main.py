@@ -12,6 +12,7 @@ Any `dotted.key=value` after the options overrides the config file.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -38,16 +39,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def report(message: str) -> None:
+def report(message: str, lost_peer: bool = False) -> None:
     """The one line a user error ends with. Under `python -m cluster.launch` (which sets
     MIXER_LAUNCH_REPORTS) each rank leaves it in torchrun's per-rank error file instead, and the
-    launcher prints every distinct line once, rather than each rank printing the same one."""
+    launcher prints every distinct line once, rather than each rank printing the same one.
+    ``lost_peer``: this rank only lost its connection to a rank that died; the launcher names that one."""
     error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if error_file and os.environ.get("MIXER_LAUNCH_REPORTS") == "1":
         with open(error_file, "w") as f:
-            json.dump({"message": message, "timestamp": int(time.time())}, f)
+            json.dump({"message": message, "timestamp": int(time.time()), "lost_peer": lost_peer}, f)
         return
     print(f"error: {message}", file=sys.stderr)
+
+
+# What gloo (and the TCP store) say when the rank at the other end of a connection is gone.
+_PEER_GONE = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "Connection refused")
+
+
+def lost_peer(exn: BaseException) -> str | None:
+    """The words of a collective that failed because another rank died, or None for any other error."""
+    text = str(exn)
+    return next((marker for marker in _PEER_GONE if marker in text), None) if isinstance(exn, RuntimeError) else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,6 +98,20 @@ def main(argv: list[str] | None = None) -> int:
     except Preempted as e:
         print(f"{e}", file=sys.stderr)
         return REQUEUE_EXIT_CODE
+    except RuntimeError as e:
+        why = lost_peer(e)
+        if why is None:
+            raise
+        # A survivor's 24-line gloo traceback says nothing about the rank that died; the launcher names it.
+        report(f"rank {os.environ.get('RANK', '?')}: another rank of this run is gone ({why} in a collective); "
+               "see the line about that rank", lost_peer=True)
+        return 1
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        # A full disk outside the checkpoint writer (which says more: see checkpoint.py): eval records, config.
+        report(f"{e.filename or 'the run dir'}: no space left on the device ({e.strerror}); free space or move run.dir")
+        return 2
     finally:
         if trainer is not None:
             trainer.close()

@@ -14,15 +14,15 @@ from omegaconf import DictConfig
 from data_pipeline.stream.batch import Batch
 from data_pipeline.stream.decode import SKIP_KINDS
 from data_pipeline.errors import DataSpecError
-from data_pipeline.storage import StorageError
+from data_pipeline.storage import RetryInterrupted, StorageError, interrupt_retries_when
 
 from . import build
 from .atomic import write_atomic
 from .checkpoint import capture_rng, restore_rng
 from .config import ConfigError, to_yaml
-from .dist import all_reduce_sum, broadcast, describe_world, init_distributed, shutdown
+from .dist import all_reduce_sum, broadcast, broadcast_object, describe_world, init_distributed, shutdown
 from .monitor import itstime
-from .preemption import Preempted
+from .preemption import Preempted, WaitInterrupted
 
 log = logging.getLogger("pretrain")
 
@@ -39,9 +39,12 @@ class Trainer:
     def __init__(self, cfg: DictConfig, config_source: str = "config", local_rank: int | None = None) -> None:
         self.cfg = cfg
         self.dist = init_distributed(cfg.train.device, cfg.engine.backend, local_rank)
+        self.lease = None
         try:
             self._build(cfg, config_source)
         except BaseException:
+            if self.lease is not None:
+                self.lease.release()
             shutdown()  # a start that fails leaves no process group behind: the caller may report and start again
             raise
 
@@ -52,6 +55,7 @@ class Trainer:
         if self.dist.distributed:  # multi-node: which node holds which ranks (a lone process: nothing to say)
             log.info("process group: %s", describe_world(self.dist))
         self.run_dir = cfg.run.dir
+        self.lease = build.build_run_lease(cfg, self.dist)  # before anything is written to the run dir
         self.micro_batch_size, self.accum_steps = build.batch_layout(cfg, self.dist, config_source)
         self.batch_size = self.micro_batch_size * self.accum_steps  # per rank per optimiser step
         storage = build.build_storage(cfg)  # the one handle every data read goes through
@@ -87,6 +91,9 @@ class Trainer:
         self.last_save = time.monotonic()  # for checkpoint.every_minutes
         self.profiler = build.build_profiler(cfg, self.dist)  # train.profile: traces of chosen steps
         self.preemption = build.build_preemption_watcher(self.dist)  # SIGTERM/SIGUSR1 -> checkpoint, exit
+        interrupt_retries_when(self.preemption.stop_reason)  # a signal ends this process's storage retry waits
+        self.cut_short = False  # a signal ended this rank's wait for data: the step is dropped (train_step)
+        self.saved_step: int | None = None  # the step of the last checkpoint this run saved
         if cfg.checkpoint.resume == "never" and self.checkpointer.list_steps():
             raise ConfigError(f"{config_source}: checkpoint.resume is 'never' but {self.run_dir} already "
                               "holds checkpoints; choose another run.dir or resume")
@@ -113,6 +120,7 @@ class Trainer:
     def save_and_evaluate(self, evaluate: bool = True) -> None:
         t0 = time.perf_counter()
         self.last_save = time.monotonic()
+        self.saved_step = self.step
         samples = self.step * self.cfg.train.global_batch_size
         path = self.checkpointer.save(
             self.step, self.engine,
@@ -125,8 +133,8 @@ class Trainer:
         t1 = time.perf_counter()
         log.info("checkpoint %s: training stalled %.2fs%s", path, t1 - t0,
                  " (files written on the checkpoint thread)" if self.cfg.checkpoint.async_save else "")
-        if evaluate and self.eval_inline:
-            self.evaluate(self._eval_model(), self.step, path)
+        if evaluate and self.eval_inline:  # its record is written once the checkpoint is published (async save)
+            self.evaluate(self._eval_model(), self.step, path, before_record=self.checkpointer.wait)
         self.monitor.scalars(self.step, {"perf/checkpoint_stall_s": t1 - t0, "perf/eval_s": time.perf_counter() - t1})
         self.monitor.pause(time.perf_counter() - t0)  # keep img/s a training-only figure
 
@@ -147,19 +155,30 @@ class Trainer:
         return replica
 
     def check_data_health(self) -> None:
-        """Collective: report skipped samples, and stop if too large a fraction of the data is bad."""
+        """Collective: report skipped samples, and stop if too large a fraction of the data is bad (naming
+        one skipped sample of the commonest kind, and why), or if this run lost its run dir's lease."""
         skipped = self.loader.skipped
-        counts = all_reduce_sum(torch.tensor([skipped[k] for k in SKIP_KINDS] + [self.loader.delivered],
-                                             dtype=torch.float64)).tolist()
+        lease_lost = float(self.lease is not None and self.lease.lost is not None)  # rides along: no extra collective
+        *counts, lost = all_reduce_sum(torch.tensor([skipped[k] for k in SKIP_KINDS] + [self.loader.delivered,
+                                                    lease_lost], dtype=torch.float64)).tolist()
+        if lost:  # another run took the run dir over (it thought this one dead): stop, writing nothing more
+            raise ConfigError(str(broadcast_object(self.lease.lost if self.lease is not None else None)))
         bad, delivered = sum(counts[:-1]), counts[-1]
         if bad:
             self.monitor.scalars(self.step, {f"data/skipped_{k}": v for k, v in zip(SKIP_KINDS, counts)})
         self.monitor.scalars(self.step, self.loader.metrics())  # epochs, mixing shares, epoch-end drops
         fraction = bad / max(1.0, bad + delivered)
         if fraction > self.cfg.data.max_skip_fraction:
+            # Every rank is here (the counts are global): gather one example of the commonest kind.
+            kind = max(zip(SKIP_KINDS, counts), key=lambda kv: kv[1])[0]
+            causes = [self.loader.skip_causes]
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                causes = [{}] * self.dist.world_size
+                torch.distributed.all_gather_object(causes, self.loader.skip_causes)
+            example = next((c[kind] for c in causes if kind in c), "see the warnings above")
             raise DataSpecError(f"{fraction:.1%} of the samples read so far were skipped as unusable "
                                 f"({', '.join(f'{k} {int(v)}' for k, v in zip(SKIP_KINDS, counts) if v)}), above "
-                                f"data.max_skip_fraction={self.cfg.data.max_skip_fraction}; see the warnings above")
+                                f"data.max_skip_fraction={self.cfg.data.max_skip_fraction}; {kind}: {example}")
 
     def train(self) -> None:
         cfg = self.cfg
@@ -173,34 +192,57 @@ class Trainer:
             return
         if self.step == 0 and self.eval_inline and cfg.eval.baseline:
             t0 = time.perf_counter()
-            self.evaluate(self._eval_model(), 0, "initial weights")  # the random-init baseline row
+            try:
+                self.evaluate(self._eval_model(), 0, "initial weights")  # the random-init baseline row
+            except RetryInterrupted as e:
+                log.warning("%s: evaluation abandoned", e)
+                self.stop_for_requeue()
             self.monitor.pause(time.perf_counter() - t0)
         batches = iter(self.loader)
         self.engine.model.train()
-        while self.step < cfg.train.steps:
-            with self.profiler.step(self.step + 1):
-                self.train_step(batches)
-            # ---- step boundary: weights, schedule and data position agree on self.step here
-            preempted = self.preemption.requested(data_failed=self.data_error is not None)  # collective
-            if self.preemption.data_failed:
-                self.stop_on_data_error()
-            if self.step < cfg.train.steps and preempted:  # see preemption.py
-                self.save_and_evaluate(evaluate=False)  # the grace period is short: checkpoint only
-                self.checkpointer.wait()
-                raise Preempted(self.step, self.preemption.reason())
-            if itstime(self.step, cfg.train.log_every, cfg.train.steps):
-                self.check_data_health()
-            if itstime(self.step, cfg.checkpoint.every_steps, cfg.train.steps) or self.checkpoint_time_due():
-                self.save_and_evaluate()
+        try:
+            while self.step < cfg.train.steps:
+                with self.profiler.step(self.step + 1):
+                    self.train_step(batches)
+                # ---- step boundary: weights, schedule and data position agree on self.step here
+                preempted = self.preemption.requested(data_failed=self.data_error is not None,
+                                                      save_failed=self.checkpointer.failed())  # collective
+                if self.preemption.save_failed:
+                    self.checkpointer.wait()  # raises the failed save's one line, the same on every rank
+                if self.preemption.data_failed:
+                    self.stop_on_data_error()
+                if preempted and (self.step < cfg.train.steps or self.cut_short):  # see preemption.py
+                    self.stop_for_requeue()
+                save_due = itstime(self.step, cfg.checkpoint.every_steps, cfg.train.steps) or self.checkpoint_time_due()
+                if itstime(self.step, cfg.train.log_every, cfg.train.steps) or save_due:
+                    self.check_data_health()  # also before each save: no checkpoint of a run on bad data
+                if save_due:
+                    self.save_and_evaluate()
+        except RetryInterrupted as e:  # an evaluation was waiting on a store that does not answer
+            log.warning("%s: evaluation abandoned", e)
+            self.stop_for_requeue()
         self.checkpointer.wait()  # the last checkpoint is published before the run says it is done
         log.info("done: %d steps, run dir %s", self.step, self.run_dir)
+
+    def stop_for_requeue(self) -> None:
+        """Preempted: checkpoint the last finished step (unless this run just saved it) and exit for a requeue."""
+        if self.saved_step != self.step:
+            self.save_and_evaluate(evaluate=False)  # the grace period is short: checkpoint only
+        self.checkpointer.wait()
+        raise Preempted(self.step, self.preemption.reason())
 
     def train_step(self, batches: Iterator) -> None:
         """One optimiser step: `accum_steps` micro batches, then the update or, for a bad loss, a skip.
         The losses stay on the device and the guard reads them once, after the last forward and before
         the last backward (DeepSpeed updates inside that one): one host sync per step. The earlier
         micro batches' backwards run unjudged where the engine's skip drops every gradient of the step;
-        an engine that cannot (`judge_each_micro_batch`) has each micro batch judged before its backward."""
+        an engine that cannot (`judge_each_micro_batch`) has each micro batch judged before its backward.
+
+        A step whose wait for data a preemption signal ended (`next_batch`) is vetoed in the guard's
+        all-reduce and dropped on every rank before any update: weights, schedule, data position and RNG
+        stay those of the step boundary before it, which the trainer then saves."""
+        self.loader.mark()
+        rng = capture_rng()
         data_wait, losses, pending, bad = 0.0, [], [], None
         for i in range(self.accum_steps):
             t0 = time.perf_counter()
@@ -215,9 +257,15 @@ class Trainer:
             losses.append(loss.detach())
             pending.append(losses[-1])
             if i == self.accum_steps - 1 or self.engine.judge_each_micro_batch:
-                bad, pending = self.guard.judge(pending), []
+                bad, pending = self.guard.judge(pending, veto=self.cut_short), []
             if bad is None:
                 self.engine.backward(loss)
+        if self.guard.vetoed:  # no update, no schedule step: the step never happened
+            self.loader.rewind()
+            restore_rng(rng)
+            self.cut_short = True
+            log.warning("step %d dropped: %s; saving step %d", self.step + 1, bad, self.step)
+            return
         lr = self.engine.lr  # the rate this update uses; step() advances the schedule
         if bad is None:
             grad_norm = self.engine.step()
@@ -233,13 +281,17 @@ class Trainer:
     def next_batch(self, batches) -> Batch:
         """The next micro batch. When this rank's storage failed for good, the last batch stands in until the
         step boundary, where every rank learns of it and all stop together: no rank waits in a collective."""
-        if self.data_error is None:
+        if self.data_error is None and not self.cut_short:
             try:
-                self.last_batch = next(batches)
+                with self.preemption.interruptible():  # a preemption signal ends a wait on stalled storage
+                    self.last_batch = next(batches)
                 return self.last_batch
             except StorageError as e:
                 self.data_error = str(e)
                 log.error("data storage failed: %s; stopping at the end of this step without saving", e)
+            except (WaitInterrupted, RetryInterrupted) as e:
+                self.cut_short = True
+                log.warning("%s; this step is dropped and step %d is saved", e, self.step)
         if self.last_batch is None:
             self.last_batch = self.loader.blank_batch()
         return self.last_batch
@@ -271,4 +323,8 @@ class Trainer:
         except Exception as e:  # noqa: BLE001 -- the error that ended the run matters more
             log.error("the checkpoint being written when the run stopped was not saved: %s", e)
         self.monitor.close()
+        interrupt_retries_when(None)
+        if self.lease is not None:
+            self.lease.release()
+            self.lease = None
         shutdown()

@@ -6,10 +6,10 @@ from typing import Sequence
 from braceexpand import braceexpand
 
 from data_pipeline.errors import DataSpecError
-from data_pipeline.shards.manifest import read_manifest
+from data_pipeline.shards.manifest import Manifest, read_index
 from data_pipeline.storage import Storage
 
-__all__ = ["DataSpecError", "expand_urls", "manifest_shards", "spec_parts"]
+__all__ = ["DataSpecError", "expand_urls", "manifest_index", "spec_parts"]
 
 
 def spec_parts(spec: str | Sequence[str]) -> list[str]:
@@ -23,10 +23,10 @@ def spec_parts(spec: str | Sequence[str]) -> list[str]:
     return parts
 
 
-def manifest_shards(part: str, spec: object, storage: Storage) -> list[dict]:
-    """The shard entries of the manifest ``part``; an error names the whole data spec it came from."""
+def manifest_index(part: str, spec: object, storage: Storage) -> Manifest:
+    """The manifest ``part`` (header, shard table); an error names the whole data spec it came from."""
     try:
-        return read_manifest(part, storage)["shards"]
+        return read_index(part, storage)
     except DataSpecError as exc:
         raise type(exc)(f"data spec {spec!r}: {exc}") from None
 
@@ -40,7 +40,8 @@ def expand_urls(spec: str | Sequence[str], storage: Storage) -> list[str]:
     urls: list[str] = []
     for part in spec_parts(spec):
         if part.endswith(".json"):
-            urls.extend(s["url"] for s in manifest_shards(part, spec, storage))
+            table = manifest_index(part, spec, storage).table
+            urls.extend(table.url(i) for i in range(len(table)))
         else:
             urls.extend(braceexpand(part))
     if not urls:

@@ -122,6 +122,17 @@ def group_samples(members: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]
         yield current
 
 
+def members_note(sample: dict[str, Any]) -> str:
+    """``members: jpg, json`` for a sample, plus the reason when a dotted key was split (``a.b.c.jpg``
+    is key ``a`` with member ``b.c.jpg``, as webdataset reads it)."""
+    exts = sorted(k for k in sample if not k.startswith("__"))
+    note = f"members: {', '.join(exts) or 'none'}"
+    if any("." in e for e in exts):
+        note += ("; a key with a dot was split at its first dot, as webdataset splits it: rewrite the shards "
+                 "with keys without dots")
+    return note
+
+
 def error_marker(url: str, why: str, logged: bool = False) -> dict[str, Any]:
     return {"__key__": SHARD_ERROR_KEY, "__url__": url, "err": why.encode(), "__logged__": logged}
 

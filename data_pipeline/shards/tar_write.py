@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image
 from webdataset import TarWriter
 
+from data_pipeline.errors import DataSpecError
 from data_pipeline.shards.manifest import make_manifest, publish_manifest
 from data_pipeline.storage import Storage
 
@@ -45,19 +46,23 @@ class _HashingWriter:
     def __init__(self, f: BinaryIO) -> None:
         self._f = f
         self.sha256 = hashlib.sha256()
+        self.size = 0
 
     def write(self, data: bytes) -> int:
         self.sha256.update(data)
+        self.size += len(data)
         self._f.write(data)
         return len(data)
 
 
 def check_key(key: str) -> None:
-    # webdataset splits member names at the first dot of the basename and treats "__x__" as metadata,
-    # so such keys would silently merge or vanish when read back.
+    """Refuse keys webdataset would read back as another sample: it splits member names at the first dot
+    of the basename (``a.b.c.jpg`` is key ``a`` with member ``b.c.jpg``) and skips ``__x__`` as metadata."""
     base = key.rsplit("/", 1)[-1]
     if not base or "." in base or base.startswith("__"):
-        raise ValueError(f"sample key {key!r} must be non-empty, contain no '.' and not start with '__'")
+        raise DataSpecError(f"sample key {key!r} must be non-empty, contain no '.' and not start with '__' "
+                         f"(webdataset splits member names at the basename's first dot); rename it, e.g. "
+                         f"{key.replace('.', '_').lstrip('_') or 'x'!r}")
 
 
 class ShardWriter:
@@ -78,6 +83,7 @@ class ShardWriter:
         self._tar.tarstream.format = tarfile.GNU_FORMAT
 
     def write(self, key: str, data: bytes, label: int) -> None:
+        check_key(key)  # every writer comes through here: the CLI's re-shard path included
         self.offsets.append(self._tar.tarstream.offset)  # where this sample's first header starts
         self._tar.write({"__key__": key, "jpg": bytes(data), "cls": str(label).encode("ascii")})
         self.count += 1
@@ -87,8 +93,8 @@ class ShardWriter:
         self._tar.close()  # writes the end-of-archive blocks, through the hasher
         self._file.close()
         self.fs.mv(self.tmp, self.final)
-        return {"url": self.name, "num_samples": self.count, "sha256": self._hasher.sha256.hexdigest(),
-                "offsets": self.offsets}
+        return {"url": self.name, "num_samples": self.count, "bytes": self._hasher.size,
+                "sha256": self._hasher.sha256.hexdigest(), "offsets": self.offsets}
 
     def abort(self) -> None:
         self._tar.close()  # else tarfile's finaliser later writes to the closed file

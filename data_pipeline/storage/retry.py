@@ -8,13 +8,25 @@ waits (exponential back-off) or stops the run with one line naming the URL. Erro
 - content (a damaged tar): the reader skips the rest of that shard, the same way on every rank;
 - anything else is transient (connection refused, timeouts, 5xx, throttling, and a missing object that
   the manifest says exists: a store restoring its objects answers NoSuchKey for a while): retried until
-  ``give_up_after_s`` have passed since the last success, then :class:`StorageError`.
+  ``give_up_after_s`` have passed since the last success, then :class:`StorageError`. A missing *local*
+  file (a plain path or ``file://``) is permanent: no local disk restores its files by waiting.
+
+Two process-wide switches, set by the process that owns the reads (the trainer, the evaluation runner):
+
+- ``interrupt_retries_when(check)``: a back-off wait ends with :class:`RetryInterrupted` as soon as
+  ``check()`` names a reason (a preemption signal), instead of sleeping on through the budget;
+- ``one_budget_per_store()``: within it, a store that was given up on once fails every later read at
+  once (one budget for one dead store, not one per evaluator reading from it).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import time
+from typing import Callable, Iterator
+
+from fsspec.core import split_protocol
 
 from data_pipeline.errors import DataSpecError
 from data_pipeline.storage.handle import Storage
@@ -33,6 +45,46 @@ _PERMANENT_CODES = {"NoSuchBucket", "AccessDenied", "InvalidAccessKeyId", "Signa
 # botocore exception class names for missing / unusable credentials and malformed endpoints.
 _PERMANENT_NAMES = {"NoCredentialsError", "PartialCredentialsError", "ProfileNotFound", "NoRegionError",
                     "InvalidEndpointError", "UnknownCredentialError", "CredentialRetrievalError"}
+
+
+class RetryInterrupted(BaseException):
+    """A back-off wait cut short because the process was asked to stop (a preemption signal). A
+    BaseException, like KeyboardInterrupt: the per-sample and per-evaluator ``except Exception`` handlers
+    let it through to the one place that stops the run."""
+
+
+_stop_check: Callable[[], str | None] | None = None
+_dead_stores: dict[str, str] | None = None  # store -> the error it was given up with (inside one_budget_per_store)
+_SLICE_S = 0.2  # how often a back-off wait looks at the stop check
+
+
+def interrupt_retries_when(check: Callable[[], str | None] | None) -> None:
+    """Back-off waits of this process end with RetryInterrupted once ``check()`` returns a reason (None: never)."""
+    global _stop_check
+    _stop_check = check
+
+
+@contextlib.contextmanager
+def one_budget_per_store() -> Iterator[None]:
+    """Inside: once a store (scheme and bucket/host) is given up on, later reads from it fail at once."""
+    global _dead_stores
+    outer, _dead_stores = _dead_stores, {}
+    try:
+        yield
+    finally:
+        _dead_stores = outer
+
+
+def store_of(url: str) -> str:
+    """The store a URL lives in: ``s3://bucket``, ``http://host:port``; local paths are one store, ``file``."""
+    protocol, path = split_protocol(url)
+    if protocol in (None, "file", "local"):
+        return "file"
+    return f"{protocol}://{path.split('/', 1)[0]}"
+
+
+def is_local(url: str) -> bool:
+    return store_of(url) == "file"
 
 
 def _chain(exn: BaseException):
@@ -93,19 +145,35 @@ class RetryBudget:
 
     def failed(self, exn: BaseException, what: str = "reading") -> None:
         reason = permanent_reason(exn)
-        if reason is None and self.missing_is_permanent and isinstance(exn, FileNotFoundError) and not is_outage(exn):
+        missing = isinstance(exn, FileNotFoundError) and not is_outage(exn)
+        if reason is None and missing and (self.missing_is_permanent or is_local(self.url)):
             reason = "not found"
         if reason is not None:
             raise StorageError(f"cannot read {self.url} ({reason}): {_brief(exn)}") from None
+        store = store_of(self.url)
+        if _dead_stores is not None and store in _dead_stores:
+            raise StorageError(f"not retried: {store} was given up on already ({_dead_stores[store]})") from None
         now = time.monotonic()
         self._since = now if self._since is None else self._since
         waited = now - self._since
         budget = self.storage.give_up_after_s
         if waited >= budget:
-            raise StorageError(f"gave up on {self.url} after {waited:.0f}s of failures "
-                               f"(data.storage.give_up_after_s={budget:g}): {_brief(exn)}") from None
+            error = (f"gave up on {self.url} after {waited:.0f}s of failures "
+                     f"(data.storage.give_up_after_s={budget:g}): {_brief(exn)}")
+            if _dead_stores is not None:
+                _dead_stores[store] = error
+            raise StorageError(error) from None
         delay = min(self.storage.wait(self.attempts), budget - waited)
         self.attempts += 1
         log.warning("%s %s failed (%s); retry %d in %.1fs (giving up %.0fs after the first failure)", what,
                     self.url, _brief(exn), self.attempts, delay, budget)
-        time.sleep(delay)
+        self._sleep(delay)
+
+    def _sleep(self, delay: float) -> None:
+        """The back-off wait, in slices: a stop request (see interrupt_retries_when) ends it at once."""
+        end = time.monotonic() + delay
+        while (left := end - time.monotonic()) > 0:
+            why = _stop_check() if _stop_check is not None else None
+            if why:
+                raise RetryInterrupted(f"{why} while retrying {self.url}")
+            time.sleep(min(_SLICE_S, left))

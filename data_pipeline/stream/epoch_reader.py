@@ -1,6 +1,7 @@
 """Samples of an epoch plan by raw position: what a training DataLoader worker reads.
 
-With the per-sample byte offsets of the manifest, ``EpochReader`` reads just the byte ranges of the samples
+With the per-sample byte offsets of the manifest (read per shard when the worker starts it, see
+shards/offsets.py), ``EpochReader`` reads just the byte ranges of the samples
 it is asked for (contiguous ones in one request), so a worker reads only its own samples; without offsets
 it streams each shard and skips the samples it does not need, undecoded.
 """
@@ -10,26 +11,32 @@ import bisect
 import logging
 from typing import Any, Iterable, Sequence
 
+from data_pipeline.shards.offsets import ListOffsets, ShardOffsets
 from data_pipeline.shards.tar_read import ShardSamples, error_marker, parse_sample
 from data_pipeline.storage import RetryBudget, Storage
 from data_pipeline.stream.plan import EpochPlan
 
 log = logging.getLogger(__name__)
 
+# Why a range read found no sample where the manifest said one starts (a manifest of other shards, or
+# shards rewritten after indexing); the run's skip-fraction stop repeats it.
+OFFSETS_MISMATCH = ("the manifest's offsets do not match the shard (no tar sample at a sample's offset); rebuild "
+                    "the manifest with python -m data_pipeline.index '<shards>' --out <manifest.json>")
 _MAX_RUN_BYTES = 64 << 20  # one range request reads at most this much (more samples: more requests)
 
 
 class _Ranges:
-    """Range reads of one source's shards, each through its shard's retry budget."""
+    """Range reads of one source's shards, each read through a retry budget for its shard."""
 
     def __init__(self, urls: Sequence[str], storage: Storage) -> None:
         self.urls, self.storage = urls, storage
-        self.budgets: dict[int, RetryBudget] = {}
         self.bytes_read = 0
 
     def read(self, shard: int, start: int, stop: int) -> bytes:
         url = self.urls[shard]
-        budget = self.budgets.setdefault(shard, RetryBudget(url, self.storage))
+        # One budget per read: a budget is reset by every success, so keeping one per shard would only
+        # grow a worker's memory with the shards of the epoch (230,000 at LAION-2B size).
+        budget = RetryBudget(url, self.storage)
         while True:
             try:
                 fs, path = self.storage.fs(url)
@@ -39,7 +46,8 @@ class _Ranges:
                 continue
             budget.succeeded()
             self.bytes_read += len(data)
-            return data
+            # A server without range requests (Python's http.server) sends the whole object.
+            return data[start:stop] if len(data) > stop - start else data
 
 
 class EpochReader:
@@ -53,9 +61,11 @@ class EpochReader:
     """
 
     def __init__(self, urls: Sequence[str], plan: EpochPlan, storage: Storage,
-                 offsets: Sequence[Sequence[int] | None] | None = None) -> None:
+                 offsets: ShardOffsets | ListOffsets | Sequence[Sequence[int] | None] | None = None) -> None:
         self.urls, self.plan, self.storage = urls, plan, storage
-        self.offsets = offsets or [None] * len(urls)
+        if offsets is None or isinstance(offsets, (list, tuple)):
+            offsets = ListOffsets(offsets or [None] * len(urls))
+        self.offsets = offsets  # per shard, read when the shard is first needed (ShardOffsets: its own cache)
         self.cursor = 0  # next raw position the open shard would deliver (streaming)
         self._cache: dict[int, dict[str, Any]] = {}
         self._pending: list[int] = []  # sorted announced positions not yet read
@@ -87,18 +97,20 @@ class EpochReader:
         if raw in self._cache:
             return self._cache.pop(raw)
         j, idx = self.plan.locate(raw)
-        if self.offsets[int(self.plan.shards[j])] is not None:
+        if self.offsets.has(int(self.plan.shards[j])):
             return self._fetch_range(raw, j, idx)
         return self._fetch_stream(raw)
 
     # ---- range reads (manifest with offsets)
     def _fetch_range(self, raw: int, j: int, idx: int) -> dict[str, Any]:
         shard = int(self.plan.shards[j])
-        offsets, url = self.offsets[shard], self.urls[shard]
+        before = self.offsets.bytes_read
+        offsets, url = self.offsets.get(shard), self.urls[shard]
+        self._ranges.bytes_read += self.offsets.bytes_read - before  # the offsets read count as read bytes
         first = int(self.plan.offsets[j])  # raw position of the shard's sample 0
-        n = len(offsets) - 1
+        n = max(0, len(offsets) - 1)
         if idx >= n:  # the manifest promised more samples than its offsets cover
-            return self._missing(j, url, idx, f"the manifest lists {n} offsets")
+            return self._missing(j, url, idx, f"the manifest lists {n} offsets for it")
         lo, hi = idx, idx + 1  # merge announced neighbours into one request
         while lo > 0 and first + lo - 1 in self._pending_set and offsets[idx] - offsets[lo - 1] < _MAX_RUN_BYTES:
             lo -= 1
@@ -112,7 +124,7 @@ class EpochReader:
             sample = parse_sample(chunk, url) if len(chunk) == offsets[k + 1] - offsets[k] else None
             if sample is None:
                 why = "the shard is shorter than its manifest says" if len(chunk) < offsets[k + 1] - offsets[k] \
-                    else "the bytes at this sample's offset are not one tar sample"
+                    else OFFSETS_MISMATCH
                 sample = self._missing(j, url, k, why)
             if k != idx:
                 self._cache[first + k] = sample

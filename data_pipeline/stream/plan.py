@@ -135,7 +135,7 @@ def split_batch(batch_size: int, weights: Sequence[float], taken: Sequence[int],
 class SourceCursor:
     """Where one rank stands in one source's current epoch under the current layout."""
 
-    counts: list[int]
+    counts: np.ndarray  # int64 per shard: one buffer, no Python int per shard
     index: int  # source index (part of the seed)
     epoch: int
     consumed: Intervals  # sigma ranges consumed before this layout started
@@ -208,8 +208,8 @@ class RankSchedule:
         self.batch_size, self.world_size = batch_size, world_size
         state = state or [{"epoch": 0, "consumed": [], "taken": 0, "dropped": 0} for _ in counts]
         self.cursors = [
-            SourceCursor(list(c), i, int(st["epoch"]), pairs(st["consumed"]), seed, window, resampled, rank,
-                         world_size, dropped=int(st["dropped"]))
+            SourceCursor(np.asarray(c, dtype=np.int64), i, int(st["epoch"]), pairs(st["consumed"]), seed, window,
+                         resampled, rank, world_size, dropped=int(st["dropped"]))
             for i, (c, st) in enumerate(zip(counts, state))]
         self.taken = [int(st["taken"]) for st in state]
         self.total = int(total)

@@ -7,7 +7,10 @@ from typing import Sequence
 import numpy as np
 
 from data_pipeline.errors import DataSpecError
-from data_pipeline.shards.spec import manifest_shards, no_urls_error, spec_parts
+from data_pipeline.shards.manifest import Manifest
+from data_pipeline.shards.offsets import ShardOffsets
+from data_pipeline.shards.spec import manifest_index, no_urls_error, spec_parts
+from data_pipeline.shards.table import ShardUrls
 from data_pipeline.storage import Storage
 
 
@@ -22,13 +25,18 @@ class DataSource:
 
 @dataclass
 class ResolvedSource:
-    """A source as the plan and the readers use it: every shard's URL, sample count and offsets."""
+    """A source as the plan and the readers use it: shard URLs, sample counts, where the offsets are.
+
+    numpy buffers only, whatever the number of shards: forked DataLoader workers share its pages.
+    """
 
     name: str
-    urls: list[str]
-    counts: list[int]
+    urls: ShardUrls  # a sequence of str, decoded on access
+    counts: np.ndarray  # int64 per shard
     weight: float
-    offsets: list[np.ndarray | None]  # per shard: each sample's first byte, then the end (None: stream it)
+    offsets: ShardOffsets  # per shard, read by the worker that reads the shard (None: stream it)
+    classes: list[str] | None = None  # the manifests' class names (labels given as names map through them)
+    label: str = "cls"  # where the manifests' indexer found the labels
 
 
 def index_command(spec: str) -> str:
@@ -37,29 +45,38 @@ def index_command(spec: str) -> str:
 
 
 def resolve_source(source: DataSource, index: int, storage: Storage) -> ResolvedSource:
-    """Shard URLs, per-shard sample counts and byte offsets, from the source's manifests.
+    """Shard URLs and per-shard sample counts from the source's manifests (header and shard table only).
 
     Shards without a manifest stop the run at once: counting them would read the whole data set on
     one rank before the first step (days at ImageNet-21k scale); the message gives the index command.
     """
-    urls: list[str] = []
-    counts: list[int] = []
-    offsets: list[np.ndarray | None] = []
+    manifests: list[Manifest] = []
     for part in spec_parts(source.spec):
         if not part.endswith(".json"):
             raise DataSpecError(f"data spec {part!r} is not a manifest (.json): training needs each shard's "
                                 f"sample count; write one with `{index_command(part)}` and point the "
                                 f"data spec at it")
-        for s in manifest_shards(part, source.spec, storage):
-            if "num_samples" not in s:
-                raise DataSpecError(f"manifest {part!r}: shard {s['url']!r} has no num_samples; rebuild it "
-                                    f"with `python -m data_pipeline.index 'SHARD_PATTERN' --out {part}`")
-            urls.append(s["url"])
-            counts.append(int(s["num_samples"]))
-            # int64 arrays: a Python int per sample would cost ~0.5 GB per process at 14M samples
-            offsets.append(np.asarray(s["offsets"], dtype=np.int64) if s.get("offsets") else None)
-    if not urls:
+        manifests.append(manifest_index(part, source.spec, storage))
+    tables = [m.table for m in manifests]
+    counts = np.concatenate([t.counts for t in tables]) if tables else np.zeros(0, np.int64)
+    if not len(counts):
         raise no_urls_error(source.spec)
-    if sum(counts) == 0:
-        raise DataSpecError(f"data spec {source.spec!r}: its {len(urls)} shard(s) hold no sample")
-    return ResolvedSource(source.name or f"source{index}", urls, counts, float(source.weight), offsets)
+    if int(counts.sum()) == 0:
+        raise DataSpecError(f"data spec {source.spec!r}: its {len(counts)} shard(s) hold no sample")
+    classes = next((m.classes for m in manifests if m.classes), None)
+    labels = {m.label for m in manifests}
+    return ResolvedSource(source.name or f"source{index}", ShardUrls(tables), counts, float(source.weight),
+                          ShardOffsets(tables, [m.offsets for m in manifests], storage), classes,
+                          labels.pop() if len(labels) == 1 else ",".join(sorted(labels)))
+
+
+def check_label(source: ResolvedSource, label: str) -> None:
+    """Stop at start-up when ``data.label`` cannot give this source's labels: its manifest was indexed
+    from another label source, or labels are class names and the manifest lists no classes."""
+    if source.label not in ("cls", label):
+        raise DataSpecError(f"source {source.name}: its manifest was indexed with --label {source.label}, "
+                            f"data.label is {label}: set data.label={source.label}")
+    if label == "txt" and not source.classes:
+        raise DataSpecError(f"source {source.name}: data.label=txt maps class names through the manifest's "
+                            f"classes and it lists none: index the shards with `python -m data_pipeline.index "
+                            f"SHARDS --out M.json --label txt`")

@@ -24,7 +24,8 @@ from data_pipeline.storage import Storage, StorageError
 from data_pipeline.stream.batch import Batch, make_batch
 from data_pipeline.stream.decode import SKIP_KINDS
 from data_pipeline.stream.plan import RankSchedule
-from data_pipeline.stream.sources import DataSource, ResolvedSource, resolve_source
+from data_pipeline.shards.labels import parse_label_source
+from data_pipeline.stream.sources import DataSource, ResolvedSource, check_label, resolve_source
 from data_pipeline.stream.train_worker import TrainWorkerStream, WorkerSpec
 from data_pipeline.stream.workers import as_is, outlive_preemption_signals
 
@@ -55,6 +56,7 @@ class TrainLoader:
         epoch_mode: str = "exact",
         storage: Storage,
         lookahead: int = 0,
+        label: str = "cls",
     ) -> None:
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -76,8 +78,10 @@ class TrainLoader:
         if any(s.weight <= 0 for s in specs):
             raise DataSpecError(f"source weights must be > 0, got {[s.weight for s in specs]}")
         self.storage = storage
+        self.label = str(parse_label_source(label))  # ValueError: one line naming the accepted forms
         self.sources = self._resolve(specs)
-        self.urls = [u for s in self.sources for u in s.urls]
+        for s in self.sources:
+            check_label(s, self.label)
         self.batch_size, self.transform, self.seed = batch_size, transform, seed
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
         self.window, self.pin_memory = max(1, shuffle_buffer), pin_memory
@@ -85,8 +89,8 @@ class TrainLoader:
         # Batches a worker plans ahead: enough that it reads each window of the plan once.
         self.lookahead = lookahead or max(2, 2 * -(-self.window // batch_size) // max(1, num_workers) + 2)
         for s in self.sources:
-            if sum(s.counts) < world_size:
-                raise DataSpecError(f"source {s.name}: {sum(s.counts)} sample(s) cannot feed {world_size} ranks")
+            if int(s.counts.sum()) < world_size:
+                raise DataSpecError(f"source {s.name}: {int(s.counts.sum())} sample(s) cannot feed {world_size} ranks")
         self._source_state: list[dict] | None = None
         self._total = 0
         self.delivered = 0  # samples delivered to the caller on this rank (+ the saved global count on rank 0)
@@ -94,6 +98,8 @@ class TrainLoader:
         self._schedule: RankSchedule | None = None
         self.source_counts = [0] * len(self.sources)  # samples delivered per source on this rank
         self.bytes_read = 0  # bytes read from storage by range reads in the current iteration (all workers)
+        self.skip_causes: dict[str, str] = {}  # per skip kind, the first sample skipped for it on this rank, and why
+        self._mark: tuple | None = None
 
     def _resolve(self, specs: list[DataSource]) -> list[ResolvedSource]:
         # Every rank reads the manifests itself: no rank waits on another, and nothing is counted.
@@ -132,7 +138,7 @@ class TrainLoader:
     def worker_spec(self) -> WorkerSpec:
         """What the DataLoader workers need, from the current position (``schedule_args``)."""
         return WorkerSpec(self.sources, self.schedule_args(), self.transform, self.seed, self.window,
-                          self.resampled, self.storage, max(1, self.num_workers), self.lookahead)
+                          self.resampled, self.storage, max(1, self.num_workers), self.lookahead, self.label)
 
     def __iter__(self) -> Iterator[Batch]:
         dataset = TrainWorkerStream(self.worker_spec())
@@ -153,12 +159,25 @@ class TrainLoader:
             self._schedule.next()
             self._source_state, self._total = self._schedule.state(), self._schedule.total
             self._skipped = [a + b for a, b in zip(self._skipped, item.skipped)]
+            for kind, why in item.causes.items():
+                self.skip_causes.setdefault(kind, why)
             self.delivered += len(item.batch) - item.replaced
             worker_bytes[expected % workers] = item.bytes_read
             self.bytes_read = sum(worker_bytes)
             for s in item.batch.sources or ():
                 self.source_counts[s] += 1
             yield item.batch
+
+    def mark(self) -> None:
+        """Remember the position (a step boundary) that ``rewind`` goes back to; cheap, local."""
+        self._mark = (self._source_state, self._total, list(self._skipped), self.delivered, list(self.source_counts))
+
+    def rewind(self) -> None:
+        """Back to the position of the last ``mark``: the batches delivered since then count as never read
+        (a step cut short by a preemption signal is saved as the step boundary before it)."""
+        if self._mark is not None:
+            self._source_state, self._total, skipped, self.delivered, counts = self._mark
+            self._skipped, self.source_counts = list(skipped), list(counts)
 
     def blank_batch(self) -> Batch:
         """A full batch of black images, label 0: a stand-in while a run stops (never trained on for real)."""
@@ -182,7 +201,7 @@ class TrainLoader:
             "window": self.window,
             "epoch_mode": "resampled" if self.resampled else "exact",
             "total": self._total,
-            "sources": [dict(st, name=s.name, num_shards=len(s.urls), num_samples=sum(s.counts))
+            "sources": [dict(st, name=s.name, num_shards=len(s.urls), num_samples=int(s.counts.sum()))
                         for st, s in zip(sources, self.sources)],
             "skipped": counts[:-1],
             "delivered": counts[-1],
@@ -202,10 +221,10 @@ class TrainLoader:
         if len(saved) != len(self.sources):
             raise DataSpecError(f"data loader state has {len(saved)} source(s), the config {len(self.sources)}")
         for st, s in zip(saved, self.sources):
-            if st.get("num_shards") != len(s.urls) or st.get("num_samples") != sum(s.counts):
+            if st.get("num_shards") != len(s.urls) or st.get("num_samples") != int(s.counts.sum()):
                 raise DataSpecError(
                     f"data loader state of source {s.name} was saved with {st.get('num_shards')} shards / "
-                    f"{st.get('num_samples')} samples, now {len(s.urls)} / {sum(s.counts)}: the data changed")
+                    f"{st.get('num_samples')} samples, now {len(s.urls)} / {int(s.counts.sum())}: the data changed")
         self._source_state = [{k: st[k] for k in ("epoch", "consumed", "taken", "dropped")} for st in saved]
         self._total = int(state["total"])
         self._schedule = None

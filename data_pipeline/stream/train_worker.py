@@ -7,13 +7,16 @@ own batches; skipped samples are never decoded.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterator
 
 import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 
+from data_pipeline.image.gpu_decode import CropPlanner
 from data_pipeline.image.transforms import TrainTransform
+from data_pipeline.shards.labels import LabelReader
+from data_pipeline.shards.tar_write import encode_jpeg
 from data_pipeline.storage import Storage
 from data_pipeline.stream.batch import Batch, make_batch
 from data_pipeline.stream.decode import SKIP_KINDS, decode_sample
@@ -29,8 +32,9 @@ class WorkerBatch:
     batch: Batch
     index: int
     skipped: list[int]  # per SKIP_KINDS, for this batch only
-    replaced: int = 0  # slots of unusable samples filled with another sample of the batch
+    replaced: int = 0  # slots of unusable samples filled with another sample of the batch (or a blank)
     bytes_read: int = 0  # bytes this worker read from storage by range reads, so far (all batches)
+    causes: dict[str, str] = field(default_factory=dict)  # per skip kind of this batch: one sample and why
 
     def pin_memory(self) -> WorkerBatch:
         return replace(self, batch=self.batch.pin_memory())
@@ -54,6 +58,16 @@ class WorkerSpec:
     storage: Storage
     num_workers: int  # >= 1: batch i is built by worker i % num_workers
     lookahead: int  # batches a worker plans ahead
+    label: str = "cls"  # where the labels are (data.label): cls, txt, json:FIELD
+
+
+def _blank(transform: TrainTransform, size: int) -> Any:
+    """A stand-in for a sample when nothing usable has been read: black pixels, or for GPU decoding
+    (a CropPlanner) a tiny black JPEG with a whole-image crop."""
+    pixels = np.zeros((size, size, 3), np.uint8)
+    if isinstance(transform, CropPlanner):
+        return encode_jpeg(pixels), [0, 0, size, size, 0]
+    return pixels
 
 
 class TrainWorkerStream(IterableDataset):
@@ -71,6 +85,7 @@ class TrainWorkerStream(IterableDataset):
         spec = self.spec
         schedule = RankSchedule(**spec.schedule_args)
         readers: dict[tuple[int, int], EpochReader] = {}
+        label_of = [LabelReader(spec.label, src.classes) for src in spec.sources]  # per source
         queue: deque[tuple[int, list]] = deque()  # this worker's upcoming batches, positions announced
         next_index = 0
 
@@ -98,22 +113,26 @@ class TrainWorkerStream(IterableDataset):
             index, parts = queue.popleft()
             slots: list[tuple[dict, int, np.random.Generator] | None] = []  # (raw sample, source, rng) or unusable
             skipped = [0] * len(SKIP_KINDS)
+            causes: dict[str, str] = {}
             for s, epoch, raws in parts:
                 rd = reader(s, epoch)
                 for raw in raws:
                     slots.append((rd.fetch(raw), s, augment_rng(spec.seed, s, epoch, int(raw))))
             filled: list[tuple[Any, int, str, int] | None] = []  # (pixels, label, key, source) per slot
             for sample, s, rng in slots:
-                out = decode_sample(sample, lambda b: spec.transform(b, rng))
+                out = decode_sample(sample, lambda b: spec.transform(b, rng), label_of[s])
                 if isinstance(out, str):
                     skipped[SKIP_KINDS.index(out)] += 1
+                    causes.setdefault(str(out), getattr(out, "detail", str(out)))
                     filled.append(None)
                 else:
                     filled.append((out[0], out[1], sample["__key__"], s))
                     last_good = (sample, s)
             # Constant batch shapes: an unusable slot takes the next usable sample of the batch (the
-            # worker's last usable one if the batch has none), augmented with the slot's own randomness.
-            # A pure function of the plan, so resume stays exact; the counters count it as skipped.
+            # worker's last usable one if the batch has none), augmented with the slot's own randomness;
+            # before this worker has read any usable sample, a blank (black, label 0). A pure function of
+            # the plan, so resume stays exact; the counters count it as skipped, and the run's
+            # data.max_skip_fraction stop names the cause: never a short or empty batch (a NaN loss).
             good = [i for i, f in enumerate(filled) if f is not None]
             replaced = 0
             for i in [i for i, f in enumerate(filled) if f is None]:
@@ -122,8 +141,11 @@ class TrainWorkerStream(IterableDataset):
                 elif last_good is not None:
                     donor, s = last_good
                 else:
-                    continue  # nothing usable read yet on this worker: the batch stays short
-                out = decode_sample(donor, lambda b: spec.transform(b, slots[i][2]))
+                    size = spec.transform.image_size
+                    filled[i] = (_blank(spec.transform, size), 0, "__blank__", slots[i][1])
+                    replaced += 1
+                    continue
+                out = decode_sample(donor, lambda b: spec.transform(b, slots[i][2]), label_of[s])
                 filled[i] = (out[0], out[1], donor["__key__"], s)
                 replaced += 1
             images, labels, keys, srcs = (list(x) for x in zip(*[f for f in filled if f is not None])) \
@@ -134,4 +156,4 @@ class TrainWorkerStream(IterableDataset):
                 bytes_done += done.bytes_read
                 done.close()
             yield WorkerBatch(make_batch(images, labels, keys, spec.transform.image_size, srcs), index, skipped,
-                               replaced, bytes_done + sum(r.bytes_read for r in readers.values()))
+                               replaced, bytes_done + sum(r.bytes_read for r in readers.values()), causes)

@@ -10,6 +10,7 @@ from typing import Callable, Iterable, Mapping, Protocol, Sequence
 import torch
 from torch import nn
 
+from data_pipeline.storage import StorageError, one_budget_per_store
 from data_pipeline.stream.batch import Batch
 
 from ..dist import DistInfo
@@ -36,28 +37,47 @@ Autocast = Callable[[], AbstractContextManager]
 class EvalRunner:
     """Runs every evaluator on the model of a checkpoint; records results as TensorBoard scalars
     (x-axis: training step), one JSON file per checkpoint and a JSONL history. An evaluator that
-    raises is logged and its error recorded; the others still run and training goes on."""
+    raises is logged and its error recorded; the others still run and training goes on. A store that
+    does not answer costs one retry budget per checkpoint: once given up on, the evaluators after
+    that read from it fail at once, and the error is recorded (and logged) once, by the first.
+
+    ``before_record``: called (on every rank) before the record is written; the trainer waits there for
+    the checkpoint being evaluated to be published, so that no record names an unpublished one."""
 
     def __init__(self, evaluators: Sequence[Evaluator], run_dir: str, dist_info: DistInfo,
                  scalars: Callable[[int, Mapping[str, float]], None]) -> None:
         self.evaluators, self.dist, self.scalars = list(evaluators), dist_info, scalars
         self.records = EvalRecords(run_dir)
 
-    def __call__(self, model: nn.Module, step: int, checkpoint: str) -> dict:
+    def __call__(self, model: nn.Module, step: int, checkpoint: str,
+                 before_record: Callable[[], None] | None = None) -> dict:
         was_training = model.training
         model.eval()
         record: dict = {"step": step, "checkpoint": checkpoint, "results": {}, "errors": {}, "seconds": {}}
         t0 = time.perf_counter()
-        for ev in self.evaluators:
-            t = time.perf_counter()
-            try:
-                record["results"][ev.name] = ev.run(model)
-            except Exception as e:  # an evaluation must never take the training run down with it
-                log.error("evaluator %s failed at step %d: %s", ev.name, step, e)
-                record["errors"][ev.name] = "".join(traceback.format_exception_only(type(e), e)).strip()
-            record["seconds"][ev.name] = round(time.perf_counter() - t, 3)
-        model.train(was_training)
+        storage_failed = None  # the first evaluator that failed on storage (its error is the one recorded)
+        try:
+            with one_budget_per_store():
+                for ev in self.evaluators:
+                    t = time.perf_counter()
+                    try:
+                        record["results"][ev.name] = ev.run(model)
+                    except StorageError as e:
+                        if storage_failed is None:
+                            log.error("evaluator %s failed at step %d: %s", ev.name, step, e)
+                            storage_failed = ev.name
+                            record["errors"][ev.name] = f"StorageError: {e}"
+                        else:
+                            record["errors"][ev.name] = f"StorageError: not run, see {storage_failed}"
+                    except Exception as e:  # an evaluation must never take the training run down with it
+                        log.error("evaluator %s failed at step %d: %s", ev.name, step, e)
+                        record["errors"][ev.name] = "".join(traceback.format_exception_only(type(e), e)).strip()
+                    record["seconds"][ev.name] = round(time.perf_counter() - t, 3)
+        finally:
+            model.train(was_training)
         record["seconds"]["total"] = round(time.perf_counter() - t0, 3)
+        if before_record is not None:
+            before_record()
         if self.dist.is_main:
             flat = {f"eval/{name}/{k}": v for name, res in record["results"].items() for k, v in res.items()}
             self.scalars(step, flat)

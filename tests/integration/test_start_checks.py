@@ -66,4 +66,5 @@ def test_a_run_with_a_wrong_eval_path_stops_before_the_engine(tmp_path, demo_roo
     assert r.returncode == 2, r.stderr[-2000:]
     lines = r.stderr.strip().splitlines()
     assert lines == [f"error: eval.linear_probe.train: manifest {str(missing)!r} not found"], r.stderr[-2000:]
-    assert not (tmp_path / "run").exists()  # nothing written: no config, no checkpoint
+    # Nothing of the run written: no config, no checkpoint (the run-dir lease may have come and gone).
+    assert not (tmp_path / "run" / "config.yaml").exists() and not (tmp_path / "run" / "checkpoints").exists()

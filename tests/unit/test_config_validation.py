@@ -50,6 +50,7 @@ BAD_OVERRIDES = [
     ("data.num_workers=10000", "data.num_workers"),
     ("data.sources=[{train: a.json, weight: -1}]", "data.sources.0.weight"),
     ("data.epoch_mode=exactly", "data.epoch_mode"),
+    ("data.label=text:label", "data.label"),
     ("data=5", "data"),
     ("model.drop_path_rate=1.0", "model.drop_path_rate"),
     ("model.num_classes=0", "model.num_classes"),

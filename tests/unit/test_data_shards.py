@@ -38,7 +38,13 @@ def test_round_trip_keys_labels_pixels(tmp_path, as_file_url):
     assert [s["url"] for s in manifest["shards"]] == ["train-000000.tar", "train-000001.tar", "train-000002.tar"]
     assert [s["num_samples"] for s in manifest["shards"]] == [4, 4, 2]
     assert manifest["num_samples"] == 10 and manifest["num_classes"] == 3 and manifest["classes"] == ["a", "b", "c"]
-    assert json.loads((tmp_path / "train.json").read_text()) == manifest
+    header = json.loads((tmp_path / "train.json").read_text())  # format 2: a small header, no per-shard list
+    assert header["format_version"] == 2 and header["num_shards"] == 3 and "shards" not in header
+    assert {k: header[k] for k in ("num_samples", "classes", "num_classes", "label")} == \
+        {k: manifest[k] for k in ("num_samples", "classes", "num_classes", "label")}
+    full = read_manifest(f"{out}/train.json", Storage(), offsets=True)["shards"]
+    assert [{k: v for k, v in s.items() if k != "url"} for s in full] == \
+        [{k: v for k, v in s.items() if k != "url"} for s in manifest["shards"]]
     assert not list(tmp_path.glob("*tmp*")), "temporary files left behind"
 
     read = read_manifest(f"{out}/train.json", Storage())

@@ -119,6 +119,7 @@ def test_resume_under_another_seed_or_window_is_refused(dataset):
 def corrupt_dataset(tmp_path_factory):
     """3 readable shards holding 3 bad samples, plus a truncated one; a manifest from the indexer."""
     from data_pipeline.shards.index import build_index
+    from data_pipeline.shards.manifest import read_manifest
 
     root = tmp_path_factory.mktemp("corrupt")
     good = list(_samples(18, seed=1))
@@ -138,8 +139,8 @@ def corrupt_dataset(tmp_path_factory):
     with TarWriter(str(root / "c-3.tar")) as w:
         for key, jpg, label in cut:
             w.write({"__key__": key, "jpg": jpg, "cls": str(label).encode()})
-    whole = build_index(str(root / "c-3.tar"), str(root / "whole.json"), Storage(), progress=False)
-    whole = whole["shards"][0]["offsets"]
+    build_index(str(root / "c-3.tar"), str(root / "whole.json"), Storage(), progress=False)
+    whole = read_manifest(str(root / "whole.json"), Storage(), offsets=True)["shards"][0]["offsets"]
     data = (root / "c-3.tar").read_bytes()
     cut_at = len(data) // 2 + 100
     (root / "c-3.tar").write_bytes(data[:cut_at])  # truncated mid-member

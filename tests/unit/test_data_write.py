@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from data_pipeline.shards.manifest import read_manifest
 from data_pipeline.shards.tar_read import raw_samples
 from data_pipeline.storage import Storage
 from data_pipeline.shards.spec import expand_urls
@@ -44,7 +45,7 @@ def test_folder_to_shards_with_resize_and_manifest(folder, tmp_path):
     r = _cli("--folder", folder, "--out", tmp_path / "out", "--samples-per-shard", 4, "--resize", 32,
              "--processes", 2, "--shuffle-seed", 0)
     assert r.returncode == 0, r.stderr
-    manifest = json.loads((tmp_path / "out" / "train.json").read_text())
+    manifest = read_manifest(str(tmp_path / "out" / "train.json"), Storage())
     assert manifest["classes"] == ["cat", "dog", "eel"] and manifest["num_samples"] == 15
     assert [s["num_samples"] for s in manifest["shards"]] == [4, 4, 4, 3]
     for s in manifest["shards"]:
@@ -76,7 +77,8 @@ def test_list_file_to_s3(folder, tmp_path, s3_server):
     import s3fs
 
     fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server.endpoint})
-    manifest = json.loads(fs.cat(f"{s3_server.bucket}/lst/train.json"))
+    assert json.loads(fs.cat(f"{s3_server.bucket}/lst/train.json"))["format_version"] == 2
+    manifest = read_manifest(s3_server.url("lst/train.json"), Storage(s3_endpoint=s3_server.endpoint))
     assert manifest["num_samples"] == len(paths) and len(manifest["shards"]) == 3
 
 
@@ -101,7 +103,7 @@ def test_output_is_read_by_webdataset_and_reshard_with_a_key_in_two_sources_is_a
     import webdataset as wds
 
     assert _cli("--folder", folder, "--out", tmp_path / "a", "--samples-per-shard", 4).returncode == 0
-    manifest = json.loads((tmp_path / "a" / "train.json").read_text())
+    manifest = read_manifest(str(tmp_path / "a" / "train.json"), Storage())
     urls = [str(tmp_path / "a" / s["url"]) for s in manifest["shards"]]
     samples = list(wds.WebDataset(urls, shardshuffle=False, empty_check=False))  # the real library's reader
     assert len(samples) == manifest["num_samples"] == 15
