@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Callable
 from cluster.rendezvous import check_reachable, endpoint, node_name
 
 if TYPE_CHECKING:  # imported where used: a check that does not need it costs no start-up
+    from omegaconf import DictConfig
+
     from data_pipeline.storage import Storage
 
 
@@ -76,21 +78,20 @@ def check_writable(url: str) -> Check:
     return Check("run dir", True, f"{url} writable")
 
 
-def check_data(spec: str, storage: Storage) -> Check:
-    """The first training shard is there, read through the run's storage handle (``data.storage``: endpoint,
+def check_data(cfg: DictConfig, storage: Storage, where: str) -> Check:
+    """Every data path the run reads (training, data.val, each enabled evaluator's splits: the trainer's own
+    start check, pretrain/data_check.py), read through the run's storage handle (``data.storage``: endpoint,
     profile, anonymous access; transient failures retried within ``data.storage.give_up_after_s``)."""
-    from data_pipeline.shards.spec import DataSpecError, expand_urls
+    from data_pipeline.errors import DataSpecError
+    from pretrain.data_check import check_path, data_paths
 
+    paths = data_paths(cfg)
     try:
-        urls = expand_urls(spec, storage)
-        fs, path = storage.fs(urls[0])
-        if not fs.exists(path):
-            return Check("data", False, f"{urls[0]}: first training shard not found")
-    except DataSpecError as e:  # StorageError included: one line naming the URL
+        for key, spec in paths:
+            check_path(key, spec, storage, where)
+    except DataSpecError as e:  # one line naming the key and the URL
         return Check("data", False, str(e))
-    except Exception as e:
-        return Check("data", False, f"{spec}: cannot reach the training data ({type(e).__name__}: {e})")
-    return Check("data", True, f"{len(urls)} shard(s), first one reachable")
+    return Check("data", True, f"{', '.join(k for k, _ in paths)}: first shard of each reachable")
 
 
 def check_master() -> Check:
@@ -112,8 +113,9 @@ def check_master() -> Check:
                                                                           if nnodes > 1 else ""))
 
 
-def run_checks(gpus_per_node: int, run_dir: str | None, data: tuple[str, Storage] | None) -> list[Check]:
-    """``data``: the training data spec and the storage handle it is read through (None: no data check)."""
+def run_checks(gpus_per_node: int, run_dir: str | None, data: tuple[DictConfig, Storage, str] | None) -> list[Check]:
+    """``data``: the run's config, the storage handle its data is read through and the config file's name
+    (None: no data check)."""
     checks: list[Callable[[], Check]] = [check_master]
     if gpus_per_node > 0:
         checks += [lambda: check_gpus(gpus_per_node), check_nccl]
@@ -127,7 +129,8 @@ def run_checks(gpus_per_node: int, run_dir: str | None, data: tuple[str, Storage
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gpus-per-node", type=int, default=0, help="GPUs this node must show (0: a CPU run)")
-    p.add_argument("--config", help="the run's config: its run.dir must be writable and data.train reachable")
+    p.add_argument("--config", help="the run's config: its run.dir must be writable and every data path "
+                                     "it reads reachable")
     p.add_argument("--run-dir", help="check this directory / URL is writable (default: the config's run.dir)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_args(argv)
@@ -142,8 +145,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
         run_dir = run_dir or cfg.run.dir
-        if cfg.data.prepare != "demo" and cfg.data.train:  # demo data is generated on start
-            data = (cfg.data.train, build_storage(cfg))
+        if cfg.data.prepare != "demo":  # demo data is generated on start
+            data = (cfg, build_storage(cfg), args.config)
     host = node_name()
     results = run_checks(args.gpus_per_node, run_dir, data)
     for c in results:

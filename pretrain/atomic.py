@@ -9,6 +9,26 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 
+def process_umask() -> int:
+    """The process umask, read without changing it (os.umask sets it too: a race with the checkpoint thread)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)  # no /proc (not Linux): set and put back at once
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(path: str) -> None:
+    """Give a file written by a library that creates it 0600 (safetensors' save_file) the permissions
+    every other file of the run gets: 0666 less the umask, so a group's evaluation job can read it."""
+    os.chmod(path, 0o666 & ~process_umask())
+
+
 def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     """Replace `path` with `data` in one step: locally written to a temporary name beside it (same
     file system) and renamed over it, so a crash leaves the old file or the new one, never a torn one;

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import logging
+import os
 from functools import partial
 from typing import Any, Callable
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from data_pipeline.image.augment import MixupCutmix, RandAugment
@@ -22,16 +23,18 @@ from data_pipeline.image.transforms import TrainTransform
 
 from .checkpoint import Checkpointer
 from .config import ConfigError, engine_options
+from .data_check import check_data_paths, manifest_num_classes, placeholder_error
 from .dist import DistInfo, barrier, broadcast_object, node_leaders
 from .engines import Engine, build_engine, effective_kind
 from .evaluation import EVALUATORS, EvalContext, EvalRunner, Evaluator
 from .loss import build_loss
 from .loss_guard import LossGuard
-from .memory import estimate_memory
+from .memory import GIB, MachineMemory, MemoryEstimate, estimate_memory, host_memory
 from .models import apply_mlp_impl, create_model
 from .monitor import Monitor
 from .optim import build_optimizer, build_scheduler
 from .preemption import PreemptionWatcher
+from .profiling import StepProfiler
 from .run_lease import RunDirBusy, RunLease
 
 log = logging.getLogger("pretrain")
@@ -70,7 +73,37 @@ def prepare_data(cfg: DictConfig, dist_info: DistInfo, storage: Storage) -> None
             barrier()
 
 
-def build_model(cfg: DictConfig, where: str = "config") -> nn.Module:
+def check_data(cfg: DictConfig, storage: Storage, where: str, train: bool = True) -> None:
+    """Every data path the run reads (training, data.val, each enabled evaluator's splits) is there:
+    checked before the engine is built, so a wrong eval path is not found hours later."""
+    check_data_paths(cfg, storage, where, train)
+
+
+def resolve_num_classes(cfg: DictConfig, storage: Storage, where: str) -> DictConfig:
+    """The config with model.num_classes a number: `auto` takes the training manifest's; a number given
+    that disagrees with the manifest stops the run (a head of the wrong size trains without a word)."""
+    given = cfg.model.num_classes
+    if given != "auto":
+        try:
+            found = manifest_num_classes(cfg, storage, where)
+        except DataSpecError:  # shards without a manifest (or one without counts): the number given stands
+            return cfg
+        if found != given:
+            key = "data.sources" if cfg.data.sources else "data.train"
+            raise ConfigError(f"{where}: 'model.num_classes' is {given} but the manifest of {key} has {found} "
+                              f"classes; set model.num_classes={found} or model.num_classes=auto")
+        return cfg
+    resolved = cfg.copy()
+    OmegaConf.set_readonly(resolved, False)
+    resolved.model.num_classes = manifest_num_classes(cfg, storage, where)
+    OmegaConf.set_readonly(resolved, True)
+    return resolved
+
+
+def build_model(cfg: DictConfig, where: str = "config", mlp_impl: bool = True) -> nn.Module:
+    """The model of `cfg`; ``mlp_impl=False``: eager MLPs (shapes only, e.g. on the meta device for an estimate)."""
+    if cfg.model.num_classes == "auto":
+        raise ConfigError(f"{where}: 'model.num_classes' is 'auto' here; resolve it from the manifest first")
     overrides = {"drop_rate": cfg.model.drop_rate, "drop_path_rate": cfg.model.drop_path_rate}
     if cfg.model.img_size is not None:
         overrides["img_size"] = cfg.model.img_size
@@ -84,7 +117,7 @@ def build_model(cfg: DictConfig, where: str = "config") -> nn.Module:
     if tuple(model.stem.img_size) != (size, size):
         raise ConfigError(f"{where}: 'data.image_size' is {size} but {cfg.model.name} takes "
                           f"{model.stem.img_size[0]} px; set model.img_size={size} or data.image_size")
-    return apply_mlp_impl(model, cfg.model.mlp_impl)
+    return apply_mlp_impl(model, cfg.model.mlp_impl) if mlp_impl else model
 
 
 def build_train_engine(cfg: DictConfig, model: nn.Module, dist_info: DistInfo, where: str = "config") -> Engine:
@@ -108,21 +141,85 @@ def build_train_loss(cfg: DictConfig) -> nn.Module:
     return build_loss(cfg.optim.loss, cfg.optim.label_smoothing)
 
 
-def memory_report(cfg: DictConfig, world_size: int, where: str, model: nn.Module | None = None) -> str:
-    """One line: the per-device memory estimate of this config on `world_size` ranks. Without `model`
+def memory_estimate(cfg: DictConfig, world_size: int, where: str, model: nn.Module | None = None,
+                    device_type: str = "cpu", rank: int = 0) -> tuple[str, MemoryEstimate]:
+    """The memory estimate of this config on `world_size` ranks, and its one-line report. Without `model`
     it is built on the meta device (no memory, no init), as for `main.py --estimate-memory`."""
+    note = ""
     if model is None:
+        if cfg.model.num_classes == "auto":
+            cfg, note = _classes_for_estimate(cfg, where)
         with torch.device("meta"):
-            model = build_model(cfg, where)
+            model = build_model(cfg, where, mlp_impl=False)  # the MLP kernels do not change the memory
     info = DistInfo(rank=0, world_size=world_size, local_rank=0, device=torch.device("cpu"))
     e = cfg.engine
     micro, accum = batch_layout(cfg, info, where)
     estimate = estimate_memory(model, engine=effective_kind(e.kind, info), world_size=world_size,
-                               micro_batch_size=micro, precision=cfg.train.precision, zero_stage=e.zero_stage,
-                               offload_optimizer=e.offload_optimizer,
-                               activation_checkpointing=e.activation_checkpointing)
-    engine = e.kind + (f" ZeRO-{e.zero_stage}" if e.kind == "deepspeed" else "")
-    return f"{cfg.model.name} on {engine}, {world_size} ranks, micro batch {micro} x {accum}: {estimate.describe()}"
+                               micro_batch_size=micro, precision=cfg.train.precision, zero_stage=e.deepspeed.zero_stage,
+                               offload_optimizer=e.deepspeed.offload_optimizer,
+                               activation_checkpointing=e.activation_checkpointing, device_type=device_type,
+                               async_checkpoint=cfg.checkpoint.async_save, num_workers=cfg.data.num_workers,
+                               image_size=cfg.data.image_size, rank=rank)
+    engine = e.kind + (f" ZeRO-{e.deepspeed.zero_stage}" if e.kind == "deepspeed" else "")
+    line = (f"{cfg.model.name} on {engine}, {world_size} ranks, micro batch {micro} x {accum}, {device_type}: "
+            f"{estimate.describe()}{note}")
+    return line, estimate
+
+
+def memory_report(cfg: DictConfig, world_size: int, where: str, model: nn.Module | None = None,
+                  device_type: str = "cpu") -> str:
+    """One line: the memory estimate of this config on `world_size` ranks (see memory_estimate)."""
+    return memory_estimate(cfg, world_size, where, model, device_type)[0]
+
+
+def check_memory_fit(cfg: DictConfig, estimate: MemoryEstimate, dist_info: DistInfo, where: str) -> None:
+    """Stop before step 1 when the estimate exceeds what this machine has: one line with both numbers and
+    what to change, instead of the kernel killing a rank at its first checkpoint (seen by the others as a
+    gloo 'Connection reset by peer'). train.memory_check=false skips it."""
+    if not cfg.train.memory_check:
+        return
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    needs: list[tuple[int, MachineMemory]] = [(estimate.host, host_memory(local_ranks))]
+    if dist_info.device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(dist_info.device)
+        name = f"{dist_info.device} ({torch.cuda.get_device_name(dist_info.device)})"
+        needs.append((estimate.total, MachineMemory(free + torch.cuda.memory_reserved(dist_info.device), total, name)))
+    for need, have in needs:
+        if need > have.available:
+            raise ConfigError(f"{where}: the run needs about {need / GIB:.1f} GiB of {have.what} per rank (memory "
+                              f"estimate above) but {have.available / GIB:.1f} GiB is available there; "
+                              f"{_memory_advice(cfg)}, or train.memory_check=false to start anyway")
+
+
+def _memory_advice(cfg: DictConfig) -> str:
+    e, advice = cfg.engine, []
+    if e.kind != "deepspeed" or e.deepspeed.zero_stage < 3:
+        advice.append("sharding over more ranks (engine.kind=fsdp, or engine.kind=deepspeed "
+                      "engine.deepspeed.zero_stage=3)")
+    if e.kind == "deepspeed" and not e.deepspeed.offload_optimizer:
+        advice.append("engine.deepspeed.offload_optimizer=true")
+    if not e.activation_checkpointing:
+        advice.append("engine.activation_checkpointing=true")
+    advice.append("a smaller train.micro_batch_size (more grad_accum_steps)")
+    if cfg.checkpoint.async_save:
+        advice.append("checkpoint.async_save=false")
+    if cfg.data.num_workers > 2:
+        advice.append("fewer data.num_workers")
+    return "try " + ", ".join(advice[:-1]) + " or " + advice[-1]
+
+
+def _classes_for_estimate(cfg: DictConfig, where: str) -> tuple[DictConfig, str]:
+    """model.num_classes auto for an estimate made before the data is there: the manifest's count if it
+    can be read, else a 1000-class head, said so in the line."""
+    if not cfg.data.sources and placeholder_error("data.train", cfg.data.train, where) is None:
+        try:
+            return resolve_num_classes(cfg, build_storage(cfg), where), ""
+        except DataSpecError:
+            pass
+    fixed = cfg.copy()
+    OmegaConf.set_readonly(fixed, False)
+    fixed.model.num_classes = 1000
+    return fixed, " (head counted for 1000 classes: model.num_classes is auto and data.train is not readable)"
 
 
 def build_storage(cfg: DictConfig) -> Storage:
@@ -219,6 +316,11 @@ def build_eval_runner(cfg: DictConfig, dist_info: DistInfo, autocast: Callable[[
     wanted = not in_training or cfg.eval.mode == "inline"
     evaluators = build_evaluators(cfg, dist_info, autocast, storage) if wanted else []
     return EvalRunner(evaluators, cfg.run.dir, dist_info, scalars)
+
+
+def build_profiler(cfg: DictConfig, dist_info: DistInfo) -> StepProfiler:
+    """train.profile: torch.profiler traces of the listed steps in <run.dir>/profile."""
+    return StepProfiler(cfg.run.dir, cfg.train.profile, dist_info)
 
 
 def build_preemption_watcher(dist_info: DistInfo) -> PreemptionWatcher:

@@ -51,7 +51,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save_file as save_safetensors
 
-from .atomic import write_atomic
+from .atomic import follow_umask, write_atomic
 from .dist import DistInfo, barrier
 from .engines.safe_load import refusal
 
@@ -410,6 +410,7 @@ class Checkpointer(CheckpointReader):
             state.finish()
             if weights:
                 save_safetensors({k: v.contiguous() for k, v in weights.items()}, f"{stage}/model.safetensors")
+                follow_umask(f"{stage}/model.safetensors")  # safetensors creates it 0600
             for name, data in small.items():
                 with open(f"{stage}/{name}", "wb") as f:
                     f.write(data)

@@ -35,7 +35,8 @@ class RunConfig:
 @dataclass
 class ModelConfig:
     name: str = "mixer_b16_224"  # any name from pretrain.models.list_models()
-    num_classes: int = 1000
+    # auto: the training manifest's num_classes (or len(classes)); a number is checked against it at start.
+    num_classes: Any = "auto"
     img_size: Optional[int] = None  # None: the variant's own resolution
     drop_rate: float = 0.0
     drop_path_rate: float = 0.0
@@ -154,6 +155,25 @@ class TrainConfig:
     # corrupting the weights; max_bad_steps in a row stop the run (something is broken, not noisy).
     spike_factor: float = 0.0  # 0 disables spike detection (non-finite losses are always skipped)
     max_bad_steps: int = 5
+    # Optimiser steps (1-based) traced with torch.profiler into <run.dir>/profile (pretrain/profiling.py),
+    # with a CUDA memory snapshot where CUDA is present; e.g. [20, 21]: steps after the warm-up of the caches.
+    profile: List[int] = field(default_factory=list)
+    # Stop before step 1 when the memory estimate exceeds the host's (or the GPU's) free memory.
+    memory_check: bool = True
+
+
+@dataclass
+class DeepSpeedOptions:
+    """What only engine.kind=deepspeed takes: the `engine.deepspeed` section."""
+    zero_stage: int = 2  # 1 | 2 | 3 (optimizer / +gradients / +parameters sharded)
+    offload_optimizer: bool = False  # optimizer states in CPU memory
+
+
+@dataclass
+class FSDPOptions:
+    """What only engine.kind=fsdp takes: the `engine.fsdp` section."""
+    # Free the gathered block weights after forward (less memory, one more all-gather in backward).
+    reshard_after_forward: bool = True
 
 
 @dataclass
@@ -161,24 +181,10 @@ class EngineConfig:
     kind: str = "ddp"  # single | ddp | fsdp | deepspeed; with one process `ddp` runs as `single`
     backend: str = "auto"  # auto: nccl on cuda, gloo on cpu
     activation_checkpointing: bool = False  # recompute each Mixer block in backward (any engine)
-    # Options of one engine (typed below in DeepSpeedOptions / FSDPOptions; keys kept flat, as users write them).
-    zero_stage: int = 2  # deepspeed only: 1 | 2 | 3 (optimizer / +gradients / +parameters sharded)
-    offload_optimizer: bool = False  # deepspeed only: optimizer states in CPU memory
-    # fsdp only: free the gathered block weights after forward (less memory, one more all-gather in backward).
-    reshard_after_forward: bool = True
-
-
-@dataclass(frozen=True)
-class DeepSpeedOptions:
-    """What only engine.kind=deepspeed takes (defaults: EngineConfig's)."""
-    zero_stage: int = EngineConfig.zero_stage
-    offload_optimizer: bool = EngineConfig.offload_optimizer
-
-
-@dataclass(frozen=True)
-class FSDPOptions:
-    """What only engine.kind=fsdp takes (defaults: EngineConfig's)."""
-    reshard_after_forward: bool = EngineConfig.reshard_after_forward
+    # Each engine's own options, in a section named after it; the sections of the engines not chosen
+    # are ignored, so one config file can carry them all and engine.kind=X switches on the command line.
+    deepspeed: DeepSpeedOptions = field(default_factory=DeepSpeedOptions)
+    fsdp: FSDPOptions = field(default_factory=FSDPOptions)
 
 
 @dataclass
@@ -271,6 +277,10 @@ class Config:
 
 
 INCLUDE_KEY = "include"
+# Keys that moved: the old spelling is one line naming the new one (configs written before the move).
+MOVED_KEYS = {"engine.zero_stage": "engine.deepspeed.zero_stage",
+              "engine.offload_optimizer": "engine.deepspeed.offload_optimizer",
+              "engine.reshard_after_forward": "engine.fsdp.reshard_after_forward"}
 _UNSET = object()
 
 
@@ -289,6 +299,8 @@ def _one_line(err: OmegaConfBaseException, source: str, schema: DictConfig) -> C
     key = getattr(err, "full_key", None) or getattr(err, "key", None) or "?"
     first = str(err).splitlines()[0] if str(err) else type(err).__name__
     if "not in" in first or "Key '" in first and "not" in first:
+        if str(key) in MOVED_KEYS:
+            return ConfigError(f"{source}: '{key}' moved to '{MOVED_KEYS[str(key)]}'")
         close = difflib.get_close_matches(str(key), _all_keys(schema), n=1, cutoff=0.5)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         return ConfigError(f"{source}: unknown key '{key}'{hint}")
@@ -453,7 +465,8 @@ POSITIVE, COUNT, FRACTION = above(0), at_least(0), within(0, 1)
 RULES: dict[str, Rule] = {
     "run.dir": location(required=True),
     "run.lease_timeout_s": above(0),
-    "model.num_classes": POSITIVE,
+    "model.num_classes": Rule(lambda v: v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v > 0),
+                              "'auto' (from the training manifest) or an integer > 0"),
     "model.img_size": optional(POSITIVE),
     "model.drop_rate": within(0, 1, hi_open=True),
     "model.drop_path_rate": within(0, 1, hi_open=True),
@@ -507,9 +520,11 @@ RULES: dict[str, Rule] = {
     "train.grad_accum_steps": optional(POSITIVE),
     "train.spike_factor": Rule(lambda v: _number(v) and (v == 0 or v > 1), "0 (off) or > 1"),
     "train.max_bad_steps": POSITIVE,
+    "train.profile": Rule(lambda v: isinstance(v, (list, ListConfig)) and all(POSITIVE.ok(x) for x in v),
+                          "a list of steps, each > 0 (e.g. [20, 21])"),
     "engine.kind": one_of("single", "ddp", "fsdp", "deepspeed"),
     "engine.backend": one_of("auto", "gloo", "nccl"),
-    "engine.zero_stage": one_of(1, 2, 3),
+    "engine.deepspeed.zero_stage": one_of(1, 2, 3),
     "checkpoint.every_steps": POSITIVE,
     "checkpoint.keep_last": POSITIVE,
     "checkpoint.keep_every": at_least(0, " (0: none)"),
@@ -537,8 +552,7 @@ RULES: dict[str, Rule] = {
 }
 
 
-# The engines with options of their own. Under another engine such an option would be silently ignored,
-# so a value other than the default stops the run instead (the defaults pass under every engine).
+# The engines with options of their own: engine.<kind> holds them.
 ENGINE_OPTIONS: dict[str, type[DeepSpeedOptions] | type[FSDPOptions]] = {
     "deepspeed": DeepSpeedOptions,
     "fsdp": FSDPOptions,
@@ -546,9 +560,9 @@ ENGINE_OPTIONS: dict[str, type[DeepSpeedOptions] | type[FSDPOptions]] = {
 
 
 def engine_options(engine: DictConfig) -> DeepSpeedOptions | FSDPOptions | None:
-    """The typed options of `engine.kind` from the flat engine.* keys (None: the engine takes none)."""
+    """The typed options of `engine.kind`, from its section engine.<kind> (None: the engine takes none)."""
     options = ENGINE_OPTIONS.get(engine.kind)
-    return options(**{f.name: engine[f.name] for f in fields(options)}) if options else None
+    return options(**{f.name: engine[engine.kind][f.name] for f in fields(options)}) if options else None
 
 
 def _expand(cfg: DictConfig, pattern: str) -> list[str]:
@@ -567,13 +581,6 @@ def validate(cfg: DictConfig, blame: Callable[[str], str]) -> None:
             value = OmegaConf.select(cfg, key)
             if not rule.ok(value):
                 raise ConfigError(f"{blame(key)}: {rule.message(key, value)}")
-    kind = cfg.engine.kind
-    for owner, options in ENGINE_OPTIONS.items():
-        for option in fields(options):
-            value = cfg.engine[option.name]
-            if kind != owner and value != option.default:
-                raise ConfigError(f"{blame(f'engine.{option.name}')}: 'engine.{option.name}' is {value!r} but "
-                                  f"applies only to engine.kind={owner}, not {kind!r}; drop it or change engine.kind")
     if not cfg.data.sources and not cfg.data.train:
         raise ConfigError(f"{blame('data.train')}: 'data.train' is empty and 'data.sources' has no entry; "
                           "give the training shards in one of them")
@@ -582,6 +589,24 @@ def validate(cfg: DictConfig, blame: Callable[[str], str]) -> None:
         if section.enabled and not (section.train and section.test):
             raise ConfigError(f"{blame(f'eval.{task}.enabled')}: 'eval.{task}.enabled' needs "
                               f"'eval.{task}.train' and 'eval.{task}.test'")
+
+
+def upgrade_saved_config(text: str) -> str:
+    """A run's saved config.yaml with keys that have moved since (MOVED_KEYS) put where they live now,
+    so that runs trained before a move can still be evaluated and exported."""
+    node = OmegaConf.create(text)
+    if not isinstance(node, DictConfig):
+        return text
+    changed = False
+    for old, new in MOVED_KEYS.items():
+        section, _, leaf = old.rpartition(".")
+        parent = OmegaConf.select(node, section)
+        if isinstance(parent, DictConfig) and leaf in parent:
+            value = parent.pop(leaf)
+            if OmegaConf.select(node, new, default=_UNSET) is _UNSET:
+                OmegaConf.update(node, new, value, force_add=True)
+            changed = True
+    return OmegaConf.to_yaml(node) if changed else text
 
 
 def to_yaml(cfg: DictConfig) -> str:

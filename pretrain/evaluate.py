@@ -42,11 +42,11 @@ class EvaluateError(RuntimeError):
 
 def _load_config(url: str, overrides: Sequence[str]) -> DictConfig:
     """A run's or checkpoint's config.yaml (any fsspec URL), validated like a training config."""
-    from .config import ConfigError, load_config
+    from .config import ConfigError, load_config, upgrade_saved_config
 
     try:
         with fsspec.open(url, "r") as f:
-            text = f.read()
+            text = upgrade_saved_config(f.read())  # a run trained before a key moved
     except FileNotFoundError:
         raise EvaluateError(f"{url}: not found (is this a run directory written by pretrain/main.py?)") from None
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:

@@ -32,7 +32,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true",
                    help="continue from the newest checkpoint (= checkpoint.resume=auto)")
     p.add_argument("--estimate-memory", type=int, metavar="WORLD_SIZE",
-                   help="print the per-device memory estimate for WORLD_SIZE ranks and exit")
+                   help="print the memory estimate (per GPU and per rank's host memory; train.device=cpu: "
+                        "host memory) for WORLD_SIZE ranks and exit")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", metavar="key=value")
     return p.parse_args(argv)
@@ -85,7 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.estimate_memory:
             from pretrain.build import memory_report
-            print(memory_report(cfg, args.estimate_memory, args.config))
+            # For the machines the run is meant for: GPUs unless the config says cpu.
+            device_type = "cpu" if cfg.train.device == "cpu" else "cuda"
+            print(memory_report(cfg, args.estimate_memory, args.config, device_type=device_type))
             return 0
         trainer = Trainer(cfg, config_source=args.config, local_rank=args.local_rank)
         trainer.train()

@@ -58,20 +58,25 @@ class Trainer:
         self.lease = build.build_run_lease(cfg, self.dist)  # before anything is written to the run dir
         self.micro_batch_size, self.accum_steps = build.batch_layout(cfg, self.dist, config_source)
         self.batch_size = self.micro_batch_size * self.accum_steps  # per rank per optimiser step
+        storage = build.build_storage(cfg)  # the one handle every data read goes through
+        build.prepare_data(cfg, self.dist, storage)
+        # Every data path (training, val, each evaluator's) fails here, before anything is allocated.
+        build.check_data(cfg, storage, config_source)
+        self.cfg = cfg = build.resolve_num_classes(cfg, storage, config_source)  # model.num_classes: auto
+        # Before anything large is allocated: a run that cannot fit says so in its first lines, and stops.
+        line, estimate = build.memory_estimate(cfg, self.dist.world_size, config_source,
+                                               device_type=self.dist.device.type, rank=self.dist.rank)
+        log.info("memory estimate: %s", line)
+        build.check_memory_fit(cfg, estimate, self.dist, config_source)
         # Same seed on every rank for the weights (DDP also broadcasts rank 0's), then a per-rank
         # seed so that dropout / drop-path masks differ between ranks.
         torch.manual_seed(cfg.train.seed)
         model = build.build_model(cfg, config_source)
         torch.manual_seed(cfg.train.seed + 1000 * (self.dist.rank + 1))
         n_params = sum(p.numel() for p in model.parameters())
-        storage = build.build_storage(cfg)  # the one handle every data read goes through
-        build.prepare_data(cfg, self.dist, storage)
-        # Bad data specs fail here, before the engine allocates anything.
         self.loader = build.build_train_loader(cfg, self.dist, self.micro_batch_size, storage)
         self.data_error: str | None = None  # this rank's storage failed for good (see next_batch)
         self.last_batch: Batch | None = None
-        # Before the engine allocates anything: a run that cannot fit says so in its first lines.
-        log.info("memory estimate: %s", build.memory_report(cfg, self.dist.world_size, config_source, model))
         self.engine = build.build_train_engine(cfg, model, self.dist, config_source)
         self.loss_fn = build.build_train_loss(cfg)
         self.guard = build.build_loss_guard(cfg)
@@ -84,6 +89,7 @@ class Trainer:
                                                   storage)
         self.step = 0  # optimiser steps taken; everything else is owned by the components
         self.last_save = time.monotonic()  # for checkpoint.every_minutes
+        self.profiler = build.build_profiler(cfg, self.dist)  # train.profile: traces of chosen steps
         self.preemption = build.build_preemption_watcher(self.dist)  # SIGTERM/SIGUSR1 -> checkpoint, exit
         interrupt_retries_when(self.preemption.stop_reason)  # a signal ends this process's storage retry waits
         self.cut_short = False  # a signal ended this rank's wait for data: the step is dropped (train_step)
@@ -196,7 +202,8 @@ class Trainer:
         self.engine.model.train()
         try:
             while self.step < cfg.train.steps:
-                self.train_step(batches)
+                with self.profiler.step(self.step + 1):
+                    self.train_step(batches)
                 # ---- step boundary: weights, schedule and data position agree on self.step here
                 preempted = self.preemption.requested(data_failed=self.data_error is not None,
                                                       save_failed=self.checkpointer.failed())  # collective

@@ -5,11 +5,14 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
-from torchmetrics import MeanMetric
-from torchmetrics.classification import MulticlassAccuracy
 
+from ..compat import hide_broken_torchvision
 from .registry import EvalContext, register
 from .runner import Autocast, Batches, ToDevice
+
+hide_broken_torchvision()  # before torchmetrics, which imports torchvision whenever it is installed
+from torchmetrics import MeanMetric  # noqa: E402
+from torchmetrics.classification import MulticlassAccuracy  # noqa: E402
 
 
 class UpstreamEvaluator:

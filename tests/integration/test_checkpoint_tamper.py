@@ -17,8 +17,8 @@ from tests.drivers.tamper_resume import Payload, plant
 pytestmark = pytest.mark.slow
 DRIVER = str(ROOT / "tests/drivers/tamper_resume.py")
 ENGINES = {"single": ["engine.kind=ddp"], "fsdp": ["engine.kind=fsdp"],
-           "zero2": ["engine.kind=deepspeed", "engine.zero_stage=2"],
-           "zero3": ["engine.kind=deepspeed", "engine.zero_stage=3"]}
+           "zero2": ["engine.kind=deepspeed", "engine.deepspeed.zero_stage=2"],
+           "zero3": ["engine.kind=deepspeed", "engine.deepspeed.zero_stage=3"]}
 LEFT = {"fsdp": "engine/dcp/.metadata"}  # left planted for the resume through pretrain/main.py
 PICKLED = (".pt", ".distcp", ".metadata")  # files the resume must read: each must be refused
 

@@ -30,7 +30,8 @@ def test_store_gone_for_good_stops_every_rank_within_the_budget_keeping_the_last
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(free_port()), MAIN, "--config", str(ROOT / "configs/demo.yaml"),
            f"run.dir={run_dir}", "data.prepare=none", f"data.train={s3_server.url('shards/train.json')}",
-           "data.val=''", "eval.fewshot.enabled=false", "model.name=mixer_p4_32", "train.steps=10000",
+           "data.val=''", "eval.fewshot.enabled=false", "eval.linear_probe.enabled=false",
+           "model.name=mixer_p4_32", "train.steps=10000",
            "train.global_batch_size=16", "train.log_every=5", "checkpoint.every_steps=5", "data.num_workers=1",
            f"data.storage.s3_endpoint={s3_server.endpoint}", f"data.storage.give_up_after_s={budget}",
            "data.storage.backoff_s=0.2", "data.shuffle_buffer=40"]

@@ -89,7 +89,7 @@ def test_node_lost_survivor_resumes_on_smaller_world(tmp_path, engine):
             f"data.train={spec}", "data.val=''", "model.name=mixer_p4_32", f"train.steps={STEPS}",
             f"train.global_batch_size={BATCH}", f"checkpoint.every_steps={EVERY}", "checkpoint.keep_last=10",
             "train.log_every=1", "optim.warmup_steps=2", "eval.mode=none", "data.num_workers=1",
-            "data.shuffle_buffer=40", "train.device=cpu", f"engine.kind={engine}", "engine.zero_stage=2"]
+            "data.shuffle_buffer=40", "train.device=cpu", f"engine.kind={engine}", "engine.deepspeed.zero_stage=2"]
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "ELASTIC_RECORD_DIR": str(records),
            "PYTHONUNBUFFERED": "1",

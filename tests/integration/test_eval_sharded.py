@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
 
 
-@pytest.mark.parametrize("engine", [["engine.kind=fsdp"], ["engine.kind=deepspeed", "engine.zero_stage=3"]],
+@pytest.mark.parametrize("engine", [["engine.kind=fsdp"], ["engine.kind=deepspeed", "engine.deepspeed.zero_stage=3"]],
                          ids=["fsdp", "zero3"])
 def test_inline_eval_with_sharded_weights_finishes(tmp_path, demo_root, engine):
     run_dir = tmp_path / "run"

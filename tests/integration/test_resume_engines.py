@@ -37,7 +37,7 @@ def python(n):
 ENGINES = {
     "ddp": (torchrun, ["engine.kind=ddp"]),
     "fsdp": (torchrun, ["engine.kind=fsdp"]),
-    "deepspeed": (torchrun, ["engine.kind=deepspeed", "engine.zero_stage=2"]),
+    "deepspeed": (torchrun, ["engine.kind=deepspeed", "engine.deepspeed.zero_stage=2"]),
 }
 
 
@@ -197,7 +197,7 @@ def test_deepspeed_reshards_optimizer_state_across_world_size_and_stage(killed_a
     assert metadata(run_dir, 20)["world_size"] == 1
     assert_same_optimizer_state(saved, zero_state(run_dir, 20))
 
-    three = run(torchrun(3) + resave + args + ["engine.zero_stage=3", "train.global_batch_size=48"])
+    three = run(torchrun(3) + resave + args + ["engine.deepspeed.zero_stage=3", "train.global_batch_size=48"])
     assert "resharded: ZeRO-2 on 1 ranks -> ZeRO-3 on 3 ranks" in three
     assert metadata(run_dir, 20)["layout"] == {"engine": "deepspeed", "world_size": 3, "zero_stage": 3}
     assert_deepspeed_tools_read(run_dir, 20)  # ZeRO-3, 3 ranks (uneven partitions); training resumes from it below

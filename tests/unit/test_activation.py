@@ -16,7 +16,7 @@ DEMO = str(ROOT / "configs/demo.yaml")
 
 
 def _built(*overrides: str) -> torch.nn.Module:
-    cfg = load_config(DEMO, ["model.name=mixer_p4_32", *overrides])
+    cfg = load_config(DEMO, ["model.name=mixer_p4_32", "model.num_classes=64", *overrides])
     with torch.device("meta"):  # modules only, no weights to initialise
         return build_model(cfg)
 
@@ -27,7 +27,8 @@ def test_config_act_reaches_the_model():
     assert activation_name(tanh) == "gelu_tanh"
     assert all(m.approximate == "tanh" for m in tanh.modules() if isinstance(m, torch.nn.GELU))
     with torch.device("meta"):  # a variant with an activation of its own keeps it when model.act is null
-        relu = build_model(load_config(str(ROOT / "configs/s32.yaml"), ["model.name=convmixer_768_32"]))
+        relu = build_model(load_config(str(ROOT / "configs/s32.yaml"),
+                                       ["model.name=convmixer_768_32", "model.num_classes=1000"]))
     assert activation_name(relu) == "relu"
 
 

@@ -36,7 +36,7 @@ def test_impossible_layouts_name_the_key(overrides, key):
 
 
 @pytest.mark.parametrize("override, key", [
-    ("engine.kind=fsdb", "engine.kind"), ("engine.zero_stage=4", "engine.zero_stage"),
+    ("engine.kind=fsdb", "engine.kind"), ("engine.deepspeed.zero_stage=4", "engine.deepspeed.zero_stage"),
     ("optim.loss=hinge", "optim.loss"), ("train.spike_factor=0.5", "train.spike_factor"),
     ("train.micro_batch_size=0", "train.micro_batch_size"),
 ])

@@ -264,3 +264,20 @@ def test_failed_async_save_raises_on_wait_and_keeps_the_previous(tmp_path, monke
         ck.wait()
     assert ck.list_steps() == [1] and (tmp_path / "checkpoints/latest").read_text() == "step_0000001"
     assert ck.restore(make_engine()).step == 1
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_checkpoint_files_follow_the_umask(tmp_path, umask, mode):
+    """model.safetensors (written by safetensors, which creates its files 0600) gets the mode of every
+    other file of the checkpoint, so an evaluation job of another user of the group can read it."""
+    import os
+    import stat
+
+    old = os.umask(umask)
+    try:
+        path = save(Checkpointer(str(tmp_path), ONE), make_engine(), 1)
+    finally:
+        os.umask(old)
+    files = [os.path.join(d, n) for d, _, names in os.walk(path) for n in names]
+    assert os.path.join(path, "model.safetensors") in files
+    assert {f: stat.S_IMODE(os.stat(f).st_mode) for f in files} == {f: mode for f in files}

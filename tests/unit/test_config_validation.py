@@ -3,12 +3,13 @@ value, where it came from (the file or the command line) and what is allowed -- 
 numpy error later. Most cases go through `load_config` in-process (what main.py calls); a few
 through the real `python pretrain/main.py`."""
 import subprocess
+from pathlib import Path
 import sys
 
 import pytest
 from omegaconf import DictConfig, FloatNode, IntegerNode, ListConfig, OmegaConf
 
-from pretrain.config import RULES, Config, ConfigError, load_config
+from pretrain.config import RULES, Config, ConfigError, DeepSpeedOptions, FSDPOptions, engine_options, load_config
 from tests.conftest import MAIN, ROOT
 
 DEMO = str(ROOT / "configs/demo.yaml")
@@ -59,7 +60,7 @@ BAD_OVERRIDES = [
     ("train.steps=0", "train.steps"),
     ("train.micro_batch_size=0", "train.micro_batch_size"),
     ("train.precision=fp8", "train.precision"),
-    ("engine.zero_stage=4", "engine.zero_stage"),
+    ("engine.deepspeed.zero_stage=4", "engine.deepspeed.zero_stage"),
     ("checkpoint.keep_last=0", "checkpoint.keep_last"),
     ("checkpoint.every_minutes=-1", "checkpoint.every_minutes"),
     ("eval.mode=offline", "eval.mode"),
@@ -113,26 +114,49 @@ def test_the_error_blames_whoever_set_the_value(tmp_path, text, overrides, key, 
     assert message.startswith(f"{path if blamed == 'file' else 'command line'}: ") and f"'{key}'" in message
 
 
-@pytest.mark.parametrize("kind, option, value", [
-    ("fsdp", "zero_stage", 3), ("ddp", "zero_stage", 1), ("single", "offload_optimizer", "true"),
-    ("fsdp", "offload_optimizer", "true"), ("deepspeed", "reshard_after_forward", "false"),
-    ("ddp", "reshard_after_forward", "false")])
-def test_engine_option_of_another_engine_is_one_line(kind, option, value):
-    message = one_error(DEMO, [f"engine.kind={kind}", f"engine.{option}={value}"])
-    assert message.startswith(f"command line: 'engine.{option}' is ") and f"not {kind!r}" in message, message
+SHIPPED = sorted(str(p) for p in (ROOT / "configs").glob("*.yaml") if p.name != "base.yaml")  # base: included, no data
 
 
-def test_engine_options_from_a_file_blame_the_file_and_defaults_pass_under_every_engine(tmp_path):
-    path = config_file(tmp_path, "engine: {kind: fsdp, offload_optimizer: true}\n")
-    assert one_error(path) == (f"{path}: 'engine.offload_optimizer' is True but applies only to "
-                               "engine.kind=deepspeed, not 'fsdp'; drop it or change engine.kind")
-    h14 = str(ROOT / "configs/h14.yaml")  # deepspeed with zero_stage 3; the command line changes the engine
-    assert "'engine.zero_stage' is 3 but applies only to engine.kind=deepspeed, not 'fsdp'" in one_error(
-        h14, ["engine.kind=fsdp"])
-    for kind in ("single", "ddp", "fsdp", "deepspeed"):  # configs/base.yaml spells every default out
-        assert load_config(DEMO, [f"engine.kind={kind}"]).engine.kind == kind
-    assert load_config(h14, ["engine.zero_stage=1"]).engine.zero_stage == 1
-    assert load_config(DEMO, ["engine.kind=fsdp", "engine.reshard_after_forward=false"]).engine.kind == "fsdp"
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: Path(p).stem)
+@pytest.mark.parametrize("kind", ["single", "ddp", "fsdp", "deepspeed"])
+def test_every_engine_loads_on_every_shipped_config(path, kind):
+    """engine.kind=X on the command line: the other engines' sections (h14's ZeRO-3) are ignored."""
+    assert load_config(path, [f"engine.kind={kind}"]).engine.kind == kind
+
+
+def test_engine_options_live_in_their_engines_section():
+    h14 = str(ROOT / "configs/h14.yaml")
+    options = engine_options(load_config(h14).engine)
+    assert isinstance(options, DeepSpeedOptions) and options.zero_stage == 3
+    assert engine_options(load_config(h14, ["engine.kind=fsdp"]).engine) == FSDPOptions(reshard_after_forward=True)
+    assert engine_options(load_config(h14, ["engine.kind=ddp"]).engine) is None
+    assert engine_options(load_config(h14, ["engine.deepspeed.zero_stage=1"]).engine).zero_stage == 1
+    fsdp = load_config(DEMO, ["engine.kind=fsdp", "engine.fsdp.reshard_after_forward=false"]).engine
+    assert engine_options(fsdp) == FSDPOptions(reshard_after_forward=False)
+
+
+@pytest.mark.parametrize("old, new", [("zero_stage=3", "deepspeed.zero_stage"),
+                                      ("offload_optimizer=true", "deepspeed.offload_optimizer"),
+                                      ("reshard_after_forward=false", "fsdp.reshard_after_forward")])
+def test_a_flat_engine_key_names_where_it_moved(tmp_path, old, new):
+    key = old.split("=")[0]
+    assert one_error(DEMO, [f"engine.{old}"]) == f"command line: 'engine.{key}' moved to 'engine.{new}'"
+    path = config_file(tmp_path, f"engine: {{{key}: {old.split('=')[1]}}}\n")
+    assert one_error(path) == f"{path}: 'engine.{key}' moved to 'engine.{new}'"
+
+
+def test_a_run_saved_with_flat_engine_keys_is_still_read():
+    from pretrain.config import upgrade_saved_config
+
+    text = upgrade_saved_config("engine:\n  kind: deepspeed\n  zero_stage: 3\n  reshard_after_forward: true\n")
+    assert OmegaConf.to_container(OmegaConf.create(text)) == {
+        "engine": {"kind": "deepspeed", "deepspeed": {"zero_stage": 3}, "fsdp": {"reshard_after_forward": True}}}
+
+
+def test_a_misspelled_engine_option_is_one_line_with_the_closest_key(tmp_path):
+    path = config_file(tmp_path, "engine: {deepspeed: {zero_stag: 3}}\n")
+    assert one_error(path) == f"{path}: unknown key 'engine.deepspeed.zero_stag' (did you mean " \
+                              "'engine.deepspeed.zero_stage'?)"
 
 
 def test_command_line_can_repair_a_file_value(tmp_path):

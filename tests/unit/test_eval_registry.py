@@ -21,7 +21,8 @@ CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
 
 def demo_config(*overrides):
-    return load_config(str(ROOT / "configs/demo.yaml"), ["data.root=/nonexistent/demo", *overrides])
+    return load_config(str(ROOT / "configs/demo.yaml"),
+                       ["data.root=/nonexistent/demo", "model.num_classes=64", *overrides])
 
 
 def test_every_eval_section_of_the_schema_has_a_builder():

@@ -1,7 +1,8 @@
-"""The per-device memory estimate against numbers worked out by hand for a tiny Mixer."""
+"""The memory estimate against numbers worked out by hand for a tiny Mixer, against a measured run, and
+the check that stops a run which cannot fit."""
 import pytest
 
-from pretrain.memory import activation_elements_per_image, estimate_memory
+from pretrain.memory import activation_elements_per_image, backward_elements_per_image, estimate_memory
 from pretrain.models.mixer import MlpMixer
 
 
@@ -19,20 +20,24 @@ def test_hand_count_of_parameters_and_activations(tiny):
     assert activation_elements_per_image(tiny) == 416
     # Checkpointed: the 2 block inputs (N*C = 16 each) + one block recomputed (208).
     assert activation_elements_per_image(tiny, checkpointing=True) == 2 * 16 + 208
+    # Backward: the gradients in and out of the largest activation, N*D_C = 64.
+    assert backward_elements_per_image(tiny) == 2 * 64
 
 
 def test_ddp_holds_everything_in_fp32(tiny):
     m = estimate_memory(tiny, engine="ddp", world_size=4, micro_batch_size=8, precision="bf16")
     assert (m.params, m.grads, m.optimizer, m.gathered) == (626 * 4, 626 * 4, 626 * 8, 0)
-    assert m.activations == 8 * 416 * 2  # bf16 activations
-    assert m.total == 626 * 16 + 8 * 416 * 2
+    # bf16 activations + backward workspace, and autocast's bf16 copy of the weights.
+    assert m.activations == 8 * (416 + 128) * 2 + 626 * 2
+    assert m.step_temp == 626 * 4  # foreach AdamW's sqrt(v)
+    assert m.total == 626 * 16 + max(m.activations, m.step_temp)
 
 
 def test_fsdp_shards_all_three(tiny):
     m = estimate_memory(tiny, engine="fsdp", world_size=4, micro_batch_size=8, precision="fp32")
     # 626*4 = 2504 B / 4 ranks = 626; Adam 5008 / 4 = 1252; two gathered blocks 2 * 186 * 4 B.
     assert (m.params, m.grads, m.optimizer, m.gathered) == (626, 626, 1252, 2 * 186 * 4)
-    assert m.activations == 8 * 416 * 4
+    assert m.activations == 8 * (416 + 128) * 4 and m.step_temp == 626
 
 
 @pytest.mark.parametrize("stage, expected", [
@@ -61,7 +66,22 @@ def test_h14_line_is_printed_in_gib():
     m = estimate_memory(h14, engine="deepspeed", world_size=8, micro_batch_size=32, precision="bf16", zero_stage=3)
     n = sum(p.numel() for p in h14.parameters())
     assert m.params == -(-n * 2 // 8)
-    assert "GiB per device" in m.describe()
+    assert "GiB host memory per rank" in m.describe()
+    gpu = estimate_memory(h14, engine="deepspeed", world_size=8, micro_batch_size=32, precision="bf16", zero_stage=3,
+                          device_type="cuda")
+    assert "GiB per device; host: " in gpu.describe() and gpu.host < m.host  # model states on the GPU
+
+
+def test_host_memory_counts_workers_checkpoint_copies_and_the_runtime(tiny):
+    from pretrain.memory import PREFETCH_BATCHES, RUNTIME_BYTES, WORKER_BYTES
+
+    sync = estimate_memory(tiny, engine="ddp", world_size=1, micro_batch_size=8, num_workers=2, image_size=8)
+    assert sync.workers == 2 * (WORKER_BYTES + PREFETCH_BATCHES * 8 * 3 * 8 * 8)
+    assert sync.checkpoint == 626 * 4  # the consolidated fp32 weights
+    assert sync.host == max(sync.total, 626 * 12 + sync.checkpoint) + sync.workers + RUNTIME_BYTES
+    asynchronous = estimate_memory(tiny, engine="ddp", world_size=1, micro_batch_size=8, async_checkpoint=True)
+    assert asynchronous.checkpoint == 626 * 4 + 626 * 8  # + the optimiser state staged while training goes on
+    assert asynchronous.host == asynchronous.total + asynchronous.checkpoint + RUNTIME_BYTES
 
 
 def test_h14_estimate_is_printed_from_the_command_line(capsys):
@@ -69,8 +89,75 @@ def test_h14_estimate_is_printed_from_the_command_line(capsys):
     from tests.conftest import ROOT
     assert main(["--config", str(ROOT / "configs/h14.yaml"), "--estimate-memory", "64"]) == 0
     line = capsys.readouterr().out.strip()
-    assert line.startswith("mixer_h14_224 on deepspeed ZeRO-3, 64 ranks, micro batch 64 x 1: ")
+    assert line.startswith("mixer_h14_224 on deepspeed ZeRO-3, 64 ranks, micro batch 64 x 1, cuda: ")
     # H/14 at 224 px: N = 256 tokens, C = 1280, D_S = 640, D_C = 5120, 32 blocks, checkpointed:
     # 32 * 256 * 1280 block inputs + one block (4*256*1280 + 2*1280*640 + 2*256*5120 = 5,570,560)
-    # = 16,056,320 elements/image x 64 images x 2 B (bf16) = 2,055,208,960 B = 1.91 GiB.
-    assert "activations 1.91 " in line and line.endswith("GiB per device")
+    # + backward 2 * 256 * 5120 = 18,677,760 elements/image x 64 images x 2 B (bf16) = 2.23 GiB.
+    assert "activations 2.23," in line and "GiB per device; host: " in line
+    # data.train is the placeholder: the head is counted for 1000 classes, and the line says so.
+    assert line.endswith("(head counted for 1000 classes: model.num_classes is auto and data.train is not readable)")
+
+
+def _tree_pss(pid):
+    import psutil
+
+    procs = [psutil.Process(pid)]
+    procs += procs[0].children(recursive=True)
+    total = 0
+    for p in procs:
+        try:
+            total += p.memory_full_info().pss
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return total
+
+
+def test_estimate_is_within_35_percent_of_a_measured_run(tmp_path, demo_root):
+    """A short run (an async checkpoint overlapping a step, one data worker): the logged host estimate
+    against the peak PSS of the process tree, sampled. bench/memory_estimate.py does S/32..L/16."""
+    import os
+    import re
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    from tests.conftest import MAIN, ROOT, tiny_args
+
+    args = tiny_args(tmp_path / "run", demo_root, 6, 3, "eval.mode=none", "checkpoint.async_save=true")
+    proc = subprocess.Popen([sys.executable, MAIN, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    peak = 0
+    while proc.poll() is None:
+        try:
+            peak = max(peak, _tree_pss(proc.pid))
+        except psutil.NoSuchProcess:
+            break
+        time.sleep(0.05)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    estimate = float(re.search(r"= ([0-9.]+) GiB host memory per rank", err).group(1)) * 2**30
+    assert abs(estimate - peak) <= 0.35 * peak, (estimate / 2**30, peak / 2**30)
+
+
+def test_a_run_that_cannot_fit_stops_before_step_1_with_one_line(tmp_path, demo_root):
+    """A million ranks sharing this host: each one's share is what it holds already, below the estimate of
+    a B/16 (60M parameters, at 32 px here); the check runs before the model is built."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import MAIN, ROOT, tiny_args
+
+    r = subprocess.run([sys.executable, MAIN, *tiny_args(tmp_path / "run", demo_root, 4, 2, "eval.mode=none"),
+                        "model.name=mixer_b16_224", "model.img_size=32"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=120,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "LOCAL_WORLD_SIZE": "1000000"})
+    assert r.returncode == 2, r.stderr[-2000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {ROOT / 'configs/demo.yaml'}: the run needs about "), r.stderr[-2000:]
+    assert "GiB of host memory (1000000 ranks on this host) per rank (memory estimate above) but " in last
+    assert "engine.activation_checkpointing=true" in last
+    assert last.endswith("or train.memory_check=false to start anyway")
+    assert "Traceback" not in r.stderr and not (tmp_path / "run" / "checkpoints").exists()

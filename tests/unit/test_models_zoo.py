@@ -127,7 +127,8 @@ def test_resize_state_dict_leaves_other_keys_alone():
 
 # ------------------------------------------------------------------------------- via config
 def _cfg(*overrides: str):
-    return load_config(None, ["train.steps=1", "data.train=unused", "data.image_size=32", *overrides])
+    return load_config(None, ["train.steps=1", "data.train=unused", "data.image_size=32", "model.num_classes=1000",
+                              *overrides])
 
 
 def test_config_builds_convmixer_and_mlp_impl_choices():

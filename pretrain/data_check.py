@@ -1,0 +1,104 @@
+"""Every data path a run will read, checked at start: the training shards, the held-out shards and each
+enabled evaluator's splits. A wrong eval path (or a config's placeholder left in place) would otherwise
+surface hours later as an error in every evaluation record; here it is one line naming the key.
+
+The same check serves the trainer (before the engine is built), `python -m pretrain.evaluate` and
+`python -m cluster.envcheck`.
+"""
+from __future__ import annotations
+
+from braceexpand import braceexpand
+from omegaconf import DictConfig
+
+from data_pipeline.errors import DataSpecError
+from data_pipeline.shards.manifest import read_manifest
+from data_pipeline.shards.spec import spec_parts
+from data_pipeline.storage import Storage
+from data_pipeline.stream.sources import index_command
+
+# What the shipped configs put where the user's data goes (configs/b16.yaml: s3://your-bucket/...).
+PLACEHOLDER_MARK = "your-bucket"
+TRAIN_KEYS = ("data.train", "data.sources")
+# Keys of an evaluator's section that name data it reads.
+EVAL_DATA_KEYS = ("train", "test")
+
+
+def data_paths(cfg: DictConfig, train: bool = True) -> list[tuple[str, str]]:
+    """(key, spec) of each data path the run reads: training (``train``), data.val when the upstream
+    evaluation runs, and the splits of every enabled evaluator (none with eval.mode none)."""
+    paths: list[tuple[str, str]] = []
+    if train:
+        if cfg.data.sources:
+            paths += [(f"data.sources.{i}.train", s.train) for i, s in enumerate(cfg.data.sources)]
+        else:
+            paths.append(("data.train", cfg.data.train))
+    if cfg.eval.mode == "none":
+        return paths
+    for name in cfg.eval:
+        section = cfg.eval[name]
+        if not isinstance(section, DictConfig) or not section.get("enabled", False):
+            continue
+        if name == "upstream":
+            paths += [("data.val", cfg.data.val)] if cfg.data.val else []
+        else:
+            paths += [(f"eval.{name}.{k}", section[k]) for k in EVAL_DATA_KEYS if section.get(k)]
+    return paths
+
+
+def placeholder_error(key: str, spec: str, where: str) -> DataSpecError | None:
+    """The one line for a path still at the config's placeholder; None for a real path."""
+    if PLACEHOLDER_MARK not in spec:
+        return None
+    fix = (f"set {key} to your shards' manifest (.json)" if key.startswith(TRAIN_KEYS)
+           else f"set it or set {key}=''" if key == "data.val" else f"set it or disable eval.{key.split('.')[1]}")
+    return DataSpecError(f"{key} is still the placeholder {spec!r} in {where}; {fix}")
+
+
+def check_path(key: str, spec: str, storage: Storage, where: str) -> None:
+    """The spec's manifests are readable and its first shard exists; else one line naming ``key``."""
+    error = placeholder_error(key, spec, where)
+    if error is not None:
+        raise error
+    try:
+        for part in spec_parts(spec):  # each part's first shard: a manifest's, or the pattern's
+            if key.startswith(TRAIN_KEYS) and not part.endswith(".json"):
+                continue  # training needs manifests: the loader says so, with the command that writes one
+            urls = ([s["url"] for s in read_manifest(part, storage)["shards"]] if part.endswith(".json")
+                    else list(braceexpand(part)))
+            if not urls:
+                raise DataSpecError(f"{part!r} names no shards")
+            fs, path = storage.fs(urls[0])
+            if not fs.exists(path):
+                raise DataSpecError(f"{urls[0]}: first shard of {part!r} not found")
+    except DataSpecError as e:  # StorageError included: it names the URL
+        raise DataSpecError(f"{key}: {e}") from None
+    except Exception as e:  # noqa: BLE001 -- any storage back-end error is the answer; say which and where
+        raise DataSpecError(f"{key}: {spec}: cannot be read ({type(e).__name__}: {e})") from None
+
+
+def check_data_paths(cfg: DictConfig, storage: Storage, where: str, train: bool = True) -> None:
+    """Every path of :func:`data_paths`, in order; the first bad one raises a one-line DataSpecError."""
+    for key, spec in data_paths(cfg, train):
+        check_path(key, spec, storage, where)
+
+
+def manifest_num_classes(cfg: DictConfig, storage: Storage, where: str) -> int:
+    """The class count of the training data: its manifests' ``num_classes`` (or ``len(classes)``), the
+    largest over several sources (they share one label space)."""
+    specs = ([(f"data.sources.{i}.train", s.train) for i, s in enumerate(cfg.data.sources)]
+             or [("data.train", cfg.data.train)])
+    counts = []
+    for key, spec in specs:
+        for part in spec_parts(spec):
+            if not part.endswith(".json"):  # the loader's own words: training needs manifests anyway
+                raise DataSpecError(f"{key}: data spec {part!r} is not a manifest (.json): training needs each "
+                                    f"shard's sample count; write one with `{index_command(part)}` and point the "
+                                    f"data spec at it; set {key.split('.')[0]}.{key.split('.')[1]} to your "
+                                    "shards' manifest (.json)")
+            manifest = read_manifest(part, storage)
+            n = manifest.get("num_classes") or len(manifest.get("classes") or [])
+            if not n:
+                raise DataSpecError(f"{where}: model.num_classes is 'auto' but the manifest {part!r} ({key}) gives "
+                                    "no num_classes or classes; set model.num_classes")
+            counts.append(int(n))
+    return max(counts)
