@@ -2,7 +2,9 @@
 the random-init baseline is recorded as step 0; features computed data-parallel on two ranks give
 the same few-shot and linear-probe results as one process."""
 import json
+import shutil
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -22,8 +24,13 @@ def downstream_args(demo_root, probe_test):
 
 
 def test_failing_evaluator_leaves_training_running(tmp_path, demo_root):
+    # The linear probe's test manifest and first shard exist (the start check reads those) but its other
+    # shards do not: the evaluator fails at every checkpoint, when it reads them.
     run_dir, missing = tmp_path / "run", tmp_path / "nowhere/test.json"
     digits = f"{demo_root}/digits"
+    missing.parent.mkdir()
+    for f in [*Path(digits).glob("test.*"), Path(digits) / "test-000000.tar"]:  # manifest + first shard
+        shutil.copy(f, missing.parent / f.name)
     r = run_main(tiny_args(run_dir, demo_root, 20, 10, *downstream_args(demo_root, missing),
                            "eval.finetune.enabled=true", f"eval.finetune.train={digits}/train.json",
                            f"eval.finetune.test={digits}/test.json", "eval.finetune.steps=8",
@@ -34,8 +41,8 @@ def test_failing_evaluator_leaves_training_running(tmp_path, demo_root):
     assert [rec["step"] for rec in recs] == [0, 10, 20]  # step 0: the initial weights
     assert recs[0]["checkpoint"] == "initial weights"
     for rec in recs:
-        # The linear probe's test split does not exist: its error is recorded, the others ran.
-        assert list(rec["errors"]) == ["linear_probe"] and str(missing) in rec["errors"]["linear_probe"]
+        # The linear probe's test shards do not exist: its error is recorded, the others ran.
+        assert list(rec["errors"]) == ["linear_probe"] and str(missing.parent) in rec["errors"]["linear_probe"]
         assert set(rec["results"]) == {"upstream", "fewshot", "finetune"}
         assert 0.0 <= rec["results"]["finetune"]["top1"] <= 1.0
         assert rec["seconds"]["linear_probe"] >= 0
