@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 
 from data_pipeline.shards.table import ShardTable
-from data_pipeline.storage import RetryBudget, Storage
+from data_pipeline.storage import Storage, read_range
 
 OFFSET_DTYPE = np.dtype("<i8")
 CACHE_BYTES = 8 << 20  # per worker and source: ~100 shards of 10,000 samples, more than one shuffle window
@@ -71,17 +71,10 @@ class ShardOffsets:
         assert self.storage is not None
         # Reading a shard's offsets is part of reading the shard: a failure names the shard (the error
         # it quotes names the offsets file), and a missing offsets file is retried like a missing shard.
-        budget = RetryBudget(shard_url, self.storage)
-        while True:
-            try:
-                fs, path = self.storage.fs(url)
-                data = fs.cat_file(path, start=start, end=stop)
-            except Exception as exn:  # noqa: BLE001 - storage back-ends raise many types
-                budget.failed(exn, "reading the offsets of")
-                continue
-            self.bytes_read += len(data)
-            # A server without range requests (Python's http.server) sends the whole object.
-            return data[start:stop] if len(data) > stop - start else data
+        data, read = read_range(self.storage, url, start, stop, budget_url=shard_url,
+                                what="reading the offsets of")
+        self.bytes_read += read
+        return data
 
 
 class ListOffsets:

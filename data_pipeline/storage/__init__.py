@@ -1,7 +1,7 @@
 """Reaching data URLs: the :class:`Storage` handle (fsspec per scheme) and the one retry layer."""
 from data_pipeline.storage.handle import Storage
 from data_pipeline.storage.retry import (RetryBudget, RetryInterrupted, StorageError, interrupt_retries_when,
-                                        is_outage, one_budget_per_store, permanent_reason)
+                                        is_outage, one_budget_per_store, permanent_reason, read_range)
 
 __all__ = ["RetryBudget", "RetryInterrupted", "Storage", "StorageError", "interrupt_retries_when", "is_outage",
-           "one_budget_per_store", "permanent_reason"]
+           "one_budget_per_store", "permanent_reason", "read_range"]

@@ -177,3 +177,23 @@ class RetryBudget:
             if why:
                 raise RetryInterrupted(f"{why} while retrying {self.url}")
             time.sleep(min(_SLICE_S, left))
+
+
+def read_range(storage: Storage, url: str, start: int, stop: int, *, budget_url: str | None = None,
+               what: str = "reading") -> tuple[bytes, int]:
+    """Bytes ``[start, stop)`` of ``url`` through a fresh :class:`RetryBudget`, and the bytes read from storage.
+
+    The budget names ``budget_url`` (default ``url``): reading a shard's offsets is part of reading the shard.
+    A budget is reset by every success, so a fresh one per read keeps a worker's memory from growing with the
+    shards it visits. A server without range requests (Python's http.server) sends the whole object: it is
+    sliced here and counted whole.
+    """
+    budget = RetryBudget(budget_url or url, storage)
+    while True:
+        try:
+            fs, path = storage.fs(url)
+            data = fs.cat_file(path, start=start, end=stop)
+        except Exception as exn:  # noqa: BLE001 - storage back-ends raise many types
+            budget.failed(exn, what)
+            continue
+        return (data[start:stop] if len(data) > stop - start else data), len(data)

@@ -13,7 +13,7 @@ from typing import Any, Iterable, Sequence
 
 from data_pipeline.shards.offsets import ListOffsets, ShardOffsets
 from data_pipeline.shards.tar_read import ShardSamples, error_marker, parse_sample
-from data_pipeline.storage import RetryBudget, Storage
+from data_pipeline.storage import Storage, read_range
 from data_pipeline.stream.plan import EpochPlan
 
 log = logging.getLogger(__name__)
@@ -33,21 +33,9 @@ class _Ranges:
         self.bytes_read = 0
 
     def read(self, shard: int, start: int, stop: int) -> bytes:
-        url = self.urls[shard]
-        # One budget per read: a budget is reset by every success, so keeping one per shard would only
-        # grow a worker's memory with the shards of the epoch (230,000 at LAION-2B size).
-        budget = RetryBudget(url, self.storage)
-        while True:
-            try:
-                fs, path = self.storage.fs(url)
-                data = fs.cat_file(path, start=start, end=stop)
-            except Exception as exn:  # noqa: BLE001 - storage back-ends raise many types
-                budget.failed(exn)
-                continue
-            budget.succeeded()
-            self.bytes_read += len(data)
-            # A server without range requests (Python's http.server) sends the whole object.
-            return data[start:stop] if len(data) > stop - start else data
+        data, read = read_range(self.storage, self.urls[shard], start, stop)
+        self.bytes_read += read
+        return data
 
 
 class EpochReader:
