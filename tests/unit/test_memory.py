@@ -98,20 +98,6 @@ def test_h14_estimate_is_printed_from_the_command_line(capsys):
     assert line.endswith("(head counted for 1000 classes: model.num_classes is auto and data.train is not readable)")
 
 
-def _tree_pss(pid):
-    import psutil
-
-    procs = [psutil.Process(pid)]
-    procs += procs[0].children(recursive=True)
-    total = 0
-    for p in procs:
-        try:
-            total += p.memory_full_info().pss
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass
-    return total
-
-
 def test_estimate_is_within_a_factor_of_two_of_a_measured_run(tmp_path, demo_root):
     """A short run (an async checkpoint overlapping a step, one data worker): the logged host estimate
     against the peak PSS of the process tree, sampled. bench/memory_estimate.py does S/32..L/16."""
@@ -121,8 +107,7 @@ def test_estimate_is_within_a_factor_of_two_of_a_measured_run(tmp_path, demo_roo
     import sys
     import time
 
-    import psutil
-
+    from bench.memory_estimate import tree_pss  # the bench's own measurement, one definition
     from tests.conftest import MAIN, ROOT, tiny_args
 
     args = tiny_args(tmp_path / "run", demo_root, 6, 3, "eval.mode=none", "checkpoint.async_save=true")
@@ -130,10 +115,7 @@ def test_estimate_is_within_a_factor_of_two_of_a_measured_run(tmp_path, demo_roo
                             cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     peak = 0
     while proc.poll() is None:
-        try:
-            peak = max(peak, _tree_pss(proc.pid))
-        except psutil.NoSuchProcess:
-            break
+        peak = max(peak, tree_pss(proc.pid))  # 0 once the process is gone
         time.sleep(0.05)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-3000:]
