@@ -142,7 +142,7 @@ def prepare_peer(name: str, root: Path) -> None:
 
 # ---------------------------------------------------------------- one measurement (in a child process)
 
-def _cpu_seconds() -> float:
+def cpu_seconds() -> float:
     """CPU seconds (user + system) of this process and its live children (the DataLoader workers)."""
     import psutil
 
@@ -166,10 +166,10 @@ def time_loader(loader, n_images: int) -> dict:
     it = iter(loader)
     for _ in range(2):
         next(it)  # start-up (worker fork, first shard open) is not throughput
-    t0, c0, seen = time.perf_counter(), _cpu_seconds(), 0
+    t0, c0, seen = time.perf_counter(), cpu_seconds(), 0
     while seen < n_images:
         seen += _count(next(it))
-    wall, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
+    wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
     return {"img_s": seen / wall, "img_per_cpu_s": seen / cpu}
 
 

@@ -36,6 +36,7 @@ from data_pipeline.shards.tar_write import encode_jpeg, write_shards  # noqa: E4
 from data_pipeline.storage import Storage  # noqa: E402
 from data_pipeline.stream.train_loader import TrainLoader  # noqa: E402
 from data_pipeline.image.transforms import TrainTransform, random_resized_crop_params  # noqa: E402
+from bench.data_peers import cpu_seconds  # noqa: E402  (one CPU-time count for both data benches)
 
 SIZE = 224
 
@@ -87,31 +88,16 @@ class FilesDataset(torch.utils.data.Dataset):
         return (pixels.permute(2, 0, 1).float().div(255) - _MEAN) / _STD, 0
 
 
-def _cpu_seconds() -> float:
-    """CPU time (user + system) of this process and its live children (the DataLoader workers)."""
-    import psutil
-
-    procs = [psutil.Process()] + psutil.Process().children(recursive=True)
-    total = 0.0
-    for proc in procs:
-        try:
-            t = proc.cpu_times()
-            total += t.user + t.system
-        except psutil.NoSuchProcess:
-            pass
-    return total
-
-
 def time_loader(batches, n_images: int) -> dict:
     """Wall-clock img/s and img per CPU-second (robust to other load on a shared machine)."""
     it = iter(batches)
     for _ in range(2):
         next(it)  # start-up (worker spawn, first shard open) is not throughput
-    t0, c0, seen = time.perf_counter(), _cpu_seconds(), 0
+    t0, c0, seen = time.perf_counter(), cpu_seconds(), 0
     while seen < n_images:
         b = next(it)
         seen += b[0].shape[0] if isinstance(b, (list, tuple)) else len(b)
-    wall, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
+    wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
     del it
     return {"img_s": seen / wall, "img_per_cpu_s": seen / cpu}
 
