@@ -282,11 +282,11 @@ def build_evaluators(cfg: DictConfig, dist_info: DistInfo, autocast: Callable[[]
 
 
 def _manifest_classes(spec: str, key: str, storage: Storage) -> int:
-    from data_pipeline.shards.manifest import read_manifest
+    from data_pipeline.shards.manifest import read_index
 
     if not spec.endswith(".json"):
         raise ConfigError(f"'{key}' {spec!r} is not a manifest; set 'eval.finetune.num_classes'")
-    manifest = read_manifest(spec, storage)
+    manifest = read_index(spec, storage).header
     if not manifest.get("num_classes"):
         raise ConfigError(f"{spec}: the manifest gives no num_classes; set 'eval.finetune.num_classes'")
     return int(manifest["num_classes"])

@@ -11,7 +11,7 @@ from braceexpand import braceexpand
 from omegaconf import DictConfig
 
 from data_pipeline.errors import DataSpecError
-from data_pipeline.shards.manifest import read_manifest
+from data_pipeline.shards.manifest import read_index
 from data_pipeline.shards.spec import spec_parts
 from data_pipeline.storage import Storage
 from data_pipeline.stream.sources import index_command
@@ -63,8 +63,11 @@ def check_path(key: str, spec: str, storage: Storage, where: str) -> None:
         for part in spec_parts(spec):  # each part's first shard: a manifest's, or the pattern's
             if key.startswith(TRAIN_KEYS) and not part.endswith(".json"):
                 continue  # training needs manifests: the loader says so, with the command that writes one
-            urls = ([s["url"] for s in read_manifest(part, storage)["shards"]] if part.endswith(".json")
-                    else list(braceexpand(part)))
+            if part.endswith(".json"):  # header and shard table only, as a training rank reads them
+                table = read_index(part, storage).table
+                urls = [table.url(0)] if len(table) else []
+            else:
+                urls = list(braceexpand(part))
             if not urls:
                 raise DataSpecError(f"{part!r} names no shards")
             fs, path = storage.fs(urls[0])
@@ -95,8 +98,8 @@ def manifest_num_classes(cfg: DictConfig, storage: Storage, where: str) -> int:
                                     f"shard's sample count; write one with `{index_command(part)}` and point the "
                                     f"data spec at it; set {key.split('.')[0]}.{key.split('.')[1]} to your "
                                     "shards' manifest (.json)")
-            manifest = read_manifest(part, storage)
-            n = manifest.get("num_classes") or len(manifest.get("classes") or [])
+            header = read_index(part, storage).header  # no per-shard dicts on every rank at start-up
+            n = header.get("num_classes") or len(header.get("classes") or [])
             if not n:
                 raise DataSpecError(f"{where}: model.num_classes is 'auto' but the manifest {part!r} ({key}) gives "
                                     "no num_classes or classes; set model.num_classes")
