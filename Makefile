@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed-stamp
 
 # torch is installed first, from the pin in constraints.txt, so that nothing later in the resolve
 # can pull a multi-GB CUDA build onto a CPU machine.
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt data_pipeline/image/_jpeg_region.c
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q -c constraints.txt torch
 	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'

@@ -19,7 +19,7 @@ from data_pipeline.image.gpu_decode import CropPlanner, gpu_decode_available
 from data_pipeline.stream.sources import DataSource
 from data_pipeline.storage import Storage
 from data_pipeline.stream.train_loader import TrainLoader
-from data_pipeline.image.transforms import TrainTransform
+from data_pipeline.image.transforms import TrainTransform, partial_decode_missing
 
 from .checkpoint import Checkpointer
 from .config import ConfigError, engine_options
@@ -235,6 +235,8 @@ def build_train_loader(cfg: DictConfig, dist_info: DistInfo, batch_size: int, st
     randaugment = RandAugment(a.randaugment_ops, a.randaugment_magnitude) if a.randaugment_ops else None
     transform = TrainTransform(d.image_size, scale=tuple(a.scale), ratio=tuple(a.ratio), hflip=a.hflip,
                                randaugment=randaugment)
+    if d.decode != "gpu" and partial_decode_missing() and dist_info.rank == 0:
+        log.warning("%s", partial_decode_missing())
     if d.decode == "gpu":
         why_not = gpu_decode_available(dist_info.device)
         if why_not:

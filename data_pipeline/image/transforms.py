@@ -18,6 +18,20 @@ try:  # libjpeg-turbo with DCT scaling, without PIL's per-call overhead; PIL's d
     import simplejpeg
 except ImportError:  # pragma: no cover - depends on the platform's wheels
     simplejpeg = None
+try:  # partial decode, only the rows and columns a crop reads: built by `pip install` where libjpeg's headers are
+    from data_pipeline.image import _jpeg_region
+    _NO_REGION_DECODE = ""
+except ImportError as exn:  # whole-image decode with simplejpeg, the same pixels (docs/decode.md)
+    _jpeg_region, _NO_REGION_DECODE = None, str(exn)
+
+
+def partial_decode_missing() -> str:
+    """Why JPEG crops are decoded from whole images here ("" where partial decode is in use): one line with the fix."""
+    if not _NO_REGION_DECODE:
+        return ""
+    return (f"the partial JPEG decoder is not built ({_NO_REGION_DECODE}): input costs about 25 % more CPU at "
+            "ImageNet sizes; install libjpeg's headers and a C compiler (apt install libjpeg-dev gcc), then "
+            "pip install -e . again (docs/decode.md)")
 
 _JPEG_MAGIC = b"\xff\xd8"
 
@@ -51,6 +65,48 @@ def _decode_reduced(data: bytes, width: int, height: int, d: int) -> np.ndarray:
         return simplejpeg.decode_jpeg(data, colorspace="RGB")
     # simplejpeg picks the smallest M/8 scale whose size is >= the minimum: exactly 1/d here.
     return simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=-(-height // d), min_width=-(-width // d))
+
+
+def decode_region(data: bytes, width: int, height: int, d: int, left: int, top: int, w: int, h: int) -> np.ndarray:
+    """RGB pixels ``[h, w, 3]`` of the region at (``left``, ``top``) of a ``width`` x ``height`` JPEG decoded at
+    1/``d`` scale (region coordinates in the scaled image, whose sides are ``ceil(side / d)``).
+
+    With the ``_jpeg_region`` extension, rows above the region are skipped (entropy-decoded only), rows below
+    it are never read and columns beside it are not transformed: the same pixels as a whole decode, for
+    about 80 % of its CPU at the average RandomResizedCrop (docs/decode.md). Raises ValueError where
+    libjpeg refuses the data (corrupt, CMYK)."""
+    if _jpeg_region is not None:
+        out = np.empty((h, w, 3), np.uint8)
+        _jpeg_region.decode_region(data, out, d, left, top)
+        return out
+    return _decode_reduced(data, width, height, d)[top:top + h, left:left + w]
+
+
+def box_resize(data: bytes, width: int, height: int, d: int, box: tuple[float, float, float, float],
+               size: int) -> Image.Image:
+    """``Image.resize((size, size), BILINEAR, box=box)`` of a JPEG decoded at 1/``d`` (``box`` in full-size
+    pixels), decoding only the pixels PIL's filter taps reach: the box plus their reach, within the image."""
+    x0, y0, x1, y1 = (c / d for c in box)
+    scaled_w, scaled_h = -(-width // d), -(-height // d)
+    reach = math.ceil(max((x1 - x0) / size, (y1 - y0) / size, 1.0)) + 1  # PIL's support, rounded up
+    left, top = max(0, math.floor(x0) - reach), max(0, math.floor(y0) - reach)
+    right, bottom = min(scaled_w, math.ceil(x1) + reach), min(scaled_h, math.ceil(y1) + reach)
+    if _vertical_first(right - left, bottom - top, size) != _vertical_first(scaled_w, scaled_h, size):
+        # Pillow picks its pass order from the input's size, and each pass rounds to uint8: decode the
+        # whole height (or width), which gives the region the whole image's order and so its pixels.
+        if _vertical_first(scaled_w, scaled_h, size):
+            top, bottom = 0, scaled_h
+        else:
+            left, right = 0, scaled_w
+    pixels = decode_region(data, width, height, d, left, top, right - left, bottom - top)
+    return Image.fromarray(pixels, "RGB").resize((size, size), Image.Resampling.BILINEAR,
+                                                 box=(x0 - left, y0 - top, x1 - left, y1 - top))
+
+
+def _vertical_first(width: int, height: int, size: int) -> bool:
+    """Whether Pillow (>= 10, libImaging/Resample.c) resizes a ``width`` x ``height`` image to ``size`` x ``size``
+    vertical pass first: when the height shrinks more than twice as much as the width."""
+    return height - size > 0 and height - size > 2 * (width - size)
 
 
 def decode_image(data: bytes, min_size: int | None = None) -> Image.Image:
@@ -122,7 +178,9 @@ def resize_reduce(pixels: np.ndarray, size: int) -> np.ndarray:
     The filter of ``Image.resize(BILINEAR)``, differing only at the border: PIL's taps may reach outside
     a ``box``, here they stop at the edge of ``pixels``.
     """
-    x = torch.from_numpy(pixels).permute(2, 0, 1).unsqueeze(0)
+    # Channels-last in, so channels-last out: the HWC result is contiguous (a strided one costs more to
+    # batch than the resize itself), and the SIMD kernel reads it without a layout copy of its own.
+    x = torch.from_numpy(pixels).permute(2, 0, 1).unsqueeze(0).contiguous(memory_format=torch.channels_last)
     out = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
     return out[0].permute(1, 2, 0).numpy()
 
@@ -169,7 +227,8 @@ class TrainTransform:
             img = decode_image(data, self.decode_size)
             img = random_resized_crop(img, self.image_size, rng, self.scale, self.ratio)
         if self.hflip and rng.random() < 0.5:
-            img = img[:, ::-1] if isinstance(img, np.ndarray) else horizontal_flip(img)
+            # torch.flip copies 15x faster than numpy's negative-stride copy of a 3-byte-pixel array
+            img = torch.from_numpy(img).flip(1).numpy() if isinstance(img, np.ndarray) else horizontal_flip(img)
         if self.randaugment is not None:
             img = self.randaugment(img if isinstance(img, Image.Image) else Image.fromarray(img), rng)
         return np.asarray(img, dtype=np.uint8)
@@ -186,18 +245,16 @@ class TrainTransform:
         top, left, h, w = random_resized_crop_params(width, height, rng, self.scale, self.ratio)
         d = dct_reduction(w, h, self.image_size, self.image_size)
         try:
-            pixels = _decode_reduced(data, width, height, d)
-        except ValueError:  # simplejpeg refuses it (e.g. CMYK): PIL decides, with the same draws
+            if d == 1 and h >= self.image_size and w >= self.image_size:
+                # A reduction from full-size pixels: torch's uint8 antialiased bilinear (SIMD) is PIL's filter
+                # at about a third of PIL's cost (docs/decode.md).
+                return resize_reduce(decode_region(data, width, height, 1, left, top, w, h), self.image_size)
+            # Enlargements (e.g. the 32 px demo: the pixels of before) and DCT-scaled pixels stay with PIL, whose
+            # box may be fractional: DCT scaling maps pixel edges x -> x / d exactly.
+            return box_resize(data, width, height, d, (left, top, left + w, top + h), self.image_size)
+        except ValueError:  # libjpeg refuses it (e.g. CMYK): PIL decides, with the same draws
             rng.bit_generator.state = state
             return None
-        if d == 1 and h >= self.image_size and w >= self.image_size:
-            # A reduction from full-size pixels: torch's uint8 antialiased bilinear (SIMD) is PIL's filter
-            # at about a third of PIL's cost (docs/decode.md).
-            return resize_reduce(pixels[top:top + h, left:left + w], self.image_size)
-        # Enlargements (e.g. the 32 px demo: the pixels of before) and DCT-scaled pixels stay with PIL, whose
-        # box may be fractional: DCT scaling maps pixel edges x -> x / d exactly.
-        box = (left / d, top / d, (left + w) / d, (top + h) / d)
-        return Image.fromarray(pixels, "RGB").resize((self.image_size,) * 2, Image.Resampling.BILINEAR, box=box)
 
     def __repr__(self) -> str:
         return (f"TrainTransform(image_size={self.image_size}, scale={self.scale}, ratio={self.ratio}, "
