@@ -172,11 +172,11 @@ def random_resized_crop(
     return img.resize((size, size), Image.Resampling.BILINEAR, box=(left, top, left + w, top + h))
 
 
-def resize_reduce(pixels: np.ndarray, size: int) -> np.ndarray:
-    """uint8 HWC ``pixels`` (at least ``size`` on both sides) -> ``size`` x ``size``, antialiased bilinear.
+def resize_bilinear(pixels: np.ndarray, size: int) -> np.ndarray:
+    """uint8 HWC ``pixels`` -> ``size`` x ``size``, bilinear, antialiased where it reduces.
 
     The filter of ``Image.resize(BILINEAR)``, differing only at the border: PIL's taps may reach outside
-    a ``box``, here they stop at the edge of ``pixels``.
+    a ``box``, here they stop at the edge of ``pixels`` (as in torchvision, which crops, then resizes).
     """
     # Channels-last in, so channels-last out: the HWC result is contiguous (a strided one costs more to
     # batch than the resize itself), and the SIMD kernel reads it without a layout copy of its own.
@@ -245,12 +245,11 @@ class TrainTransform:
         top, left, h, w = random_resized_crop_params(width, height, rng, self.scale, self.ratio)
         d = dct_reduction(w, h, self.image_size, self.image_size)
         try:
-            if d == 1 and h >= self.image_size and w >= self.image_size:
-                # A reduction from full-size pixels: torch's uint8 antialiased bilinear (SIMD) is PIL's filter
-                # at about a third of PIL's cost (docs/decode.md).
-                return resize_reduce(decode_region(data, width, height, 1, left, top, w, h), self.image_size)
-            # Enlargements (e.g. the 32 px demo: the pixels of before) and DCT-scaled pixels stay with PIL, whose
-            # box may be fractional: DCT scaling maps pixel edges x -> x / d exactly.
+            if d == 1:
+                # The crop of full-size pixels, resized as torchvision resizes a cropped tensor: torch's uint8
+                # antialiased bilinear (SIMD), PIL's filter at about a third of PIL's cost (docs/decode.md).
+                return resize_bilinear(decode_region(data, width, height, 1, left, top, w, h), self.image_size)
+            # DCT-scaled pixels: PIL's resize takes the exact fractional box (DCT scaling maps edges x -> x / d).
             return box_resize(data, width, height, d, (left, top, left + w, top + h), self.image_size)
         except ValueError:  # libjpeg refuses it (e.g. CMYK): PIL decides, with the same draws
             rng.bit_generator.state = state
@@ -272,6 +271,18 @@ class EvalTransform:
         self.decode_size = math.ceil(self.image_size / self.crop_fraction)
 
     def __call__(self, data: bytes) -> np.ndarray:
+        size = jpeg_size(data)
+        if size is not None:  # decode_image's DCT scale, then only the rows and columns of the centre crop
+            width, height = size
+            d = dct_reduction(width, height, self.decode_size, self.decode_size)
+            scaled_w, scaled_h = -(-width // d), -(-height // d)
+            side = min(scaled_w, scaled_h) * self.crop_fraction
+            left, top = (scaled_w - side) / 2, (scaled_h - side) / 2
+            box = (left * d, top * d, (left + side) * d, (top + side) * d)  # exact: d is a power of two
+            try:
+                return np.asarray(box_resize(data, width, height, d, box, self.image_size), dtype=np.uint8)
+            except ValueError:  # libjpeg refuses it (e.g. CMYK): PIL decides
+                pass
         img = center_crop_resize(decode_image(data, self.decode_size), self.image_size, self.crop_fraction)
         return np.asarray(img, dtype=np.uint8)
 

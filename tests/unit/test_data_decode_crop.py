@@ -2,10 +2,10 @@
 
 Tolerance: PSNR >= 35 dB on photo-like content (smooth field + texture). The DCT-scaled paths are a
 different (box-like) prefilter before the same bilinear reduction, so they are close but not equal; the
-full-size reduction differs from PIL only where PIL's filter taps reach outside the crop box; enlargements
-and non-JPEG input take PIL's path and are bit-identical. In every path the crop box and the flip are
-the same draws from the same generator as before (checked through the generator's state afterwards), so
-exact resume holds.
+full-size path (torch, reductions and enlargements) differs from PIL only where PIL's filter taps reach
+outside the crop box (as torchvision's crop-then-resize does); non-JPEG input takes PIL's path and is
+bit-identical. In every path the crop box and the flip are the same draws from the same generator as
+before (checked through the generator's state afterwards), so exact resume holds.
 """
 import io
 
@@ -74,7 +74,7 @@ def test_decode_image_scales_by_powers_of_two_only():
     (500, 375, (0.6, 1.0), 1),  # ImageNet size: reductions from full-size pixels (torch resize)
     (1024, 768, (0.5, 1.0), 2),  # LAION size: large crops decode at 1/2
     (2048, 1536, (0.4, 1.0), 4),  # big photos: crops >= 896 px decode at 1/4
-    (500, 375, (0.08, 0.2), 1),  # small crops: enlargements, PIL as before
+    (500, 375, (0.08, 0.2), 1),  # small crops: enlargements (torch, like reductions)
 ])
 def test_every_decode_path_matches_a_full_decode_then_crop(w, h, scale, expect_d):
     data = _photo(w, h, seed=w)
@@ -90,21 +90,20 @@ def test_every_decode_path_matches_a_full_decode_then_crop(w, h, scale, expect_d
         assert rng.bit_generator.state == ref_rng.bit_generator.state
         top, left, ch, cw = random_resized_crop_params(w, h, np.random.default_rng(seed), scale)
         ds.add(dct_reduction(cw, ch, 224, 224))
-        if min(ch, cw) < 224:
-            assert np.array_equal(out, ref)  # enlargements: PIL's pixels, unchanged
     assert expect_d in ds
 
 
-def test_tiny_images_and_non_jpeg_keep_their_pixels():
-    """The demo's 32 px images: bit-identical to the full decode + crop (the reference loss curve)."""
+def test_tiny_images_and_non_jpeg():
+    """The demo's 32 px images: within 40 dB of the full decode + crop, where a 1 px border is 3 % of the
+    image (measured minimum 43.8 dB; the reference loss curve holds); a PNG's pixels are PIL's, unchanged."""
     t = TrainTransform(32, scale=(0.35, 1.0))
     jpeg = _photo(32, 32, 3)
     png = io.BytesIO()
     Image.open(io.BytesIO(jpeg)).save(png, format="PNG")
-    for data in (jpeg, png.getvalue()):
+    for data, min_psnr in ((jpeg, 40.0), (png.getvalue(), float("inf"))):
         for seed in range(10):
             rng, ref_rng = np.random.default_rng(seed), np.random.default_rng(seed)
-            assert np.array_equal(t(data, rng), _reference(data, 32, ref_rng, (0.35, 1.0)))
+            assert _psnr(t(data, rng), _reference(data, 32, ref_rng, (0.35, 1.0))) >= min_psnr
             assert rng.bit_generator.state == ref_rng.bit_generator.state
 
 

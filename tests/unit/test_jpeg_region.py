@@ -11,7 +11,8 @@ import simplejpeg
 from PIL import Image
 
 from data_pipeline.image import transforms
-from data_pipeline.image.transforms import TrainTransform, decode_region, partial_decode_missing
+from data_pipeline.image.transforms import (EvalTransform, TrainTransform, center_crop_resize, decode_image,
+                                            decode_region, partial_decode_missing)
 
 needs_extension = pytest.mark.skipif(transforms._jpeg_region is None, reason=partial_decode_missing() or "built")
 
@@ -68,6 +69,16 @@ def test_train_transform_gives_the_same_pixels_without_the_extension(monkeypatch
     for sc, expected in zip(scales, outs):
         for i, b in enumerate(images):
             assert np.array_equal(TrainTransform(224, scale=sc)(b, np.random.default_rng(i)), expected[i])
+
+
+@pytest.mark.parametrize("w,h", [(500, 375), (375, 500), (1024, 768), (2000, 1500), (640, 200), (32, 32)])
+def test_eval_transform_reads_only_the_centre_crop_and_keeps_its_pixels(w, h):
+    """Evaluation numbers stay comparable across this change: bit-identical to decoding the whole image."""
+    for crop_fraction in (0.875, 1.0, 0.5):
+        data = _jpeg(w, h, seed=w + h)
+        t = EvalTransform(224 if w > 32 else 32, crop_fraction)
+        whole = center_crop_resize(decode_image(data, t.decode_size), t.image_size, crop_fraction)
+        assert np.array_equal(t(data), np.asarray(whole)), (w, h, crop_fraction)
 
 
 @needs_extension
