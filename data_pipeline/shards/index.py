@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any
 
 import numpy as np
+from fsspec.core import split_protocol
 from tqdm import tqdm
 
 from data_pipeline.errors import DataSpecError
@@ -119,6 +120,21 @@ def _load_partial(path: str, urls: set[str]) -> dict[str, dict]:
     return done
 
 
+def _absolute(url: str) -> str:
+    """A relative local path means one relative to the working directory of the command that was given it."""
+    return os.path.abspath(url) if split_protocol(url)[0] is None else url
+
+
+def _recorded_name(url: str, out: str) -> str:
+    """A shard's name in the manifest ``out``: relative to the manifest's directory where the shard lies in or
+    below it (the data set moves as one folder, as the writer's manifests do), else the absolute path or URL."""
+    if split_protocol(url)[0] is None and split_protocol(out)[0] is None:
+        name = os.path.relpath(url, os.path.dirname(os.path.abspath(out)))
+        if not name.startswith(".."):
+            return name
+    return url
+
+
 def build_index(spec: str, out: str, storage: Storage, threads: int = 32, progress: bool = True,
                 label: str = "cls") -> dict:
     """Index the shards of ``spec`` into the manifest ``out`` (any fsspec URL); return the manifest (its
@@ -127,7 +143,7 @@ def build_index(spec: str, out: str, storage: Storage, threads: int = 32, progre
     ``label`` (cls, txt, json:FIELD): where the samples' labels are; class names found there become the
     manifest's sorted ``classes``, class indices give ``num_classes`` = max + 1."""
     source = parse_label_source(label)
-    urls = expand_urls(spec, storage)
+    urls = [_absolute(u) for u in expand_urls(spec, storage)]
     partial = _partial_path(out)
     done = _load_partial(partial, set(urls))
     todo = [u for u in urls if u not in done]
@@ -166,6 +182,8 @@ def build_index(spec: str, out: str, storage: Storage, threads: int = 32, progre
                     keep(f.result())
             raise
     shards = [{k: v for k, v in done[u].items() if k not in ("max_label", "names", "error")} for u in urls]
+    for shard in shards:
+        shard["url"] = _recorded_name(shard["url"], out)
     names = sorted({n for u in urls for n in done[u].get("names", ())})
     max_label = max(done[u]["max_label"] for u in urls)
     if names and max_label >= 0:

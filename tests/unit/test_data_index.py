@@ -50,3 +50,25 @@ def test_damaged_shard_keeps_its_complete_samples(tmp_path):
     assert main([str(path), "--out", str(tmp_path / "m.json"), "--no-progress"]) == 0
     entry = read_manifest(str(tmp_path / "m.json"), Storage(), offsets=True)["shards"][0]
     assert entry["num_samples"] == 3 and entry["offsets"] == offsets[:4]
+
+
+def test_relative_shard_paths_are_recorded_relative_to_the_manifest(tmp_path, monkeypatch):
+    """Paths typed relative to the working directory; the manifest names shards relative to itself (below it)
+    or absolute (elsewhere), so any working directory reads the same shards, and a moved folder too."""
+    written = _shards(tmp_path / "data" / "s", n=2)
+    (tmp_path / "other").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert main(["data/s/train-{000000..000001}.tar", "--out", "data/m.json", "--no-progress"]) == 0
+    assert main(["data/s/train-{000000..000001}.tar", "--out", "other/m.json", "--no-progress"]) == 0
+    monkeypatch.chdir(tmp_path / "other")
+    beside = read_manifest(str(tmp_path / "data" / "m.json"), Storage())
+    assert [s["url"] for s in beside["shards"]] == [str(tmp_path / "data" / "s" / f"train-00000{i}.tar")
+                                                    for i in range(2)]
+    elsewhere = read_manifest("m.json", Storage())
+    assert [s["url"] for s in elsewhere["shards"]] == [str(tmp_path / "data" / "s" / f"train-00000{i}.tar")
+                                                       for i in range(2)]
+    shutil.move(tmp_path / "data", tmp_path / "moved")
+    from data_pipeline.shards.spec import expand_urls
+    urls = expand_urls(str(tmp_path / "moved" / "m.json"), Storage())
+    assert urls == [str(tmp_path / "moved" / "s" / f"train-00000{i}.tar") for i in range(2)]
+    assert read_manifest(str(tmp_path / "moved" / "m.json"), Storage())["num_samples"] == written["num_samples"]
