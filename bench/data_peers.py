@@ -341,6 +341,8 @@ def main() -> None:
     if a.quick:
         a.sets, a.images, a.repeat = ["small"], BATCH, 1
     sys.path.insert(0, str(ROOT))
+    from data_pipeline.image.transforms import partial_decode_missing
+
     load0 = os.getloadavg()[0]
     tmp = Path(tempfile.mkdtemp(prefix="bench_peers_"))
     n_files = a.images + 3 * BATCH
@@ -385,6 +387,7 @@ def main() -> None:
               "workers": WORKERS, "batch": BATCH, "output_px": SIZE, "images_timed": a.images, "repeat": a.repeat,
               "loadavg_1m_at_start": load0, "loadavg_1m_at_end": os.getloadavg()[0],
               "python": platform.python_version(), "versions": _versions(a.peers_python),
+              "ours_partial_decode": not partial_decode_missing(),  # the _jpeg_region extension was built
               "skipped": skipped, "results": results}
     shutil.rmtree(tmp, ignore_errors=True)
     print(json.dumps(record, indent=1))
