@@ -120,3 +120,15 @@ def test_cmyk_and_truncated_jpegs_take_the_pil_path_with_the_same_draws():
     data = _jpeg(500, 375)
     with pytest.raises(Exception):
         TrainTransform(224, scale=(0.9, 1.0))(data[: len(data) // 3], np.random.default_rng(0))
+
+
+def test_a_missing_extension_is_one_line_with_the_fix(monkeypatch):
+    from cluster.envcheck import check_decode
+
+    monkeypatch.setattr(transforms, "_NO_REGION_DECODE", "No module named 'data_pipeline.image._jpeg_region'")
+    line = partial_decode_missing()
+    assert "\n" not in line and "apt install libjpeg-dev" in line and "pip install -e ." in line
+    check = check_decode()
+    assert check.ok and check.detail.startswith("whole images: the partial JPEG decoder is not built")
+    monkeypatch.setattr(transforms, "_NO_REGION_DECODE", "")
+    assert partial_decode_missing() == "" and check_decode().detail.startswith("partial")
