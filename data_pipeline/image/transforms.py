@@ -104,7 +104,7 @@ def box_resize(data: bytes, width: int, height: int, d: int, box: tuple[float, f
 
 
 def _vertical_first(width: int, height: int, size: int) -> bool:
-    """Whether Pillow (>= 10, libImaging/Resample.c) resizes a ``width`` x ``height`` image to ``size`` x ``size``
+    """Whether Pillow (>= 13, python-pillow/Pillow#9549) resizes a ``width`` x ``height`` image to ``size`` x ``size``
     vertical pass first: when the height shrinks more than twice as much as the width."""
     return height - size > 0 and height - size > 2 * (width - size)
 
