@@ -104,20 +104,32 @@ def build_model(cfg: DictConfig, where: str = "config", mlp_impl: bool = True) -
     """The model of `cfg`; ``mlp_impl=False``: eager MLPs (shapes only, e.g. on the meta device for an estimate)."""
     if cfg.model.num_classes == "auto":
         raise ConfigError(f"{where}: 'model.num_classes' is 'auto' here; resolve it from the manifest first")
+    model = _create_model(cfg, cfg.model.num_classes, where)
+    return apply_mlp_impl(model, cfg.model.mlp_impl) if mlp_impl else model
+
+
+def check_model_config(cfg: DictConfig, where: str = "config") -> None:
+    """The model's own settings and data.image_size, on the meta device (shapes only, no class count needed):
+    a config error found in a second, before demo data is generated or any data is read."""
+    with torch.device("meta"):
+        _create_model(cfg, 1, where)
+
+
+def _create_model(cfg: DictConfig, num_classes: int, where: str) -> nn.Module:
     overrides = {"drop_rate": cfg.model.drop_rate, "drop_path_rate": cfg.model.drop_path_rate}
     if cfg.model.img_size is not None:
         overrides["img_size"] = cfg.model.img_size
     if cfg.model.act is not None:
         overrides["act"] = cfg.model.act  # the model names the valid ones (gelu, gelu_tanh for Mixer)
     try:
-        model = create_model(cfg.model.name, num_classes=cfg.model.num_classes, **overrides)
+        model = create_model(cfg.model.name, num_classes=num_classes, **overrides)
     except (ValueError, TypeError) as e:
         raise ConfigError(f"{where}: model: {e}") from None
     size = cfg.data.image_size
     if tuple(model.stem.img_size) != (size, size):
         raise ConfigError(f"{where}: 'data.image_size' is {size} but {cfg.model.name} takes "
                           f"{model.stem.img_size[0]} px; set model.img_size={size} or data.image_size")
-    return apply_mlp_impl(model, cfg.model.mlp_impl) if mlp_impl else model
+    return model
 
 
 def build_train_engine(cfg: DictConfig, model: nn.Module, dist_info: DistInfo, where: str = "config") -> Engine:

@@ -58,6 +58,7 @@ class Trainer:
         self.lease = build.build_run_lease(cfg, self.dist)  # before anything is written to the run dir
         self.micro_batch_size, self.accum_steps = build.batch_layout(cfg, self.dist, config_source)
         self.batch_size = self.micro_batch_size * self.accum_steps  # per rank per optimiser step
+        build.check_model_config(cfg, config_source)  # a bad model setting is found before any data is touched
         storage = build.build_storage(cfg)  # the one handle every data read goes through
         build.prepare_data(cfg, self.dist, storage)
         # Every data path (training, val, each evaluator's) fails here, before anything is allocated.

@@ -43,6 +43,19 @@ def _remove_deepspeed_shm_buffers():
             path.unlink(missing_ok=True)
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (`make test` runs `-n 2 --dist loadgroup`): a worker takes a whole test file, so a
+    module-scoped run is built once; both SLURM files go to one worker (one install, one cluster at a time)."""
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            name = item.path.name
+            item.add_marker(pytest.mark.xdist_group("slurm" if name.startswith("test_slurm") else
+                                                    str(item.path.relative_to(ROOT))))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -7,7 +7,9 @@ import pytest
 
 from tests.docblocks import Block, BlockFailed, make_sandbox, pages, parse, run_block, run_page, write_images
 
-pytestmark = pytest.mark.slow
+# The README's launcher block runs the documented commands as written: cluster.launch and the deepspeed
+# launcher on their default port 29500, which a test running beside it (pytest -n 2) may hold.
+pytestmark = [pytest.mark.slow, pytest.mark.serial]
 RUNNABLE = {page: blocks for page, blocks in pages().items() if any(b.runs for b in blocks)}
 
 

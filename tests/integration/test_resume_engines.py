@@ -44,8 +44,10 @@ ENGINES = {
 def command(engine, ranks, run_dir, demo_root, steps=STEPS, launcher=None):
     default_launcher, extra = ENGINES[engine]
     launcher = launcher or default_launcher
-    args = tiny_args(run_dir, demo_root, steps, EVERY, "eval.upstream.enabled=false", "eval.fewshot.enabled=false",
-                     "checkpoint.keep_last=5", "data.num_workers=0", *extra)  # in-process loading: less to start
+    # No evaluation (the demo's linear probe would run at every checkpoint: ~1 s each, ~30 of them here);
+    # in-process loading: less to start.
+    args = tiny_args(run_dir, demo_root, steps, EVERY, "eval.mode=none", "checkpoint.keep_last=5",
+                     "data.num_workers=0", *extra)
     return launcher(ranks) + [MAIN] + args
 
 
@@ -67,9 +69,27 @@ def metadata(run_dir, step):
     return json.loads((run_dir / f"checkpoints/step_{step:07d}/metadata.json").read_text())
 
 
-@pytest.fixture(scope="module", params=list(ENGINES))
-def killed_and_resumed(request, tmp_path_factory, demo_root):
-    engine = request.param
+@pytest.fixture(scope="module")
+def engine_runs(tmp_path_factory, demo_root):
+    """engine -> its straight and killed-and-resumed runs, each made once per module on first use. A cache
+    rather than a parametrized module fixture: pytest reorders tests so that such a fixture is built once
+    per param, but under pytest-xdist (make test) they arrive in collection order, and the fsdp and
+    deepspeed runs (~50 s each) were built twice."""
+    cache = {}
+
+    def get(engine):
+        if engine not in cache:
+            cache[engine] = _killed_and_resumed(engine, tmp_path_factory, demo_root)
+        return cache[engine]
+    return get
+
+
+@pytest.fixture(params=list(ENGINES))
+def killed_and_resumed(request, engine_runs):
+    return engine_runs(request.param)
+
+
+def _killed_and_resumed(engine, tmp_path_factory, demo_root):
     base = tmp_path_factory.mktemp(engine)
     straight_log = run(command(engine, 2, base / "straight", demo_root))
 
