@@ -51,7 +51,7 @@ static const char *decode(const unsigned char *data, size_t size, unsigned char 
     cinfo.err = jpeg_std_error(&err->pub);
     err->pub.error_exit = error_exit;
     err->pub.emit_message = warning_is_error;
-    if (setjmp(err->escape)) {
+    if (setjmp(err->escape)) { /* every failure ends here, with err->message set */
         jpeg_destroy_decompress(&cinfo);
         free(row_buffer);
         return err->message;
@@ -61,8 +61,7 @@ static const char *decode(const unsigned char *data, size_t size, unsigned char 
     jpeg_read_header(&cinfo, TRUE);
     if (cinfo.jpeg_color_space == JCS_CMYK || cinfo.jpeg_color_space == JCS_YCCK) {
         strcpy(err->message, "CMYK JPEG");
-        jpeg_destroy_decompress(&cinfo);
-        return err->message;
+        longjmp(err->escape, 1);
     }
     cinfo.out_color_space = JCS_RGB;
     cinfo.scale_num = 1;
@@ -71,8 +70,7 @@ static const char *decode(const unsigned char *data, size_t size, unsigned char 
     if (left + width > cinfo.output_width || top + height > cinfo.output_height || width == 0 || height == 0) {
         snprintf(err->message, sizeof err->message, "region %ux%u at (%u, %u) is outside the %ux%u image",
                  width, height, left, top, cinfo.output_width, cinfo.output_height);
-        jpeg_destroy_decompress(&cinfo);
-        return err->message;
+        longjmp(err->escape, 1);
     }
     /* Whole iMCU columns are decoded; the upsampler treats the decoded strip's edges as image edges, so
      * one extra iMCU on each side keeps the region's own pixels equal to a full decode's. */
@@ -85,8 +83,7 @@ static const char *decode(const unsigned char *data, size_t size, unsigned char 
     row_buffer = malloc((size_t)strip_width * 3);
     if (row_buffer == NULL) {
         strcpy(err->message, "out of memory");
-        jpeg_destroy_decompress(&cinfo);
-        return err->message;
+        longjmp(err->escape, 1);
     }
     row = row_buffer;
     if (top > 0 && jpeg_skip_scanlines(&cinfo, top) != top) {
@@ -101,8 +98,7 @@ static const char *decode(const unsigned char *data, size_t size, unsigned char 
         }
         memcpy(out + (size_t)y * bytes, row_buffer + offset, bytes);
     }
-    jpeg_abort_decompress(&cinfo); /* the rows below the region are never decoded */
-    jpeg_destroy_decompress(&cinfo);
+    jpeg_destroy_decompress(&cinfo); /* the rows below the region are never decoded */
     free(row_buffer);
     return NULL;
 }
