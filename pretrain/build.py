@@ -247,8 +247,9 @@ def build_train_loader(cfg: DictConfig, dist_info: DistInfo, batch_size: int, st
     randaugment = RandAugment(a.randaugment_ops, a.randaugment_magnitude) if a.randaugment_ops else None
     transform = TrainTransform(d.image_size, scale=tuple(a.scale), ratio=tuple(a.ratio), hflip=a.hflip,
                                randaugment=randaugment)
-    if d.decode != "gpu" and partial_decode_missing() and dist_info.rank == 0:
-        log.warning("%s", partial_decode_missing())
+    missing = partial_decode_missing()
+    if d.decode != "gpu" and missing and dist_info.rank == 0:
+        log.warning("%s", missing)
     if d.decode == "gpu":
         why_not = gpu_decode_available(dist_info.device)
         if why_not:

@@ -186,12 +186,18 @@ def resize_bilinear(pixels: np.ndarray, size: int) -> np.ndarray:
     return np.ascontiguousarray(out[0].permute(1, 2, 0).numpy())  # a no-op, unless torch changes its mind
 
 
+def center_crop_box(width: int, height: int, crop_fraction: float) -> tuple[float, float, float, float]:
+    """The centre square covering ``crop_fraction`` of the short side, as a PIL box (left, top, right, bottom)."""
+    side = min(width, height) * crop_fraction
+    left = (width - side) / 2
+    top = (height - side) / 2
+    return left, top, left + side, top + side
+
+
 def center_crop_resize(img: Image.Image, size: int, crop_fraction: float = 0.875) -> Image.Image:
     """Centre square crop covering ``crop_fraction`` of the short side, resized to ``size`` (the usual eval view)."""
-    side = min(img.width, img.height) * crop_fraction
-    left = (img.width - side) / 2
-    top = (img.height - side) / 2
-    return img.resize((size, size), Image.Resampling.BILINEAR, box=(left, top, left + side, top + side))
+    box = center_crop_box(img.width, img.height, crop_fraction)
+    return img.resize((size, size), Image.Resampling.BILINEAR, box=box)
 
 
 def horizontal_flip(img: Image.Image) -> Image.Image:
@@ -276,10 +282,10 @@ class EvalTransform:
         if size is not None:  # decode_image's DCT scale, then only the rows and columns of the centre crop
             width, height = size
             d = dct_reduction(width, height, self.decode_size, self.decode_size)
-            scaled_w, scaled_h = -(-width // d), -(-height // d)
-            side = min(scaled_w, scaled_h) * self.crop_fraction
-            left, top = (scaled_w - side) / 2, (scaled_h - side) / 2
-            box = (left * d, top * d, (left + side) * d, (top + side) * d)  # exact: d is a power of two
+            # The box decode_image's scaled image would be cropped with, in full-size pixels (exact: d is a
+            # power of two), so the pixels are those of center_crop_resize(decode_image(...)).
+            scaled = center_crop_box(-(-width // d), -(-height // d), self.crop_fraction)
+            box = tuple(c * d for c in scaled)
             try:
                 return np.asarray(box_resize(data, width, height, d, box, self.image_size), dtype=np.uint8)
             except ValueError:  # libjpeg refuses it (e.g. CMYK): PIL decides
