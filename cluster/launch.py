@@ -11,6 +11,13 @@ Launchers (one process per node for torchrun and deepspeed, one per GPU for srun
 Everything a node needs comes from SLURM's environment (SLURM_JOB_NODELIST, SLURM_NODEID,
 SLURM_JOB_ID, SLURM_CPUS_PER_TASK) or the options, so the same line works on every node.
 
+Fault tolerance (engine.fault_tolerance=torchft, docs/faults.md): one process runs torchft's lighthouse,
+and each replica group is an ordinary launch of its own (its own rendezvous) that names its group:
+
+  python -m cluster.launch --torchft-lighthouse --lighthouse-port 29510 --min-replicas 1
+  python -m cluster.launch --replica-group 0 --lighthouse http://node1:29510 --nproc-per-node 8 -- \
+      --config configs/l16.yaml engine.fault_tolerance=torchft engine.torchft.replica_groups=4
+
 Preemption: SLURM's warning signal (SIGUSR1) goes to every process of the job step. The launcher
 processes ignore it (the ranks install their own handler, see pretrain/preemption.py); the ranks
 checkpoint and exit with REQUEUE_EXIT_CODE, and this wrapper makes that the node's exit code even
@@ -53,6 +60,8 @@ class Plan:
     hostfile: str
     min_nodes: int = 0  # torchrun: carry on with this many nodes when others are lost (0: all of them)
     max_restarts: int = 0  # torchrun: restarts of the worker group (after a failure or a lost node)
+    replica_group: int | None = None  # torchft: this launch is replica group N (its own rendezvous)
+    lighthouse: str = ""  # torchft: the lighthouse's http://host:port
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "min_nodes", min(self.min_nodes or self.nnodes, self.nnodes))
@@ -71,10 +80,13 @@ def plan_from(args: argparse.Namespace, env: dict[str, str]) -> Plan:
                 # A node name that does not resolve (NodeName != NodeAddr) is replaced by SLURM's NodeAddr;
                 # MASTER_ADDR in the environment wins, as it does for the ranks (node_env).
                 master_addr=args.master_addr or env.get("MASTER_ADDR") or node_address(hosts[0]),
-                master_port=args.master_port or int(env.get("MASTER_PORT") or default_port(job_id)),
+                # Replica groups (torchft) each meet at a rendezvous of their own: the port plus the group.
+                master_port=args.master_port or int(env.get("MASTER_PORT") or default_port(job_id))
+                + (args.replica_group or 0),
                 job_id=job_id, cpus_per_node=cpus,
                 hostfile=args.hostfile or os.path.join(tempfile.gettempdir(), f"mixer-hostfile-{job_id}"),
-                min_nodes=args.min_nodes, max_restarts=args.max_restarts)
+                min_nodes=args.min_nodes, max_restarts=args.max_restarts,
+                replica_group=args.replica_group, lighthouse=args.lighthouse or "")
 
 
 def node_env(plan: Plan) -> dict[str, str]:
@@ -84,6 +96,10 @@ def node_env(plan: Plan) -> dict[str, str]:
            "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1", "NCCL_DEBUG": "WARN"}
     if plan.cpus_per_node:  # each rank gets its share of the node's cores, not all of them
         env["OMP_NUM_THREADS"] = str(max(1, plan.cpus_per_node // plan.nproc_per_node))
+    if plan.replica_group is not None:  # pretrain/engines/ft.py reads these
+        env["REPLICA_GROUP_ID"] = str(plan.replica_group)
+        if plan.lighthouse:
+            env["TORCHFT_LIGHTHOUSE"] = plan.lighthouse
     return env
 
 
@@ -102,6 +118,22 @@ def node_command(plan: Plan, node_rank: int, main_args: list[str]) -> list[str]:
                 "--node_rank", str(node_rank), "--master_addr", plan.master_addr,
                 "--master_port", str(plan.master_port), MAIN, *main_args]
     return [sys.executable, MAIN, *main_args]
+
+
+def run_lighthouse(port: int, min_replicas: int, join_timeout_ms: int) -> int:
+    """torchft's lighthouse in this process until SIGTERM/SIGINT: the quorum every replica group votes in
+    at each step. A quorum forms once `min_replicas` groups ask, waiting up to `join_timeout_ms` for more."""
+    from torchft._torchft import LighthouseServer
+
+    server = LighthouseServer(bind=f"[::]:{port}", min_replicas=min_replicas, join_timeout_ms=join_timeout_ms)
+    print(f"torchft lighthouse at {server.address()} (min replicas {min_replicas})", flush=True)
+    stop = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.append(1))
+    while not stop:
+        signal.pause()
+    server.shutdown()
+    return 0
 
 
 def dry_run(plan: Plan, main_args: list[str]) -> str:
@@ -195,8 +227,18 @@ def main(argv: list[str] | None = None) -> int:
                    help="torchrun, elastic: go on with this many nodes when others are lost (default: all)")
     p.add_argument("--max-restarts", type=int, default=0,
                    help="torchrun: restart the ranks this often, after a crash or on fewer nodes (default 0)")
+    p.add_argument("--torchft-lighthouse", action="store_true",
+                   help="run torchft's lighthouse here (engine.fault_tolerance=torchft) instead of training")
+    p.add_argument("--lighthouse-port", type=int, default=29510, help="the lighthouse's port (default 29510)")
+    p.add_argument("--min-replicas", type=int, default=1, help="lighthouse: replica groups a quorum needs")
+    p.add_argument("--join-timeout-ms", type=int, default=1000,
+                   help="lighthouse: how long a quorum waits for more groups to join (default 1000)")
+    p.add_argument("--replica-group", type=int, help="torchft: this launch is replica group N")
+    p.add_argument("--lighthouse", help="torchft: the lighthouse, http://host:port (default $TORCHFT_LIGHTHOUSE)")
     p.add_argument("--dry-run", action="store_true", help="print every node's command and exit")
     args = p.parse_args(ours)
+    if args.torchft_lighthouse:
+        return run_lighthouse(args.lighthouse_port, args.min_replicas, args.join_timeout_ms)
     try:
         plan = plan_from(args, dict(os.environ))
     except HostlistError as e:

@@ -22,7 +22,7 @@ from data_pipeline.stream.train_loader import TrainLoader
 from data_pipeline.image.transforms import TrainTransform, partial_decode_missing
 
 from .checkpoint import Checkpointer
-from .config import ConfigError, engine_options
+from .config import ConfigError, TorchFTOptions, engine_options
 from .data_check import check_data_paths, manifest_num_classes, placeholder_error
 from .dist import DistInfo, barrier, broadcast_object, node_leaders
 from .engines import Engine, build_engine, effective_kind
@@ -40,10 +40,28 @@ from .run_lease import RunDirBusy, RunLease
 log = logging.getLogger("pretrain")
 
 
+def replica_groups(cfg: DictConfig) -> int:
+    """Replica groups the global batch is split over (engine.fault_tolerance=torchft), else 1."""
+    return cfg.engine.torchft.replica_groups if cfg.engine.fault_tolerance == "torchft" else 1
+
+
+def replica_group_run_dir(cfg: DictConfig) -> DictConfig:
+    """Under engine.fault_tolerance=torchft each replica group owns `<run.dir>/replica_<N>` (its lease, its
+    checkpoints, its logs): groups come and go on their own, and after a full restart each resumes from its
+    own newest checkpoint while the quorum brings any that are behind up to the newest step, from a peer."""
+    if cfg.engine.fault_tolerance != "torchft":
+        return cfg
+    fixed = cfg.copy()
+    OmegaConf.set_readonly(fixed, False)
+    fixed.run.dir = f"{str(cfg.run.dir).rstrip('/')}/replica_{int(os.environ.get('REPLICA_GROUP_ID', '0'))}"
+    OmegaConf.set_readonly(fixed, True)
+    return fixed
+
+
 def batch_layout(cfg: DictConfig, dist_info: DistInfo, where: str) -> tuple[int, int]:
     """(micro batch per rank, micro batches per step) with micro x accum x world = global batch.
     The global batch (and so the lr) is given once; whichever of the two is not given is derived."""
-    g, world = cfg.train.global_batch_size, dist_info.world_size
+    g, world = cfg.train.global_batch_size, dist_info.world_size * replica_groups(cfg)
     micro, accum = cfg.train.micro_batch_size, cfg.train.grad_accum_steps
     if micro is None:
         accum = accum or 1
@@ -132,9 +150,19 @@ def _create_model(cfg: DictConfig, num_classes: int, where: str) -> nn.Module:
     return model
 
 
-def build_train_engine(cfg: DictConfig, model: nn.Module, dist_info: DistInfo, where: str = "config") -> Engine:
+def build_train_engine(cfg: DictConfig, model: nn.Module, dist_info: DistInfo, where: str = "config",
+                       loader: TrainLoader | None = None) -> Engine:
+    """`loader`: the training stream, which fault tolerance (engine.fault_tolerance=torchft) lays out
+    over the replica groups of each step's quorum and carries through a live recovery."""
     o, e = cfg.optim, cfg.engine
     micro, accum = batch_layout(cfg, dist_info, where)
+    if e.fault_tolerance == "torchft":
+        if e.kind not in ("single", "ddp"):
+            raise ConfigError(f"{where}: engine.fault_tolerance=torchft runs engine.kind single or ddp, not "
+                              f"{e.kind!r} (fsdp and DeepSpeed ZeRO are not covered; see docs/faults.md)")
+        if cfg.train.precision == "fp16":
+            raise ConfigError(f"{where}: engine.fault_tolerance=torchft needs train.precision bf16 or fp32 (fp16's "
+                              "loss scale would be decided per replica group)")
     if e.kind == "deepspeed" and cfg.train.precision == "fp16" and dist_info.device.type == "cpu":
         raise ConfigError(f"{where}: 'train.precision' fp16 with engine.kind=deepspeed needs a GPU (DeepSpeed's "
                           "CPU accelerator has no fp16); use bf16 or fp32 on CPU")
@@ -146,7 +174,8 @@ def build_train_engine(cfg: DictConfig, model: nn.Module, dist_info: DistInfo, w
                                   warmup_steps=o.warmup_steps, schedule=o.schedule, end_ratio=o.end_lr_ratio),
         precision=cfg.train.precision, grad_clip=o.grad_clip, accum_steps=accum,
         activation_checkpointing=e.activation_checkpointing, backend=e.backend, options=engine_options(e),
-        micro_batch_size=micro)
+        micro_batch_size=micro,
+        fault_tolerance=TorchFTOptions(**e.torchft) if e.fault_tolerance == "torchft" else None, loader=loader)
 
 
 def build_train_loss(cfg: DictConfig) -> nn.Module:

@@ -177,6 +177,16 @@ class FSDPOptions:
 
 
 @dataclass
+class TorchFTOptions:
+    """engine.fault_tolerance=torchft: the `engine.torchft` section (docs/faults.md)."""
+    replica_groups: int = 2  # groups the global batch is split over (each runs the engine on its own ranks)
+    min_replicas: int = 1  # a step commits only with at least this many groups in its quorum
+    lighthouse: str = ""  # http://host:port of torchft's lighthouse ("": $TORCHFT_LIGHTHOUSE, set by cluster.launch)
+    timeout_s: float = 10.0  # a collective or recovery transfer across groups that takes longer fails the step
+    quorum_timeout_s: float = 60.0  # the wait for a quorum (start-up: until min_replicas groups have joined)
+
+
+@dataclass
 class EngineConfig:
     kind: str = "ddp"  # single | ddp | fsdp | deepspeed; with one process `ddp` runs as `single`
     backend: str = "auto"  # auto: nccl on cuda, gloo on cpu
@@ -185,6 +195,10 @@ class EngineConfig:
     # are ignored, so one config file can carry them all and engine.kind=X switches on the command line.
     deepspeed: DeepSpeedOptions = field(default_factory=DeepSpeedOptions)
     fsdp: FSDPOptions = field(default_factory=FSDPOptions)
+    # none | torchft: replica groups that vote a quorum each step; a failed group is dropped for the step
+    # and the others go on, a new one recovers live from a peer (engine.kind single/ddp).
+    fault_tolerance: str = "none"
+    torchft: TorchFTOptions = field(default_factory=TorchFTOptions)
 
 
 @dataclass
@@ -525,6 +539,11 @@ RULES: dict[str, Rule] = {
     "engine.kind": one_of("single", "ddp", "fsdp", "deepspeed"),
     "engine.backend": one_of("auto", "gloo", "nccl"),
     "engine.deepspeed.zero_stage": one_of(1, 2, 3),
+    "engine.fault_tolerance": one_of("none", "torchft"),
+    "engine.torchft.replica_groups": POSITIVE,
+    "engine.torchft.min_replicas": POSITIVE,
+    "engine.torchft.timeout_s": above(0),
+    "engine.torchft.quorum_timeout_s": above(0),
     "checkpoint.every_steps": POSITIVE,
     "checkpoint.keep_last": POSITIVE,
     "checkpoint.keep_every": at_least(0, " (0: none)"),

@@ -100,6 +100,7 @@ class TrainLoader:
         self.bytes_read = 0  # bytes read from storage by range reads in the current iteration (all workers)
         self.skip_causes: dict[str, str] = {}  # per skip kind, the first sample skipped for it on this rank, and why
         self._mark: tuple | None = None
+        self._restart = False  # the live iterator continues from the current position and layout (restart)
 
     def _resolve(self, specs: list[DataSource]) -> list[ResolvedSource]:
         # Every rank reads the manifests itself: no rank waits on another, and nothing is counted.
@@ -141,6 +142,11 @@ class TrainLoader:
                           self.resampled, self.storage, max(1, self.num_workers), self.lookahead, self.label)
 
     def __iter__(self) -> Iterator[Batch]:
+        while True:  # once per layout: a ``restart`` (new layout, rewound position) rebuilds the workers
+            self._restart = False
+            yield from self._iter_layout()
+
+    def _iter_layout(self) -> Iterator[Batch]:
         dataset = TrainWorkerStream(self.worker_spec())
         self._schedule = RankSchedule(**self.schedule_args())
         loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers, collate_fn=as_is,
@@ -149,6 +155,8 @@ class TrainLoader:
         worker_bytes = [0] * workers
         items = iter(loader)
         for expected in itertools.count():
+            if self._restart:
+                return
             try:
                 item = next(items)
             except StorageError as exc:
@@ -168,6 +176,17 @@ class TrainLoader:
                 self.source_counts[s] += 1
             yield item.batch
 
+    def restart(self, rank: int | None = None, world_size: int | None = None) -> None:
+        """The live iterator's next batch comes from the current position (after ``rewind`` or
+        ``load_position``), under a new layout if given: this rank's slot ``rank`` of ``world_size``.
+        Fault-tolerant training calls it when replica groups leave or join, or a step is not committed;
+        the samples not consumed so far are shared out again, so none is lost or taken twice."""
+        if rank is not None and world_size is not None:
+            if not 0 <= rank < world_size:
+                raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+            self.rank, self.world_size = rank, world_size
+        self._restart = True
+
     def mark(self) -> None:
         """Remember the position (a step boundary) that ``rewind`` goes back to; cheap, local."""
         self._mark = (self._source_state, self._total, list(self._skipped), self.delivered, list(self.source_counts))
@@ -178,6 +197,7 @@ class TrainLoader:
         if self._mark is not None:
             self._source_state, self._total, skipped, self.delivered, counts = self._mark
             self._skipped, self.source_counts = list(skipped), list(counts)
+            self._restart = True  # a live iterator goes on from the mark, not from where its workers are
 
     def blank_batch(self) -> Batch:
         """A full batch of black images, label 0: a stand-in while a run stops (never trained on for real)."""
@@ -194,6 +214,9 @@ class TrainLoader:
         if _is_distributed():
             dist.all_reduce(counts)
         counts = counts.tolist()
+        return self._record(counts[:-1], counts[-1])
+
+    def _record(self, skipped: list[int], delivered: int) -> dict:
         sources = self._source_state or RankSchedule(**self.schedule_args()).state()
         return {
             "version": _STATE_VERSION,
@@ -203,9 +226,21 @@ class TrainLoader:
             "total": self._total,
             "sources": [dict(st, name=s.name, num_shards=len(s.urls), num_samples=int(s.counts.sum()))
                         for st, s in zip(sources, self.sources)],
-            "skipped": counts[:-1],
-            "delivered": counts[-1],
+            "skipped": list(skipped),
+            "delivered": int(delivered),
         }
+
+    def position(self) -> dict:
+        """The global data position without the counters: no collective, so a peer's recovery thread may
+        read it at a step boundary (live recovery of a replica group, `pretrain/engines/ft.py`)."""
+        return self._record(self._skipped, 0)
+
+    def load_position(self, state: dict) -> None:
+        """Continue from a peer's ``position()``; this rank's counters stay its own."""
+        skipped, delivered = list(self._skipped), self.delivered
+        self.load_state_dict(state)
+        self._skipped, self.delivered = skipped, delivered
+        self._restart = True
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from a ``state_dict`` record saved under any world size and worker count."""

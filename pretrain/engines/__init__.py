@@ -5,7 +5,7 @@ from typing import Any
 
 from torch import nn
 
-from ..config import ENGINE_OPTIONS, DeepSpeedOptions, FSDPOptions
+from ..config import ENGINE_OPTIONS, DeepSpeedOptions, FSDPOptions, TorchFTOptions
 from ..dist import DistInfo
 from .base import PRECISION_DTYPES, Engine
 
@@ -17,10 +17,12 @@ def effective_kind(kind: str, dist_info: DistInfo) -> str:
 
 def build_engine(kind: str, model: nn.Module, dist_info: DistInfo, *,
                  options: DeepSpeedOptions | FSDPOptions | None = None, micro_batch_size: int | None = None,
-                 **common: Any) -> Engine:
+                 fault_tolerance: TorchFTOptions | None = None, loader: Any = None, **common: Any) -> Engine:
     """common: optimizer_factory, scheduler_factory, precision, grad_clip, accum_steps, activation_checkpointing,
     backend (every engine). ``options``: the typed options of `kind` (config.engine_options; None: defaults);
-    ``micro_batch_size``: what DeepSpeed's JSON names (ignored by the engines that do not need it)."""
+    ``micro_batch_size``: what DeepSpeed's JSON names (ignored by the engines that do not need it).
+    ``fault_tolerance``: torchft's replica groups around a single or ddp engine (`ft.py`), which lays
+    ``loader`` out over each step's quorum."""
     if kind == "single" and dist_info.distributed:
         raise ValueError(f"engine.kind 'single' cannot run with world size {dist_info.world_size}; use 'ddp'")
     kind = effective_kind(kind, dist_info)
@@ -28,6 +30,14 @@ def build_engine(kind: str, model: nn.Module, dist_info: DistInfo, *,
     if options is not None and not isinstance(options, wanted or ()):
         raise TypeError(f"engine {kind!r} takes {wanted.__name__ if wanted else 'no options'}, "
                         f"not {type(options).__name__}")
+    if fault_tolerance is not None:
+        if kind not in ("single", "ddp") or loader is None:
+            raise TypeError("torchft fault tolerance wraps the single or ddp engine and needs the training loader")
+        from .ddp import DDPEngine
+        from .ft import fault_tolerant
+        engine = fault_tolerant(DDPEngine if kind == "ddp" else Engine)(model, dist_info=dist_info, **common)
+        engine._setup_ft(fault_tolerance, loader)
+        return engine
     if kind == "ddp":
         from .ddp import DDPEngine
         return DDPEngine(model, dist_info=dist_info, **common)

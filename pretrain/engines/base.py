@@ -1,8 +1,10 @@
 """The engine interface and the single-process engine it is built on.
 
-The training loop sees only these methods (`model`, `autocast`, `backward`, `step`, `skip_step`,
-`lr`, `loss_scale`, `unwrapped`, and the checkpoint hooks) and never asks which engine it has.
-A step is `accum_steps` calls of `backward` then one `step` (or `skip_step`).
+The training loop sees only these methods (`model`, `autocast`, `begin_step`, `backward`, `step`,
+`skip_step`, `committed`, `lr`, `loss_scale`, `unwrapped`, `close`, and the checkpoint hooks) and never
+asks which engine it has. A step is `begin_step`, `accum_steps` calls of `backward`, then one `step` (or
+`skip_step`); a step that is not `committed` (fault tolerance: the quorum dropped it) never happened and
+is done again with the same samples.
 
 Checkpoint hooks, all collective (every rank calls them):
   consolidated_state_dict()      full fp32 weights on rank 0 (what export and evaluation read)
@@ -141,6 +143,17 @@ class Engine:
     # may judge all micro batches at once after their backwards. True where backward changes state
     # that a skip cannot undo (DeepSpeed): each micro batch is judged before its backward.
     judge_each_micro_batch = False
+
+    # False after `step`/`skip_step` when the step did not count (ft.py: a replica group failed during it).
+    committed = True
+
+    def begin_step(self, step: int) -> int:
+        """Before the step after `step` draws its data; returns the step the run is at (fault tolerance:
+        a peer's, after this replica group recovered live from it)."""
+        return step
+
+    def close(self) -> None:
+        """Release what the engine holds beyond the process group (ft.py: torchft's manager)."""
 
     @property
     def unwrapped(self) -> nn.Module:

@@ -1,0 +1,89 @@
+"""Test and bench driver run in place of pretrain/main.py under engine.fault_tolerance=torchft: the real
+training CLI, plus a record of every step each replica group tried, for the data accounting of
+tests/integration/test_fault_tolerance.py and bench/torchft_failover.py.
+
+Each process appends to ``$FT_RECORD_DIR/group<G>.<pid>.jsonl``, one line per line of its own:
+  {"draw": step, "quorum": Q, "slot": S, "n": N, "keys": [...], "t": time}   before the gradients leave
+  {"done": step, "quorum": Q, "committed": bool, "loss": L, "t": time}       after the quorum's decision
+A step's samples count as consumed when some group committed that (step, quorum): then every slot of
+that quorum's draw is in the averaged gradient. The draw line is written before the cross-group
+all-reduce, so a group killed after contributing has still left its line.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from pretrain import main as pretrain_main  # noqa: E402
+from pretrain.engines.ft import FaultTolerance  # noqa: E402
+from pretrain.trainer import Trainer  # noqa: E402
+
+RECORD = Path(os.environ["FT_RECORD_DIR"]) / f"group{os.environ.get('REPLICA_GROUP_ID', '0')}.{os.getpid()}.jsonl"
+STEP_SLEEP_S = float(os.environ.get("FT_STEP_SLEEP_S", "0"))
+
+
+def _record(line: dict) -> None:
+    with RECORD.open("a") as f:  # one write per line, closed at once: a SIGKILL loses nothing recorded
+        f.write(json.dumps({**line, "t": time.time()}) + "\n")
+
+
+_next_batch, _train_step = Trainer.next_batch, Trainer.train_step
+_reduce = FaultTolerance._reduce_across_groups
+
+
+def next_batch(self: Trainer, batches):
+    batch = _next_batch(self, batches)
+    self.engine.drawn_keys = [*getattr(self.engine, "drawn_keys", []), *batch.keys]
+    return batch
+
+
+def train_step(self: Trainer, batches) -> None:
+    self.engine.drawn_keys = []
+    _train_step(self, batches)
+    time.sleep(STEP_SLEEP_S)  # steps long enough for a test to kill a group between two of them
+
+
+def reduce(self: FaultTolerance, bad: bool) -> bool:
+    m = self.manager
+    step, quorum = m.current_step() + 1, m._quorum_id
+    _record({"draw": step, "quorum": quorum, "slot": m.participating_rank(), "n": self.participants,
+             "keys": list(getattr(self, "drawn_keys", []))})
+    ok = _reduce(self, bad)
+    _record({"done": step, "quorum": quorum, "committed": self.committed})
+    return ok
+
+
+Trainer.next_batch, Trainer.train_step = next_batch, train_step
+FaultTolerance._reduce_across_groups = reduce
+
+if __name__ == "__main__":
+    sys.exit(pretrain_main.main())
+
+
+def account(record_dir: Path) -> dict:
+    """What the committed steps consumed, from every group's record: per committed (step, quorum), the keys
+    of every slot of that quorum. Returns the keys in step order, the committed steps, and the attempts
+    that were not committed."""
+    draws: dict[tuple[int, int], dict[int, list[str]]] = {}
+    committed: dict[int, int] = {}  # step -> the quorum that committed it
+    failed: set[tuple[int, int]] = set()
+    for path in sorted(record_dir.glob("group*.jsonl")):
+        for line in path.read_text().splitlines():
+            rec = json.loads(line)
+            if "draw" in rec:
+                draws.setdefault((rec["draw"], rec["quorum"]), {})[rec["slot"]] = rec["keys"]
+            elif rec["committed"]:
+                if committed.setdefault(rec["done"], rec["quorum"]) != rec["quorum"]:
+                    raise AssertionError(f"step {rec['done']} committed by two quorums")
+            else:
+                failed.add((rec["done"], rec["quorum"]))
+    keys: list[str] = []
+    for step in sorted(committed):
+        slots = draws[(step, committed[step])]
+        keys += [k for slot in sorted(slots) for k in slots[slot]]
+    return {"keys": keys, "steps": sorted(committed), "not_committed": sorted(failed - set(committed.items()))}
