@@ -183,7 +183,7 @@ class TorchFTOptions:
     min_replicas: int = 1  # a step commits only with at least this many groups in its quorum
     lighthouse: str = ""  # http://host:port of torchft's lighthouse ("": $TORCHFT_LIGHTHOUSE, set by cluster.launch)
     timeout_s: float = 10.0  # a collective or recovery transfer across groups that takes longer fails the step
-    quorum_timeout_s: float = 60.0  # the wait for a quorum (start-up: until min_replicas groups have joined)
+    quorum_timeout_s: float = 30.0  # the wait for a quorum; also how long a lost lighthouse takes to stop the run
 
 
 @dataclass

@@ -2,7 +2,8 @@
 training CLI, plus a record of every step each replica group tried, for the data accounting of
 tests/integration/test_fault_tolerance.py and bench/torchft_failover.py.
 
-Each process appends to ``$FT_RECORD_DIR/group<G>.<pid>.jsonl``, one line per line of its own:
+The test sets the pace of the steps (`step_sleep_s`). Each process appends to
+``$FT_RECORD_DIR/group<G>.<pid>.jsonl``:
   {"draw": step, "quorum": Q, "slot": S, "n": N, "keys": [...], "t": time}   before the gradients leave
   {"done": step, "quorum": Q, "committed": bool, "loss": L, "t": time}       after the quorum's decision
 A step's samples count as consumed when some group committed that (step, quorum): then every slot of
@@ -23,17 +24,26 @@ from pretrain import main as pretrain_main  # noqa: E402
 from pretrain.engines.ft import FaultTolerance  # noqa: E402
 from pretrain.trainer import Trainer  # noqa: E402
 
-RECORD = Path(os.environ["FT_RECORD_DIR"]) / f"group{os.environ.get('REPLICA_GROUP_ID', '0')}.{os.getpid()}.jsonl"
-STEP_SLEEP_S = float(os.environ.get("FT_STEP_SLEEP_S", "0"))
 
 
 def _record(line: dict) -> None:
-    with RECORD.open("a") as f:  # one write per line, closed at once: a SIGKILL loses nothing recorded
+    record = Path(os.environ["FT_RECORD_DIR"]) / f"group{os.environ.get('REPLICA_GROUP_ID', '0')}.{os.getpid()}.jsonl"
+    with record.open("a") as f:  # one write per line, closed at once: a SIGKILL loses nothing recorded
         f.write(json.dumps({**line, "t": time.time()}) + "\n")
 
 
 _next_batch, _train_step = Trainer.next_batch, Trainer.train_step
 _reduce = FaultTolerance._reduce_across_groups
+
+
+def step_sleep_s() -> float:
+    """Steps long enough for a test to kill a group between two of them, or to have a replacement join
+    before the run ends: ``$FT_RECORD_DIR/step_sleep_s`` when the test has written it, else $FT_STEP_SLEEP_S."""
+    pace = Path(os.environ["FT_RECORD_DIR"]) / "step_sleep_s"
+    try:
+        return float(pace.read_text())
+    except (OSError, ValueError):
+        return float(os.environ.get("FT_STEP_SLEEP_S", "0"))
 
 
 def next_batch(self: Trainer, batches):
@@ -45,7 +55,7 @@ def next_batch(self: Trainer, batches):
 def train_step(self: Trainer, batches) -> None:
     self.engine.drawn_keys = []
     _train_step(self, batches)
-    time.sleep(STEP_SLEEP_S)  # steps long enough for a test to kill a group between two of them
+    time.sleep(step_sleep_s())
 
 
 def reduce(self: FaultTolerance, bad: bool) -> bool:
@@ -58,11 +68,6 @@ def reduce(self: FaultTolerance, bad: bool) -> bool:
     return ok
 
 
-Trainer.next_batch, Trainer.train_step = next_batch, train_step
-FaultTolerance._reduce_across_groups = reduce
-
-if __name__ == "__main__":
-    sys.exit(pretrain_main.main())
 
 
 def account(record_dir: Path) -> dict:
@@ -87,3 +92,9 @@ def account(record_dir: Path) -> dict:
         slots = draws[(step, committed[step])]
         keys += [k for slot in sorted(slots) for k in slots[slot]]
     return {"keys": keys, "steps": sorted(committed), "not_committed": sorted(failed - set(committed.items()))}
+
+
+if __name__ == "__main__":
+    Trainer.next_batch, Trainer.train_step = next_batch, train_step
+    FaultTolerance._reduce_across_groups = reduce
+    sys.exit(pretrain_main.main())
