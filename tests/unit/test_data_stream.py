@@ -239,3 +239,52 @@ def test_resampled_mode_runs_and_refuses_an_exact_state(dataset):
     assert all(len(b) == 5 for b in batches) and loader.state_dict()["epoch_mode"] == "resampled"
     with pytest.raises(DataSpecError, match="epoch_mode"):
         _loader(dataset).load_state_dict(loader.state_dict())
+
+
+def test_replica_groups_leaving_and_joining_consume_each_sample_once(dataset):
+    """Fault-tolerant training's use of the loader (pretrain/engines/ft.py): live iterators re-laid out over
+    each step's quorum, a step that is not committed rewound on every group, a group that joins continuing
+    from a peer's position. What the committed steps drew is each sample once, and every group's position
+    counts exactly that."""
+    groups = {g: _loader(dataset, batch_size=2, num_workers=1) for g in "ABC"}
+    live = {g: iter(loader) for g, loader in groups.items()}
+    keys: list[str] = []
+
+    def layout(members: str) -> None:
+        for slot, g in enumerate(members):
+            groups[g].restart(slot, len(members))
+
+    def step(members: str, commit: bool = True) -> list[str]:
+        drawn = []
+        for g in members:
+            groups[g].mark()
+            drawn += next(live[g]).keys
+        if commit:
+            keys.extend(drawn)
+        else:
+            for g in members:
+                groups[g].rewind()
+        return drawn
+
+    layout("ABC")
+    for _ in range(3):
+        step("ABC")
+    failed = step("ABC", commit=False)  # C died during the step: no update anywhere, its samples go back
+    del live["C"]
+    layout("AB")
+    for _ in range(5):
+        step("AB")
+    groups["C"] = _loader(dataset, batch_size=2, num_workers=1)  # a replacement, recovered from a peer
+    groups["C"].load_position(groups["A"].position())
+    live["C"] = iter(groups["C"])
+    layout("ABC")
+    for _ in range(9):
+        step("ABC")
+    for it in live.values():
+        it.close()
+    positions = [groups[g].position()["sources"][0] for g in "ABC"]
+    assert positions[0] == positions[1] == positions[2]
+    consumed = sum(positions[0]["consumed"][i + 1] - positions[0]["consumed"][i]
+                   for i in range(0, len(positions[0]["consumed"]), 2))
+    assert len(keys) == len(set(keys)) == consumed == 3 * 6 + 5 * 4 + 9 * 6
+    assert positions[0]["epoch"] == 0 and len(failed) == 6
