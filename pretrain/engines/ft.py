@@ -119,8 +119,9 @@ class FaultTolerance:
             raise LighthouseLost(f"torchft quorum failed at step {step + 1} (lighthouse "
                                  f"{self.ft.lighthouse or os.environ.get(LIGHTHOUSE_ENV)} unreachable?): {text}; "
                                  "restart the lighthouse and the run resumes from its last checkpoint") from None
-        if self.healed_step is not None:
-            log.warning("replica group %d recovered live from a peer at step %d", self.group, self.healed_step)
+        if self.healed_step is not None:  # at step 0: every group but the first takes the first one's weights
+            (log.warning if self.healed_step else log.info)(
+                "replica group %d recovered live from a peer at step %d", self.group, self.healed_step)
             step, self.healed_step = self.healed_step, None
         slot, self.participants = self.manager.participating_rank(), self.manager.num_participants()
         layout = ((slot or 0) * self.dist.world_size + self.dist.rank, max(1, self.participants) * self.dist.world_size)
