@@ -160,17 +160,11 @@ class Trainer:
             log.info("nothing to do: %s is already at step %d of %d (raise train.steps, or use a new run.dir)",
                      self.run_dir, self.step, cfg.train.steps)
             return
-        if self.step == 0 and self.eval_inline and cfg.eval.baseline:
-            t0 = time.perf_counter()
-            try:
-                self.evaluate(self._eval_model(), 0, "initial weights")  # the random-init baseline row
-            except RetryInterrupted as e:
-                log.warning("%s: evaluation abandoned", e)
-                self.stop_for_requeue()
-            self.monitor.pause(time.perf_counter() - t0)
         batches = iter(self.loader)
-        self.engine.model.train()
         try:
+            if self.step == 0 and self.eval_inline and cfg.eval.baseline:
+                self.evaluate_baseline()
+            self.engine.model.train()
             while self.step < cfg.train.steps:
                 with self.profiler.step(self.step + 1):
                     self.train_step(batches)
@@ -181,11 +175,17 @@ class Trainer:
                     self.stop(stop)
                 if save_due:  # never a checkpoint of a run on bad data: judged above
                     self.save_and_evaluate()
-        except RetryInterrupted as e:  # an evaluation was waiting on a store that does not answer
+        except RetryInterrupted as e:  # an evaluation was waiting on a store that does not answer (a signal came)
             log.warning("%s: evaluation abandoned", e)
             self.stop_for_requeue()
         self.checkpointer.wait()  # the last checkpoint is published before the run says it is done
         log.info("done: %d steps, run dir %s", self.step, self.run_dir)
+
+    def evaluate_baseline(self) -> None:
+        """The random-init row of the evaluation records (step 0), paused out of img/s."""
+        t0 = time.perf_counter()
+        self.evaluate(self._eval_model(), 0, "initial weights")
+        self.monitor.pause(time.perf_counter() - t0)
 
     def stop(self, stop: Stop) -> None:
         """The boundary's decision, taken alike on every rank: requeue (checkpoint, exit 75) or raise its line."""
