@@ -34,7 +34,7 @@ def _code_version() -> str:
 
 class Trainer:
     def __init__(self, cfg: DictConfig, config_source: str = "config", local_rank: int | None = None) -> None:
-        self.cfg = cfg
+        self.cfg = cfg = build.replica_group_run_dir(cfg)
         self.dist = init_distributed(cfg.train.device, cfg.engine.backend, local_rank)
         self.lease = None
         try:
@@ -73,7 +73,7 @@ class Trainer:
         torch.manual_seed(cfg.train.seed + 1000 * (self.dist.rank + 1))
         n_params = sum(p.numel() for p in model.parameters())
         self.loader = build.build_train_loader(cfg, self.dist, self.micro_batch_size, storage)
-        self.engine = build.build_train_engine(cfg, model, self.dist, config_source)
+        self.engine = build.build_train_engine(cfg, model, self.dist, config_source, loader=self.loader)
         self.loss_fn = build.build_train_loss(cfg)
         self.guard = build.build_loss_guard(cfg)
         self.to_device = build.build_batch_to_device(cfg, self.dist)
@@ -168,6 +168,8 @@ class Trainer:
             while self.step < cfg.train.steps:
                 with self.profiler.step(self.step + 1):
                     self.train_step(batches)
+                if not self.engine.committed:  # torchft dropped the step: no boundary, it is done again
+                    continue
                 # ---- step boundary: weights, schedule and data position agree on self.step here
                 save_due = itstime(self.step, cfg.checkpoint.every_steps, cfg.train.steps) or self.checkpoint_time_due()
                 health_due = save_due or itstime(self.step, cfg.train.log_every, cfg.train.steps)
@@ -210,6 +212,7 @@ class Trainer:
         A step whose wait for data a preemption signal ended (`next_batch`) is vetoed in the guard's
         all-reduce and dropped on every rank before any update: weights, schedule, data position and RNG
         stay those of the step boundary before it, which the trainer then saves."""
+        self.step = self.engine.begin_step(self.step)  # fault tolerance: the quorum, or a peer's step after recovery
         self.loader.mark()
         rng = capture_rng()
         data_wait, losses, pending, bad = 0.0, [], [], None
@@ -236,13 +239,17 @@ class Trainer:
             log.warning("step %d dropped: %s; saving step %d", self.step + 1, bad, self.step)
             return
         lr = self.engine.lr  # the rate this update uses; step() advances the schedule
+        grad_norm = self.engine.step() if bad is None else self.engine.skip_step()
+        if not self.engine.committed:  # a replica group failed during the step: done again, same samples
+            self.loader.rewind()
+            restore_rng(rng)
+            log.warning("step %d not committed (a replica group failed during it): done again", self.step + 1)
+            return
         if bad is None:
-            grad_norm = self.engine.step()
             engine = self.engine
             self.monitor.step(self.step + 1, torch.stack(losses).mean(), grad_norm, lr, data_wait,
                               loss_scale=lambda: engine.loss_scale)  # read on log steps only (a host sync)
         else:
-            self.engine.skip_step()
             self.monitor.skipped_step(self.step + 1)
         self.guard.end_step(self.step + 1, bad)
         self.step += 1
@@ -265,6 +272,8 @@ class Trainer:
         except Exception as e:  # noqa: BLE001 -- the error that ended the run matters more
             log.error("the checkpoint being written when the run stopped was not saved: %s", e)
         self.monitor.close()
+        if getattr(self, "engine", None) is not None:
+            self.engine.close()
         interrupt_retries_when(None)
         if self.lease is not None:
             self.lease.release()
