@@ -25,37 +25,29 @@ from pretrain.engines.ft import FaultTolerance  # noqa: E402
 from pretrain.trainer import Trainer  # noqa: E402
 
 
-
 def _record(line: dict) -> None:
     record = Path(os.environ["FT_RECORD_DIR"]) / f"group{os.environ.get('REPLICA_GROUP_ID', '0')}.{os.getpid()}.jsonl"
     with record.open("a") as f:  # one write per line, closed at once: a SIGKILL loses nothing recorded
         f.write(json.dumps({**line, "t": time.time()}) + "\n")
 
 
-_next_batch, _train_step = Trainer.next_batch, Trainer.train_step
+_train_step = Trainer.train_step
 _reduce = FaultTolerance._reduce_across_groups
 
 
-def step_sleep_s() -> float:
-    """Steps long enough for a test to kill a group between two of them, or to have a replacement join
-    before the run ends: ``$FT_RECORD_DIR/step_sleep_s`` when the test has written it, else $FT_STEP_SLEEP_S."""
-    pace = Path(os.environ["FT_RECORD_DIR"]) / "step_sleep_s"
-    try:
-        return float(pace.read_text())
-    except (OSError, ValueError):
-        return float(os.environ.get("FT_STEP_SLEEP_S", "0"))
+class Drawn:
+    """The trainer's batch iterator, noting the keys of every batch the step draws on the engine."""
 
+    def __init__(self, batches, engine) -> None:
+        self.batches, self.engine = batches, engine
 
-def next_batch(self: Trainer, batches):
-    batch = _next_batch(self, batches)
-    self.engine.drawn_keys = [*getattr(self.engine, "drawn_keys", []), *batch.keys]
-    return batch
+    def __iter__(self):
+        return self
 
-
-def train_step(self: Trainer, batches) -> None:
-    self.engine.drawn_keys = []
-    _train_step(self, batches)
-    time.sleep(step_sleep_s())
+    def __next__(self):
+        batch = next(self.batches)
+        self.engine.drawn_keys = [*getattr(self.engine, "drawn_keys", []), *batch.keys]
+        return batch
 
 
 def reduce(self: FaultTolerance, bad: bool) -> bool:
@@ -68,6 +60,20 @@ def reduce(self: FaultTolerance, bad: bool) -> bool:
     return ok
 
 
+def step_sleep_s() -> float:
+    """Steps long enough for a test to kill a group between two of them, or to have a replacement join
+    before the run ends: ``$FT_RECORD_DIR/step_sleep_s`` when the test has written it, else $FT_STEP_SLEEP_S."""
+    pace = Path(os.environ["FT_RECORD_DIR"]) / "step_sleep_s"
+    try:
+        return float(pace.read_text())
+    except (OSError, ValueError):
+        return float(os.environ.get("FT_STEP_SLEEP_S", "0"))
+
+
+def train_step(self: Trainer, batches) -> None:
+    self.engine.drawn_keys = []
+    _train_step(self, Drawn(batches, self.engine))
+    time.sleep(step_sleep_s())
 
 
 def account(record_dir: Path) -> dict:
@@ -95,6 +101,6 @@ def account(record_dir: Path) -> dict:
 
 
 if __name__ == "__main__":
-    Trainer.next_batch, Trainer.train_step = next_batch, train_step
+    Trainer.train_step = train_step
     FaultTolerance._reduce_across_groups = reduce
     sys.exit(pretrain_main.main())
