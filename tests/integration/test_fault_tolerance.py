@@ -168,16 +168,21 @@ def test_group_killed_survivors_go_on_and_a_replacement_recovers_live(tmp_path, 
           f"attempts not committed: {len(record['not_committed'])}")
 
 
+def latest_step(run_dir: Path) -> int:
+    return max(int(p.name.split("_")[1]) for p in run_dir.glob("replica_*/checkpoints/step_*"))
+
+
 def test_lighthouse_lost_stops_in_one_line_and_the_run_resumes(tmp_path, env):
+    """Through `python -m cluster.launch` (lighthouse and groups) running pretrain/main.py itself."""
     spec, _ = write_data(tmp_path / "data")
-    steps, groups = 24, 2
-    args = train_args(tmp_path / "run", spec, steps, groups, 2, every=4)
-    c = Cluster(tmp_path, {**env, "FT_STEP_SLEEP_S": "0"})
+    groups, run_dir = 2, tmp_path / "run"
+    args = train_args(run_dir, spec, 1500, groups, 2, every=50)  # long enough to lose the lighthouse mid-run
+    c = Cluster(tmp_path, env)
     try:
         c.lighthouse()
         logs = [c.group_launch(f"g{g}", g, args) for g in range(groups)]
-        first = tmp_path / "run/replica_0/checkpoints/step_0000004"
-        wait_until(first.exists, 180, "a checkpoint", logs, [p for p, _ in c.procs.values()])
+        saved = [run_dir / f"replica_{g}/checkpoints/step_0000050" for g in range(groups)]
+        wait_until(lambda: all(p.exists() for p in saved), 180, "a checkpoint", logs, [p for p, _ in c.procs.values()])
         c.kill("lighthouse")
         killed = time.time()
         codes = [c.procs[f"g{g}"][0].wait(timeout=120) for g in range(groups)]
@@ -188,7 +193,9 @@ def test_lighthouse_lost_stops_in_one_line_and_the_run_resumes(tmp_path, env):
             assert code == 2 and len(errors) == 1, out[-3000:]
             assert "torchft quorum failed" in errors[0] and "lighthouse" in errors[0], errors
             assert "Traceback" not in out, out[-3000:]
+        steps = latest_step(run_dir) + 6  # a few steps past the newest checkpoint
         c.lighthouse("lighthouse2")
+        args = train_args(run_dir, spec, steps, groups, 2, every=50)
         logs = [c.group_launch(f"g{g}_again", g, args) for g in range(groups)]
         for g in range(groups):
             proc, log = c.procs[f"g{g}_again"]
