@@ -72,7 +72,9 @@ class Plan:
 
 
 def plan_from(args: argparse.Namespace, env: dict[str, str]) -> Plan:
-    nodelist = args.nodelist or env.get("SLURM_JOB_NODELIST") or "localhost"
+    # A replica group (torchft) is a job step of its own: its nodes are the step's, not the whole job's.
+    step_nodes = env.get("SLURM_STEP_NODELIST") if args.replica_group is not None else None
+    nodelist = args.nodelist or step_nodes or env.get("SLURM_JOB_NODELIST") or "localhost"
     hosts = expand_hostlist(nodelist)
     job_id = env.get("SLURM_JOB_ID", "local")
     cpus = args.cpus_per_node or int(env.get("SLURM_CPUS_ON_NODE", "0") or 0) or None
