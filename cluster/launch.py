@@ -240,6 +240,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dry-run", action="store_true", help="print every node's command and exit")
     args = p.parse_args(ours)
     if args.torchft_lighthouse:
+        if args.dry_run:
+            print(f"# torchft lighthouse on port {args.lighthouse_port}, min replicas {args.min_replicas}, "
+                  f"join timeout {args.join_timeout_ms} ms")
+            return 0
         return run_lighthouse(args.lighthouse_port, args.min_replicas, args.join_timeout_ms)
     try:
         plan = plan_from(args, dict(os.environ))
