@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from functools import partial
 from typing import Any, Callable
 
@@ -18,6 +19,7 @@ from data_pipeline.stream.eval_stream import eval_batches
 from data_pipeline.image.gpu_decode import CropPlanner, gpu_decode_available
 from data_pipeline.stream.sources import DataSource
 from data_pipeline.storage import Storage
+from data_pipeline.storage.cache import ShardCache
 from data_pipeline.stream.train_loader import TrainLoader
 from data_pipeline.image.transforms import TrainTransform, partial_decode_missing
 
@@ -241,6 +243,21 @@ def build_storage(cfg: DictConfig) -> Storage:
                    retries=st.retries, backoff_s=st.backoff_s, give_up_after_s=st.give_up_after_s)
 
 
+def build_shard_cache(cfg: DictConfig) -> ShardCache | None:
+    """The node-local shard cache of ``data.cache`` (None: off); ``max_bytes`` 0 takes 90% of the disk's free space."""
+    c = cfg.data.cache
+    if not c.dir:
+        return None
+    path = c.dir[len("file://"):] if c.dir.startswith("file://") else c.dir
+    try:
+        os.makedirs(path, exist_ok=True)
+        free = shutil.disk_usage(path).free
+    except OSError as exn:
+        raise DataSpecError(f"data.cache.dir {c.dir!r} cannot be used ({exn.strerror or exn}): set it to a "
+                            f"writable directory on the node's local disk, or '' to turn the cache off") from None
+    return ShardCache(path, int(c.max_bytes) or int(0.9 * free))
+
+
 def build_train_loader(cfg: DictConfig, dist_info: DistInfo, batch_size: int, storage: Storage) -> TrainLoader:
     d = cfg.data
     a = d.augment
@@ -261,7 +278,7 @@ def build_train_loader(cfg: DictConfig, dist_info: DistInfo, batch_size: int, st
         return TrainLoader(sources, batch_size=batch_size, transform=transform, seed=cfg.train.seed,
                            rank=dist_info.rank, world_size=dist_info.world_size, num_workers=d.num_workers,
                            shuffle_buffer=d.shuffle_buffer, pin_memory=dist_info.device.type == "cuda",
-                           epoch_mode=d.epoch_mode, storage=storage, label=d.label)
+                           epoch_mode=d.epoch_mode, storage=storage, label=d.label, cache=build_shard_cache(cfg))
     except DataSpecError as exc:
         where = "data.sources" if d.sources else "data.train"
         raise type(exc)(f"{where}: {exc}; set {where} to your shards' manifest (.json)") from None

@@ -87,6 +87,14 @@ class StorageConfig:
 
 
 @dataclass
+class CacheConfig:
+    # The node-local shard cache: remote shards are written once per node to `dir` (a local disk; "" = off)
+    # and read from there by the node's ranks and workers in later epochs, restarts and resumes.
+    dir: str = ""
+    max_bytes: int = 0  # at most this many bytes; 0 = 90% of the disk's free space when the run starts
+
+
+@dataclass
 class DataConfig:
     # `demo` generates the synthetic shapes set and the digits downstream set under `root` on first
     # use; `none` expects `train`/`val` to exist already.
@@ -113,6 +121,7 @@ class DataConfig:
     # there in batches (nvJPEG via torchvision), falling back to cpu with one warning where unavailable.
     decode: str = "cpu"
     storage: StorageConfig = field(default_factory=StorageConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
     # Corrupt or unreadable samples are skipped and counted; above this fraction the run stops,
     # because a silently shrinking data set is worse than a clear failure.
     max_skip_fraction: float = 0.01
@@ -497,6 +506,9 @@ RULES: dict[str, Rule] = {
     "data.storage.retries": within(0, 100),  # more would retry a dead store for hours: a hang
     "data.storage.backoff_s": within(0, 300),
     "data.storage.give_up_after_s": within(0, 7 * 86400, lo_open=True),
+    "data.cache.dir": Rule(lambda v: isinstance(v, str) and ("://" not in v or v.startswith("file://")),
+                           "'' (off) or a directory on the node's local disk (no URL)"),
+    "data.cache.max_bytes": COUNT,
     "data.max_skip_fraction": FRACTION,
     "data.label": Rule(lambda v: isinstance(v, str) and (v in ("cls", "txt") or bool(re.match(r"^json:\S+$", v))),
                        "cls, txt or json:FIELD"),

@@ -132,6 +132,17 @@ class ShardUrls(Sequence[str]):
         t, k = self.locate(int(i))
         return self.tables[t].url(k)
 
+    def size(self, i: int) -> int:
+        """Bytes of shard ``i`` as its manifest gives them (-1: unknown)."""
+        t, k = self.locate(int(i))
+        return int(self.tables[t].sizes[k])
+
+    def sha256(self, i: int) -> str:
+        """The manifest's sha256 of shard ``i`` in hex ("" when its manifest has none)."""
+        t, k = self.locate(int(i))
+        sha = self.tables[t].sha256
+        return sha[k].tobytes().hex() if sha is not None else ""
+
     def __iter__(self) -> Iterator[str]:
         for t in self.tables:
             for k in range(len(t)):
