@@ -47,10 +47,11 @@ _FULL_MARK = "cache-disk-full"  # created (O_EXCL) by the process that warns, so
 
 
 class CachedShard:
-    """An open, share-locked local copy of a shard: ``read(start, stop)`` is one ``pread``."""
+    """An open, share-locked local copy of a shard: ``read(start, stop)`` is one ``pread``. ``in_place``: a
+    local shard opened where it is (not a copy, not locked)."""
 
-    def __init__(self, fd: int, path: str) -> None:
-        self.fd, self.path = fd, path
+    def __init__(self, fd: int, path: str, in_place: bool = False) -> None:
+        self.fd, self.path, self.in_place = fd, path, in_place
 
     def read(self, start: int, stop: int) -> bytes:
         return os.pread(self.fd, stop - start, start)

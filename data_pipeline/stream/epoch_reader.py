@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import bisect
 import logging
+import os
 from collections import OrderedDict
 from typing import Any, Iterable, Sequence
 
 from data_pipeline.shards.offsets import ListOffsets, ShardOffsets
 from data_pipeline.shards.tar_read import ShardSamples, error_marker, parse_sample
+from fsspec.core import split_protocol
+
 from data_pipeline.storage import Storage, read_range
+from data_pipeline.storage.retry import is_local
 from data_pipeline.storage.cache import CachedShard, ShardCache
 from data_pipeline.stream.plan import EpochPlan
 
@@ -25,14 +29,13 @@ log = logging.getLogger(__name__)
 OFFSETS_MISMATCH = ("the manifest's offsets do not match the shard (no tar sample at a sample's offset); rebuild "
                     "the manifest with python -m data_pipeline.index '<shards>' --out <manifest.json>")
 _MAX_RUN_BYTES = 64 << 20  # one range request reads at most this much (more samples: more requests)
-
-
 _OPEN_COPIES = 16  # cached shards a reader keeps open (and share-locked) at once
 
 
 class _Ranges:
-    """Range reads of one source's shards, each read through a retry budget for its shard; with a node
-    cache, from the node's copy of the shard (fetched whole, once per node, on its first use)."""
+    """Range reads of one source's shards: remote ones through a retry budget for the shard, or with a node
+    cache from the node's copy (fetched whole, once per node, on first use); local ones with ``pread`` on a
+    file kept open (an fsspec open per run of samples cost more than the read itself)."""
 
     def __init__(self, urls: Sequence[str], storage: Storage, cache: ShardCache | None = None) -> None:
         self.urls, self.storage, self.cache = urls, storage, cache
@@ -46,9 +49,18 @@ class _Ranges:
             if copy is not None:
                 self._open.move_to_end(shard)
             return copy
-        size = self.urls.size(shard) if hasattr(self.urls, "size") else -1
-        sha = self.urls.sha256(shard) if hasattr(self.urls, "sha256") else ""
-        copy, read = self.cache.open(self.urls[shard], size, self.storage, sha)
+        url, read = self.urls[shard], 0
+        if is_local(url):  # read in place with pread: no fsspec open per run of samples
+            try:
+                copy = CachedShard(os.open(split_protocol(url)[1], os.O_RDONLY), url, in_place=True)
+            except OSError:
+                copy = None  # read_range's retry layer names what is wrong
+        elif self.cache is not None:
+            size = self.urls.size(shard) if hasattr(self.urls, "size") else -1
+            sha = self.urls.sha256(shard) if hasattr(self.urls, "sha256") else ""
+            copy, read = self.cache.open(url, size, self.storage, sha)
+        else:
+            copy = None
         self.bytes_read += read
         self._copies[shard] = copy
         if copy is not None:
@@ -59,9 +71,12 @@ class _Ranges:
         return copy
 
     def read(self, shard: int, start: int, stop: int) -> bytes:
-        copy = self._copy(shard) if self.cache is not None else None
+        copy = self._copy(shard)
         if copy is not None:
-            return copy.read(start, stop)
+            data = copy.read(start, stop)
+            if copy.in_place:  # a local shard: its bytes are read from storage
+                self.bytes_read += len(data)
+            return data
         data, read = read_range(self.storage, self.urls[shard], start, stop)
         self.bytes_read += read
         return data
