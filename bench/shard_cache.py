@@ -36,12 +36,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from data_peers import _stub_torchvision, make_jpegs, pil_crop_flip  # noqa: E402
+from data_peers import DEFAULT_PEERS_PY, _stub_torchvision, make_jpegs, pil_crop_flip  # noqa: E402
 
 BATCH, WORKERS, SIZE = 32, 2, 224
 PER_SHARD = 32
 CONTENDERS = ("ours_nocache", "ours_cache", "mds", "litdata")
-DEFAULT_PEERS_PY = "/tmp/venv-peers/bin/python"
 
 
 # ---------------------------------------------------------------- the S3 server, counting what it sends
