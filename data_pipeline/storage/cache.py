@@ -247,6 +247,9 @@ class ShardCache:
                     continue
                 try:
                     st = e.stat()
+                    if ".tmp." in e.name and time.time() - st.st_mtime > _STALE_S:
+                        os.unlink(e.path)  # the download of a process that died: written to no more
+                        continue
                 except FileNotFoundError:
                     continue
                 total += st.st_size  # copies and downloads in flight

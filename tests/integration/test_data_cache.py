@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import subprocess
+import time
 
 import numpy as np
 import pytest
@@ -57,7 +58,7 @@ def _copies(d) -> list[str]:
 
 
 def _rank(spec, endpoint, cache_dir, rank, out):
-    loader = _loader(spec, endpoint, ShardCache(cache_dir, 1 << 30), workers=1, rank=rank, world=2)
+    loader = _loader(spec, endpoint, ShardCache(cache_dir, 1 << 30), rank=rank, world=2)
     keys, read = _take(loader, N // 2 // BATCH)
     out.put((rank, keys, read))
 
@@ -201,3 +202,24 @@ def test_a_full_cache_disk_is_one_warning_and_the_run_streams_on(tmp_path, s3_se
     assert len(full) == 1 and str(small_disk) in full[0]
     assert 0 < len(_copies(small_disk / "c")) < N // PER_SHARD  # what fitted is cached; the rest streamed
     assert read <= plain_read * 1.05
+
+
+def test_a_dead_process_download_is_cleared_and_its_lock_taken_over(tmp_path, s3_server):
+    spec, _ = _upload(tmp_path, s3_server)
+    from data_pipeline.shards.manifest import read_index  # noqa: PLC0415
+
+    table = read_index(spec, Storage(s3_endpoint=s3_server.endpoint)).table
+    url, size = table.url(0), int(table.sizes[0])
+    cache = ShardCache(str(tmp_path / "cache"), 2 * size)
+    os.makedirs(cache.dir)
+    dead = cache.path(table.url(1)) + ".tmp.otherhost.1234"  # a download cut short by a crash
+    with open(dead, "wb") as f:
+        f.write(b"\0" * 2 * size)  # as big as the whole cache
+    lock = cache.path(url) + ".lock"  # and a lock its process never removed
+    open(lock, "w").close()
+    old = time.time() - 120
+    os.utime(dead, (old, old))
+    os.utime(lock, (old, old))
+    copy, read = cache.open(url, size, Storage(s3_endpoint=s3_server.endpoint))
+    assert copy is not None and read == size and not os.path.exists(dead) and not os.path.exists(lock)
+    copy.close()
