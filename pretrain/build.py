@@ -100,13 +100,25 @@ def resolve_num_classes(cfg: DictConfig, storage: Storage, where: str) -> DictCo
     return resolved
 
 
-# bench/results/cpu_precision.json: one Mixer-S/32 training step at batch 16 on a 2-core CPU.
-CPU_BF16_COST = "about 10x the fp32 step time on a CPU (Mixer-S/32 at batch 16: 12 s per step in bf16 against 1.2 s)"
+# bench/results/cpu_precision_{amx,avx2}.json: one Mixer-S/32 training step at batch 16 on a 2-core Xeon, with
+# its AMX / AVX512-BF16 and restricted to AVX2 (what a CPU without native bf16 runs).
+CPU_BF16_COST = "about 20x the fp32 step time (Mixer-S/32 at batch 16: 122 s per step against 6 s)"
+
+
+def cpu_native_bf16() -> bool:
+    """Whether this CPU runs bf16 natively (AVX512-BF16 or AMX, and torch's kernels not held to AVX2 by
+    ATEN_CPU_CAPABILITY): there bf16 autocast is not slower than fp32."""
+    try:
+        native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    except AttributeError:  # a torch without the probes: assume the common case, no native bf16
+        return False
+    return bool(native) and torch.backends.cpu.get_cpu_capability() == "AVX512"
 
 
 def auto_precision(device: torch.device | str) -> tuple[str, str]:
     """What `train.precision: auto` stands for on `device`, and why. A CUDA device not visible here (an
-    estimate made for GPUs on a machine without one) is taken to be one with bf16 (Ampere or newer)."""
+    estimate made for GPUs on a machine without one) is taken to be one with bf16 (Ampere or newer).
+    A CPU gets fp32 everywhere, so that a config gives the same numbers on every CPU."""
     device = torch.device(device)
     if device.type == "cuda":
         if not torch.cuda.is_available():
@@ -114,18 +126,22 @@ def auto_precision(device: torch.device | str) -> tuple[str, str]:
         if torch.cuda.is_bf16_supported():
             return "bf16", f"{torch.cuda.get_device_name(device)} runs bf16 on its tensor cores"
         return "fp32", f"{torch.cuda.get_device_name(device)} has no fast bf16"
-    return "fp32", f"bf16 autocast on a {device.type} costs {CPU_BF16_COST}"
+    if device.type == "cpu" and cpu_native_bf16():
+        return "fp32", "the CPU default; this CPU has AVX512-BF16/AMX, where train.precision=bf16 is faster"
+    return "fp32", f"the CPU default; bf16 autocast on a CPU without AVX512-BF16 or AMX costs {CPU_BF16_COST}"
 
 
 def resolve_precision(cfg: DictConfig, device: torch.device | str, where: str = "config",
                       announce: bool = True) -> DictConfig:
     """The config with train.precision a dtype (fp32, bf16, fp16): `auto` becomes what `device` runs fast,
-    logged once (``announce``: rank 0); an explicit bf16/fp16 on a CPU stays, with one warning of its cost."""
+    logged once (``announce``: rank 0); an explicit bf16/fp16 on a CPU without native bf16 stays, with one
+    warning of its cost."""
     chosen, device = cfg.train.precision, torch.device(device)
     if chosen != "auto":
-        if announce and chosen in ("bf16", "fp16") and device.type == "cpu":
-            log.warning("%s: 'train.precision' is %s on a CPU: autocast there costs %s; set train.precision=auto "
-                        "(fp32 here) unless you mean to test %s", where, chosen, CPU_BF16_COST, chosen)
+        if announce and chosen in ("bf16", "fp16") and device.type == "cpu" and not cpu_native_bf16():
+            log.warning("%s: 'train.precision' is %s on a CPU without AVX512-BF16 or AMX, where autocast costs %s; "
+                        "set train.precision=auto (fp32 here) unless you mean to test %s", where, chosen,
+                        CPU_BF16_COST, chosen)
         return cfg
     precision, why = auto_precision(device)
     if announce:
@@ -239,7 +255,7 @@ def memory_report(cfg: DictConfig, world_size: int, where: str, device_type: str
             where_ = (f"a {have_bytes / GIB:.0f} GiB GPU ({'given' if gpu_memory_gib else 'assumed: no GPU here'}; "
                       "--gpu-memory-gib sets it)")
         have = MachineMemory(have_bytes, have_bytes, "GPU memory")
-    share = f"{need / GIB:.2f} GiB per rank against {where_}"
+    share = f"{need / GIB:.2f} GiB per {'rank' if device_type == 'cpu' else 'device'} against {where_}"
     if need <= have.available:
         verdict = f"fits: {share} ({need / max(1, have.available):.0%})"
     else:

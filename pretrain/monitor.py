@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import resource
+import secrets
 import shutil
 import sys
 import tempfile
@@ -147,7 +148,7 @@ class WandbWriter:
         if fs.exists(id_path):
             run_id = fs.cat_file(id_path).decode().strip()
         else:
-            run_id = wandb.util.generate_id()
+            run_id = secrets.token_hex(6)  # W&B run ids: letters and digits
             fs.makedirs(root, exist_ok=True)
             write_atomic(fs, id_path, run_id.encode())
         local = isinstance(fs, LocalFileSystem)
@@ -313,10 +314,12 @@ class Monitor:
         loss = f"final loss {self.last_loss:.4f}" if self.last_loss is not None else "no step logged"
         resumed = f" (this run from step {start_step})" if start_step else ""
         lines = [f"done: {step} steps{resumed} in {wall}, {loss}"]
+        where = [f"checkpoints {self.run_dir}/checkpoints"]
         if self.last_eval is not None:
             lines.append(f"last evaluation (step {self.last_eval['step']}): {headline(self.last_eval)}")
-        where = [f"checkpoints {self.run_dir}/checkpoints", f"evaluations {self.run_dir}/eval/results.jsonl",
-                 f"TensorBoard: tensorboard --logdir {self.run_dir}/tb"]
+            where.append(f"evaluations {self.run_dir}/eval/results.jsonl (python -m pretrain.evaluate {self.run_dir} "
+                         "--summary)")
+        where.append(f"TensorBoard: tensorboard --logdir {self.run_dir}/tb")
         if self.wandb is not None:
             where.append(f"W&B: {self.wandb.run.url or self.wandb.run.dir}")
         lines.append("records: " + "; ".join(where))

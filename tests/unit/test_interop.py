@@ -178,8 +178,8 @@ def test_against_real_timm_model_when_importable():
         import timm
     except Exception as e:  # the CPU build here cannot import torchvision, which timm needs
         pytest.skip(f"timm not importable: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-    reference = timm.create_model("mixer_b16_224", pretrained=False, num_classes=CLASSES,
-                                  img_size=32, patch_size=PATCH, num_blocks=BLOCKS, embed_dim=WIDTH).eval()
+    from timm.models.mlp_mixer import MlpMixer  # the registered variants fix patch_size: the class takes any
+    reference = MlpMixer(num_classes=CLASSES, img_size=32, patch_size=PATCH, num_blocks=BLOCKS, embed_dim=WIDTH).eval()
     sd = _random_timm_state_dict()
     reference.load_state_dict(sd)
     ours = load_pretrained(_model(), reference.state_dict())
