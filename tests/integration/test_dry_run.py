@@ -29,8 +29,8 @@ def test_dry_run_takes_one_step_writes_nothing_and_measures_the_estimate(tmp_pat
     assert re.fullmatch(r"dry run: built in [\d.]+s; one step of 1 x 32 x 1 images in [\d.]+s \(its data loading "
                         r"included\), loss \d+\.\d{4}; nothing was written", done), done
     m = re.fullmatch(r"memory: estimate ([\d.]+) GiB \(model states and activations [\d.]+ GiB \+ runtime "
-                     r"[\d.]+ GiB\), measured peak ([\d.]+) GiB \(this process's peak RSS\); not exercised by one step: data workers "
-                     r"[\d.]+ GiB, checkpoint copies [\d.]+ GiB \((\d+)% of the estimate\)", memory)
+                     r"[\d.]+ GiB\), measured peak ([\d.]+) GiB \(this process's peak RSS\); not exercised by one "
+                     r"step: data workers [\d.]+ GiB, checkpoint copies [\d.]+ GiB \((\d+)% of the estimate\)", memory)
     assert m, memory
     assert 0.3 < float(m.group(2)) / float(m.group(1)) < 3  # the same order: an estimate, measured
     assert not (tmp_path / "run").exists() and files_under(tmp_path) == []  # no run dir, lease, TB, W&B, profile

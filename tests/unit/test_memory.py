@@ -170,5 +170,6 @@ def test_estimate_is_for_the_command_lines_run_and_ends_with_a_verdict(capsys):
     line, verdict = capsys.readouterr().out.strip().splitlines()
     assert "micro batch 512 x 1, cuda: " in line  # 4096 over 8 ranks
     assert "activations 4.58," in line  # bf16 (auto on a GPU with bf16): half of fp32's 9.09
-    assert verdict.startswith("verdict: does not fit: ") and "GiB per device against a 2 GiB GPU (given; --gpu-memory-gib" in verdict
+    assert verdict.startswith("verdict: does not fit: ")
+    assert "GiB per device against a 2 GiB GPU (given; --gpu-memory-gib sets it)" in verdict
     assert "a smaller train.micro_batch_size" in verdict, verdict
