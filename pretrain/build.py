@@ -102,7 +102,7 @@ def resolve_num_classes(cfg: DictConfig, storage: Storage, where: str) -> DictCo
 
 # bench/results/cpu_precision_{amx,avx2}.json: one Mixer-S/32 training step at batch 16 on a 2-core Xeon, with
 # its AMX / AVX512-BF16 and restricted to AVX2 (what a CPU without native bf16 runs).
-CPU_BF16_COST = "about 20x the fp32 step time (Mixer-S/32 at batch 16: 122 s per step against 6 s)"
+CPU_BF16_COST = "10 to 20x the fp32 step time (Mixer-S/32 at batch 16: 122 to 216 s per step against 6 to 16 s)"
 
 
 def cpu_native_bf16() -> bool:

@@ -50,7 +50,7 @@ def test_explicit_bf16_on_a_cpu_without_native_bf16_warns_once(tmp_path, demo_ro
     r = dry_run(tmp_path, demo_root, "train.precision=bf16", env=avx2)
     assert r.returncode == 0, r.stderr[-3000:]
     warnings = [line for line in r.stderr.splitlines() if "'train.precision' is bf16" in line]
-    assert len(warnings) == 1 and "on a CPU without AVX512-BF16 or AMX, where autocast costs about 20x" in warnings[0]
+    assert len(warnings) == 1 and "on a CPU without AVX512-BF16 or AMX, where autocast costs 10 to 20x" in warnings[0]
     assert "set train.precision=auto (fp32 here)" in warnings[0]
     r = dry_run(tmp_path, demo_root, "train.precision=auto", env=avx2)
     assert r.returncode == 0 and "precision fp32 (train.precision auto: the CPU default" in r.stderr, r.stderr[-2000:]
