@@ -1,13 +1,15 @@
 """Shard writer CLI: image folder / list file / existing shards -> webdataset shards + manifest, any fsspec URL.
 
     python -m data_pipeline.write --folder /data/imagenet/train --out s3://bucket/in1k/train \\
-        --prefix train --shard-mb 256 --resize 256 --quality 90 --processes 16 --shuffle-seed 0
+        --prefix train --shard-mb 256 --resize 256 --quality 90 --processes 16
     python -m data_pipeline.write --list files.tsv --out /data/shards --samples-per-shard 1000
     python -m data_pipeline.write --shards '/old/train-{000000..000099}.tar' --out /new --shard-mb 512
 
 Each process writes whole shards (tmp name, renamed when complete); the manifest ``{prefix}.json``
 (shards, sample counts, sha256, classes) is written last, and the reader uses it for exact epochs.
-Shuffling the samples here (``--shuffle-seed``) matters: the reader shuffles within a window only.
+The samples are shuffled before sharding (seeded: ``--shuffle-seed``, default 0; ``--no-shuffle`` keeps the
+input's order): the reader shuffles within a window only, so shards in class order would give each window
+a few classes.
 """
 from __future__ import annotations
 
@@ -19,7 +21,8 @@ import posixpath
 import re
 import sys
 import uuid
-from concurrent.futures import ProcessPoolExecutor
+import multiprocessing
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -122,6 +125,20 @@ def _image_bytes(src: object, storage: Storage) -> bytes:
         return f.read()
 
 
+_images_done = None  # a writer process's share of the images-written counter the progress bar shows
+
+
+def _init_worker(counter: object) -> None:
+    global _images_done
+    _images_done = counter
+
+
+def _count_image() -> None:
+    if _images_done is not None:
+        with _images_done.get_lock():
+            _images_done.value += 1
+
+
 def _write_one(args: tuple) -> tuple[dict, int]:
     out_url, name, token, items, resize, quality, storage = args
     fs, root = storage.fs(out_url, own_retries=True)
@@ -129,6 +146,7 @@ def _write_one(args: tuple) -> tuple[dict, int]:
     bad = 0
     try:
         for key, src, label in items:
+            _count_image()
             check_key(key)  # a key webdataset would split stops the write: skipping it would lose samples quietly
             try:
                 shard.write(key, prepare(_image_bytes(src, storage), resize, quality), label)
@@ -157,23 +175,37 @@ def write(items: Sequence[Item], out_url: str, prefix: str, *, storage: Storage,
     token = uuid.uuid4().hex[:8]
     groups = [items[i:i + samples_per_shard] for i in range(0, len(items), samples_per_shard)]
     jobs = [(out_url, f"{prefix}-{i:06d}.tar", token, g, resize, quality, storage) for i, g in enumerate(groups)]
-    shards, bad = [], 0
-    with ProcessPoolExecutor(max(1, processes)) as pool:
-        done = pool.map(_write_one, jobs)
-        if progress:
-            try:
-                from tqdm import tqdm
-
-                done = tqdm(done, total=len(jobs), unit="shard", desc=f"writing {out_url}")
-            except ImportError:
-                pass
-        for entry, n_bad in done:
-            shards.append(entry)
-            bad += n_bad
+    counter = multiprocessing.Value("q", 0)
+    with ProcessPoolExecutor(max(1, processes), initializer=_init_worker, initargs=(counter,)) as pool:
+        futures = [pool.submit(_write_one, job) for job in jobs]
+        _follow(futures, counter, len(items), f"writing {out_url}" if progress else "")
+        results = [f.result() for f in futures]  # in shard order: the manifest lists shards by name
+    shards, bad = [entry for entry, _ in results], sum(n for _, n in results)
     labels = [label for _, _, label in items]
     manifest = make_manifest(shards, classes or None, num_classes=None if classes else max(labels) + 1, skipped=bad)
     publish_manifest(manifest, fs, posixpath.join(root, f"{prefix}.json"))
     return manifest
+
+
+def _follow(futures: list, counter: object, total: int, desc: str) -> None:
+    """Wait for the shards; with ``desc``, a progress bar of images (a shard of 256 MB holds thousands)."""
+    bar = None
+    if desc:
+        try:
+            from tqdm import tqdm
+
+            bar = tqdm(total=total, unit="img", desc=desc)
+        except ImportError:
+            pass
+    pending = set(futures)
+    while pending:
+        finished, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+        if any(f.exception() is not None for f in finished):
+            break  # the caller's result() raises it; the pool's exit cancels the rest
+        if bar is not None:
+            bar.update(counter.value - bar.n)
+    if bar is not None:
+        bar.close()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -189,7 +221,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--resize", type=int, default=None, help="resize the short side down to this many px")
     p.add_argument("--quality", type=int, default=90)
     p.add_argument("--processes", type=int, default=os.cpu_count() or 1)
-    p.add_argument("--shuffle-seed", type=int, default=None, help="shuffle samples before sharding")
+    p.add_argument("--shuffle-seed", type=int, default=0, help="seed of the shuffle before sharding (default 0)")
+    p.add_argument("--no-shuffle", action="store_true", help="keep the input's order (folder: class by class)")
     p.add_argument("--s3-endpoint", default="", help="S3-compatible endpoint (else AWS_ENDPOINT_URL or AWS)")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
@@ -203,7 +236,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             items = items_from_list(a.list, storage)
         else:
             items = list(items_from_shards(a.shards, storage))
-        if a.shuffle_seed is not None:
+        if not a.no_shuffle:
             order = np.random.default_rng(a.shuffle_seed).permutation(len(items))
             items = [items[i] for i in order]
         manifest = write(items, a.out, a.prefix, storage=storage, samples_per_shard=a.samples_per_shard,
