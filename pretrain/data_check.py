@@ -7,12 +7,11 @@ The same check serves the trainer (before the engine is built), `python -m pretr
 """
 from __future__ import annotations
 
-from braceexpand import braceexpand
 from omegaconf import DictConfig
 
 from data_pipeline.errors import DataSpecError
 from data_pipeline.shards.manifest import read_index
-from data_pipeline.shards.spec import spec_parts
+from data_pipeline.shards.spec import resolve_parts, spec_parts
 from data_pipeline.storage import Storage
 from data_pipeline.stream.sources import index_command
 
@@ -60,19 +59,21 @@ def check_path(key: str, spec: str, storage: Storage, where: str) -> None:
     if error is not None:
         raise error
     try:
-        for part in spec_parts(spec):  # each part's first shard: a manifest's, or the pattern's
-            if key.startswith(TRAIN_KEYS) and not part.endswith(".json"):
+        for given in spec_parts(spec):  # each part's first shard: a manifest's, or the pattern's
+            parts = resolve_parts(given, storage)  # a glob or folder that matches nothing stops here
+            if key.startswith(TRAIN_KEYS) and not all(p.endswith(".json") for p in parts):
                 continue  # training needs manifests: the loader says so, with the command that writes one
-            if part.endswith(".json"):  # header and shard table only, as a training rank reads them
-                table = read_index(part, storage).table
-                urls = [table.url(0)] if len(table) else []
-            else:
-                urls = list(braceexpand(part))
-            if not urls:
-                raise DataSpecError(f"{part!r} names no shards")
-            fs, path = storage.fs(urls[0])
-            if not fs.exists(path):
-                raise DataSpecError(f"{urls[0]}: first shard of {part!r} not found")
+            for part in parts if parts[0].endswith(".json") else parts[:1]:
+                if part.endswith(".json"):  # header and shard table only, as a training rank reads them
+                    table = read_index(part, storage).table
+                    urls = [table.url(0)] if len(table) else []
+                else:
+                    urls = [part]
+                if not urls:
+                    raise DataSpecError(f"{part!r} names no shards")
+                fs, path = storage.fs(urls[0])
+                if not fs.exists(path):
+                    raise DataSpecError(f"{urls[0]}: first shard of {given!r} not found")
     except DataSpecError as e:  # StorageError included: it names the URL
         raise DataSpecError(f"{key}: {e}") from None
     except Exception as e:  # noqa: BLE001 -- any storage back-end error is the answer; say which and where
@@ -92,10 +93,14 @@ def manifest_num_classes(cfg: DictConfig, storage: Storage, where: str) -> int:
              or [("data.train", cfg.data.train)])
     counts = []
     for key, spec in specs:
-        for part in spec_parts(spec):
+        try:
+            parts = [(given, part) for given in spec_parts(spec) for part in resolve_parts(given, storage)]
+        except DataSpecError as e:
+            raise DataSpecError(f"{key}: {e}") from None
+        for given, part in parts:
             if not part.endswith(".json"):  # the loader's own words: training needs manifests anyway
-                raise DataSpecError(f"{key}: data spec {part!r} is not a manifest (.json): training needs each "
-                                    f"shard's sample count; write one with `{index_command(part)}` and point the "
+                raise DataSpecError(f"{key}: data spec {given!r} is not a manifest (.json): training needs each "
+                                    f"shard's sample count; write one with `{index_command(given)}` and point the "
                                     f"data spec at it; set {key.split('.')[0]}.{key.split('.')[1]} to your "
                                     "shards' manifest (.json)")
             header = read_index(part, storage).header  # no per-shard dicts on every rank at start-up

@@ -9,7 +9,7 @@ import numpy as np
 from data_pipeline.errors import DataSpecError
 from data_pipeline.shards.manifest import Manifest
 from data_pipeline.shards.offsets import ShardOffsets
-from data_pipeline.shards.spec import manifest_index, no_urls_error, spec_parts
+from data_pipeline.shards.spec import manifest_index, no_urls_error, resolve_parts, spec_parts
 from data_pipeline.shards.table import ShardUrls
 from data_pipeline.storage import Storage
 
@@ -51,12 +51,13 @@ def resolve_source(source: DataSource, index: int, storage: Storage) -> Resolved
     one rank before the first step (days at ImageNet-21k scale); the message gives the index command.
     """
     manifests: list[Manifest] = []
-    for part in spec_parts(source.spec):
-        if not part.endswith(".json"):
-            raise DataSpecError(f"data spec {part!r} is not a manifest (.json): training needs each shard's "
-                                f"sample count; write one with `{index_command(part)}` and point the "
-                                f"data spec at it")
-        manifests.append(manifest_index(part, source.spec, storage))
+    for given in spec_parts(source.spec):
+        for part in resolve_parts(given, storage):  # a glob or a brace pattern may name several manifests
+            if not part.endswith(".json"):
+                raise DataSpecError(f"data spec {given!r} is not a manifest (.json): training needs each shard's "
+                                    f"sample count; write one with `{index_command(given)}` and point the "
+                                    f"data spec at it")
+            manifests.append(manifest_index(part, source.spec, storage))
     tables = [m.table for m in manifests]
     counts = np.concatenate([t.counts for t in tables]) if tables else np.zeros(0, np.int64)
     if not len(counts):
