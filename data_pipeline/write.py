@@ -213,7 +213,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--folder", help="image folder with one sub-folder per class (any fsspec URL)")
     src.add_argument("--list", help="text file of '<path or URL> <label>' lines")
-    src.add_argument("--shards", help="existing shards to re-shard (brace pattern, list or manifest)")
+    src.add_argument("--shards", help="existing shards to re-shard: a URL, brace pattern, glob, folder (its *.tar) "
+                     "or manifest; '::' joins several")
     p.add_argument("--out", required=True, help="output directory URL (local, s3://, gs://, ...)")
     p.add_argument("--prefix", default="train")
     p.add_argument("--samples-per-shard", type=int, default=0)
