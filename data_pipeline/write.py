@@ -23,12 +23,13 @@ import sys
 import uuid
 import multiprocessing
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 from PIL import Image
 
 from data_pipeline.errors import DataSpecError
+from data_pipeline.shards.labels import LABEL_FORMS, BadLabel, parse_label_source, raw_label
 from data_pipeline.shards.manifest import make_manifest, publish_manifest
 from data_pipeline.shards.spec import expand_urls
 from data_pipeline.shards.tar_read import members_note, raw_samples
@@ -89,16 +90,33 @@ def items_from_list(list_url: str, storage: Storage) -> list[Item]:
     return items
 
 
-def items_from_shards(spec: str, storage: Storage) -> Iterator[Item]:
+def items_from_shards(spec: str, storage: Storage, label: str = "cls") -> tuple[list[Item], list[str] | None]:
+    """The samples of existing shards with their labels from ``label`` (cls, txt, json:FIELD). Labels given
+    as class names become indices into the sorted names found (the classes the new manifest records)."""
+    source = parse_label_source(label)
     seen: dict[str, str] = {}
+    found: list[tuple[str, bytes, int | str]] = []
     for sample in raw_samples(expand_urls(spec, storage), storage):
+        where = f"sample {sample.get('__key__')!r} in {sample.get('__url__')}"
         image = next((sample[e] for e in ("jpg", "jpeg", "png", "webp") if e in sample), None)
-        if image is None or "cls" not in sample:
-            log.warning("re-shard: skipping %s in %s: no %s (%s)", sample.get("__key__"), sample.get("__url__"),
-                        "image" if image is None else ".cls label", members_note(sample))
+        if image is None:
+            log.warning("re-shard: skipping %s: no image (%s)", where, members_note(sample))
             continue
+        try:
+            value = raw_label(sample, source)
+        except BadLabel as exn:
+            raise DataSpecError(f"re-shard: {where}: {exn}") from None
+        if value is None:  # the label is elsewhere for every sample: one line, not one warning per sample
+            raise DataSpecError(f"re-shard: {where} has no label in {source} ({members_note(sample)}); say where "
+                                f"the labels are with --label ({LABEL_FORMS})")
         key = _check_unique(seen, sample["__key__"], f"{sample['__url__']} (key {sample['__key__']})")
-        yield key, image, int(sample["cls"].decode().strip())
+        found.append((key, image, value))
+    names = sorted({v for _, _, v in found if isinstance(v, str)})
+    if names and any(isinstance(v, int) for _, _, v in found):
+        raise DataSpecError(f"re-shard: {source} holds class indices in some samples and class names in others "
+                            f"(e.g. {names[0]!r}); make them one kind")
+    index = {n: i for i, n in enumerate(names)}
+    return [(k, img, index[v] if isinstance(v, str) else v) for k, img, v in found], names or None
 
 
 def prepare(data: bytes, resize: int | None, quality: int) -> bytes:
@@ -215,6 +233,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     src.add_argument("--list", help="text file of '<path or URL> <label>' lines")
     src.add_argument("--shards", help="existing shards to re-shard: a URL, brace pattern, glob, folder (its *.tar) "
                      "or manifest; '::' joins several")
+    p.add_argument("--label", default=None, help="with --shards: where the labels are: cls (default), txt (a class "
+                   "name) or json:FIELD (img2dataset's --save_additional_columns '[\"label\"]' gives json:label)")
     p.add_argument("--out", required=True, help="output directory URL (local, s3://, gs://, ...)")
     p.add_argument("--prefix", default="train")
     p.add_argument("--samples-per-shard", type=int, default=0)
@@ -227,6 +247,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--s3-endpoint", default="", help="S3-compatible endpoint (else AWS_ENDPOINT_URL or AWS)")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
+    if a.label is not None and not a.shards:
+        p.error("--label reads labels from existing shards: give it with --shards")
+    try:
+        parse_label_source(a.label or "cls")
+    except ValueError as exc:
+        p.error(f"--label: {exc}")
     storage = Storage(s3_endpoint=a.s3_endpoint)  # no config here: the flags; the pool's processes get it too
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     try:
@@ -236,7 +262,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif a.list:
             items = items_from_list(a.list, storage)
         else:
-            items = list(items_from_shards(a.shards, storage))
+            items, classes = items_from_shards(a.shards, storage, a.label or "cls")
         if not a.no_shuffle:
             order = np.random.default_rng(a.shuffle_seed).permutation(len(items))
             items = [items[i] for i in order]

@@ -256,7 +256,7 @@ def build_train_loader(cfg: DictConfig, dist_info: DistInfo, batch_size: int, st
             log.warning("data.decode is 'gpu' but %s: decoding on the CPU workers instead", why_not)
         else:
             transform = CropPlanner(transform)  # workers read headers and draw crops; pixels come later
-    sources = [DataSource(s.train, s.weight, s.name) for s in d.sources] or d.train
+    sources = [DataSource(s.train, s.weight, s.name, s.label) for s in d.sources] or d.train
     try:
         return TrainLoader(sources, batch_size=batch_size, transform=transform, seed=cfg.train.seed,
                            rank=dist_info.rank, world_size=dist_info.world_size, num_workers=d.num_workers,

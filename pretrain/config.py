@@ -71,6 +71,7 @@ class SourceConfig:
     train: str = MISSING  # shard spec, as data.train
     weight: float = 1.0
     name: str = ""
+    label: Optional[str] = None  # where this source's labels are (as data.label); null: data.label
 
 
 @dataclass
@@ -460,6 +461,8 @@ def http_url_or_empty() -> Rule:
 
 
 POSITIVE, COUNT, FRACTION = above(0), at_least(0), within(0, 1)
+LABEL = Rule(lambda v: isinstance(v, str) and (v in ("cls", "txt") or bool(re.match(r"^json:\S+$", v))),
+             "cls, txt or json:FIELD")
 # Every key with a bounded value: its rule, one line each. Keys with `*` apply to every list entry.
 # tests/unit/test_config_validation.py checks that every numeric key of the schema has a rule here.
 RULES: dict[str, Rule] = {
@@ -498,8 +501,8 @@ RULES: dict[str, Rule] = {
     "data.storage.backoff_s": within(0, 300),
     "data.storage.give_up_after_s": within(0, 7 * 86400, lo_open=True),
     "data.max_skip_fraction": FRACTION,
-    "data.label": Rule(lambda v: isinstance(v, str) and (v in ("cls", "txt") or bool(re.match(r"^json:\S+$", v))),
-                       "cls, txt or json:FIELD"),
+    "data.label": LABEL,
+    "data.sources.*.label": optional(LABEL),
     "optim.lr": POSITIVE,
     "optim.betas": values(within(0, 1, hi_open=True), 2),
     "optim.eps": POSITIVE,
