@@ -147,3 +147,21 @@ def test_the_image_extensions_the_writer_accepts_are_listed():
     listed = re.search(r"A folder's images are the files\s+ending in ([^;.]*(?:\.[^;]*?)*?), in any case", data)
     assert listed, "docs/data.md does not list the image extensions the writer accepts"
     assert sorted(re.findall(r"`(\.\w+)`", listed.group(1))) == sorted(_IMAGE_SUFFIXES)
+
+
+def test_the_h14_config_states_its_model_size_and_adam_memory():
+    import torch
+
+    from pretrain.models.factory import create_model
+
+    text = (ROOT / "configs/h14.yaml").read_text()
+    with torch.device("meta"):
+        params = sum(p.numel() for p in create_model("mixer_h14_224", num_classes=21843).parameters())
+    assert f"# {params / 1e6:.0f}M params: Adam's two fp32 moments alone are {params * 8 / 1e9:.1f} GB" in text
+    assert f"{params * 16 / 1e9:.1f} GB with the fp32\n# weights and gradients" in text
+
+
+def test_the_demo_takes_the_same_time_in_the_readme_and_its_config():
+    figure = re.compile(r"about ([\d.]+) min\w* on 2 cores\S* \(?[\w ]*?:? ?(\d+-\d+ s), set-up included")
+    readme, demo = (figure.search((ROOT / p).read_text()) for p in ("README.md", "configs/demo.yaml"))
+    assert readme and demo and readme.groups() == demo.groups()
