@@ -116,19 +116,15 @@ def check_model_config(cfg: DictConfig, where: str = "config") -> None:
 
 
 def _create_model(cfg: DictConfig, num_classes: int, where: str) -> nn.Module:
-    overrides = {"drop_rate": cfg.model.drop_rate, "drop_path_rate": cfg.model.drop_path_rate}
-    if cfg.model.img_size is not None:
-        overrides["img_size"] = cfg.model.img_size
+    # One resolution: data.image_size (model.img_size, when set, agrees: pretrain/config.py validate).
+    overrides = {"drop_rate": cfg.model.drop_rate, "drop_path_rate": cfg.model.drop_path_rate,
+                 "img_size": cfg.data.image_size}
     if cfg.model.act is not None:
         overrides["act"] = cfg.model.act  # the model names the valid ones (gelu, gelu_tanh for Mixer)
     try:
         model = create_model(cfg.model.name, num_classes=num_classes, **overrides)
     except (ValueError, TypeError) as e:
         raise ConfigError(f"{where}: model: {e}") from None
-    size = cfg.data.image_size
-    if tuple(model.stem.img_size) != (size, size):
-        raise ConfigError(f"{where}: 'data.image_size' is {size} but {cfg.model.name} takes "
-                          f"{model.stem.img_size[0]} px; set model.img_size={size} or data.image_size")
     return model
 
 

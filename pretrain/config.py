@@ -37,7 +37,8 @@ class ModelConfig:
     name: str = "mixer_b16_224"  # any name from pretrain.models.list_models()
     # auto: the training manifest's num_classes (or len(classes)); a number is checked against it at start.
     num_classes: Any = "auto"
-    img_size: Optional[int] = None  # None: the variant's own resolution
+    # The resolution is data.image_size: the model is built at it. null follows it; a number must agree.
+    img_size: Optional[int] = None
     drop_rate: float = 0.0
     drop_path_rate: float = 0.0
     # MLP activation: null = the variant's own (gelu, exact erf, for every Mixer, as timm's ports);
@@ -584,6 +585,13 @@ def validate(cfg: DictConfig, blame: Callable[[str], str]) -> None:
             value = OmegaConf.select(cfg, key)
             if not rule.ok(value):
                 raise ConfigError(f"{blame(key)}: {rule.message(key, value)}")
+    if cfg.model.img_size is not None and cfg.model.img_size != cfg.data.image_size:
+        def origin(key: str) -> str:
+            return "the command line" if blame(key) == "command line" else blame(key)
+        raise ConfigError(f"'model.img_size' is {cfg.model.img_size} (from {origin('model.img_size')}) but "
+                          f"'data.image_size' is {cfg.data.image_size} (from {origin('data.image_size')}): the "
+                          "model is built at the data's resolution; set data.image_size alone (model.img_size: "
+                          "null follows it)")
     if not cfg.data.sources and not cfg.data.train:
         raise ConfigError(f"{blame('data.train')}: 'data.train' is empty and 'data.sources' has no entry; "
                           "give the training shards in one of them")

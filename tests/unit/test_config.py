@@ -103,3 +103,22 @@ def test_print_config_is_resolved_yaml():
     assert r.returncode == 0, r.stderr
     assert "steps: 11" in r.stdout
     assert "train: data/demo/shapes/train.json" in r.stdout  # interpolation resolved
+
+
+def test_data_image_size_alone_sets_the_models_resolution_and_old_configs_load(tmp_path):
+    import torch
+
+    from pretrain.build import _create_model
+
+    demo = str(ROOT / "configs/demo.yaml")
+    cfg = load_config(demo, ["data.image_size=64", "data.train=x.json"])
+    with torch.device("meta"):
+        assert tuple(_create_model(cfg, 3, demo).stem.img_size) == (64, 64)  # mixer_t4_32, built at 64 px
+    old = tmp_path / "old.yaml"  # a config that sets both keys, agreeing, loads as before
+    old.write_text(f"include: {demo}\nmodel:\n  img_size: 48\ndata:\n  image_size: 48\n")
+    cfg = load_config(str(old), ["data.train=x.json"])
+    with torch.device("meta"):
+        assert tuple(_create_model(cfg, 3, str(old)).stem.img_size) == (48, 48)
+    with pytest.raises(ConfigError, match=r"^'model.img_size' is 48 \(from .*old.yaml\) but 'data.image_size' is "
+                                          r"32 \(from the command line\)"):
+        load_config(str(old), ["data.train=x.json", "data.image_size=32"])
