@@ -99,7 +99,8 @@ class DataConfig:
     train: str = MISSING
     val: str = ""  # held-out upstream shards; "" disables the upstream evaluation
     image_size: int = 224
-    num_workers: int = 8
+    # DataLoader workers per rank; auto: min(10, the CPUs this process may use / ranks on the node)
+    num_workers: Any = "auto"
     shuffle_buffer: int = 10_000
     crop_fraction: float = 0.875  # eval: resize to size/0.875, centre-crop size
     # Normalisation happens on the device, after the uint8 batch has been copied there.
@@ -480,7 +481,8 @@ RULES: dict[str, Rule] = {
     "data.train": location(),
     "data.val": location(),
     "data.image_size": POSITIVE,
-    "data.num_workers": within(0, 256),  # per rank; thousands of worker processes never start
+    "data.num_workers": Rule(lambda v: v == "auto" or (_number(v) and 0 <= v <= 256),  # thousands never start
+                             "auto or a number in [0, 256]"),
     "data.shuffle_buffer": at_least(0, " (0 or 1: no shuffle)"),
     "data.crop_fraction": within(0, 1, lo_open=True),
     "data.mean": values(within(0, 255), 3),

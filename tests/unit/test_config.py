@@ -1,4 +1,5 @@
 """Config loading: shipped files resolve, and every kind of mistake is one line naming key and file."""
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -122,3 +123,24 @@ def test_data_image_size_alone_sets_the_models_resolution_and_old_configs_load(t
     with pytest.raises(ConfigError, match=r"^'model.img_size' is 48 \(from .*old.yaml\) but 'data.image_size' is "
                                           r"32 \(from the command line\)"):
         load_config(str(old), ["data.train=x.json", "data.image_size=32"])
+
+
+def test_num_workers_auto_is_ten_at_most_and_shares_the_cpus_among_local_ranks():
+    code = ("import os, sys; os.sched_setaffinity(0, set(list(os.sched_getaffinity(0))[:int(sys.argv[1])])); "
+            "from pretrain.config import load_config; from pretrain.build import data_workers; "
+            f"cfg = load_config({str(ROOT / 'configs/s32.yaml')!r}, sys.argv[2:]); print(data_workers(cfg))")
+
+    def workers(cpus: int, *overrides: str, local_ranks: int = 1) -> int:
+        env = {**os.environ, "LOCAL_WORLD_SIZE": str(local_ranks)}
+        r = subprocess.run([sys.executable, "-c", code, str(cpus), "data.train=x.json", *overrides], env=env,
+                           capture_output=True, text=True, cwd=ROOT, timeout=120)
+        assert r.returncode == 0, r.stderr
+        return int(r.stdout.strip().splitlines()[-1])
+
+    assert load_config(str(ROOT / "configs/s32.yaml"), ["data.train=x.json"]).data.num_workers == "auto"
+    assert workers(1) == 1  # a 1-core box gets 1 worker, not base.yaml's 10 fighting the step for the core
+    if len(os.sched_getaffinity(0)) >= 2:
+        assert workers(2) == 2 and workers(2, local_ranks=2) == 1
+    assert workers(1, "data.num_workers=3") == 3  # a number is taken as it is
+    with pytest.raises(ConfigError, match=r"'data.num_workers' must be auto or a number in \[0, 256\], got 'many'"):
+        load_config(str(ROOT / "configs/s32.yaml"), ["data.train=x.json", "data.num_workers=many"])

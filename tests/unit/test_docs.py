@@ -165,3 +165,12 @@ def test_the_demo_takes_the_same_time_in_the_readme_and_its_config():
     figure = re.compile(r"about ([\d.]+) min\w* on 2 cores\S* \(?[\w ]*?:? ?(\d+-\d+ s), set-up included")
     readme, demo = (figure.search((ROOT / p).read_text()) for p in ("README.md", "configs/demo.yaml"))
     assert readme and demo and readme.groups() == demo.groups()
+
+
+def test_a_doctest_shrink_may_not_change_precision_or_workers():
+    page = "<!-- doctest: train.steps=2 train.precision=fp32 -->\n```bash\ntrue\n```\n"
+    problems = static_problems("docs/x.md", page)
+    assert problems == ["docs/x.md:2: doctest override 'train.precision=fp32' changes how the commands run, not "
+                        "their size; the page's commands must run as written (see docs/testing.md, 'Doc tests')"]
+    page = page.replace("train.precision=fp32", "data.num_workers=1")
+    assert "'data.num_workers=1' changes how the commands run" in static_problems("docs/x.md", page)[0]
