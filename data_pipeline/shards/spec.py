@@ -59,7 +59,7 @@ def _resolve_one(part: str, storage: Storage) -> list[str]:
     """One brace-free part as URLs: a glob's sorted matches, a folder's sorted ``*.tar``, else itself."""
     if is_pattern(part):
         fs, path = storage.fs(part, own_retries=True)
-        found = sorted(p for p in fs.glob(path) if not fs.isdir(p))
+        found = sorted(p for p, info in fs.glob(path, detail=True).items() if info.get("type") != "directory")
         if not found:
             raise _matches_nothing(part, "matches no file")
         return [_with_protocol(part, p) for p in found]
@@ -67,7 +67,7 @@ def _resolve_one(part: str, storage: Storage) -> list[str]:
         return [part]  # a file named outright: no listing (a list of 10k shards stays 10k names, no calls)
     fs, path = storage.fs(part, own_retries=True)
     if fs.isdir(path):
-        found = sorted(p for p in fs.glob(posixpath.join(path.rstrip("/"), "*.tar")))
+        found = sorted(fs.glob(posixpath.join(path.rstrip("/"), "*.tar")))
         if not found:
             raise _matches_nothing(part, "is a folder without .tar files")
         return [_with_protocol(part, p) for p in found]
