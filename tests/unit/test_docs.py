@@ -102,13 +102,17 @@ def history_words(path: str, text: str) -> list[str]:
     return hits
 
 
+# Python 3.12+ splits f-strings into FSTRING_START / _MIDDLE / _END tokens: the middle holds the text.
+_PROSE_TOKENS = {tokenize.COMMENT, tokenize.STRING, getattr(tokenize, "FSTRING_MIDDLE", tokenize.STRING)}
+
+
 def _prose_of_code(path: Path) -> str:
     """The comments and string literals of a Python file (docstrings, messages), on their own lines."""
     lines = path.read_text().splitlines()
     out = [""] * len(lines)
     with open(path, "rb") as f:
         for tok in tokenize.tokenize(f.readline):
-            if tok.type in (tokenize.COMMENT, tokenize.STRING):
+            if tok.type in _PROSE_TOKENS:
                 for k, text in enumerate(tok.string.splitlines()):
                     out[tok.start[0] - 1 + k] += " " + text
     return "\n".join(out)
