@@ -44,6 +44,7 @@ _CHUNK = 16 << 20  # one range request of a download
 _STALE_S = 60.0  # a lock not touched for this long belongs to a dead process
 _POLL_S = 0.05
 _FULL_MARK = "cache-disk-full"  # created (O_EXCL) by the process that warns, so a node warns once
+_STARTED = time.time()  # when this run's process (the rank; its forked workers inherit it) imported this
 
 
 class CachedShard:
@@ -266,10 +267,16 @@ class ShardCache:
     # ---- a full disk
     def _disable(self, exn: OSError) -> None:
         self.unusable = f"{type(exn).__name__}: {exn}"
+        mark = os.path.join(self.dir, _FULL_MARK)
         try:
-            os.close(os.open(os.path.join(self.dir, _FULL_MARK), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+            os.close(os.open(mark, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
         except FileExistsError:
-            return  # another process of this node warned already
+            try:
+                if os.stat(mark).st_mtime >= _STARTED:
+                    return  # another process of this node warned already in this run
+                os.utime(mark)  # a mark left by an earlier run: this run warns once too
+            except OSError:
+                pass
         except OSError:
             pass
         log.warning("the shard cache %s cannot take more shards (%s): reading from storage instead; free space "

@@ -202,6 +202,13 @@ def test_a_full_cache_disk_is_one_warning_and_the_run_streams_on(tmp_path, s3_se
     assert len(full) == 1 and str(small_disk) in full[0]
     assert 0 < len(_copies(small_disk / "c")) < N // PER_SHARD  # what fitted is cached; the rest streamed
     assert read <= plain_read * 1.05
+    # A later run on the still-full disk (the mark left by an earlier run, before this process started) warns once.
+    old = time.time() - 3600
+    os.utime(small_disk / "c" / "cache-disk-full", (old, old))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        keys, _ = _take(_loader(spec, s3_server.endpoint, ShardCache(str(small_disk / "c"), 1 << 30)), EPOCH)
+    assert keys == plain and len([r for r in caplog.records if "cannot take more shards" in r.getMessage()]) == 1
 
 
 def test_a_dead_process_download_is_cleared_and_its_lock_taken_over(tmp_path, s3_server):
