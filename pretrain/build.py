@@ -246,7 +246,7 @@ def build_train_loader(cfg: DictConfig, dist_info: DistInfo, batch_size: int, st
     a = d.augment
     randaugment = RandAugment(a.randaugment_ops, a.randaugment_magnitude) if a.randaugment_ops else None
     transform = TrainTransform(d.image_size, scale=tuple(a.scale), ratio=tuple(a.ratio), hflip=a.hflip,
-                               randaugment=randaugment)
+                               randaugment=randaugment, max_pixels=d.max_image_pixels)
     missing = partial_decode_missing()
     if d.decode != "gpu" and missing and dist_info.rank == 0:
         log.warning("%s", missing)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from data_pipeline.image.transforms import TrainTransform, random_resized_crop_params
+from data_pipeline.image.transforms import TrainTransform, check_pixels, random_resized_crop_params
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,8 @@ def gpu_decode_available(device: torch.device) -> str | None:
 class CropPlanner:
     """``(jpeg bytes, rng) -> (bytes, [top, left, h, w, flip])``: the CPU half of the GPU path.
 
-    Reads only the JPEG header; raises (as a decoder would) when the header is not a readable image.
+    Reads only the JPEG header; raises (as a decoder would) when the header is not a readable image, and
+    ``ImageTooLarge`` when it asks for more than the transform's ``max_pixels``: nvJPEG would allocate them.
     """
 
     def __init__(self, transform: TrainTransform) -> None:
@@ -49,6 +50,7 @@ class CropPlanner:
         if img.format != "JPEG":
             raise ValueError(f"{img.format} is not JPEG; gpu decode takes JPEG only")
         t = self.transform
+        check_pixels(img.width, img.height, t.max_pixels)
         top, left, h, w = random_resized_crop_params(img.width, img.height, rng, t.scale, t.ratio)
         flip = int(t.hflip and rng.random() < 0.5)
         return data, [top, left, h, w, flip]

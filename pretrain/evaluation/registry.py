@@ -40,7 +40,7 @@ class EvalContext:
     def transform(self, image_size: int = 0) -> EvalTransform:
         """The eval crop at ``image_size`` (0: ``data.image_size``)."""
         d = self.cfg.data
-        return EvalTransform(image_size or d.image_size, crop_fraction=d.crop_fraction)
+        return EvalTransform(image_size or d.image_size, crop_fraction=d.crop_fraction, max_pixels=d.max_image_pixels)
 
     def rank_share(self, spec: str) -> Batches:
         """This rank's share of the shards of ``spec``: for data-parallel metrics and features."""
