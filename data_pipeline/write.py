@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image
 
 from data_pipeline.errors import DataSpecError
-from data_pipeline.image.limits import DEFAULT_MAX_IMAGE_PIXELS, ImageTooLarge, check_pixels
+from data_pipeline.image.limits import DEFAULT_MAX_IMAGE_PIXELS, ImageTooLarge, open_image
 from data_pipeline.shards.manifest import make_manifest, publish_manifest
 from data_pipeline.shards.spec import expand_urls
 from data_pipeline.shards.tar_read import members_note, raw_samples
@@ -102,8 +102,7 @@ def items_from_shards(spec: str, storage: Storage) -> Iterator[Item]:
 def prepare(data: bytes, resize: int | None, quality: int, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> bytes:
     """JPEG bytes, short side resized down to ``resize`` if larger; JPEGs pass through untouched otherwise.
     ``ImageTooLarge`` when the header asks for more than ``max_pixels``: training would skip it anyway."""
-    img = Image.open(io.BytesIO(data))  # the header only
-    check_pixels(img.width, img.height, max_pixels)
+    img = open_image(data, max_pixels)  # the header only
     if resize is None and img.format == "JPEG" and img.mode == "RGB":
         return data
     img = img.convert("RGB")
@@ -135,7 +134,7 @@ def _write_one(args: tuple) -> tuple[dict, int]:
             check_key(key)  # a key webdataset would split stops the write: skipping it would lose samples quietly
             try:
                 shard.write(key, prepare(_image_bytes(src, storage), resize, quality), label)
-            except (OSError, ValueError, ImageTooLarge, Image.DecompressionBombError) as exn:
+            except (OSError, ValueError, ImageTooLarge) as exn:
                 bad += 1
                 log.warning("skipping %s (%s): %s", key, src if isinstance(src, str) else "bytes", exn)
         return shard.publish(), bad

@@ -261,7 +261,8 @@ def build_train_loader(cfg: DictConfig, dist_info: DistInfo, batch_size: int, st
         return TrainLoader(sources, batch_size=batch_size, transform=transform, seed=cfg.train.seed,
                            rank=dist_info.rank, world_size=dist_info.world_size, num_workers=d.num_workers,
                            shuffle_buffer=d.shuffle_buffer, pin_memory=dist_info.device.type == "cuda",
-                           epoch_mode=d.epoch_mode, storage=storage, label=d.label)
+                           epoch_mode=d.epoch_mode, storage=storage, label=d.label,
+                           num_classes=cfg.model.num_classes if isinstance(cfg.model.num_classes, int) else None)
     except DataSpecError as exc:
         where = "data.sources" if d.sources else "data.train"
         raise type(exc)(f"{where}: {exc}; set {where} to your shards' manifest (.json)") from None

@@ -9,16 +9,15 @@ says why and the build falls back to CPU decoding with one warning.
 """
 from __future__ import annotations
 
-import io
 import logging
 from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
-from data_pipeline.image.transforms import TrainTransform, check_pixels, random_resized_crop_params
+from data_pipeline.image.limits import open_image
+from data_pipeline.image.transforms import TrainTransform, random_resized_crop_params
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +45,10 @@ class CropPlanner:
         self.image_size = transform.image_size
 
     def __call__(self, data: bytes, rng: np.random.Generator) -> tuple[bytes, list[int]]:
-        img = Image.open(io.BytesIO(data))
+        img = open_image(data, self.transform.max_pixels)
         if img.format != "JPEG":
             raise ValueError(f"{img.format} is not JPEG; gpu decode takes JPEG only")
         t = self.transform
-        check_pixels(img.width, img.height, t.max_pixels)
         top, left, h, w = random_resized_crop_params(img.width, img.height, rng, t.scale, t.ratio)
         flip = int(t.hflip and rng.random() < 0.5)
         return data, [top, left, h, w, flip]

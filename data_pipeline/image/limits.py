@@ -4,6 +4,10 @@ Separate from ``transforms`` so the writer and the indexer use it without import
 """
 from __future__ import annotations
 
+import io
+
+from PIL import Image
+
 # data.max_image_pixels' default: Pillow's own refusal threshold (twice its warning level), above the largest
 # photos cameras take (150 MP medium format) and far below what a 430-byte header can claim (4 G pixels).
 DEFAULT_MAX_IMAGE_PIXELS = 178_956_970
@@ -19,3 +23,14 @@ def check_pixels(width: int, height: int, max_pixels: int | None) -> None:
     if max_pixels is not None and width * height > max_pixels:
         raise ImageTooLarge(f"the header says {width}x{height} = {width * height} pixels, above "
                             f"data.max_image_pixels={max_pixels}")
+
+
+def open_image(data: bytes, max_pixels: int | None) -> Image.Image:
+    """``Image.open`` (the header only, no pixels yet) checked against ``max_pixels``; Pillow's own bomb
+    refusal (above twice ``Image.MAX_IMAGE_PIXELS``) is the same ``ImageTooLarge``."""
+    try:
+        img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exn:
+        raise ImageTooLarge(str(exn)) from None
+    check_pixels(img.width, img.height, max_pixels)
+    return img

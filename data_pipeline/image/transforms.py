@@ -5,7 +5,6 @@ host only moves uint8 pixels.
 """
 from __future__ import annotations
 
-import io
 import math
 
 import numpy as np
@@ -13,7 +12,8 @@ import torch
 from PIL import Image
 
 from data_pipeline.image.augment import RandAugment
-from data_pipeline.image.limits import DEFAULT_MAX_IMAGE_PIXELS, ImageTooLarge, check_pixels  # noqa: F401 - re-exported
+from data_pipeline.image.limits import (DEFAULT_MAX_IMAGE_PIXELS, ImageTooLarge, check_pixels,  # noqa: F401
+                                        open_image)
 
 try:  # libjpeg-turbo with DCT scaling, without PIL's per-call overhead; PIL's draft mode otherwise
     import simplejpeg
@@ -126,8 +126,7 @@ def decode_image(data: bytes, min_size: int | None = None,
             return Image.fromarray(_decode_reduced(data, *size, d), "RGB")
         except ValueError:
             pass  # e.g. CMYK or progressive oddities simplejpeg refuses: let PIL decide
-    img = Image.open(io.BytesIO(data))  # reads the header only
-    check_pixels(img.width, img.height, max_pixels)
+    img = open_image(data, max_pixels)  # the header only
     if min_size is not None:
         # draft() picks the largest 1/2, 1/4, 1/8 DCT scale that keeps both sides >= min_size;
         # it is a no-op for non-JPEG formats and for images smaller than 2 * min_size.

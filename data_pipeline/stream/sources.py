@@ -37,6 +37,7 @@ class ResolvedSource:
     offsets: ShardOffsets  # per shard, read by the worker that reads the shard (None: stream it)
     classes: list[str] | None = None  # the manifests' class names (labels given as names map through them)
     label: str = "cls"  # where the manifests' indexer found the labels
+    num_classes: int | None = None  # the manifests' class count (the largest): labels at or above it are skipped
 
 
 def index_command(spec: str) -> str:
@@ -65,9 +66,11 @@ def resolve_source(source: DataSource, index: int, storage: Storage) -> Resolved
         raise DataSpecError(f"data spec {source.spec!r}: its {len(counts)} shard(s) hold no sample")
     classes = next((m.classes for m in manifests if m.classes), None)
     labels = {m.label for m in manifests}
+    given = [m.header.get("num_classes") or len(m.classes or ()) for m in manifests]
+    num_classes = max(given) if all(isinstance(n, int) and n > 0 for n in given) else None
     return ResolvedSource(source.name or f"source{index}", ShardUrls(tables), counts, float(source.weight),
                           ShardOffsets(tables, [m.offsets for m in manifests], storage), classes,
-                          labels.pop() if len(labels) == 1 else ",".join(sorted(labels)))
+                          labels.pop() if len(labels) == 1 else ",".join(sorted(labels)), num_classes)
 
 
 def check_label(source: ResolvedSource, label: str) -> None:

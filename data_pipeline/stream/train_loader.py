@@ -57,6 +57,7 @@ class TrainLoader:
         storage: Storage,
         lookahead: int = 0,
         label: str = "cls",
+        num_classes: int | None = None,
     ) -> None:
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -78,6 +79,7 @@ class TrainLoader:
         if any(s.weight <= 0 for s in specs):
             raise DataSpecError(f"source weights must be > 0, got {[s.weight for s in specs]}")
         self.storage = storage
+        self.num_classes = num_classes  # the model head's: labels at or above it are bad_label skips
         self.label = str(parse_label_source(label))  # ValueError: one line naming the accepted forms
         self.sources = self._resolve(specs)
         for s in self.sources:
@@ -138,7 +140,8 @@ class TrainLoader:
     def worker_spec(self) -> WorkerSpec:
         """What the DataLoader workers need, from the current position (``schedule_args``)."""
         return WorkerSpec(self.sources, self.schedule_args(), self.transform, self.seed, self.window,
-                          self.resampled, self.storage, max(1, self.num_workers), self.lookahead, self.label)
+                          self.resampled, self.storage, max(1, self.num_workers), self.lookahead, self.label,
+                          self.num_classes)
 
     def __iter__(self) -> Iterator[Batch]:
         dataset = TrainWorkerStream(self.worker_spec())
