@@ -5,6 +5,7 @@ Separate from ``transforms`` so the writer and the indexer use it without import
 from __future__ import annotations
 
 import io
+import warnings
 
 from PIL import Image
 
@@ -29,7 +30,9 @@ def open_image(data: bytes, max_pixels: int | None) -> Image.Image:
     """``Image.open`` (the header only, no pixels yet) checked against ``max_pixels``; Pillow's own bomb
     refusal (above twice ``Image.MAX_IMAGE_PIXELS``) is the same ``ImageTooLarge``."""
     try:
-        img = Image.open(io.BytesIO(data))
+        with warnings.catch_warnings():  # Pillow's warning above half its limit: the check below decides
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as exn:
         raise ImageTooLarge(str(exn)) from None
     check_pixels(img.width, img.height, max_pixels)
