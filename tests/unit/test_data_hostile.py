@@ -4,6 +4,7 @@ UTF-8, region boxes that would wrap in the C extension."""
 from __future__ import annotations
 
 import io
+import json
 import logging
 import struct
 import subprocess
@@ -80,6 +81,24 @@ def test_labels_outside_the_head_are_counted_skips_and_resume_does_not_crash_loo
     again = [next(it) for _ in range(4)]
     it.close()
     assert [b.keys for b in again] == [b.keys for b in batches[2:]]
+
+
+def test_the_manifest_table_records_each_shards_label_range(hostile_labels, tmp_path):
+    from data_pipeline.errors import DataSpecError
+    from data_pipeline.shards.tar_write import write_shards
+
+    indexed = read_manifest(hostile_labels, Storage())
+    assert [s["labels"] for s in indexed["shards"]] == [[0, 100000], [0, 7]]  # refused labels are not counted
+    written = write_shards(((f"w{i}", _jpg(i), 2 + i % 3) for i in range(6)), str(tmp_path), "w", 3,
+                           storage=Storage())
+    assert [s["labels"] for s in read_manifest(str(tmp_path / "w.json"), Storage())["shards"]] == [[2, 4], [2, 4]]
+    # A manifest whose header says fewer classes than its table records stops the loader at start, one line.
+    header = json.loads((tmp_path / "w.json").read_text())
+    (tmp_path / "w.json").write_text(json.dumps(dict(header, num_classes=3)))
+    with pytest.raises(DataSpecError, match=r"shard .*w-00000\d.tar holds class index 4, but the manifest says "
+                                            r"num_classes 3; rebuild it"):
+        _loader(str(tmp_path / "w.json"))
+    assert written["num_classes"] == 5
 
 
 def test_eval_sets_skip_bad_labels(hostile_labels):
