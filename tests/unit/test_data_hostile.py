@@ -193,6 +193,13 @@ def test_a_20000_squared_header_adds_at_most_32_mib_to_a_workers_peak():
     assert int(out.stdout.split()[-1]) <= 32
 
 
+def test_the_configs_default_limit_is_the_decoders():
+    from data_pipeline.image.limits import DEFAULT_MAX_IMAGE_PIXELS
+    from pretrain.config import DataConfig
+
+    assert DataConfig.max_image_pixels == DEFAULT_MAX_IMAGE_PIXELS
+
+
 def test_writer_skips_a_bomb(tmp_path):
     from data_pipeline.write import prepare, write
 
