@@ -151,6 +151,10 @@ def test_bomb_is_refused_by_every_cpu_path_before_decoding():
         EvalTransform(SIZE)(data)
     with pytest.raises(ImageTooLarge):
         transforms.decode_image(data)
+    from data_pipeline.image.gpu_decode import CropPlanner
+
+    with pytest.raises(ImageTooLarge):  # the GPU path's CPU half: nvJPEG never sees it
+        CropPlanner(TrainTransform(SIZE))(data, np.random.default_rng(0))
     png = io.BytesIO()
     Image.new("L", (300, 200)).save(png, "PNG")
     with pytest.raises(ImageTooLarge, match="300x200"):  # PIL's path: the size from the header, before load

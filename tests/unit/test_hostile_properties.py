@@ -55,18 +55,25 @@ members = st.lists(st.tuples(names, st.binary(max_size=64) | st.just(JPG), st.sa
 
 
 @budget(40)
-@given(members, st.lists(st.tuples(st.integers(0, 4000), st.integers(0, 255)), max_size=8), st.integers(0, 4096))
-def test_a_tar_of_any_members_reads_as_samples_or_one_damaged_shard_marker(tmp_path_factory, parts, flips, cut):
+@given(members, st.booleans(), st.lists(st.tuples(st.integers(0, 4000), st.integers(0, 255)), max_size=8),
+       st.integers(0, 4096))
+def test_a_tar_of_any_members_reads_as_samples_or_one_damaged_shard_marker(tmp_path_factory, parts, damaged,
+                                                                           flips, cut):
     data = bytearray(b"".join(_member(*p) for p in parts) + b"\0" * 1024)
-    for at, value in flips:  # damage: header fields, sizes, checksums, names
-        if at < len(data):
-            data[at] = value
+    if damaged:
+        for at, value in flips:  # header fields, sizes, checksums, names
+            if at < len(data):
+                data[at] = value
+        data = data[:cut]
     path = tmp_path_factory.mktemp("tar") / "s.tar"
-    path.write_bytes(bytes(data[:cut] if cut < len(data) else data))
-    for sample in raw_samples([str(path)], Storage()):
+    path.write_bytes(bytes(data))
+    samples = list(raw_samples([str(path)], Storage()))
+    for sample in samples:
         assert isinstance(sample["__key__"], str)
         assert sample["__key__"] == SHARD_ERROR_KEY or all(isinstance(v, bytes) for k, v in sample.items()
                                                             if not k.startswith("__"))
+    if not damaged:  # any member names (not UTF-8 included), kinds and sizes: the whole shard is read
+        assert not any(s["__key__"] == SHARD_ERROR_KEY for s in samples), samples[-1]
     out = parse_sample(bytes(data[:cut]), "s.tar")  # a worker's byte range: the sample, or None
     assert out is None or isinstance(out, dict)
 
