@@ -25,6 +25,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -183,8 +184,10 @@ def main() -> int:
         (corpus / f"m-{i:06d}.jpg").write_bytes(data)
     env = dict(os.environ, LD_PRELOAD=runtime(a.cc), ASAN_OPTIONS="detect_leaks=0:abort_on_error=0:exitcode=86",
                UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1:exitcode=87")
+    start = time.monotonic()
     run = subprocess.run([sys.executable, __file__, "--child", str(work), str(corpus), str(a.seed)], env=env,
                          capture_output=True, text=True)
+    seconds = time.monotonic() - start
     total = len(bases) + a.inputs
     if run.returncode != 0:
         current = (corpus / "current").read_text() if (corpus / "current").exists() else "?"
@@ -205,7 +208,8 @@ def main() -> int:
               "simplejpeg": simplejpeg.__version__, "compiler": subprocess.run([a.cc, "--version"], capture_output=True,
                                                                                 text=True).stdout.splitlines()[0],
               "sanitizers": "address,undefined", "corpus": total, "layouts": len(bases), "seed": a.seed,
-              "decodes": sum(counts.values()), "ended": counts, "findings": 0}
+              "decodes": sum(counts.values()), "ended": counts, "findings": 0,
+              "decode_seconds": round(seconds, 1)}
     print(json.dumps(result, indent=1))
     if a.out:
         Path(a.out).write_text(json.dumps(result, indent=1) + "\n")
