@@ -61,7 +61,7 @@ static const char *decode(const unsigned char *data, size_t size, unsigned char 
     jpeg_mem_src(&cinfo, data, (unsigned long)size);
     jpeg_read_header(&cinfo, TRUE);
     /* Before jpeg_start_decompress, which allocates by the header's size (a progressive image's whole
-     * coefficient buffer: 2 bytes per pixel and component, 2.4 GB for a 430-byte 20000x20000 header). */
+     * coefficient buffer: 2 bytes per pixel and component, up to 2.4 GB for a 430-byte 20000x20000 header). */
     if (max_pixels > 0 && (uint64_t)cinfo.image_width * cinfo.image_height > max_pixels) {
         snprintf(err->message, sizeof err->message, "the header says %ux%u pixels, above the limit of %llu",
                  (unsigned)cinfo.image_width, (unsigned)cinfo.image_height, (unsigned long long)max_pixels);
