@@ -29,6 +29,7 @@ import numpy as np
 from PIL import Image
 
 from data_pipeline.errors import DataSpecError
+from data_pipeline.image.limits import DEFAULT_MAX_IMAGE_PIXELS, ImageTooLarge, open_image
 from data_pipeline.shards.labels import LABEL_FORMS, BadLabel, parse_label_source, raw_label
 from data_pipeline.shards.manifest import make_manifest, publish_manifest
 from data_pipeline.shards.spec import expand_urls
@@ -119,9 +120,10 @@ def items_from_shards(spec: str, storage: Storage, label: str = "cls") -> tuple[
     return [(k, img, index[v] if isinstance(v, str) else v) for k, img, v in found], names or None
 
 
-def prepare(data: bytes, resize: int | None, quality: int) -> bytes:
-    """JPEG bytes, short side resized down to ``resize`` if larger; JPEGs pass through untouched otherwise."""
-    img = Image.open(io.BytesIO(data))
+def prepare(data: bytes, resize: int | None, quality: int, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> bytes:
+    """JPEG bytes, short side resized down to ``resize`` if larger; JPEGs pass through untouched otherwise.
+    ``ImageTooLarge`` when the header asks for more than ``max_pixels``: training would skip it anyway."""
+    img = open_image(data, max_pixels)  # the header only
     if resize is None and img.format == "JPEG" and img.mode == "RGB":
         return data
     img = img.convert("RGB")
@@ -168,7 +170,7 @@ def _write_one(args: tuple) -> tuple[dict, int]:
             check_key(key)  # a key webdataset would split stops the write: skipping it would lose samples quietly
             try:
                 shard.write(key, prepare(_image_bytes(src, storage), resize, quality), label)
-            except (OSError, ValueError) as exn:
+            except (OSError, ValueError, ImageTooLarge) as exn:
                 bad += 1
                 log.warning("skipping %s (%s): %s", key, src if isinstance(src, str) else "bytes", exn)
         return shard.publish(), bad

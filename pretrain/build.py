@@ -353,7 +353,7 @@ def build_train_loader(cfg: DictConfig, dist_info: DistInfo, batch_size: int, st
     a = d.augment
     randaugment = RandAugment(a.randaugment_ops, a.randaugment_magnitude) if a.randaugment_ops else None
     transform = TrainTransform(d.image_size, scale=tuple(a.scale), ratio=tuple(a.ratio), hflip=a.hflip,
-                               randaugment=randaugment)
+                               randaugment=randaugment, max_pixels=d.max_image_pixels)
     missing = partial_decode_missing()
     if d.decode != "gpu" and missing and dist_info.rank == 0:
         log.warning("%s", missing)
@@ -371,7 +371,8 @@ def build_train_loader(cfg: DictConfig, dist_info: DistInfo, batch_size: int, st
         return TrainLoader(sources, batch_size=batch_size, transform=transform, seed=cfg.train.seed,
                            rank=dist_info.rank, world_size=dist_info.world_size, num_workers=workers,
                            shuffle_buffer=d.shuffle_buffer, pin_memory=dist_info.device.type == "cuda",
-                           epoch_mode=d.epoch_mode, storage=storage, label=d.label, cache=build_shard_cache(cfg))
+                           epoch_mode=d.epoch_mode, storage=storage, label=d.label, cache=build_shard_cache(cfg),
+                           num_classes=cfg.model.num_classes if isinstance(cfg.model.num_classes, int) else None)
     except DataSpecError as exc:
         where = "data.sources" if d.sources else "data.train"
         raise type(exc)(f"{where}: {exc}; set {where} to your shards' manifest (.json)") from None

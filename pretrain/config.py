@@ -128,6 +128,10 @@ class DataConfig:
     # Corrupt or unreadable samples are skipped and counted; above this fraction the run stops,
     # because a silently shrinking data set is worse than a clear failure.
     max_skip_fraction: float = 0.01
+    # An image whose header asks for more pixels than this is a bad_image skip, refused before any decoder
+    # allocates (a 430-byte JPEG can claim 20000x20000: 1-2.5 GB of coefficients). The default is Pillow's own
+    # refusal threshold, above the largest camera photos (150 MP); raise it for scans or panoramas.
+    max_image_pixels: int = 178_956_970
     # Where the labels are: cls (the .cls member, the default), txt (a class name in .txt) or json:FIELD
     # (an index or a class name in the .json member: img2dataset's `--save_additional_columns '["label"]'`
     # gives json:label); class names map through the manifest's classes (docs/manifest.md).
@@ -529,6 +533,8 @@ RULES: dict[str, Rule] = {
                            "'' (off) or a directory on the node's local disk (no URL)"),
     "data.cache.max_bytes": COUNT,
     "data.max_skip_fraction": FRACTION,
+    "data.max_image_pixels": Rule(lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 < v < 2**62,
+                                  "a whole number of pixels > 0"),
     "data.label": LABEL,
     "data.sources.*.label": optional(LABEL),
     "optim.lr": POSITIVE,

@@ -39,6 +39,7 @@ class ResolvedSource:
     classes: list[str] | None = None  # the manifests' class names (labels given as names map through them)
     label: str = "cls"  # where the manifests' indexer found the labels ("": a manifest that does not say)
     reads: str = "cls"  # where this run reads them: the source's own label, else data.label
+    num_classes: int | None = None  # the manifests' class count (the largest): labels at or above it are skipped
 
 
 def index_command(spec: str) -> str:
@@ -67,9 +68,26 @@ def resolve_source(source: DataSource, index: int, storage: Storage) -> Resolved
     if int(counts.sum()) == 0:
         raise DataSpecError(f"data spec {source.spec!r}: its {len(counts)} shard(s) hold no sample")
     classes = next((m.classes for m in manifests if m.classes), None)
+    given = [m.header.get("num_classes") or len(m.classes or ()) for m in manifests]
+    num_classes = max(given) if all(isinstance(n, int) and n > 0 for n in given) else None
+    for m, n in zip(manifests, given):
+        check_label_range(m, n)
     return ResolvedSource(source.name or f"source{index}", ShardUrls(tables), counts, float(source.weight),
                           ShardOffsets(tables, [m.offsets for m in manifests], storage), classes,
-                          recorded_label([m.header for m in manifests]))
+                          recorded_label([m.header for m in manifests]), num_classes=num_classes)
+
+
+def check_label_range(manifest: Manifest, num_classes: object) -> None:
+    """Stop at start-up when the manifest's table records a shard holding a class index at or above the
+    manifest's own ``num_classes`` (a manifest edited or assembled by hand): its head would be too small."""
+    ranges = manifest.table.labels
+    if ranges is None or not len(ranges) or not isinstance(num_classes, int) or num_classes <= 0:
+        return
+    worst = int(np.argmax(ranges[:, 1]))
+    if int(ranges[worst, 1]) >= num_classes:
+        raise DataSpecError(f"manifest {manifest.url}: shard {manifest.table.url(worst)} holds class index "
+                            f"{int(ranges[worst, 1])}, but the manifest says num_classes {num_classes}; rebuild it "
+                            f"with `python -m data_pipeline.index 'SHARDS' --out {manifest.url}`")
 
 
 def recorded_label(headers: Sequence[dict]) -> str:

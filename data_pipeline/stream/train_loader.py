@@ -59,6 +59,7 @@ class TrainLoader:
         lookahead: int = 0,
         label: str = "cls",
         cache: ShardCache | None = None,
+        num_classes: int | None = None,
     ) -> None:
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -80,6 +81,7 @@ class TrainLoader:
         if any(s.weight <= 0 for s in specs):
             raise DataSpecError(f"source weights must be > 0, got {[s.weight for s in specs]}")
         self.storage, self.cache = storage, cache
+        self.num_classes = num_classes  # the model head's: labels at or above it are bad_label skips
         self.label = str(parse_label_source(label))  # ValueError: one line naming the accepted forms
         self.sources = self._resolve(specs)
         for i, (spec, s) in enumerate(zip(specs, self.sources)):  # each source's own label, else data.label
@@ -142,7 +144,7 @@ class TrainLoader:
         """What the DataLoader workers need, from the current position (``schedule_args``)."""
         return WorkerSpec(self.sources, self.schedule_args(), self.transform, self.seed, self.window,
                           self.resampled, self.storage, max(1, self.num_workers), self.lookahead, self.label,
-                          self.cache)
+                          self.cache, self.num_classes)
 
     def __iter__(self) -> Iterator[Batch]:
         dataset = TrainWorkerStream(self.worker_spec())

@@ -62,6 +62,13 @@ class WorkerSpec:
     lookahead: int  # batches a worker plans ahead
     label: str = "cls"  # where the labels are (data.label): cls, txt, json:FIELD
     cache: ShardCache | None = None  # the node's shard cache (data.cache), None: off
+    num_classes: int | None = None  # the model head's class count (None: the manifests' alone bound labels)
+
+
+def _bound(*counts: int | None) -> int | None:
+    """The smallest known class count: a label must fit both its manifest and the head."""
+    known = [n for n in counts if n]
+    return min(known) if known else None
 
 
 def _blank(transform: TrainTransform, size: int) -> Any:
@@ -88,7 +95,8 @@ class TrainWorkerStream(IterableDataset):
         spec = self.spec
         schedule = RankSchedule(**spec.schedule_args)
         readers: dict[tuple[int, int], EpochReader] = {}
-        label_of = [LabelReader(src.reads, src.classes) for src in spec.sources]  # per source: its own label
+        label_of = [LabelReader(src.reads, src.classes, _bound(spec.num_classes, src.num_classes))
+                    for src in spec.sources]  # per source: its own label, within its manifest and the head
         queue: deque[tuple[int, list]] = deque()  # this worker's upcoming batches, positions announced
         next_index = 0
         started: dict[tuple[int, int], float] = {}  # when this worker started each (source, epoch)
