@@ -107,7 +107,9 @@ class Trainer:
                  self.micro_batch_size, self.accum_steps, self.engine.kind, self.dist.device, self.run_dir)
 
     def resume(self) -> None:
-        restored = self.checkpointer.restore(self.engine)  # weights + optimiser, in the engine's own layout
+        choice = self.cfg.checkpoint.resume  # auto, or step_N: take that one even if it fails verification
+        pick = int(choice.removeprefix("step_")) if choice.startswith("step_") else None
+        restored = self.checkpointer.restore(self.engine, pick)  # weights + optimiser, in the engine's own layout
         if restored is None:
             return
         self.engine.load_scheduler_state(restored.shared["scheduler"])
@@ -183,7 +185,7 @@ class Trainer:
 
     def train(self) -> None:
         cfg = self.cfg
-        if cfg.checkpoint.resume == "auto":
+        if cfg.checkpoint.resume != "never":
             self.resume()
         # At the step the run (re)starts from: an elastic restart on fewer nodes shows up as a drop here.
         self.monitor.scalars(self.step, {"dist/world_size": self.dist.world_size})
