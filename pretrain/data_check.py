@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 from data_pipeline.errors import DataSpecError
 from data_pipeline.shards.manifest import read_index
 from data_pipeline.shards.spec import spec_parts
-from data_pipeline.storage import Storage
+from data_pipeline.storage import Storage, exists
 from data_pipeline.stream.sources import index_command
 
 # What the shipped configs put where the user's data goes (configs/b16.yaml: s3://your-bucket/...).
@@ -70,8 +70,7 @@ def check_path(key: str, spec: str, storage: Storage, where: str) -> None:
                 urls = list(braceexpand(part))
             if not urls:
                 raise DataSpecError(f"{part!r} names no shards")
-            fs, path = storage.fs(urls[0])
-            if not fs.exists(path):
+            if not exists(storage, urls[0]):  # a store that does not answer is retried, not "not found"
                 raise DataSpecError(f"{urls[0]}: first shard of {part!r} not found")
     except DataSpecError as e:  # StorageError included: it names the URL
         raise DataSpecError(f"{key}: {e}") from None
