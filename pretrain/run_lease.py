@@ -48,6 +48,52 @@ class RunDirBusy(RuntimeError):
     """Another live run owns the run dir; the message names it."""
 
 
+class RunDirUnusable(RuntimeError):
+    """The run dir (or its checkpoint dir) is not a writable directory; the message names the path and why."""
+
+
+PROBE_PREFIX = ".write-probe-"
+
+
+def _file_above(fs: fsspec.AbstractFileSystem, path: str) -> str | None:
+    """`path` itself or the nearest of its parents that exists, when that is a file (None otherwise)."""
+    while path and path not in ("/", "."):
+        if fs.exists(path):
+            return path if fs.isfile(path) else None
+        parent = path.rstrip("/").rsplit("/", 1)[0] if "/" in path.rstrip("/") else ""
+        if parent == path:
+            return None
+        path = parent
+    return None
+
+
+def check_run_dir(run_dir: str) -> None:
+    """`run_dir` is a directory (created if missing) where this process can write, and so is its checkpoint
+    dir when it exists: each tested by writing and removing a probe file through fsspec (local and object
+    storage alike), before anything else is written or generated. RunDirUnusable names the path otherwise
+    (a file, a path below a file, a read-only or foreign directory), instead of a traceback at the first save."""
+    fs, root = fsspec.core.url_to_fs(run_dir)
+    root = root.rstrip("/") or "/"
+    url = run_dir if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(root)
+    above = _file_above(fs, root)
+    if above is not None:
+        where = "is a file" if above == root else f"is below the file {above}"
+        raise RunDirUnusable(f"run.dir {url} {where}, not a directory; choose another run.dir")
+    for path, what in ((root, "run.dir"), (f"{root}/checkpoints", "its checkpoint dir")):
+        if path != root and not fs.exists(path):
+            continue  # created at the first save, in the run dir just probed
+        probe = f"{path}/{PROBE_PREFIX}{secrets.token_hex(4)}"
+        try:
+            fs.makedirs(path, exist_ok=True)
+            fs.pipe_file(probe, b"probe")
+            fs.rm_file(probe)
+        except Exception as e:  # noqa: BLE001 -- PermissionError, EROFS, a bucket that refuses: each is the answer
+            name = url if path == root else f"{url}/checkpoints"
+            why = e.strerror if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {e}"
+            raise RunDirUnusable(f"{what} {name} is not writable ({why}); make it writable or choose another "
+                                 "run.dir") from None
+
+
 @dataclass(frozen=True)
 class Owner:
     token: str

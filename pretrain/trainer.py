@@ -60,7 +60,7 @@ class Trainer:
         self.batch_size = self.micro_batch_size * self.accum_steps  # per rank per optimiser step
         build.check_model_config(cfg, config_source)  # a bad model setting is found before any data is touched
         storage = build.build_storage(cfg)  # the one handle every data read goes through
-        build.prepare_data(cfg, self.dist, storage)
+        build.prepare_data(cfg, self.dist, storage, config_source)
         # Every data path (training, val, each evaluator's) fails here, before anything is allocated.
         build.check_data(cfg, storage, config_source)
         self.cfg = cfg = build.resolve_num_classes(cfg, storage, config_source)  # model.num_classes: auto
