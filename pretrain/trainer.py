@@ -306,7 +306,7 @@ class Trainer:
             messages = [None] * torch.distributed.get_world_size()
             torch.distributed.all_gather_object(messages, self.data_error)
         raise StorageError(next(m for m in messages if m) + f" (stopped at step {self.step}; the last checkpoint "
-                           "is kept, resume from it once the storage answers)")
+                           "is kept: resume from it once that is fixed)")
 
     def checkpoint_time_due(self) -> bool:
         """`checkpoint.every_minutes` of wall time since the last save. Rank 0's clock decides, and

@@ -1,5 +1,7 @@
 """Every checkpoint of a run dir fails its sha256: the resume stops with one line naming each and the
 ways out, and changes nothing; `checkpoint.resume=step_N` takes one anyway (through pretrain/main.py)."""
+import time
+
 from tests.conftest import ROOT, run_main
 
 
@@ -24,13 +26,16 @@ def test_no_verified_checkpoint_stops_and_erases_nothing(tmp_path, demo_root):
         f.write_bytes(bytes(data))
     before = tree(run / "checkpoints")
 
+    t0 = time.monotonic()
     r = run_main(args(run, demo_root, 9))
+    took = time.monotonic() - t0
     assert r.returncode == 2, r.stderr[-2000:]
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("error: no checkpoint in") and "Traceback" not in r.stderr
     assert "step_0000003/shared.pt: checksum mismatch" in last and "step_0000006/shared.pt: checksum mismatch" in last
     assert "checkpoint.resume=step_0000006" in last and "run.dir" in last
     assert tree(run / "checkpoints") == before  # nothing deleted, nothing trained over them
+    print(f"no checkpoint verifies: stopped {took:.1f}s after start")
 
     r = run_main(args(run, demo_root, 9, "checkpoint.resume=step_0000006"))
     assert r.returncode == 0, r.stderr[-2000:]

@@ -75,9 +75,11 @@ def test_second_indexer_on_the_same_out_is_refused_naming_the_first(gated_http, 
     while _GatedHandler.requests < 3:  # the first is indexing, held at the gate: it holds the claim
         assert first.poll() is None and time.time() < deadline, first.communicate()
         time.sleep(0.05)
+    t0 = time.monotonic()
     second = _index(spec, out, tmp_path)
     try:
         err2 = second.communicate(timeout=90)[1]
+        print(f"second indexer refused {time.monotonic() - t0:.1f}s after its start")
     finally:
         _GatedHandler.gate.set()  # the first goes on (and, were the second not refused, the second too)
     out1, err1 = first.communicate(timeout=120)

@@ -3,11 +3,19 @@ written and removed), so is its checkpoint dir, and the data paths outside the d
 before the demo data is generated. Each ends in one line, before any training step."""
 import os
 import subprocess
+import time
 
 import pytest
 
 from pretrain.run_lease import RunDirUnusable, check_run_dir
 from tests.conftest import ROOT, run_main, tiny_args
+
+
+def timed(args):
+    t0 = time.monotonic()
+    r = run_main(args, timeout=120)
+    r.took = time.monotonic() - t0
+    return r
 
 
 def only_line(r):
@@ -20,8 +28,10 @@ def test_run_dir_that_is_a_file_or_below_one_is_one_line(tmp_path):
     demo_root = tmp_path / "no_data"  # never reached: the run dir is checked first
     afile = tmp_path / "notes.txt"
     afile.write_text("not a run dir")
-    line = only_line(run_main(tiny_args(afile, demo_root, 4, 2), timeout=120))
+    r = timed(tiny_args(afile, demo_root, 4, 2))
+    line = only_line(r)
     assert line == f"error: run.dir {afile} is a file, not a directory; choose another run.dir"
+    print(f"run.dir is a file: stopped {r.took:.1f}s after start")
     line = only_line(run_main(tiny_args(afile / "run", demo_root, 4, 2), timeout=120))
     assert line == f"error: run.dir {afile}/run is below the file {afile}, not a directory; choose another run.dir"
     assert afile.read_text() == "not a run dir" and not demo_root.exists()
@@ -45,7 +55,9 @@ def read_only_checkpoints(tmp_path):
 def test_read_only_checkpoint_dir_stops_at_start_not_at_the_first_save(read_only_checkpoints):
     run = read_only_checkpoints
     demo_root = run.parent / "no_data"  # never reached: the run dir is checked first
-    line = only_line(run_main(tiny_args(run, demo_root, 4, 2, "eval.mode=none"), timeout=120))
+    r = timed(tiny_args(run, demo_root, 4, 2, "eval.mode=none"))
+    line = only_line(r)
+    print(f"read-only checkpoint dir: stopped {r.took:.1f}s after start")
     assert line == (f"error: its checkpoint dir {run}/checkpoints is not writable (Read-only file system); make it "
                     "writable or choose another run.dir")
     assert not (run / "config.yaml").exists() and not demo_root.exists()  # nothing written before the check
@@ -61,8 +73,9 @@ def test_probe_leaves_nothing_behind(tmp_path):
 
 def test_placeholder_beside_the_demo_is_found_before_the_demo_data_is_generated(tmp_path):
     root = tmp_path / "demo_data"  # empty: the demo would generate its data here first
-    line = only_line(run_main(tiny_args(tmp_path / "run", root, 4, 2, "data.val=s3://your-bucket/val.json"),
-                              timeout=120))
+    r = timed(tiny_args(tmp_path / "run", root, 4, 2, "data.val=s3://your-bucket/val.json"))
+    line = only_line(r)
+    print(f"placeholder beside the demo: stopped {r.took:.1f}s after start")
     assert line.startswith("error: data.val is still the placeholder 's3://your-bucket/val.json' in ") and \
         line.endswith(str(ROOT / "configs/demo.yaml") + "; set it or set data.val=''"), line
     assert not root.exists()  # no demo data generated

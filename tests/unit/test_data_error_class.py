@@ -97,7 +97,9 @@ def test_connection_refused_on_a_remote_url_is_retried_not_not_found():
     t0 = time.monotonic()
     with pytest.raises(StorageError, match=r"gave up on .*x.tar after \d+s"):
         exists(Storage(give_up_after_s=1.0, backoff_s=0.1), url)
-    assert time.monotonic() - t0 >= 1.0
+    took = time.monotonic() - t0
+    assert took >= 1.0
+    print(f"connection refused: retried, gave up {took:.1f}s after the first attempt (1 s budget)")
 
 
 def test_start_check_says_gave_up_for_a_store_that_refuses_connections():
