@@ -279,6 +279,14 @@ def test_round_trip_on_s3_with_latest_marker(s3_server, monkeypatch):
     b = make_engine(seed=1)
     restored = Checkpointer(run, ONE).restore(b)
     assert restored.step == 2
+    # Only unpublished saves left (a kill during the first save): not checkpoints, so the run starts at 0;
+    # a published one that fails its checksums stops the resume instead.
+    fs.rm(f"{root}/checkpoints/step_0000002", recursive=True)
+    assert Checkpointer(run, ONE).restore(make_engine()) is None
+    save(ck, a, 4)
+    fs.pipe_file(f"{root}/checkpoints/step_0000004/shared.pt", b"damaged")
+    with pytest.raises(CheckpointError, match="no checkpoint in s3://.* verifies"):
+        Checkpointer(run, ONE).restore(make_engine())
 
 
 def test_async_save_snapshots_the_step_while_training_goes_on(tmp_path):
