@@ -6,7 +6,7 @@ on the same in-memory batches, interleaved rounds, median step time of each. Goa
     python bench/loop_overhead.py --model mixer_b16_224 --batch 128 --out bench/results/loop_overhead_h200.json
 
 Ours includes everything a step of Trainer.train pays: the loss guard (one all-reduce + one host read
-per step), the monitor (a host read on log steps), the engine's bookkeeping and the preemption check.
+per step), the monitor (a host read on log steps), the engine's bookkeeping and the step boundary's fault check.
 On CUDA both loops also run a few steps under torch.cuda.set_sync_debug_mode("warn") and report the
 synchronising calls per step. Batches are uint8 NHWC on the host (pinned on CUDA), as the loader
 delivers them; the data pipeline itself is not timed.
@@ -83,7 +83,7 @@ def bare_loop(trainer: Trainer):
 def ours(trainer: Trainer):
     def step(batches) -> None:
         trainer.train_step(batches)
-        trainer.preemption.requested()  # the per-step boundary check of Trainer.train
+        trainer.faults.at_boundary(trainer.step, health_due=False)  # the per-step boundary check of Trainer.train
 
     return step
 

@@ -1,8 +1,9 @@
-"""Cost of the per-step preemption check (a 1-element MAX all-reduce over gloo) for N ranks on this host.
+"""Cost of the per-step boundary check (pretrain/faults.py: one SUM all-reduce over gloo of the stop
+flags and skip counts, CPU tensors) for N ranks on this host.
 
   python bench/preemption_check.py [--ranks 2] [--calls 2000] [--out bench/results/preemption_check.json]
 
-The trainer calls PreemptionWatcher.requested() once per step; this measures what that adds to a step.
+The trainer calls Faults.at_boundary once per step; this measures what its collective adds to a step.
 """
 from __future__ import annotations
 
@@ -21,20 +22,25 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from pretrain.dist import DistInfo  # noqa: E402
-from pretrain.preemption import PreemptionWatcher  # noqa: E402
+from data_pipeline.stream.decode import SKIP_KINDS  # noqa: E402
+from pretrain.faults import FAULTS  # noqa: E402
+
+
+def boundary_values() -> torch.Tensor:
+    """A tensor of the boundary's size: a flag per fault (bad data is judged from the counts), the skip
+    counts per kind, the delivered count."""
+    return torch.zeros(len(FAULTS) - 1 + len(SKIP_KINDS) + 1, dtype=torch.float64)
 
 
 def worker(rank: int, world: int, port: int, calls: int, results) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    watcher = PreemptionWatcher(DistInfo(rank, world, 0, torch.device("cpu")))
     for _ in range(50):  # warm-up
-        watcher.requested()
+        dist.all_reduce(boundary_values())
     dist.barrier()
     t0 = time.perf_counter()
     for _ in range(calls):
-        watcher.requested()
+        dist.all_reduce(boundary_values())
     results[rank] = (time.perf_counter() - t0) / calls
     dist.destroy_process_group()
 

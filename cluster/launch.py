@@ -31,11 +31,11 @@ from pathlib import Path
 
 from cluster.hostlist import HostlistError, expand_hostlist, hostfile_text
 from cluster.rendezvous import default_port, node_address
+from pretrain.exit_codes import REQUEUE_EXIT_CODE
 
 ROOT = Path(__file__).resolve().parent.parent
 MAIN = str(ROOT / "pretrain" / "main.py")
 LAUNCHERS = ("torchrun", "deepspeed", "srun")
-REQUEUE_EXIT_CODE = 75  # = pretrain.preemption.REQUEUE_EXIT_CODE (not imported: no torch import for a dry run)
 # Elastic torchrun: a node whose agent stops its heartbeat (1 s) is dropped from the rendezvous after
 # 3 missed ones, and a round that has its minimum of nodes waits 2 s for more (defaults: 15 s and 30 s).
 ELASTIC_RDZV_CONF = "keep_alive_interval=1,keep_alive_max_attempt=3,last_call_timeout=2,join_timeout=300"

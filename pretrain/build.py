@@ -27,13 +27,13 @@ from .data_check import check_data_paths, manifest_num_classes, placeholder_erro
 from .dist import DistInfo, barrier, broadcast_object, node_leaders
 from .engines import Engine, build_engine, effective_kind
 from .evaluation import EVALUATORS, EvalContext, EvalRunner, Evaluator
+from .faults import Faults
 from .loss import build_loss
 from .loss_guard import LossGuard
 from .memory import GIB, MachineMemory, MemoryEstimate, estimate_memory, host_memory
 from .models import apply_mlp_impl, create_model
 from .monitor import Monitor
 from .optim import build_optimizer, build_scheduler
-from .preemption import PreemptionWatcher
 from .profiling import StepProfiler
 from .run_lease import RunDirBusy, RunDirUnusable, RunLease, check_run_dir
 
@@ -340,9 +340,12 @@ def build_profiler(cfg: DictConfig, dist_info: DistInfo) -> StepProfiler:
     return StepProfiler(cfg.run.dir, cfg.train.profile, dist_info)
 
 
-def build_preemption_watcher(dist_info: DistInfo) -> PreemptionWatcher:
-    """SIGTERM / SIGUSR1 (SLURM's warning, a spot reclaim) -> checkpoint at the step boundary, exit for requeue."""
-    return PreemptionWatcher(dist_info)
+def build_faults(cfg: DictConfig, dist_info: DistInfo, loader: TrainLoader, checkpointer: Checkpointer,
+                 lease: RunLease | None, monitor: Monitor) -> Faults:
+    """Each rank's stop flags and their one agreement per step (pretrain/faults.py); installs the handlers of
+    SIGTERM / SIGUSR1 (SLURM's warning, a spot reclaim): checkpoint at the step boundary, exit for requeue."""
+    return Faults(dist_info, loader, checkpointer, lease, cfg.train.steps, cfg.data.max_skip_fraction,
+                  monitor.scalars)
 
 
 def build_run_lease(cfg: DictConfig, dist_info: DistInfo) -> RunLease | None:

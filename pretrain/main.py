@@ -12,7 +12,6 @@ Any `dotted.key=value` after the options overrides the config file.
 from __future__ import annotations
 
 import argparse
-import errno
 import json
 import os
 import sys
@@ -52,34 +51,22 @@ def report(message: str, lost_peer: bool = False) -> None:
     print(f"error: {message}", file=sys.stderr)
 
 
-# What gloo (and the TCP store) say when the rank at the other end of a connection is gone.
-_PEER_GONE = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "Connection refused")
-
-
-def lost_peer(exn: BaseException) -> str | None:
-    """The words of a collective that failed because another rank died, or None for any other error."""
-    text = str(exn)
-    return next((marker for marker in _PEER_GONE if marker in text), None) if isinstance(exn, RuntimeError) else None
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from data_pipeline.errors import first_line
     from pretrain.config import ConfigError, load_config, to_yaml
+    from pretrain.exit_codes import BAD_INPUT, DONE
 
     overrides = list(args.overrides) + (["checkpoint.resume=auto"] if args.resume else [])
     try:  # before torch is imported: a bad value is reported in a second
         cfg = load_config(args.config, overrides)
     except ConfigError as e:
         report(first_line(e))
-        return 2
+        return BAD_INPUT
     if args.print_config:
         print(to_yaml(cfg), end="")
-        return 0
-    from data_pipeline.shards.spec import DataSpecError
-    from pretrain.checkpoint import CheckpointError
-    from pretrain.loss_guard import TrainingDiverged
-    from pretrain.preemption import REQUEUE_EXIT_CODE, Preempted
+        return DONE
+    from pretrain.faults import ending
     from pretrain.trainer import Trainer
 
     trainer = None
@@ -89,33 +76,22 @@ def main(argv: list[str] | None = None) -> int:
             # For the machines the run is meant for: GPUs unless the config says cpu.
             device_type = "cpu" if cfg.train.device == "cpu" else "cuda"
             print(memory_report(cfg, args.estimate_memory, args.config, device_type=device_type))
-            return 0
+            return DONE
         trainer = Trainer(cfg, config_source=args.config, local_rank=args.local_rank)
         trainer.train()
-    except (ConfigError, DataSpecError, CheckpointError, TrainingDiverged) as e:
-        report(first_line(e))
-        return 2
-    except Preempted as e:
-        print(f"{e}", file=sys.stderr)
-        return REQUEUE_EXIT_CODE
-    except RuntimeError as e:
-        why = lost_peer(e)
-        if why is None:
+    except Exception as e:  # noqa: BLE001 -- pretrain/faults.py maps each known cause to its line and exit code
+        end = ending(e)
+        if end is None:
             raise
-        # A survivor's 24-line gloo traceback says nothing about the rank that died; the launcher names it.
-        report(f"rank {os.environ.get('RANK', '?')}: another rank of this run is gone ({why} in a collective); "
-               "see the line about that rank", lost_peer=True)
-        return 1
-    except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
-            raise
-        # A full disk outside the checkpoint writer (which says more: see checkpoint.py): eval records, config.
-        report(f"{e.filename or 'the run dir'}: no space left on the device ({e.strerror}); free space or move run.dir")
-        return 2
+        if end.plain:
+            print(end.line, file=sys.stderr)
+        else:
+            report(end.line, lost_peer=end.lost_peer)
+        return end.code
     finally:
         if trainer is not None:
             trainer.close()
-    return 0
+    return DONE
 
 
 if __name__ == "__main__":

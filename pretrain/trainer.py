@@ -11,18 +11,15 @@ import fsspec
 import torch
 from omegaconf import DictConfig
 
-from data_pipeline.stream.batch import Batch
-from data_pipeline.stream.decode import SKIP_KINDS
-from data_pipeline.errors import DataSpecError
-from data_pipeline.storage import RetryInterrupted, StorageError, interrupt_retries_when
+from data_pipeline.storage import RetryInterrupted, interrupt_retries_when
 
 from . import build
 from .atomic import write_atomic
 from .checkpoint import capture_rng, restore_rng
 from .config import ConfigError, to_yaml
-from .dist import all_reduce_sum, broadcast, broadcast_object, describe_world, init_distributed, shutdown
+from .dist import broadcast, describe_world, init_distributed, shutdown
+from .faults import Preempted, Stop
 from .monitor import itstime
-from .preemption import Preempted, WaitInterrupted
 
 log = logging.getLogger("pretrain")
 
@@ -76,8 +73,6 @@ class Trainer:
         torch.manual_seed(cfg.train.seed + 1000 * (self.dist.rank + 1))
         n_params = sum(p.numel() for p in model.parameters())
         self.loader = build.build_train_loader(cfg, self.dist, self.micro_batch_size, storage)
-        self.data_error: str | None = None  # this rank's storage failed for good (see next_batch)
-        self.last_batch: Batch | None = None
         self.engine = build.build_train_engine(cfg, model, self.dist, config_source)
         self.loss_fn = build.build_train_loss(cfg)
         self.guard = build.build_loss_guard(cfg)
@@ -91,9 +86,9 @@ class Trainer:
         self.step = 0  # optimiser steps taken; everything else is owned by the components
         self.last_save = time.monotonic()  # for checkpoint.every_minutes
         self.profiler = build.build_profiler(cfg, self.dist)  # train.profile: traces of chosen steps
-        self.preemption = build.build_preemption_watcher(self.dist)  # SIGTERM/SIGUSR1 -> checkpoint, exit
-        interrupt_retries_when(self.preemption.stop_reason)  # a signal ends this process's storage retry waits
-        self.cut_short = False  # a signal ended this rank's wait for data: the step is dropped (train_step)
+        # Stop flags and their one agreement per step; SIGTERM/SIGUSR1 -> checkpoint, exit for requeue.
+        self.faults = build.build_faults(cfg, self.dist, self.loader, self.checkpointer, self.lease, self.monitor)
+        interrupt_retries_when(self.faults.preemption.stop_reason)  # a signal ends this process's retry waits
         self.saved_step: int | None = None  # the step of the last checkpoint this run saved
         if cfg.checkpoint.resume == "never" and self.checkpointer.list_steps():
             raise ConfigError(f"{config_source}: checkpoint.resume is 'never' but {self.run_dir} already "
@@ -157,32 +152,6 @@ class Trainer:
             broadcast(tensor)
         return replica
 
-    def check_data_health(self) -> None:
-        """Collective: report skipped samples, and stop if too large a fraction of the data is bad (naming
-        one skipped sample of the commonest kind, and why), or if this run lost its run dir's lease."""
-        skipped = self.loader.skipped
-        lease_lost = float(self.lease is not None and self.lease.lost is not None)  # rides along: no extra collective
-        *counts, lost = all_reduce_sum(torch.tensor([skipped[k] for k in SKIP_KINDS] + [self.loader.delivered,
-                                                    lease_lost], dtype=torch.float64)).tolist()
-        if lost:  # another run took the run dir over (it thought this one dead): stop, writing nothing more
-            raise ConfigError(str(broadcast_object(self.lease.lost if self.lease is not None else None)))
-        bad, delivered = sum(counts[:-1]), counts[-1]
-        if bad:
-            self.monitor.scalars(self.step, {f"data/skipped_{k}": v for k, v in zip(SKIP_KINDS, counts)})
-        self.monitor.scalars(self.step, self.loader.metrics())  # epochs, mixing shares, epoch-end drops
-        fraction = bad / max(1.0, bad + delivered)
-        if fraction > self.cfg.data.max_skip_fraction:
-            # Every rank is here (the counts are global): gather one example of the commonest kind.
-            kind = max(zip(SKIP_KINDS, counts), key=lambda kv: kv[1])[0]
-            causes = [self.loader.skip_causes]
-            if torch.distributed.is_available() and torch.distributed.is_initialized():
-                causes = [{}] * self.dist.world_size
-                torch.distributed.all_gather_object(causes, self.loader.skip_causes)
-            example = next((c[kind] for c in causes if kind in c), "see the warnings above")
-            raise DataSpecError(f"{fraction:.1%} of the samples read so far were skipped as unusable "
-                                f"({', '.join(f'{k} {int(v)}' for k, v in zip(SKIP_KINDS, counts) if v)}), above "
-                                f"data.max_skip_fraction={self.cfg.data.max_skip_fraction}; {kind}: {example}")
-
     def train(self) -> None:
         cfg = self.cfg
         if cfg.checkpoint.resume != "never":
@@ -193,46 +162,45 @@ class Trainer:
             log.info("nothing to do: %s is already at step %d of %d (raise train.steps, or use a new run.dir)",
                      self.run_dir, self.step, cfg.train.steps)
             return
-        if self.step == 0 and self.eval_inline and cfg.eval.baseline:
-            t0 = time.perf_counter()
-            try:
-                self.evaluate(self._eval_model(), 0, "initial weights")  # the random-init baseline row
-            except RetryInterrupted as e:
-                log.warning("%s: evaluation abandoned", e)
-                self.stop_for_requeue()
-            self.monitor.pause(time.perf_counter() - t0)
         batches = iter(self.loader)
-        self.engine.model.train()
         try:
+            if self.step == 0 and self.eval_inline and cfg.eval.baseline:
+                self.evaluate_baseline()
+            self.engine.model.train()
             while self.step < cfg.train.steps:
                 with self.profiler.step(self.step + 1):
                     self.train_step(batches)
                 # ---- step boundary: weights, schedule and data position agree on self.step here
-                preempted = self.preemption.requested(data_failed=self.data_error is not None,
-                                                      save_failed=self.checkpointer.failed())  # collective
-                if self.preemption.save_failed:
-                    self.checkpointer.wait()  # raises the failed save's one line, the same on every rank
-                if self.preemption.data_failed:
-                    self.stop_on_data_error()
-                if preempted and (self.step < cfg.train.steps or self.cut_short):  # see preemption.py
-                    self.stop_for_requeue()
                 save_due = itstime(self.step, cfg.checkpoint.every_steps, cfg.train.steps) or self.checkpoint_time_due()
-                if itstime(self.step, cfg.train.log_every, cfg.train.steps) or save_due:
-                    self.check_data_health()  # also before each save: no checkpoint of a run on bad data
-                if save_due:
+                health_due = save_due or itstime(self.step, cfg.train.log_every, cfg.train.steps)
+                if stop := self.faults.at_boundary(self.step, health_due):  # the one collective (faults.py)
+                    self.stop(stop)
+                if save_due:  # never a checkpoint of a run on bad data: judged above
                     self.save_and_evaluate()
-        except RetryInterrupted as e:  # an evaluation was waiting on a store that does not answer
+        except RetryInterrupted as e:  # an evaluation was waiting on a store that does not answer (a signal came)
             log.warning("%s: evaluation abandoned", e)
             self.stop_for_requeue()
         self.checkpointer.wait()  # the last checkpoint is published before the run says it is done
         log.info("done: %d steps, run dir %s", self.step, self.run_dir)
 
-    def stop_for_requeue(self) -> None:
+    def evaluate_baseline(self) -> None:
+        """The random-init row of the evaluation records (step 0), paused out of img/s."""
+        t0 = time.perf_counter()
+        self.evaluate(self._eval_model(), 0, "initial weights")
+        self.monitor.pause(time.perf_counter() - t0)
+
+    def stop(self, stop: Stop) -> None:
+        """The boundary's decision, taken alike on every rank: requeue (checkpoint, exit 75) or raise its line."""
+        if stop.requeue:
+            self.stop_for_requeue(stop.reason)
+        raise stop.error
+
+    def stop_for_requeue(self, reason: str | None = None) -> None:
         """Preempted: checkpoint the last finished step (unless this run just saved it) and exit for a requeue."""
         if self.saved_step != self.step:
             self.save_and_evaluate(evaluate=False)  # the grace period is short: checkpoint only
         self.checkpointer.wait()
-        raise Preempted(self.step, self.preemption.reason())
+        raise Preempted(self.step, reason or self.faults.preemption.reason())
 
     def train_step(self, batches: Iterator) -> None:
         """One optimiser step: `accum_steps` micro batches, then the update or, for a bad loss, a skip.
@@ -249,7 +217,7 @@ class Trainer:
         data_wait, losses, pending, bad = 0.0, [], [], None
         for i in range(self.accum_steps):
             t0 = time.perf_counter()
-            batch = self.next_batch(batches)  # consumed even in a skipped step: the stream stays in step
+            batch = self.faults.next_batch(batches, self.step)  # consumed even in a skipped step: stream stays in step
             data_wait += time.perf_counter() - t0
             if bad is not None:
                 continue
@@ -260,13 +228,13 @@ class Trainer:
             losses.append(loss.detach())
             pending.append(losses[-1])
             if i == self.accum_steps - 1 or self.engine.judge_each_micro_batch:
-                bad, pending = self.guard.judge(pending, veto=self.cut_short), []
+                bad, pending = self.guard.judge(pending, veto=self.faults.cut_short), []
             if bad is None:
                 self.engine.backward(loss)
         if self.guard.vetoed:  # no update, no schedule step: the step never happened
             self.loader.rewind()
             restore_rng(rng)
-            self.cut_short = True
+            self.faults.cut_short = True
             log.warning("step %d dropped: %s; saving step %d", self.step + 1, bad, self.step)
             return
         lr = self.engine.lr  # the rate this update uses; step() advances the schedule
@@ -280,33 +248,6 @@ class Trainer:
             self.monitor.skipped_step(self.step + 1)
         self.guard.end_step(self.step + 1, bad)
         self.step += 1
-
-    def next_batch(self, batches) -> Batch:
-        """The next micro batch. When this rank's storage failed for good, the last batch stands in until the
-        step boundary, where every rank learns of it and all stop together: no rank waits in a collective."""
-        if self.data_error is None and not self.cut_short:
-            try:
-                with self.preemption.interruptible():  # a preemption signal ends a wait on stalled storage
-                    self.last_batch = next(batches)
-                return self.last_batch
-            except StorageError as e:
-                self.data_error = str(e)
-                log.error("data storage failed: %s; stopping at the end of this step without saving", e)
-            except (WaitInterrupted, RetryInterrupted) as e:
-                self.cut_short = True
-                log.warning("%s; this step is dropped and step %d is saved", e, self.step)
-        if self.last_batch is None:
-            self.last_batch = self.loader.blank_batch()
-        return self.last_batch
-
-    def stop_on_data_error(self) -> None:
-        """Collective: every rank raises the same one-line error (the failing rank's); nothing new is saved."""
-        messages = [self.data_error]
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            messages = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(messages, self.data_error)
-        raise StorageError(next(m for m in messages if m) + f" (stopped at step {self.step}; the last checkpoint "
-                           "is kept: resume from it once that is fixed)")
 
     def checkpoint_time_due(self) -> bool:
         """`checkpoint.every_minutes` of wall time since the last save. Rank 0's clock decides, and

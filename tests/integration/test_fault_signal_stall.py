@@ -16,7 +16,7 @@ import torch
 
 from data_pipeline.shards.tar_write import encode_jpeg, write_shards
 from data_pipeline.storage import Storage
-from pretrain.preemption import REQUEUE_EXIT_CODE
+from pretrain.exit_codes import REQUEUE_EXIT_CODE
 from tests.conftest import free_port, tiny_args
 from tests.integration.test_preemption import checkpoint_steps, start
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pretrain.preemption import REQUEUE_EXIT_CODE
+from pretrain.exit_codes import REQUEUE_EXIT_CODE
 from tests.conftest import MAIN, ROOT, free_port, tiny_args
 
 pytestmark = pytest.mark.slow
