@@ -471,13 +471,15 @@ class Checkpointer(CheckpointReader):
                     self.fs.put_file(src, f"{work}/{rel}")
         return files
 
-    def _purge(self, saved: int) -> None:
+    def _purge(self, saved: int | None = None) -> None:
         """Keep the newest `keep_last`, plus every `keep_every`-th step for the long view. Only checkpoints
         older than `saved`, the one just published, are candidates: a later step's directory (left by a run
         that went further, e.g. before a resume from an older checkpoint) is superseded by nothing yet and
         stays. Also drops the `.tmp` directories of saves that a crash interrupted (this save's was renamed
         already)."""
-        older = [step for step in self.list_steps() if step < saved]
+        steps = self.list_steps()
+        saved = steps[-1] if saved is None and steps else saved  # None: the newest is the one just published
+        older = [step for step in steps if saved is not None and step < saved]
         for step in older[: max(0, len(older) - (self.keep_last - 1))]:
             if self.keep_every and step % self.keep_every == 0:
                 continue
