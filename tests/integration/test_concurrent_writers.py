@@ -132,3 +132,17 @@ def test_writer_on_a_claimed_out_is_refused_and_cleans_after_a_kill(shards, tmp_
     assert r.returncode == 0, r.stderr[-2000:]
     assert sorted(p.name for p in out.iterdir()) == ["train-000000.tar", "train-000001.tar", "train-000002.tar",
                                                      "train.json", "train.offsets", "train.shards.npz"]
+
+
+def test_claim_on_object_storage_is_a_conditional_create(s3_server):
+    """On S3 the claim is a PUT with If-None-Match (moto's server implements it): a second one is refused,
+    and the output can be claimed again once released."""
+    out = s3_server.url("data/train.json")
+    with claim(out, s3_server.storage, "indexed into"):
+        with pytest.raises(OutputBusy, match=r"data/train.json is being indexed into by another process: host "):
+            with claim(out, s3_server.storage, "indexed into"):
+                pass
+    with claim(out, s3_server.storage, "written"):
+        pass
+    fs, path = s3_server.storage.fs(out + ".lock")
+    assert not fs.exists(path)
