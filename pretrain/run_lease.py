@@ -40,6 +40,8 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from data_pipeline.storage.claim import create_exclusive, precondition_failed
+
 log = logging.getLogger("pretrain")
 LEASE_FILE = "lease.json"
 
@@ -163,16 +165,7 @@ class _LocalStore(_Store):
             return None
 
     def create(self, data: bytes) -> bool:
-        tmp = f"{self.path}.{secrets.token_hex(4)}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        try:
-            os.link(tmp, self.path)  # atomic, fails if the lease exists; readers never see it half-written
-            return True
-        except FileExistsError:
-            return False
-        finally:
-            os.unlink(tmp)
+        return create_exclusive(self.fs, self.path, data)  # a hard link: atomic, fails if the lease exists
 
     def _same(self, version: Any) -> bool:
         try:
@@ -209,17 +202,7 @@ class _LocalStore(_Store):
 
 
 class _S3Store(_Store):
-    @staticmethod
-    def _precondition_failed(e: BaseException | None) -> bool:
-        """A 412: the If-None-Match / If-Match condition did not hold (s3fs raises it as several types)."""
-        seen = 0
-        while e is not None and seen < 5:
-            response = getattr(e, "response", None)
-            if isinstance(e, FileExistsError) or (isinstance(response, dict) and response.get("Error", {}).get(
-                    "Code") in ("PreconditionFailed", "412")) or "PreconditionFailed" in str(e):
-                return True
-            e, seen = e.__cause__ or e.__context__, seen + 1
-        return False
+    _precondition_failed = staticmethod(precondition_failed)  # a 412: the If-None-Match / If-Match did not hold
 
     def read(self) -> tuple[bytes, Any] | None:
         try:
@@ -233,13 +216,7 @@ class _S3Store(_Store):
         return self.fs.info(self.path, refresh=True).get("ETag")
 
     def create(self, data: bytes) -> bool:
-        try:
-            self.fs.pipe_file(self.path, data, mode="create")
-        except Exception as e:  # noqa: BLE001 -- s3fs maps the 412 to several types
-            if self._precondition_failed(e):
-                return False
-            raise
-        return True
+        return create_exclusive(self.fs, self.path, data)  # a PUT with If-None-Match: *
 
     def replace(self, data: bytes, version: Any) -> tuple[bool, Any]:
         try:
@@ -270,10 +247,7 @@ class _BestEffortStore(_LocalStore):
             return None
 
     def create(self, data: bytes) -> bool:
-        if self.fs.exists(self.path):
-            return False
-        self.fs.pipe_file(self.path, data)
-        return True
+        return create_exclusive(self.fs, self.path, data)  # check, then write
 
     def replace(self, data: bytes, version: Any) -> tuple[bool, Any]:
         self.fs.pipe_file(self.path, data)

@@ -4,7 +4,8 @@
 or raises :class:`OutputBusy` naming the live owner; the claim is dropped when the block ends. Two
 indexers or writers started on the same ``--out`` would otherwise interleave their temporary files and
 one would fail half-way (or publish over the other). The atomic create is the run-dir lease's
-(pretrain/run_lease.py), without its heartbeat: an output job is one process on one host.
+(``create_exclusive``, shared with pretrain/run_lease.py), without its heartbeat: an output job is one
+process on one host.
 
 - local and network file systems: written to a temporary name and hard-linked to the lock name (fails
   if it exists; a reader never sees half an owner);
@@ -40,7 +41,7 @@ class OutputBusy(DataSpecError):
     """Another live process is writing the same output; the message names it."""
 
 
-def _precondition_failed(e: BaseException | None) -> bool:
+def precondition_failed(e: BaseException | None) -> bool:
     """A 412 or an existing file: the create-only condition did not hold (s3fs raises it as several types)."""
     for _ in range(5):
         if e is None:
@@ -53,8 +54,10 @@ def _precondition_failed(e: BaseException | None) -> bool:
     return False
 
 
-def _create(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> bool:
-    """Create ``path`` holding ``data`` unless it exists (False then), atomically where the store allows."""
+def create_exclusive(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> bool:
+    """Create ``path`` holding ``data`` unless it exists (False then), atomically where the store allows:
+    a hard link from a temporary file locally (readers never see it half-written), a PUT with
+    If-None-Match on S3, check-then-write elsewhere. The run-dir lease takes its lease with it too."""
     if isinstance(fs, LocalFileSystem):
         tmp = f"{path}.{secrets.token_hex(4)}.tmp"
         with open(tmp, "wb") as f:
@@ -71,7 +74,7 @@ def _create(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> bool:
             fs.pipe_file(path, data, mode="create")
             return True
         except Exception as e:  # noqa: BLE001 -- s3fs maps the 412 to several types
-            if _precondition_failed(e):
+            if precondition_failed(e):
                 return False
             raise
     if fs.exists(path):
@@ -121,7 +124,7 @@ def claim(url: str, storage: Storage, doing: str) -> Iterator[None]:
     me = {"token": token, "host": socket.gethostname(), "pid": os.getpid(), "started": time.time(),
           "command": " ".join([os.path.basename(sys.orig_argv[0]), *sys.orig_argv[1:]])}  # python -m ... as typed
     for _ in range(5):  # each pass loses only to a rival that changed the lock meanwhile
-        if _create(fs, path, json.dumps(me).encode()):
+        if create_exclusive(fs, path, json.dumps(me).encode()):
             break
         owner = _read(fs, path)
         if owner is None:
