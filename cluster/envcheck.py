@@ -76,12 +76,12 @@ def check_data(cfg: DictConfig, storage: Storage, where: str) -> Check:
     start check, pretrain/data_check.py), read through the run's storage handle (``data.storage``: endpoint,
     profile, anonymous access; transient failures retried within ``data.storage.give_up_after_s``)."""
     from data_pipeline.errors import DataSpecError
-    from pretrain.data_check import check_path, data_paths
+    from pretrain.data_check import check_path, data_paths, label_key
 
     paths = data_paths(cfg)
     try:
         for key, spec in paths:
-            check_path(key, spec, storage, where)
+            check_path(key, spec, storage, where, label_key(cfg, key))
     except DataSpecError as e:  # one line naming the key and the URL
         return Check("data", False, str(e))
     return Check("data", True, f"{', '.join(k for k, _ in paths)}: first shard of each reachable")

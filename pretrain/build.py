@@ -118,19 +118,15 @@ def check_model_config(cfg: DictConfig, where: str = "config") -> None:
 
 
 def _create_model(cfg: DictConfig, num_classes: int, where: str) -> nn.Module:
-    overrides = {"drop_rate": cfg.model.drop_rate, "drop_path_rate": cfg.model.drop_path_rate}
-    if cfg.model.img_size is not None:
-        overrides["img_size"] = cfg.model.img_size
+    # One resolution: data.image_size (model.img_size, when set, agrees: pretrain/config.py validate).
+    overrides = {"drop_rate": cfg.model.drop_rate, "drop_path_rate": cfg.model.drop_path_rate,
+                 "img_size": cfg.data.image_size}
     if cfg.model.act is not None:
         overrides["act"] = cfg.model.act  # the model names the valid ones (gelu, gelu_tanh for Mixer)
     try:
         model = create_model(cfg.model.name, num_classes=num_classes, **overrides)
     except (ValueError, TypeError) as e:
         raise ConfigError(f"{where}: model: {e}") from None
-    size = cfg.data.image_size
-    if tuple(model.stem.img_size) != (size, size):
-        raise ConfigError(f"{where}: 'data.image_size' is {size} but {cfg.model.name} takes "
-                          f"{model.stem.img_size[0]} px; set model.img_size={size} or data.image_size")
     return model
 
 
@@ -172,7 +168,7 @@ def memory_estimate(cfg: DictConfig, world_size: int, where: str, model: nn.Modu
                                micro_batch_size=micro, precision=cfg.train.precision, zero_stage=e.deepspeed.zero_stage,
                                offload_optimizer=e.deepspeed.offload_optimizer,
                                activation_checkpointing=e.activation_checkpointing, device_type=device_type,
-                               async_checkpoint=cfg.checkpoint.async_save, num_workers=cfg.data.num_workers,
+                               async_checkpoint=cfg.checkpoint.async_save, num_workers=data_workers(cfg),
                                image_size=cfg.data.image_size, rank=rank)
     engine = e.kind + (f" ZeRO-{e.deepspeed.zero_stage}" if e.kind == "deepspeed" else "")
     line = (f"{cfg.model.name} on {engine}, {world_size} ranks, micro batch {micro} x {accum}, {device_type}: "
@@ -217,7 +213,7 @@ def _memory_advice(cfg: DictConfig) -> str:
     advice.append("a smaller train.micro_batch_size (more grad_accum_steps)")
     if cfg.checkpoint.async_save:
         advice.append("checkpoint.async_save=false")
-    if cfg.data.num_workers > 2:
+    if data_workers(cfg) > 2:
         advice.append("fewer data.num_workers")
     return "try " + ", ".join(advice[:-1]) + " or " + advice[-1]
 
@@ -243,6 +239,19 @@ def build_storage(cfg: DictConfig) -> Storage:
                    retries=st.retries, backoff_s=st.backoff_s, give_up_after_s=st.give_up_after_s)
 
 
+AUTO_WORKERS_MAX = 10  # enough to decode and crop for one GPU at the paper's sizes
+
+
+def data_workers(cfg: DictConfig, local_ranks: int | None = None) -> int:
+    """``data.num_workers``, with auto resolved: min(10, the CPUs this process may use / the ranks on this
+    node), at least 1 (a 2-core machine gets 2 for one rank, not 10 that share 2 cores with the step)."""
+    if cfg.data.num_workers != "auto":
+        return int(cfg.data.num_workers)
+    local_ranks = local_ranks or int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(AUTO_WORKERS_MAX, cpus // max(1, local_ranks)))
+
+
 def build_train_loader(cfg: DictConfig, dist_info: DistInfo, batch_size: int, storage: Storage) -> TrainLoader:
     d = cfg.data
     a = d.augment
@@ -258,10 +267,13 @@ def build_train_loader(cfg: DictConfig, dist_info: DistInfo, batch_size: int, st
             log.warning("data.decode is 'gpu' but %s: decoding on the CPU workers instead", why_not)
         else:
             transform = CropPlanner(transform)  # workers read headers and draw crops; pixels come later
-    sources = [DataSource(s.train, s.weight, s.name) for s in d.sources] or d.train
+    sources = [DataSource(s.train, s.weight, s.name, s.label) for s in d.sources] or d.train
+    workers = data_workers(cfg)
+    if d.num_workers == "auto" and dist_info.rank == 0:
+        log.info("data.num_workers auto: %d DataLoader worker(s) per rank", workers)
     try:
         return TrainLoader(sources, batch_size=batch_size, transform=transform, seed=cfg.train.seed,
-                           rank=dist_info.rank, world_size=dist_info.world_size, num_workers=d.num_workers,
+                           rank=dist_info.rank, world_size=dist_info.world_size, num_workers=workers,
                            shuffle_buffer=d.shuffle_buffer, pin_memory=dist_info.device.type == "cuda",
                            epoch_mode=d.epoch_mode, storage=storage, label=d.label)
     except DataSpecError as exc:

@@ -37,7 +37,8 @@ class ModelConfig:
     name: str = "mixer_b16_224"  # any name from pretrain.models.list_models()
     # auto: the training manifest's num_classes (or len(classes)); a number is checked against it at start.
     num_classes: Any = "auto"
-    img_size: Optional[int] = None  # None: the variant's own resolution
+    # The resolution is data.image_size: the model is built at it. null follows it; a number must agree.
+    img_size: Optional[int] = None
     drop_rate: float = 0.0
     drop_path_rate: float = 0.0
     # MLP activation: null = the variant's own (gelu, exact erf, for every Mixer, as timm's ports);
@@ -71,6 +72,7 @@ class SourceConfig:
     train: str = MISSING  # shard spec, as data.train
     weight: float = 1.0
     name: str = ""
+    label: Optional[str] = None  # where this source's labels are (as data.label); null: data.label
 
 
 @dataclass
@@ -97,7 +99,8 @@ class DataConfig:
     train: str = MISSING
     val: str = ""  # held-out upstream shards; "" disables the upstream evaluation
     image_size: int = 224
-    num_workers: int = 8
+    # DataLoader workers per rank; auto: min(10, the CPUs this process may use / ranks on the node)
+    num_workers: Any = "auto"
     shuffle_buffer: int = 10_000
     crop_fraction: float = 0.875  # eval: resize to size/0.875, centre-crop size
     # Normalisation happens on the device, after the uint8 batch has been copied there.
@@ -462,6 +465,8 @@ def http_url_or_empty() -> Rule:
 
 
 POSITIVE, COUNT, FRACTION = above(0), at_least(0), within(0, 1)
+LABEL = Rule(lambda v: isinstance(v, str) and (v in ("cls", "txt") or bool(re.match(r"^json:\S+$", v))),
+             "cls, txt or json:FIELD")
 # Every key with a bounded value: its rule, one line each. Keys with `*` apply to every list entry.
 # tests/unit/test_config_validation.py checks that every numeric key of the schema has a rule here.
 RULES: dict[str, Rule] = {
@@ -478,7 +483,8 @@ RULES: dict[str, Rule] = {
     "data.train": location(),
     "data.val": location(),
     "data.image_size": POSITIVE,
-    "data.num_workers": within(0, 256),  # per rank; thousands of worker processes never start
+    "data.num_workers": Rule(lambda v: v == "auto" or (_number(v) and 0 <= v <= 256),  # thousands never start
+                             "auto or a number in [0, 256]"),
     "data.shuffle_buffer": at_least(0, " (0 or 1: no shuffle)"),
     "data.crop_fraction": within(0, 1, lo_open=True),
     "data.mean": values(within(0, 255), 3),
@@ -500,8 +506,8 @@ RULES: dict[str, Rule] = {
     "data.storage.backoff_s": within(0, 300),
     "data.storage.give_up_after_s": within(0, 7 * 86400, lo_open=True),
     "data.max_skip_fraction": FRACTION,
-    "data.label": Rule(lambda v: isinstance(v, str) and (v in ("cls", "txt") or bool(re.match(r"^json:\S+$", v))),
-                       "cls, txt or json:FIELD"),
+    "data.label": LABEL,
+    "data.sources.*.label": optional(LABEL),
     "optim.lr": POSITIVE,
     "optim.betas": values(within(0, 1, hi_open=True), 2),
     "optim.eps": POSITIVE,
@@ -584,6 +590,13 @@ def validate(cfg: DictConfig, blame: Callable[[str], str]) -> None:
             value = OmegaConf.select(cfg, key)
             if not rule.ok(value):
                 raise ConfigError(f"{blame(key)}: {rule.message(key, value)}")
+    if cfg.model.img_size is not None and cfg.model.img_size != cfg.data.image_size:
+        def origin(key: str) -> str:
+            return "the command line" if blame(key) == "command line" else blame(key)
+        raise ConfigError(f"'model.img_size' is {cfg.model.img_size} (from {origin('model.img_size')}) but "
+                          f"'data.image_size' is {cfg.data.image_size} (from {origin('data.image_size')}): the "
+                          "model is built at the data's resolution; set data.image_size alone (model.img_size: "
+                          "null follows it)")
     if not cfg.data.sources and not cfg.data.train:
         raise ConfigError(f"{blame('data.train')}: 'data.train' is empty and 'data.sources' has no entry; "
                           "give the training shards in one of them")

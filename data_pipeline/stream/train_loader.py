@@ -80,8 +80,9 @@ class TrainLoader:
         self.storage = storage
         self.label = str(parse_label_source(label))  # ValueError: one line naming the accepted forms
         self.sources = self._resolve(specs)
-        for s in self.sources:
-            check_label(s, self.label)
+        for i, (spec, s) in enumerate(zip(specs, self.sources)):  # each source's own label, else data.label
+            s.reads = str(parse_label_source(spec.label)) if spec.label else self.label
+            check_label(s, f"data.sources.{i}.label" if spec.label else "data.label")
         self.batch_size, self.transform, self.seed = batch_size, transform, seed
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
         self.window, self.pin_memory = max(1, shuffle_buffer), pin_memory

@@ -85,7 +85,7 @@ class TrainWorkerStream(IterableDataset):
         spec = self.spec
         schedule = RankSchedule(**spec.schedule_args)
         readers: dict[tuple[int, int], EpochReader] = {}
-        label_of = [LabelReader(spec.label, src.classes) for src in spec.sources]  # per source
+        label_of = [LabelReader(src.reads, src.classes) for src in spec.sources]  # per source: its own label
         queue: deque[tuple[int, list]] = deque()  # this worker's upcoming batches, positions announced
         next_index = 0
 
