@@ -13,7 +13,7 @@ from torch import nn
 from data_pipeline.image.augment import MixupCutmix, RandAugment
 from data_pipeline.demo import ensure_demo_data
 from data_pipeline.image.device import BatchToDevice
-from data_pipeline.errors import DataSpecError
+from data_pipeline.errors import DataSpecError, first_line
 from data_pipeline.stream.eval_stream import eval_batches
 from data_pipeline.image.gpu_decode import CropPlanner, gpu_decode_available
 from data_pipeline.stream.sources import DataSource
@@ -32,7 +32,7 @@ from .loss import build_loss
 from .loss_guard import LossGuard
 from .memory import GIB, MachineMemory, MemoryEstimate, estimate_memory, host_memory
 from .models import apply_mlp_impl, create_model
-from .monitor import Monitor
+from .monitor import WANDB_INSTALL, Monitor, WandbWriter
 from .optim import build_optimizer, build_scheduler
 from .profiling import StepProfiler
 from .run_lease import RunDirBusy, RunDirUnusable, RunLease, check_run_dir
@@ -98,6 +98,59 @@ def resolve_num_classes(cfg: DictConfig, storage: Storage, where: str) -> DictCo
     resolved = cfg.copy()
     OmegaConf.set_readonly(resolved, False)
     resolved.model.num_classes = manifest_num_classes(cfg, storage, where)
+    OmegaConf.set_readonly(resolved, True)
+    return resolved
+
+
+# bench/results/cpu_precision_{amx,avx2}.json: one Mixer-S/32 training step at batch 16 on a 2-core Xeon, with
+# its AMX / AVX512-BF16 and restricted to AVX2 (what a CPU without native bf16 runs).
+CPU_BF16_COST = "10 to 20x the fp32 step time (Mixer-S/32 at batch 16: 122 to 216 s per step against 6 to 16 s)"
+
+
+def cpu_native_bf16() -> bool:
+    """Whether this CPU runs bf16 natively (AVX512-BF16 or AMX, and torch's kernels not held to AVX2 by
+    ATEN_CPU_CAPABILITY): there bf16 autocast is not slower than fp32."""
+    try:
+        native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    except AttributeError:  # a torch without the probes: assume the common case, no native bf16
+        return False
+    return bool(native) and torch.backends.cpu.get_cpu_capability() == "AVX512"
+
+
+def auto_precision(device: torch.device | str) -> tuple[str, str]:
+    """What `train.precision: auto` stands for on `device`, and why. A CUDA device not visible here (an
+    estimate made for GPUs on a machine without one) is taken to be one with bf16 (Ampere or newer).
+    A CPU gets fp32 everywhere, so that a config gives the same numbers on every CPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return "bf16", "assumed: a GPU with bf16 support, Ampere or newer"
+        if torch.cuda.is_bf16_supported():
+            return "bf16", f"{torch.cuda.get_device_name(device)} runs bf16 on its tensor cores"
+        return "fp32", f"{torch.cuda.get_device_name(device)} has no fast bf16"
+    if device.type == "cpu" and cpu_native_bf16():
+        return "fp32", "the CPU default; this CPU has AVX512-BF16/AMX, where train.precision=bf16 is faster"
+    return "fp32", f"the CPU default; bf16 autocast on a CPU without AVX512-BF16 or AMX costs {CPU_BF16_COST}"
+
+
+def resolve_precision(cfg: DictConfig, device: torch.device | str, where: str = "config",
+                      announce: bool = True) -> DictConfig:
+    """The config with train.precision a dtype (fp32, bf16, fp16): `auto` becomes what `device` runs fast,
+    logged once (``announce``: rank 0); an explicit bf16/fp16 on a CPU without native bf16 stays, with one
+    warning of its cost."""
+    chosen, device = cfg.train.precision, torch.device(device)
+    if chosen != "auto":
+        if announce and chosen in ("bf16", "fp16") and device.type == "cpu" and not cpu_native_bf16():
+            log.warning("%s: 'train.precision' is %s on a CPU without AVX512-BF16 or AMX, where autocast costs %s; "
+                        "set train.precision=auto (fp32 here) unless you mean to test %s", where, chosen,
+                        CPU_BF16_COST, chosen)
+        return cfg
+    precision, why = auto_precision(device)
+    if announce:
+        log.info("precision %s (train.precision auto: %s)", precision, why)
+    resolved = cfg.copy()
+    OmegaConf.set_readonly(resolved, False)
+    resolved.train.precision = precision
     OmegaConf.set_readonly(resolved, True)
     return resolved
 
@@ -176,10 +229,38 @@ def memory_estimate(cfg: DictConfig, world_size: int, where: str, model: nn.Modu
     return line, estimate
 
 
-def memory_report(cfg: DictConfig, world_size: int, where: str, model: nn.Module | None = None,
-                  device_type: str = "cpu") -> str:
-    """One line: the memory estimate of this config on `world_size` ranks (see memory_estimate)."""
-    return memory_estimate(cfg, world_size, where, model, device_type)[0]
+ASSUMED_GPU_GIB = 80.0  # --estimate-memory for GPUs on a machine without one: an 80 GiB H100 / A100
+
+
+def memory_report(cfg: DictConfig, world_size: int, where: str, device_type: str = "cpu",
+                  gpu_memory_gib: float | None = None) -> str:
+    """`main.py --estimate-memory`: the estimate of this config on `world_size` ranks (see memory_estimate)
+    for `device_type`, then a verdict against what one rank would have: on a CPU this host's available memory
+    shared by the ranks (all on this host), on a GPU the visible GPU's memory, else `gpu_memory_gib`
+    (default ASSUMED_GPU_GIB, said so)."""
+    cfg = resolve_precision(cfg, device_type, where, announce=False)
+    line, estimate = memory_estimate(cfg, world_size, where, device_type=device_type)
+    if device_type == "cpu":
+        need, have = estimate.host, host_memory(world_size)
+        where_ = f"the {have.available / GIB:.1f} GiB of {have.what} available now"
+    else:
+        need = estimate.total
+        if gpu_memory_gib is None and torch.cuda.is_available():
+            have_bytes = torch.cuda.get_device_properties(0).total_memory
+            where_ = f"the {have_bytes / GIB:.1f} GiB of {torch.cuda.get_device_name(0)}"
+        else:
+            have_bytes = int((gpu_memory_gib or ASSUMED_GPU_GIB) * GIB)
+            where_ = (f"a {have_bytes / GIB:.0f} GiB GPU ({'given' if gpu_memory_gib else 'assumed: no GPU here'}; "
+                      "--gpu-memory-gib sets it)")
+        have = MachineMemory(have_bytes, have_bytes, "GPU memory")
+    share = f"{need / GIB:.2f} GiB per {'rank' if device_type == 'cpu' else 'device'} against {where_}"
+    if need <= have.available:
+        verdict = f"fits: {share} ({need / max(1, have.available):.0%})"
+    else:
+        verdict = f"does not fit: {share}; {_memory_advice(cfg)}"
+    if device_type == "cpu" and cfg.train.device == "auto":
+        verdict += " (estimated for this machine's CPU, where train.device auto runs; train.device=cuda: for GPUs)"
+    return f"memory estimate: {line}\nverdict: {verdict}"
 
 
 def check_memory_fit(cfg: DictConfig, estimate: MemoryEstimate, dist_info: DistInfo, where: str) -> None:
@@ -332,19 +413,41 @@ def build_checkpointer(cfg: DictConfig, dist_info: DistInfo) -> Checkpointer:
 
 
 def build_monitor(cfg: DictConfig, dist_info: DistInfo, model: nn.Module) -> Monitor:
-    t = cfg.train
+    """Progress lines and TensorBoard; with monitor.wandb also W&B (rank 0). Without the wandb package a
+    monitor.wandb run says so in one line, with the install command, and logs to TensorBoard alone."""
+    t, m = cfg.train, cfg.monitor
+    wandb = None
+    if m.wandb and dist_info.is_main:
+        try:
+            import wandb as _  # noqa: F401
+        except ImportError:
+            log.warning("monitor.wandb is true but the wandb package is not installed: %s; logging to "
+                        "TensorBoard only", WANDB_INSTALL)
+        else:
+            config = OmegaConf.to_container(cfg, resolve=True)
+            wandb = partial(_wandb_writer, cfg.run.dir, config, m.wandb_project, m.wandb_entity, m.wandb_name)
     return Monitor(cfg.run.dir, dist_info, t.steps, t.log_every, t.global_batch_size, model.flops_per_image(),
-                   t.precision)
+                   t.precision, wandb=wandb)
+
+
+def _wandb_writer(run_dir: str, config: dict, project: str, entity: str, name: str) -> WandbWriter:
+    try:
+        return WandbWriter(run_dir, config, project, entity, name)
+    except Exception as e:  # noqa: BLE001 -- W&B's own errors (login, network, settings) have no common base
+        raise ConfigError(f"monitor.wandb: W&B did not start ({first_line(e)}); run `wandb login` or set "
+                          "WANDB_API_KEY, or WANDB_MODE=offline to log locally, or monitor.wandb=false") from None
 
 
 def build_eval_runner(cfg: DictConfig, dist_info: DistInfo, autocast: Callable[[], Any],
-                      scalars: Callable[[int, dict], None], storage: Storage, in_training: bool = True) -> EvalRunner:
-    """The evaluators of each checkpoint and the runner that records their results. In the training job
+                      scalars: Callable[[int, dict], None], storage: Storage, in_training: bool = True,
+                      on_record: Callable[[dict], None] | None = None) -> EvalRunner:
+    """The evaluators of each checkpoint and the runner that records their results (``on_record``: also
+    handed each record, rank 0: the monitor's last lines and W&B). In the training job
     they run only with eval.mode inline; with external or none training only writes checkpoints and
     `python -m pretrain.evaluate` (``in_training=False``) evaluates them."""
     wanted = not in_training or cfg.eval.mode == "inline"
     evaluators = build_evaluators(cfg, dist_info, autocast, storage) if wanted else []
-    return EvalRunner(evaluators, cfg.run.dir, dist_info, scalars)
+    return EvalRunner(evaluators, cfg.run.dir, dist_info, scalars, on_record=on_record)
 
 
 def build_profiler(cfg: DictConfig, dist_info: DistInfo) -> StepProfiler:

@@ -147,7 +147,9 @@ class TrainConfig:
     steps: int = MISSING
     global_batch_size: int = 4096  # split evenly across ranks
     seed: int = 0
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; fp16 adds dynamic loss scaling)
+    # auto | fp32 | bf16 | fp16 (autocast; fp16 adds dynamic loss scaling). auto: bf16 on a GPU that runs it
+    # (CUDA with bf16 support), fp32 elsewhere: bf16 autocast on a CPU is several times slower than fp32.
+    precision: str = "auto"
     device: str = "auto"  # auto (cuda if present) | cpu | cuda
     log_every: int = 50
     # Per-rank micro batch; null derives it from global batch / world size (with grad_accum_steps).
@@ -270,6 +272,16 @@ class EvalConfig:
 
 
 @dataclass
+class MonitorConfig:
+    # TensorBoard (<run.dir>/tb) always; also Weights & Biases with wandb: true (the optional extra
+    # `pip install 'mixer-pretrain[wandb]'`): the same scalars and steps, the config, the eval records.
+    wandb: bool = False
+    wandb_project: str = ""  # "": WANDB_PROJECT from the environment, else mixer-pretrain
+    wandb_entity: str = ""  # "": WANDB_ENTITY, else your W&B default entity
+    wandb_name: str = ""  # "": WANDB_NAME, else W&B's generated name
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -279,6 +291,7 @@ class Config:
     engine: EngineConfig = field(default_factory=EngineConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
 
 INCLUDE_KEY = "include"
@@ -521,7 +534,7 @@ RULES: dict[str, Rule] = {
     "train.steps": POSITIVE,
     "train.global_batch_size": POSITIVE,
     "train.seed": within(0, 2**32 - 1),  # numpy seeds are 32-bit
-    "train.precision": one_of("fp32", "bf16", "fp16"),
+    "train.precision": one_of("auto", "fp32", "bf16", "fp16"),
     "train.device": one_of("auto", "cpu", "cuda"),
     "train.log_every": POSITIVE,
     "train.micro_batch_size": optional(POSITIVE),

@@ -58,7 +58,7 @@ def test_missing_required_value(tmp_path):
 
 def test_bad_choice_and_range(tmp_path):
     p = write(tmp_path, "data: {train: x}\ntrain: {steps: 3}\n")
-    with pytest.raises(ConfigError, match=r"'train\.precision' is 'fp8'; choose one of fp32, bf16, fp16"):
+    with pytest.raises(ConfigError, match=r"'train\.precision' is 'fp8'; choose one of auto, fp32, bf16, fp16"):
         load_config(p, ["train.precision=fp8"])
     with pytest.raises(ConfigError, match=r"'train\.global_batch_size' must be > 0"):
         load_config(p, ["train.global_batch_size=0"])
