@@ -36,6 +36,7 @@ from data_pipeline.shards.spec import expand_urls
 from data_pipeline.shards.tar_read import members_note, raw_samples
 from data_pipeline.shards.tar_write import ShardWriter, check_key
 from data_pipeline.storage import Storage
+from data_pipeline.storage.claim import claim, remove_leftovers
 
 log = logging.getLogger("data_pipeline.write")
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -192,6 +193,17 @@ def write(items: Sequence[Item], out_url: str, prefix: str, *, storage: Storage,
         samples_per_shard = max(1, int(shard_mb * 2**20 / (sample_bytes + 1536)))  # + tar headers
     fs, root = storage.fs(out_url, own_retries=True)
     fs.makedirs(root, exist_ok=True)
+    # One writer per shard set: a second one on the same --out and --prefix is refused naming the first.
+    with claim(posixpath.join(out_url, f"{prefix}.json"), storage, "written"):
+        for pattern in (f"{prefix}-*.tar.tmp-*", f"{prefix}.*.tmp-*"):  # left by a writer that was killed
+            remove_leftovers(fs, posixpath.join(root, pattern))
+        return _write_claimed(items, out_url, prefix, fs, root, storage, samples_per_shard, resize, quality,
+                              processes, classes, progress)
+
+
+def _write_claimed(items: Sequence[Item], out_url: str, prefix: str, fs, root: str, storage: Storage,
+                   samples_per_shard: int, resize: int | None, quality: int, processes: int,
+                   classes: list[str] | None, progress: bool) -> dict:
     token = uuid.uuid4().hex[:8]
     groups = [items[i:i + samples_per_shard] for i in range(0, len(items), samples_per_shard)]
     jobs = [(out_url, f"{prefix}-{i:06d}.tar", token, g, resize, quality, storage) for i, g in enumerate(groups)]

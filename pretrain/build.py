@@ -37,7 +37,7 @@ from .models import apply_mlp_impl, create_model
 from .monitor import WANDB_INSTALL, Monitor, WandbWriter
 from .optim import build_optimizer, build_scheduler
 from .profiling import StepProfiler
-from .run_lease import RunDirBusy, RunLease
+from .run_lease import RunDirBusy, RunDirUnusable, RunLease, check_run_dir
 
 log = logging.getLogger("pretrain")
 
@@ -64,11 +64,13 @@ def batch_layout(cfg: DictConfig, dist_info: DistInfo, where: str) -> tuple[int,
     return micro, accum
 
 
-def prepare_data(cfg: DictConfig, dist_info: DistInfo, storage: Storage) -> None:
+def prepare_data(cfg: DictConfig, dist_info: DistInfo, storage: Storage, where: str = "config") -> None:
     """Generate the demo data on first use, once per node (local rank 0 writes, the others wait): a
     node-local data.root is filled on every node. The nodes take turns, so on a shared file system
-    the first one writes and the others find it done."""
+    the first one writes and the others find it done. The paths outside data.root (a placeholder left
+    in place, data elsewhere) are checked first: a wrong one stops the run before a minute of generation."""
     if cfg.data.prepare == "demo":
+        check_data_paths(cfg, storage, where, generated=cfg.data.root)
         for leader in node_leaders(dist_info):
             if dist_info.rank == leader:
                 ensure_demo_data(cfg.data.root, storage, image_size=cfg.data.image_size, seed=cfg.train.seed)
@@ -480,14 +482,16 @@ def build_faults(cfg: DictConfig, dist_info: DistInfo, loader: TrainLoader, chec
 
 
 def build_run_lease(cfg: DictConfig, dist_info: DistInfo) -> RunLease | None:
-    """Rank 0 takes the run dir's lease (pretrain/run_lease.py); every rank gets its answer, so a busy
-    run dir stops every rank with the same line (ConfigError). Other ranks hold None."""
+    """Rank 0 checks that the run dir is a writable directory and takes its lease (pretrain/run_lease.py);
+    every rank gets its answer, so a busy or unusable run dir stops every rank with the same line
+    (ConfigError). Other ranks hold None."""
     lease, error = None, None
     if dist_info.is_main:
         try:
+            check_run_dir(cfg.run.dir)  # a directory this run can write to, and its checkpoint dir too
             lease = RunLease(cfg.run.dir, cfg.run.lease_timeout_s)
             lease.acquire()
-        except RunDirBusy as e:
+        except (RunDirBusy, RunDirUnusable) as e:
             error = str(e)
     error = broadcast_object(error)
     if error:

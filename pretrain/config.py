@@ -216,8 +216,10 @@ class CheckpointConfig:
     # Training stalls only to copy the state to host memory; serialising, hashing, uploading and
     # publishing run on a checkpoint thread (one save at a time, costs one host copy of the state).
     async_save: bool = False
-    # auto: continue from the newest valid checkpoint in run.dir if there is one; never: refuse to
-    # start in a run dir that already holds checkpoints (so nothing is overwritten by accident).
+    # auto: continue from the newest valid checkpoint in run.dir if there is one (none verifying stops
+    # the run); never: refuse to start in a run dir that already holds checkpoints (so nothing is
+    # overwritten by accident); step_N: that checkpoint even if it fails verification, unless a verified
+    # one at or after it exists (what a requeued run saved since).
     resume: str = "auto"
 
 
@@ -566,7 +568,8 @@ RULES: dict[str, Rule] = {
     "checkpoint.keep_last": POSITIVE,
     "checkpoint.keep_every": at_least(0, " (0: none)"),
     "checkpoint.every_minutes": at_least(0, " (0: off)"),
-    "checkpoint.resume": one_of("auto", "never"),
+    "checkpoint.resume": Rule(lambda v: v in ("auto", "never") or bool(re.match(r"^step_\d+$", str(v))),
+                              "auto, never or step_N (a checkpoint's directory name, e.g. step_0000600)"),
     "eval.mode": one_of("inline", "external", "none"),
     "eval.batch_size": POSITIVE,
     "eval.fewshot.train": location(),

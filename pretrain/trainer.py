@@ -59,7 +59,7 @@ class Trainer:
         self.batch_size = self.micro_batch_size * self.accum_steps  # per rank per optimiser step
         build.check_model_config(cfg, config_source)  # a bad model setting is found before any data is touched
         storage = build.build_storage(cfg)  # the one handle every data read goes through
-        build.prepare_data(cfg, self.dist, storage)
+        build.prepare_data(cfg, self.dist, storage, config_source)
         # Every data path (training, val, each evaluator's) fails here, before anything is allocated.
         build.check_data(cfg, storage, config_source)
         self.cfg = cfg = build.resolve_num_classes(cfg, storage, config_source)  # model.num_classes: auto
@@ -104,7 +104,9 @@ class Trainer:
                  self.micro_batch_size, self.accum_steps, self.engine.kind, self.dist.device, self.run_dir)
 
     def resume(self) -> None:
-        restored = self.checkpointer.restore(self.engine)  # weights + optimiser, in the engine's own layout
+        choice = self.cfg.checkpoint.resume  # auto, or step_N: take that one even if it fails verification
+        pick = int(choice.removeprefix("step_")) if choice.startswith("step_") else None
+        restored = self.checkpointer.restore(self.engine, pick)  # weights + optimiser, in the engine's own layout
         if restored is None:
             return
         self.engine.load_scheduler_state(restored.shared["scheduler"])
@@ -154,7 +156,7 @@ class Trainer:
 
     def train(self) -> None:
         cfg = self.cfg
-        if cfg.checkpoint.resume == "auto":
+        if cfg.checkpoint.resume != "never":
             self.resume()
         start_step = self.step
         # At the step the run (re)starts from: an elastic restart on fewer nodes shows up as a drop here.

@@ -28,6 +28,7 @@ from data_pipeline.shards.offsets import OFFSET_DTYPE
 from data_pipeline.shards.spec import expand_urls
 from data_pipeline.shards.tar_read import ShardSamples, members_note
 from data_pipeline.storage import Storage
+from data_pipeline.storage.claim import claim, remove_leftovers
 
 log = logging.getLogger(__name__)
 CLS = LabelSource("cls")
@@ -139,6 +140,16 @@ def _recorded_name(url: str, out: str) -> str:
 
 def build_index(spec: str, out: str, storage: Storage, threads: int = 32, progress: bool = True,
                 label: str = "cls") -> dict:
+    """:func:`_build_index` while holding ``out``'s claim: a second indexer (or writer) of the same manifest
+    is refused with one line naming the first; the temporary files of a run that was killed are removed."""
+    with claim(out, storage, "indexed into"):
+        fs, path = storage.fs(out, own_retries=True)
+        remove_leftovers(fs, f"{path.removesuffix('.json')}.*.tmp-*")
+        return _build_index(spec, out, storage, threads, progress, label)
+
+
+def _build_index(spec: str, out: str, storage: Storage, threads: int = 32, progress: bool = True,
+                 label: str = "cls") -> dict:
     """Index the shards of ``spec`` into the manifest ``out`` (any fsspec URL); return the manifest (its
     shard entries without offsets: ``read_manifest(out, storage, offsets=True)`` reads them back).
 

@@ -103,6 +103,13 @@ class ShardTable:
             raise ValueError("the shard table's columns disagree in length")
         if (cols["counts"] < 0).any():
             raise ValueError("the shard table has negative sample counts")
+        # A sample takes at least one 512-byte tar header: more samples than that in a shard of known size
+        # is a damaged table, whose counts would size the plan and the offsets reads (MemoryError, not data).
+        sizes = cols["sizes"].astype(np.int64, copy=False)
+        if ((sizes >= 0) & (cols["counts"].astype(np.int64, copy=False) > sizes // 512)).any():
+            i = int(np.flatnonzero((sizes >= 0) & (cols["counts"] > sizes // 512))[0])
+            raise ValueError(f"the shard table says shard {i} holds {int(cols['counts'][i])} samples in "
+                             f"{int(sizes[i])} bytes (a sample takes 512 bytes at least)")
         return cls(**{c: cols[c].astype(np.uint8 if c == "names" else np.int64, copy=False) for c in _COLUMNS},
                    sha256=sha, base=base, labels=None if labels is None else labels.astype(np.int64, copy=False))
 
