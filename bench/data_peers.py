@@ -9,6 +9,8 @@ parameters), horizontal flip with p=0.5, uint8 HWC pixels, batches of 128 from 2
     webdataset         the webdataset library over the same tar shards, PIL decode
     mds                MosaicML Streaming (MDS shards), PIL decode
     litdata            litdata (optimize()'d chunks), PIL decode
+    decode_only        the ceiling: simplejpeg full decode of the same files in one process, nothing else
+                       (no crop, no batches, no loader); ``x_ceiling`` = a row's img/CPU-s over this one
 
 Image sets, generated (smooth 1/f^1.5 fields + 1/f^0.8 texture + soft-edged shapes, quality 90, 4:2:0):
 ``imagenet`` 500x375 (~110 KB), ``laion`` 1024x768 (~360 KB), ``small`` 256x256.
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import io
+import itertools
 import json
 import os
 import platform
@@ -41,7 +44,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 SIZE, BATCH, WORKERS = 224, 128, 2
 SETS = {"imagenet": (500, 375, 42.0), "laion": (1024, 768, 24.0), "small": (256, 256, 12.0)}
-CONTENDERS = ("torchvision_files", "ours", "webdataset", "mds", "litdata")
+CONTENDERS = ("torchvision_files", "ours", "webdataset", "mds", "litdata", "decode_only")
 PEERS = {"webdataset": "webdataset", "mds": "streaming", "litdata": "litdata"}
 DEFAULT_PEERS_PY = "/work/venv-peers/bin/python"
 
@@ -204,6 +207,15 @@ def build_loader(name: str, root: Path):
         files = sorted(str(p) for p in (root / "files").glob("*.jpg"))
         return torch.utils.data.DataLoader(_FilesDataset(files * 4), batch_size=BATCH, shuffle=True,
                                            num_workers=WORKERS)
+    if name == "decode_only":
+        import simplejpeg
+
+        data = [p.read_bytes() for p in sorted((root / "files").glob("*.jpg"))]
+
+        def decoded():
+            for i in itertools.count(0, BATCH):
+                yield [simplejpeg.decode_jpeg(data[(i + k) % len(data)]) for k in range(BATCH)]
+        return decoded()
     if name == "ours":
         from data_pipeline.image.transforms import TrainTransform
         from data_pipeline.storage import Storage
@@ -377,6 +389,10 @@ def main() -> None:
             if base:
                 row["x_torchvision_cpu"] = row["img_per_cpu_s"] / base["img_per_cpu_s"]
                 row["x_torchvision_wall"] = row["img_s"] / base["img_s"]
+        ceiling = table.get("decode_only")
+        for row in table.values():
+            if ceiling:
+                row["x_ceiling"] = row["img_per_cpu_s"] / ceiling["img_per_cpu_s"]
         if "ours" in table and peers:
             table["ours"]["x_best_peer_cpu"] = table["ours"]["img_per_cpu_s"] / max(r["img_per_cpu_s"] for r in peers)
         w, h, _ = SETS[kind]
@@ -407,8 +423,8 @@ def format_table(record: dict) -> str:
         cells = []
         for k in kinds:
             row = record["results"][k].get(name)
-            cells.append(f"{row.get('x_torchvision_cpu', float('nan')):.2f} ({row['img_per_cpu_s']:.0f})"
-                         if row else "skipped")
+            cells.append(f"{row.get('x_torchvision_cpu', float('nan')):.2f} ({row['img_per_cpu_s']:.0f}; "
+                         f"{row.get('x_ceiling', float('nan')):.2f} of the ceiling)" if row else "skipped")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -1,7 +1,7 @@
 """One prepared run on a GPU machine: the GPU tests and every benchmark, each step under its own timeout,
 each writing its JSON into one folder as soon as it finishes (7 files), about 8 minutes on one H200.
 
-    ../shared/tools/gpu-wheels                     # here, once: builds .gpu-wheels/ for the GPU machine's Python
+    # on a machine with network, once: the wheels the GPU machine lacks into .gpu-wheels/ (docs/gpu.md)
     python3 bench/gpu_suite.py --out $OUT          # there, from the checkout (installs .gpu-wheels/ first)
     python bench/gpu_suite.py --smoke --out /tmp/s # CPU, tiny sizes, seconds: tests/unit/test_gpu_suite.py
 
@@ -80,7 +80,8 @@ def install_wheels(wheels: Path) -> dict:
     """pip-install the carried wheels (the GPU machine has no network)."""
     found = sorted(glob.glob(str(wheels / "*.whl")))
     if not found:
-        return {"status": "skipped", "reason": f"no wheels in {wheels} (build them with ../shared/tools/gpu-wheels)"}
+        return {"status": "skipped", "reason": f"no wheels in {wheels} (docs/gpu.md, 'The prepared GPU run', says how "
+                                                  "to build them)"}
     cmd = [PY, "-m", "pip", "install", "-q", "--no-index", "--no-deps", *found]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     if r.returncode and "externally-managed" in r.stderr:  # a distribution's Python (PEP 668)

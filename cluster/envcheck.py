@@ -12,7 +12,6 @@ import argparse
 import os
 import socket
 import sys
-import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
@@ -60,21 +59,15 @@ def check_nccl() -> Check:
 
 
 def check_writable(url: str) -> Check:
-    import fsspec
+    """The run's own start check (pretrain/run_lease.py): a directory, not a file or below one, where a probe
+    file can be written and removed, and so can one in its checkpoint dir."""
+    from pretrain.run_lease import check_run_dir
 
-    probe = f"{url.rstrip('/')}/.envcheck-{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
     try:
-        fs, path = fsspec.core.url_to_fs(probe)  # the run dir, not a data URL: fsspec's environment settings
-        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        with fs.open(path, "wb") as f:
-            f.write(b"ok")
-        back = fs.cat_file(path)
-        fs.rm(path)
-    except Exception as e:  # any storage error is the answer: say which and where
+        check_run_dir(url)
+    except Exception as e:  # noqa: BLE001 -- any storage error is the answer: say which and where
         return Check("run dir", False, f"{url}: not writable from {socket.gethostname()} "
-                                       f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
-    if back != b"ok":
-        return Check("run dir", False, f"{url}: wrote a probe file and read back something else")
+                                       f"({str(e).splitlines()[0] if str(e) else type(e).__name__})")
     return Check("run dir", True, f"{url} writable")
 
 
@@ -83,12 +76,12 @@ def check_data(cfg: DictConfig, storage: Storage, where: str) -> Check:
     start check, pretrain/data_check.py), read through the run's storage handle (``data.storage``: endpoint,
     profile, anonymous access; transient failures retried within ``data.storage.give_up_after_s``)."""
     from data_pipeline.errors import DataSpecError
-    from pretrain.data_check import check_path, data_paths
+    from pretrain.data_check import check_path, data_paths, label_key
 
     paths = data_paths(cfg)
     try:
         for key, spec in paths:
-            check_path(key, spec, storage, where)
+            check_path(key, spec, storage, where, label_key(cfg, key))
     except DataSpecError as e:  # one line naming the key and the URL
         return Check("data", False, str(e))
     return Check("data", True, f"{', '.join(k for k, _ in paths)}: first shard of each reachable")

@@ -2,6 +2,7 @@
 
     python -m data_pipeline.index 's3://bucket/in21k/train-{000000..010239}.tar' --out train.json
     python -m data_pipeline.index '/data/a-{0..9}.tar::/data/b.tar' --out /data/train.json --threads 64
+    python -m data_pipeline.index 'gs://bucket/laion/*.tar' --out gs://bucket/laion.json   # or a folder: its *.tar
     python -m data_pipeline.index 's3://laion/{00000..00099}.tar' --out s3://me/laion.json --label json:label
     python -m data_pipeline.index --convert s3://bucket/old/train.json   # format 1 -> 2, reads no shard
 
@@ -29,7 +30,8 @@ from data_pipeline.storage import Storage
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m data_pipeline.index", description=__doc__.splitlines()[0])
-    p.add_argument("spec", nargs="?", help="shard URLs: a brace pattern, a '::'-separated list (any fsspec URL)")
+    p.add_argument("spec", nargs="?", help="the shards: a URL, brace pattern, glob or folder (its *.tar); '::' joins "
+                   "several (any fsspec URL)")
     p.add_argument("--out", help="the manifest to write (.json, any fsspec URL)")
     p.add_argument("--label", default="cls", help="where the labels are: cls (default), txt (a class name) or "
                    "json:FIELD (img2dataset's --save_additional_columns '[\"label\"]' gives json:label)")

@@ -35,6 +35,7 @@ import numpy as np
 from PIL import Image
 
 from data_pipeline.errors import DataSpecError
+from data_pipeline.image.limits import DEFAULT_MAX_IMAGE_PIXELS, open_image
 from data_pipeline.shards.tar_write import encode_jpeg, write_shards
 from data_pipeline.storage import Storage
 
@@ -145,7 +146,7 @@ def cifar(src: _Source, fine: bool) -> tuple[dict[str, Callable[[], Samples]], l
 def _reencode(data: bytes, name: str, max_size: int, skipped: list[str]) -> bytes | None:
     """Decoded, converted to RGB (Pets holds some CMYK and palette images), optionally shrunk, JPEG."""
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with open_image(data, DEFAULT_MAX_IMAGE_PIXELS) as img:  # the size from the header, before decoding
             img = img.convert("RGB")
             if max_size and min(img.size) > max_size:
                 scale = max_size / min(img.size)

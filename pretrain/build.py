@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from functools import partial
 from typing import Any, Callable
 
@@ -13,11 +14,12 @@ from torch import nn
 from data_pipeline.image.augment import MixupCutmix, RandAugment
 from data_pipeline.demo import ensure_demo_data
 from data_pipeline.image.device import BatchToDevice
-from data_pipeline.errors import DataSpecError
+from data_pipeline.errors import DataSpecError, first_line
 from data_pipeline.stream.eval_stream import eval_batches
 from data_pipeline.image.gpu_decode import CropPlanner, gpu_decode_available
 from data_pipeline.stream.sources import DataSource
 from data_pipeline.storage import Storage
+from data_pipeline.storage.cache import ShardCache
 from data_pipeline.stream.train_loader import TrainLoader
 from data_pipeline.image.transforms import TrainTransform, partial_decode_missing
 
@@ -32,10 +34,10 @@ from .loss import build_loss
 from .loss_guard import LossGuard
 from .memory import GIB, MachineMemory, MemoryEstimate, estimate_memory, host_memory
 from .models import apply_mlp_impl, create_model
-from .monitor import Monitor
+from .monitor import WANDB_INSTALL, Monitor, WandbWriter
 from .optim import build_optimizer, build_scheduler
 from .profiling import StepProfiler
-from .run_lease import RunDirBusy, RunLease
+from .run_lease import RunDirBusy, RunDirUnusable, RunLease, check_run_dir
 
 log = logging.getLogger("pretrain")
 
@@ -80,11 +82,13 @@ def batch_layout(cfg: DictConfig, dist_info: DistInfo, where: str) -> tuple[int,
     return micro, accum
 
 
-def prepare_data(cfg: DictConfig, dist_info: DistInfo, storage: Storage) -> None:
+def prepare_data(cfg: DictConfig, dist_info: DistInfo, storage: Storage, where: str = "config") -> None:
     """Generate the demo data on first use, once per node (local rank 0 writes, the others wait): a
     node-local data.root is filled on every node. The nodes take turns, so on a shared file system
-    the first one writes and the others find it done."""
+    the first one writes and the others find it done. The paths outside data.root (a placeholder left
+    in place, data elsewhere) are checked first: a wrong one stops the run before a minute of generation."""
     if cfg.data.prepare == "demo":
+        check_data_paths(cfg, storage, where, generated=cfg.data.root)
         for leader in node_leaders(dist_info):
             if dist_info.rank == leader:
                 ensure_demo_data(cfg.data.root, storage, image_size=cfg.data.image_size, seed=cfg.train.seed)
@@ -118,6 +122,59 @@ def resolve_num_classes(cfg: DictConfig, storage: Storage, where: str) -> DictCo
     return resolved
 
 
+# bench/results/cpu_precision_{amx,avx2}.json: one Mixer-S/32 training step at batch 16 on a 2-core Xeon, with
+# its AMX / AVX512-BF16 and restricted to AVX2 (what a CPU without native bf16 runs).
+CPU_BF16_COST = "10 to 20x the fp32 step time (Mixer-S/32 at batch 16: 122 to 216 s per step against 6 to 16 s)"
+
+
+def cpu_native_bf16() -> bool:
+    """Whether this CPU runs bf16 natively (AVX512-BF16 or AMX, and torch's kernels not held to AVX2 by
+    ATEN_CPU_CAPABILITY): there bf16 autocast is not slower than fp32."""
+    try:
+        native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    except AttributeError:  # a torch without the probes: assume the common case, no native bf16
+        return False
+    return bool(native) and torch.backends.cpu.get_cpu_capability() == "AVX512"
+
+
+def auto_precision(device: torch.device | str) -> tuple[str, str]:
+    """What `train.precision: auto` stands for on `device`, and why. A CUDA device not visible here (an
+    estimate made for GPUs on a machine without one) is taken to be one with bf16 (Ampere or newer).
+    A CPU gets fp32 everywhere, so that a config gives the same numbers on every CPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return "bf16", "assumed: a GPU with bf16 support, Ampere or newer"
+        if torch.cuda.is_bf16_supported():
+            return "bf16", f"{torch.cuda.get_device_name(device)} runs bf16 on its tensor cores"
+        return "fp32", f"{torch.cuda.get_device_name(device)} has no fast bf16"
+    if device.type == "cpu" and cpu_native_bf16():
+        return "fp32", "the CPU default; this CPU has AVX512-BF16/AMX, where train.precision=bf16 is faster"
+    return "fp32", f"the CPU default; bf16 autocast on a CPU without AVX512-BF16 or AMX costs {CPU_BF16_COST}"
+
+
+def resolve_precision(cfg: DictConfig, device: torch.device | str, where: str = "config",
+                      announce: bool = True) -> DictConfig:
+    """The config with train.precision a dtype (fp32, bf16, fp16): `auto` becomes what `device` runs fast,
+    logged once (``announce``: rank 0); an explicit bf16/fp16 on a CPU without native bf16 stays, with one
+    warning of its cost."""
+    chosen, device = cfg.train.precision, torch.device(device)
+    if chosen != "auto":
+        if announce and chosen in ("bf16", "fp16") and device.type == "cpu" and not cpu_native_bf16():
+            log.warning("%s: 'train.precision' is %s on a CPU without AVX512-BF16 or AMX, where autocast costs %s; "
+                        "set train.precision=auto (fp32 here) unless you mean to test %s", where, chosen,
+                        CPU_BF16_COST, chosen)
+        return cfg
+    precision, why = auto_precision(device)
+    if announce:
+        log.info("precision %s (train.precision auto: %s)", precision, why)
+    resolved = cfg.copy()
+    OmegaConf.set_readonly(resolved, False)
+    resolved.train.precision = precision
+    OmegaConf.set_readonly(resolved, True)
+    return resolved
+
+
 def build_model(cfg: DictConfig, where: str = "config", mlp_impl: bool = True) -> nn.Module:
     """The model of `cfg`; ``mlp_impl=False``: eager MLPs (shapes only, e.g. on the meta device for an estimate)."""
     if cfg.model.num_classes == "auto":
@@ -134,19 +191,15 @@ def check_model_config(cfg: DictConfig, where: str = "config") -> None:
 
 
 def _create_model(cfg: DictConfig, num_classes: int, where: str) -> nn.Module:
-    overrides = {"drop_rate": cfg.model.drop_rate, "drop_path_rate": cfg.model.drop_path_rate}
-    if cfg.model.img_size is not None:
-        overrides["img_size"] = cfg.model.img_size
+    # One resolution: data.image_size (model.img_size, when set, agrees: pretrain/config.py validate).
+    overrides = {"drop_rate": cfg.model.drop_rate, "drop_path_rate": cfg.model.drop_path_rate,
+                 "img_size": cfg.data.image_size}
     if cfg.model.act is not None:
         overrides["act"] = cfg.model.act  # the model names the valid ones (gelu, gelu_tanh for Mixer)
     try:
         model = create_model(cfg.model.name, num_classes=num_classes, **overrides)
     except (ValueError, TypeError) as e:
         raise ConfigError(f"{where}: model: {e}") from None
-    size = cfg.data.image_size
-    if tuple(model.stem.img_size) != (size, size):
-        raise ConfigError(f"{where}: 'data.image_size' is {size} but {cfg.model.name} takes "
-                          f"{model.stem.img_size[0]} px; set model.img_size={size} or data.image_size")
     return model
 
 
@@ -199,7 +252,7 @@ def memory_estimate(cfg: DictConfig, world_size: int, where: str, model: nn.Modu
                                micro_batch_size=micro, precision=cfg.train.precision, zero_stage=e.deepspeed.zero_stage,
                                offload_optimizer=e.deepspeed.offload_optimizer,
                                activation_checkpointing=e.activation_checkpointing, device_type=device_type,
-                               async_checkpoint=cfg.checkpoint.async_save, num_workers=cfg.data.num_workers,
+                               async_checkpoint=cfg.checkpoint.async_save, num_workers=data_workers(cfg),
                                image_size=cfg.data.image_size, rank=rank)
     engine = e.kind + (f" ZeRO-{e.deepspeed.zero_stage}" if e.kind == "deepspeed" else "")
     line = (f"{cfg.model.name} on {engine}, {world_size} ranks, micro batch {micro} x {accum}, {device_type}: "
@@ -207,10 +260,38 @@ def memory_estimate(cfg: DictConfig, world_size: int, where: str, model: nn.Modu
     return line, estimate
 
 
-def memory_report(cfg: DictConfig, world_size: int, where: str, model: nn.Module | None = None,
-                  device_type: str = "cpu") -> str:
-    """One line: the memory estimate of this config on `world_size` ranks (see memory_estimate)."""
-    return memory_estimate(cfg, world_size, where, model, device_type)[0]
+ASSUMED_GPU_GIB = 80.0  # --estimate-memory for GPUs on a machine without one: an 80 GiB H100 / A100
+
+
+def memory_report(cfg: DictConfig, world_size: int, where: str, device_type: str = "cpu",
+                  gpu_memory_gib: float | None = None) -> str:
+    """`main.py --estimate-memory`: the estimate of this config on `world_size` ranks (see memory_estimate)
+    for `device_type`, then a verdict against what one rank would have: on a CPU this host's available memory
+    shared by the ranks (all on this host), on a GPU the visible GPU's memory, else `gpu_memory_gib`
+    (default ASSUMED_GPU_GIB, said so)."""
+    cfg = resolve_precision(cfg, device_type, where, announce=False)
+    line, estimate = memory_estimate(cfg, world_size, where, device_type=device_type)
+    if device_type == "cpu":
+        need, have = estimate.host, host_memory(world_size)
+        where_ = f"the {have.available / GIB:.1f} GiB of {have.what} available now"
+    else:
+        need = estimate.total
+        if gpu_memory_gib is None and torch.cuda.is_available():
+            have_bytes = torch.cuda.get_device_properties(0).total_memory
+            where_ = f"the {have_bytes / GIB:.1f} GiB of {torch.cuda.get_device_name(0)}"
+        else:
+            have_bytes = int((gpu_memory_gib or ASSUMED_GPU_GIB) * GIB)
+            where_ = (f"a {have_bytes / GIB:.0f} GiB GPU ({'given' if gpu_memory_gib else 'assumed: no GPU here'}; "
+                      "--gpu-memory-gib sets it)")
+        have = MachineMemory(have_bytes, have_bytes, "GPU memory")
+    share = f"{need / GIB:.2f} GiB per {'rank' if device_type == 'cpu' else 'device'} against {where_}"
+    if need <= have.available:
+        verdict = f"fits: {share} ({need / max(1, have.available):.0%})"
+    else:
+        verdict = f"does not fit: {share}; {_memory_advice(cfg)}"
+    if device_type == "cpu" and cfg.train.device == "auto":
+        verdict += " (estimated for this machine's CPU, where train.device auto runs; train.device=cuda: for GPUs)"
+    return f"memory estimate: {line}\nverdict: {verdict}"
 
 
 def check_memory_fit(cfg: DictConfig, estimate: MemoryEstimate, dist_info: DistInfo, where: str) -> None:
@@ -244,7 +325,7 @@ def _memory_advice(cfg: DictConfig) -> str:
     advice.append("a smaller train.micro_batch_size (more grad_accum_steps)")
     if cfg.checkpoint.async_save:
         advice.append("checkpoint.async_save=false")
-    if cfg.data.num_workers > 2:
+    if data_workers(cfg) > 2:
         advice.append("fewer data.num_workers")
     return "try " + ", ".join(advice[:-1]) + " or " + advice[-1]
 
@@ -270,12 +351,40 @@ def build_storage(cfg: DictConfig) -> Storage:
                    retries=st.retries, backoff_s=st.backoff_s, give_up_after_s=st.give_up_after_s)
 
 
+def build_shard_cache(cfg: DictConfig) -> ShardCache | None:
+    """The node-local shard cache of ``data.cache`` (None: off); ``max_bytes`` 0 takes 90% of the disk's free space."""
+    c = cfg.data.cache
+    if not c.dir:
+        return None
+    path = c.dir[len("file://"):] if c.dir.startswith("file://") else c.dir
+    try:
+        os.makedirs(path, exist_ok=True)
+        free = shutil.disk_usage(path).free
+    except OSError as exn:
+        raise DataSpecError(f"data.cache.dir {c.dir!r} cannot be used ({exn.strerror or exn}): set it to a "
+                            f"writable directory on the node's local disk, or '' to turn the cache off") from None
+    return ShardCache(path, int(c.max_bytes) or int(0.9 * free))
+
+
+AUTO_WORKERS_MAX = 10  # enough to decode and crop for one GPU at the paper's sizes
+
+
+def data_workers(cfg: DictConfig, local_ranks: int | None = None) -> int:
+    """``data.num_workers``, with auto resolved: min(10, the CPUs this process may use / the ranks on this
+    node), at least 1 (a 2-core machine gets 2 for one rank, not 10 that share 2 cores with the step)."""
+    if cfg.data.num_workers != "auto":
+        return int(cfg.data.num_workers)
+    local_ranks = local_ranks or int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(AUTO_WORKERS_MAX, cpus // max(1, local_ranks)))
+
+
 def build_train_loader(cfg: DictConfig, dist_info: DistInfo, batch_size: int, storage: Storage) -> TrainLoader:
     d = cfg.data
     a = d.augment
     randaugment = RandAugment(a.randaugment_ops, a.randaugment_magnitude) if a.randaugment_ops else None
     transform = TrainTransform(d.image_size, scale=tuple(a.scale), ratio=tuple(a.ratio), hflip=a.hflip,
-                               randaugment=randaugment)
+                               randaugment=randaugment, max_pixels=d.max_image_pixels)
     missing = partial_decode_missing()
     if d.decode != "gpu" and missing and dist_info.rank == 0:
         log.warning("%s", missing)
@@ -285,12 +394,16 @@ def build_train_loader(cfg: DictConfig, dist_info: DistInfo, batch_size: int, st
             log.warning("data.decode is 'gpu' but %s: decoding on the CPU workers instead", why_not)
         else:
             transform = CropPlanner(transform)  # workers read headers and draw crops; pixels come later
-    sources = [DataSource(s.train, s.weight, s.name) for s in d.sources] or d.train
+    sources = [DataSource(s.train, s.weight, s.name, s.label) for s in d.sources] or d.train
+    workers = data_workers(cfg)
+    if d.num_workers == "auto" and dist_info.rank == 0:
+        log.info("data.num_workers auto: %d DataLoader worker(s) per rank", workers)
     try:
         return TrainLoader(sources, batch_size=batch_size, transform=transform, seed=cfg.train.seed,
-                           rank=dist_info.rank, world_size=dist_info.world_size, num_workers=d.num_workers,
+                           rank=dist_info.rank, world_size=dist_info.world_size, num_workers=workers,
                            shuffle_buffer=d.shuffle_buffer, pin_memory=dist_info.device.type == "cuda",
-                           epoch_mode=d.epoch_mode, storage=storage, label=d.label)
+                           epoch_mode=d.epoch_mode, storage=storage, label=d.label, cache=build_shard_cache(cfg),
+                           num_classes=cfg.model.num_classes if isinstance(cfg.model.num_classes, int) else None)
     except DataSpecError as exc:
         where = "data.sources" if d.sources else "data.train"
         raise type(exc)(f"{where}: {exc}; set {where} to your shards' manifest (.json)") from None
@@ -347,19 +460,41 @@ def build_checkpointer(cfg: DictConfig, dist_info: DistInfo) -> Checkpointer:
 
 
 def build_monitor(cfg: DictConfig, dist_info: DistInfo, model: nn.Module) -> Monitor:
-    t = cfg.train
+    """Progress lines and TensorBoard; with monitor.wandb also W&B (rank 0). Without the wandb package a
+    monitor.wandb run says so in one line, with the install command, and logs to TensorBoard alone."""
+    t, m = cfg.train, cfg.monitor
+    wandb = None
+    if m.wandb and dist_info.is_main:
+        try:
+            import wandb as _  # noqa: F401
+        except ImportError:
+            log.warning("monitor.wandb is true but the wandb package is not installed: %s; logging to "
+                        "TensorBoard only", WANDB_INSTALL)
+        else:
+            config = OmegaConf.to_container(cfg, resolve=True)
+            wandb = partial(_wandb_writer, cfg.run.dir, config, m.wandb_project, m.wandb_entity, m.wandb_name)
     return Monitor(cfg.run.dir, dist_info, t.steps, t.log_every, t.global_batch_size, model.flops_per_image(),
-                   t.precision)
+                   t.precision, wandb=wandb)
+
+
+def _wandb_writer(run_dir: str, config: dict, project: str, entity: str, name: str) -> WandbWriter:
+    try:
+        return WandbWriter(run_dir, config, project, entity, name)
+    except Exception as e:  # noqa: BLE001 -- W&B's own errors (login, network, settings) have no common base
+        raise ConfigError(f"monitor.wandb: W&B did not start ({first_line(e)}); run `wandb login` or set "
+                          "WANDB_API_KEY, or WANDB_MODE=offline to log locally, or monitor.wandb=false") from None
 
 
 def build_eval_runner(cfg: DictConfig, dist_info: DistInfo, autocast: Callable[[], Any],
-                      scalars: Callable[[int, dict], None], storage: Storage, in_training: bool = True) -> EvalRunner:
-    """The evaluators of each checkpoint and the runner that records their results. In the training job
+                      scalars: Callable[[int, dict], None], storage: Storage, in_training: bool = True,
+                      on_record: Callable[[dict], None] | None = None) -> EvalRunner:
+    """The evaluators of each checkpoint and the runner that records their results (``on_record``: also
+    handed each record, rank 0: the monitor's last lines and W&B). In the training job
     they run only with eval.mode inline; with external or none training only writes checkpoints and
     `python -m pretrain.evaluate` (``in_training=False``) evaluates them."""
     wanted = not in_training or cfg.eval.mode == "inline"
     evaluators = build_evaluators(cfg, dist_info, autocast, storage) if wanted else []
-    return EvalRunner(evaluators, cfg.run.dir, dist_info, scalars)
+    return EvalRunner(evaluators, cfg.run.dir, dist_info, scalars, on_record=on_record)
 
 
 def build_profiler(cfg: DictConfig, dist_info: DistInfo) -> StepProfiler:
@@ -376,14 +511,16 @@ def build_faults(cfg: DictConfig, dist_info: DistInfo, loader: TrainLoader, chec
 
 
 def build_run_lease(cfg: DictConfig, dist_info: DistInfo) -> RunLease | None:
-    """Rank 0 takes the run dir's lease (pretrain/run_lease.py); every rank gets its answer, so a busy
-    run dir stops every rank with the same line (ConfigError). Other ranks hold None."""
+    """Rank 0 checks that the run dir is a writable directory and takes its lease (pretrain/run_lease.py);
+    every rank gets its answer, so a busy or unusable run dir stops every rank with the same line
+    (ConfigError). Other ranks hold None."""
     lease, error = None, None
     if dist_info.is_main:
         try:
+            check_run_dir(cfg.run.dir)  # a directory this run can write to, and its checkpoint dir too
             lease = RunLease(cfg.run.dir, cfg.run.lease_timeout_s)
             lease.acquire()
-        except RunDirBusy as e:
+        except (RunDirBusy, RunDirUnusable) as e:
             error = str(e)
     error = broadcast_object(error)
     if error:

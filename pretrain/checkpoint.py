@@ -268,9 +268,10 @@ class CheckpointReader:
                 raise CheckpointError(f"{path}/{name}: checksum mismatch (file corrupt or partly written)")
         return meta
 
-    def read_file(self, step: int, name: str, meta: dict[str, Any] | None = None) -> bytes:
+    def read_file(self, step: int, name: str, meta: dict[str, Any] | None = None, check: bool = True) -> bytes:
         """The bytes of one file of `step`, checked against the sha256 in its metadata (read first
-        when not given, which also checks the format version)."""
+        when not given, which also checks the format version); `check=False` only for a checkpoint the
+        user chose to take although it failed verification (checkpoint.resume=step_N)."""
         meta = self.read_metadata(step) if meta is None else meta
         expected = self._expected(step, name, meta)
         path = f"{self.url(self.step_path(step))}/{name}"
@@ -278,13 +279,14 @@ class CheckpointReader:
             data = self.fs.cat_file(f"{self.step_path(step)}/{name}")
         except FileNotFoundError:
             raise CheckpointError(f"{path}: missing (checkpoint incomplete)") from None
-        if hashlib.sha256(data).hexdigest() != expected:
+        if check and hashlib.sha256(data).hexdigest() != expected:
             raise CheckpointError(f"{path}: checksum mismatch (file corrupt or partly written)")
         return data
 
-    def read_weights(self, step: int, meta: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
+    def read_weights(self, step: int, meta: dict[str, Any] | None = None,
+                     check: bool = True) -> dict[str, torch.Tensor]:
         """The consolidated fp32 weights of `step` (model.safetensors, verified; no pickle involved)."""
-        data = self.read_file(step, "model.safetensors", meta)
+        data = self.read_file(step, "model.safetensors", meta, check)
         try:
             return st_load(data)
         except SafetensorError as e:
@@ -435,7 +437,7 @@ class Checkpointer(CheckpointReader):
                         self.fs.rm(final, recursive=True)
                     self.fs.mv(work, final, recursive=True)
                 self._write(f"{self.root}/latest", final.rsplit("/", 1)[-1].encode())
-                self._purge()
+                self._purge(meta["step"])
             except Exception as e:  # noqa: BLE001
                 error = f"rank 0: {type(e).__name__}: {e}"
         errors = errors or [e for e in self._all_gather(error) if e]
@@ -469,11 +471,16 @@ class Checkpointer(CheckpointReader):
                     self.fs.put_file(src, f"{work}/{rel}")
         return files
 
-    def _purge(self) -> None:
-        """Keep the newest `keep_last`, plus every `keep_every`-th step for the long view. Also drops
-        the `.tmp` directories of saves that a crash interrupted (this save's was renamed already)."""
+    def _purge(self, saved: int | None = None) -> None:
+        """Keep the newest `keep_last`, plus every `keep_every`-th step for the long view. Only checkpoints
+        older than `saved`, the one just published, are candidates: a later step's directory (left by a run
+        that went further, e.g. before a resume from an older checkpoint) is superseded by nothing yet and
+        stays. Also drops the `.tmp` directories of saves that a crash interrupted (this save's was renamed
+        already)."""
         steps = self.list_steps()
-        for step in steps[: -self.keep_last]:
+        saved = steps[-1] if saved is None and steps else saved  # None: the newest is the one just published
+        older = [step for step in steps if saved is not None and step < saved]
+        for step in older[: max(0, len(older) - (self.keep_last - 1))]:
             if self.keep_every and step % self.keep_every == 0:
                 continue
             self.fs.rm(self.step_path(step), recursive=True)
@@ -486,9 +493,10 @@ class Checkpointer(CheckpointReader):
                     self.fs.rm(p, recursive=True)
 
     # ---- reading (listing, verifying and reading are CheckpointReader's) ------------------------
-    def _newest_valid(self) -> tuple[int, dict[str, Any]] | None:
-        """Collective: the newest checkpoint whose files all match their checksums, with its
-        metadata, each rank checking its share of the files; a bad one is skipped with a warning."""
+    def _newest_valid(self, steps: list[int], failures: list[str]) -> tuple[int, dict[str, Any]] | None:
+        """Collective: the newest of `steps` whose files all match their checksums, with its metadata,
+        each rank checking its share of the files; a bad one is skipped with a warning and its error
+        appended to `failures` (on every rank)."""
         def check(step: int) -> dict[str, Any]:
             meta, error = None, None
             try:
@@ -500,8 +508,52 @@ class Checkpointer(CheckpointReader):
                 raise CheckpointError(errors[0])
             return meta
 
+        def skipped(error: str) -> None:
+            failures.append(error)
+            if self.dist.is_main:
+                log.warning("skipping checkpoint: %s", error)
+
+        return self.newest_valid(check, steps, skipped=skipped)
+
+    def _choose(self, pick: int | None) -> tuple[int, dict[str, Any], bool] | None:
+        """Collective: (step, metadata, verified) of the checkpoint to resume from, or None when the run
+        dir holds none. Without `pick`: the newest that verifies. With `pick` (checkpoint.resume=step_N):
+        the newest verified one at or after it -- a requeued run continues from what it saved since --
+        else that one, although it failed verification. Nothing is deleted or written here: when
+        checkpoints exist and none verifies, one CheckpointError lists each and names the ways out."""
         steps = _broadcast_object(self.list_steps() if self.dist.is_main else None)
-        return self.newest_valid(check, steps, skipped=None if self.dist.is_main else lambda _: None)
+        root = self.url(self.root)
+        if pick is not None and pick not in steps:
+            held = ", ".join(f"step_{s:07d}" for s in steps) or "none"
+            raise CheckpointError(f"checkpoint.resume=step_{pick:07d}: no such checkpoint in {root} "
+                                  f"(it holds: {held})")
+        if not steps:
+            return None
+        failures: list[str] = []
+        found = self._newest_valid([s for s in steps if pick is None or s >= pick], failures)
+        if found is not None:
+            return (*found, True)
+        if pick is None and not self.local and not _broadcast_object(
+                [s for s in steps if self.fs.exists(f"{self.step_path(s)}/metadata.json")] if self.dist.is_main
+                else None):
+            # On object storage files are written in place and metadata.json last: directories without
+            # it are saves a kill interrupted before publication, not checkpoints.
+            log.info("%s holds only unpublished saves (no metadata.json); starting from step 0", root)
+            return None
+        if pick is None:
+            raise CheckpointError(
+                f"no checkpoint in {root} verifies, so none is resumed and nothing there is changed: "
+                f"{'; '.join(failures)}. To resume from one anyway: checkpoint.resume=step_{steps[-1]:07d} "
+                "(or another step); to start afresh: a new run.dir")
+        try:
+            meta = self.read_metadata(pick)
+        except CheckpointError as e:
+            raise CheckpointError(f"checkpoint.resume=step_{pick:07d} cannot be taken even unverified: {e}") from None
+        if self.dist.is_main:
+            log.warning("resuming from %s although it failed verification (%s), as checkpoint.resume=step_%07d "
+                        "asks; its files are loaded without checksums (still never as code)",
+                        self.url(self.step_path(pick)), failures[0], pick)
+        return pick, meta, False
 
     @contextlib.contextmanager
     def _engine_dir(self, step: int) -> Iterator[str]:
@@ -516,21 +568,22 @@ class Checkpointer(CheckpointReader):
         finally:
             shutil.rmtree(stage, ignore_errors=True)
 
-    def restore(self, engine: Engine) -> Restored | None:
-        """Collective: load the newest valid checkpoint into `engine` (None if there is none).
-        A corrupt or partial checkpoint is skipped with a warning. The engine's own state is used
+    def restore(self, engine: Engine, pick: int | None = None) -> Restored | None:
+        """Collective: load the newest valid checkpoint (or `pick`'s, see `_choose`) into `engine` (None if
+        there is none). A corrupt or partial checkpoint is skipped with a warning; when every one is, the
+        resume stops with one line (CheckpointError) and nothing is written. The engine's own state is used
         whenever it can be resharded onto this run (any world size; DeepSpeed also across ZeRO
         stages); across a change of engine the consolidated weights are loaded and the optimiser
         moments restart, said in a log line."""
-        found = self._newest_valid()
+        found = self._choose(pick)
         if found is None:
             return None
-        step, meta = found
+        step, meta, verified = found
         path = self.step_path(step)
         if self.dist.is_main and self.read_latest() not in (None, path.rsplit("/", 1)[-1]):
             log.info("%s/latest names another checkpoint; resuming from the newest valid one", self.url(self.root))
         try:
-            return self._load(engine, step, meta)
+            return self._load(engine, step, meta, verified)
         except CheckpointError as e:  # weights that do not parse, or a file changed since it was verified
             raise CheckpointError(f"{e}; refusing to resume from it") from None
         except _LOAD_ERRORS as e:
@@ -538,22 +591,22 @@ class Checkpointer(CheckpointReader):
             raise CheckpointError(f"{self.url(path)}: cannot be loaded, refusing to resume from it: "
                                   f"{type(e).__name__}: {refusal(e)}") from None
 
-    def _load(self, engine: Engine, step: int, meta: dict[str, Any]) -> Restored:
+    def _load(self, engine: Engine, step: int, meta: dict[str, Any], check: bool = True) -> Restored:
         path = self.step_path(step)
         blocker = engine.resume_blocker(meta["layout"])
         if blocker is not None:
-            engine.load_consolidated_state_dict(self.read_weights(step, meta))
+            engine.load_consolidated_state_dict(self.read_weights(step, meta, check))
             log.warning("%s: optimizer state not restored because %s; weights, schedule, step and data "
                         "position are restored and the optimizer moments restart", self.url(path), blocker)
         else:
             if not engine.state_has_weights:
-                engine.load_consolidated_state_dict(self.read_weights(step, meta))
+                engine.load_consolidated_state_dict(self.read_weights(step, meta, check))
             with self._engine_dir(step) as d:
                 engine.load_state(d, meta["layout"])
-        shared = _torch_from_bytes(self.read_file(step, "shared.pt", meta))
+        shared = _torch_from_bytes(self.read_file(step, "shared.pt", meta, check))
         rank_state = None
         if meta["world_size"] == self.dist.world_size:
-            rank_state = _torch_from_bytes(self.read_file(step, f"rank_{self.dist.rank:05d}.pt", meta))
+            rank_state = _torch_from_bytes(self.read_file(step, f"rank_{self.dist.rank:05d}.pt", meta, check))
             log.info("per-rank RNG state restored (same layout: %d ranks)", self.dist.world_size)
         else:
             log.info("per-rank RNG state not restored: saved by %d ranks, this run has %d (fresh per-rank "

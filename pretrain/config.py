@@ -37,7 +37,8 @@ class ModelConfig:
     name: str = "mixer_b16_224"  # any name from pretrain.models.list_models()
     # auto: the training manifest's num_classes (or len(classes)); a number is checked against it at start.
     num_classes: Any = "auto"
-    img_size: Optional[int] = None  # None: the variant's own resolution
+    # The resolution is data.image_size: the model is built at it. null follows it; a number must agree.
+    img_size: Optional[int] = None
     drop_rate: float = 0.0
     drop_path_rate: float = 0.0
     # MLP activation: null = the variant's own (gelu, exact erf, for every Mixer, as timm's ports);
@@ -71,6 +72,7 @@ class SourceConfig:
     train: str = MISSING  # shard spec, as data.train
     weight: float = 1.0
     name: str = ""
+    label: Optional[str] = None  # where this source's labels are (as data.label); null: data.label
 
 
 @dataclass
@@ -87,6 +89,14 @@ class StorageConfig:
 
 
 @dataclass
+class CacheConfig:
+    # The node-local shard cache: remote shards are written once per node to `dir` (a local disk; "" = off)
+    # and read from there by the node's ranks and workers in later epochs, restarts and resumes.
+    dir: str = ""
+    max_bytes: int = 0  # at most this many bytes; 0 = 90% of the disk's free space when the run starts
+
+
+@dataclass
 class DataConfig:
     # `demo` generates the synthetic shapes set and the digits downstream set under `root` on first
     # use; `none` expects `train`/`val` to exist already.
@@ -97,7 +107,8 @@ class DataConfig:
     train: str = MISSING
     val: str = ""  # held-out upstream shards; "" disables the upstream evaluation
     image_size: int = 224
-    num_workers: int = 8
+    # DataLoader workers per rank; auto: min(10, the CPUs this process may use / ranks on the node)
+    num_workers: Any = "auto"
     shuffle_buffer: int = 10_000
     crop_fraction: float = 0.875  # eval: resize to size/0.875, centre-crop size
     # Normalisation happens on the device, after the uint8 batch has been copied there.
@@ -113,9 +124,14 @@ class DataConfig:
     # there in batches (nvJPEG via torchvision), falling back to cpu with one warning where unavailable.
     decode: str = "cpu"
     storage: StorageConfig = field(default_factory=StorageConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
     # Corrupt or unreadable samples are skipped and counted; above this fraction the run stops,
     # because a silently shrinking data set is worse than a clear failure.
     max_skip_fraction: float = 0.01
+    # An image whose header asks for more pixels than this is a bad_image skip, refused before any decoder
+    # allocates (a 430-byte JPEG can claim 20000x20000: 1-2.5 GB of coefficients). The default is Pillow's own
+    # refusal threshold, above the largest camera photos (150 MP); raise it for scans or panoramas.
+    max_image_pixels: int = 178_956_970
     # Where the labels are: cls (the .cls member, the default), txt (a class name in .txt) or json:FIELD
     # (an index or a class name in the .json member: img2dataset's `--save_additional_columns '["label"]'`
     # gives json:label); class names map through the manifest's classes (docs/manifest.md).
@@ -144,7 +160,9 @@ class TrainConfig:
     steps: int = MISSING
     global_batch_size: int = 4096  # split evenly across ranks
     seed: int = 0
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; fp16 adds dynamic loss scaling)
+    # auto | fp32 | bf16 | fp16 (autocast; fp16 adds dynamic loss scaling). auto: bf16 on a GPU that runs it
+    # (CUDA with bf16 support), fp32 elsewhere: bf16 autocast on a CPU is several times slower than fp32.
+    precision: str = "auto"
     device: str = "auto"  # auto (cuda if present) | cpu | cuda
     log_every: int = 50
     # Per-rank micro batch; null derives it from global batch / world size (with grad_accum_steps).
@@ -212,8 +230,10 @@ class CheckpointConfig:
     # Training stalls only to copy the state to host memory; serialising, hashing, uploading and
     # publishing run on a checkpoint thread (one save at a time, costs one host copy of the state).
     async_save: bool = False
-    # auto: continue from the newest valid checkpoint in run.dir if there is one; never: refuse to
-    # start in a run dir that already holds checkpoints (so nothing is overwritten by accident).
+    # auto: continue from the newest valid checkpoint in run.dir if there is one (none verifying stops
+    # the run); never: refuse to start in a run dir that already holds checkpoints (so nothing is
+    # overwritten by accident); step_N: that checkpoint even if it fails verification, unless a verified
+    # one at or after it exists (what a requeued run saved since).
     resume: str = "auto"
 
 
@@ -279,6 +299,16 @@ class EvalConfig:
 
 
 @dataclass
+class MonitorConfig:
+    # TensorBoard (<run.dir>/tb) always; also Weights & Biases with wandb: true (the optional extra
+    # `pip install 'mixer-pretrain[wandb]'`): the same scalars and steps, the config, the eval records.
+    wandb: bool = False
+    wandb_project: str = ""  # "": WANDB_PROJECT from the environment, else mixer-pretrain
+    wandb_entity: str = ""  # "": WANDB_ENTITY, else your W&B default entity
+    wandb_name: str = ""  # "": WANDB_NAME, else W&B's generated name
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -288,6 +318,7 @@ class Config:
     engine: EngineConfig = field(default_factory=EngineConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
 
 INCLUDE_KEY = "include"
@@ -474,6 +505,8 @@ def http_url_or_empty() -> Rule:
 
 
 POSITIVE, COUNT, FRACTION = above(0), at_least(0), within(0, 1)
+LABEL = Rule(lambda v: isinstance(v, str) and (v in ("cls", "txt") or bool(re.match(r"^json:\S+$", v))),
+             "cls, txt or json:FIELD")
 # Every key with a bounded value: its rule, one line each. Keys with `*` apply to every list entry.
 # tests/unit/test_config_validation.py checks that every numeric key of the schema has a rule here.
 RULES: dict[str, Rule] = {
@@ -490,7 +523,8 @@ RULES: dict[str, Rule] = {
     "data.train": location(),
     "data.val": location(),
     "data.image_size": POSITIVE,
-    "data.num_workers": within(0, 256),  # per rank; thousands of worker processes never start
+    "data.num_workers": Rule(lambda v: v == "auto" or (_number(v) and 0 <= v <= 256),  # thousands never start
+                             "auto or a number in [0, 256]"),
     "data.shuffle_buffer": at_least(0, " (0 or 1: no shuffle)"),
     "data.crop_fraction": within(0, 1, lo_open=True),
     "data.mean": values(within(0, 255), 3),
@@ -511,9 +545,14 @@ RULES: dict[str, Rule] = {
     "data.storage.retries": within(0, 100),  # more would retry a dead store for hours: a hang
     "data.storage.backoff_s": within(0, 300),
     "data.storage.give_up_after_s": within(0, 7 * 86400, lo_open=True),
+    "data.cache.dir": Rule(lambda v: isinstance(v, str) and ("://" not in v or v.startswith("file://")),
+                           "'' (off) or a directory on the node's local disk (no URL)"),
+    "data.cache.max_bytes": COUNT,
     "data.max_skip_fraction": FRACTION,
-    "data.label": Rule(lambda v: isinstance(v, str) and (v in ("cls", "txt") or bool(re.match(r"^json:\S+$", v))),
-                       "cls, txt or json:FIELD"),
+    "data.max_image_pixels": Rule(lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 < v < 2**62,
+                                  "a whole number of pixels > 0"),
+    "data.label": LABEL,
+    "data.sources.*.label": optional(LABEL),
     "optim.lr": POSITIVE,
     "optim.betas": values(within(0, 1, hi_open=True), 2),
     "optim.eps": POSITIVE,
@@ -527,7 +566,7 @@ RULES: dict[str, Rule] = {
     "train.steps": POSITIVE,
     "train.global_batch_size": POSITIVE,
     "train.seed": within(0, 2**32 - 1),  # numpy seeds are 32-bit
-    "train.precision": one_of("fp32", "bf16", "fp16"),
+    "train.precision": one_of("auto", "fp32", "bf16", "fp16"),
     "train.device": one_of("auto", "cpu", "cuda"),
     "train.log_every": POSITIVE,
     "train.micro_batch_size": optional(POSITIVE),
@@ -548,7 +587,8 @@ RULES: dict[str, Rule] = {
     "checkpoint.keep_last": POSITIVE,
     "checkpoint.keep_every": at_least(0, " (0: none)"),
     "checkpoint.every_minutes": at_least(0, " (0: off)"),
-    "checkpoint.resume": one_of("auto", "never"),
+    "checkpoint.resume": Rule(lambda v: v in ("auto", "never") or bool(re.match(r"^step_\d+$", str(v))),
+                              "auto, never or step_N (a checkpoint's directory name, e.g. step_0000600)"),
     "eval.mode": one_of("inline", "external", "none"),
     "eval.batch_size": POSITIVE,
     "eval.fewshot.train": location(),
@@ -600,6 +640,13 @@ def validate(cfg: DictConfig, blame: Callable[[str], str]) -> None:
             value = OmegaConf.select(cfg, key)
             if not rule.ok(value):
                 raise ConfigError(f"{blame(key)}: {rule.message(key, value)}")
+    if cfg.model.img_size is not None and cfg.model.img_size != cfg.data.image_size:
+        def origin(key: str) -> str:
+            return "the command line" if blame(key) == "command line" else blame(key)
+        raise ConfigError(f"'model.img_size' is {cfg.model.img_size} (from {origin('model.img_size')}) but "
+                          f"'data.image_size' is {cfg.data.image_size} (from {origin('data.image_size')}): the "
+                          "model is built at the data's resolution; set data.image_size alone (model.img_size: "
+                          "null follows it)")
     if not cfg.data.sources and not cfg.data.train:
         raise ConfigError(f"{blame('data.train')}: 'data.train' is empty and 'data.sources' has no entry; "
                           "give the training shards in one of them")

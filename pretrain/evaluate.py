@@ -76,6 +76,7 @@ class CheckpointEvaluation:
         # Evaluated wherever it is started: a run trained on cuda is evaluated on the CPU of a machine without one.
         device = local_device("cpu" if self.cfg.train.device == "cpu" else "auto")
         self.dist = DistInfo(rank=0, world_size=1, local_rank=0, device=device)
+        self.cfg = build.resolve_precision(self.cfg, device, f"{self.run_dir}/config.yaml", announce=False)
         self.records = EvalRecords(self.run_dir)
         self.checkpoints = CheckpointReader(self.run_dir)
         # Evaluations are minutes apart: each one's scalars go up to object storage at once.

@@ -64,10 +64,15 @@ def checkpoint_model_config(reader: CheckpointReader, step: int, meta: dict) -> 
     """The `model:` section the checkpoint was trained with (its config.yaml, checked against its sha256),
     {} where missing, altered or unreadable: the variant's defaults are then the best guess."""
     try:
-        model = OmegaConf.to_container(OmegaConf.create(reader.read_config(step, meta))).get("model")
+        config = OmegaConf.to_container(OmegaConf.create(reader.read_config(step, meta)))
     except Exception:  # noqa: BLE001
         return {}
-    return model if isinstance(model, dict) else {}
+    model, data = config.get("model"), config.get("data")
+    if not isinstance(model, dict):
+        return {}
+    if model.get("img_size") is None and isinstance(data, dict) and data.get("image_size"):
+        model["img_size"] = data["image_size"]  # the model was built at the data's resolution
+    return model
 
 
 def model_act(name: str, act: str | None) -> str:

@@ -160,7 +160,7 @@ class Faults:
             messages = [None] * dist.get_world_size()
             dist.all_gather_object(messages, self.data_error)
         return StorageError(next(m for m in messages if m) + f" (stopped at step {step}; the last checkpoint "
-                            "is kept, resume from it once the storage answers)")
+                            "is kept: resume from it once that is fixed)")
 
     def _judge_data(self, step: int, counts: list[float], delivered: float) -> Stop | None:
         """Report skipped samples; a bad fraction above data.max_skip_fraction stops the run, naming one

@@ -5,7 +5,8 @@
   python -m cluster.launch --nproc-per-node 2 -- --config configs/demo.yaml  # torchrun, DDP over gloo/nccl
   deepspeed pretrain/main.py --config configs/h14.yaml        # the launcher passes --local_rank
   python pretrain/main.py --config configs/l16.yaml --print-config
-  python pretrain/main.py --config configs/h14.yaml --estimate-memory 64   # will it fit on 64 GPUs?
+  python pretrain/main.py --config configs/h14.yaml --estimate-memory 64 train.device=cuda  # fit on 64 GPUs?
+  python pretrain/main.py --config configs/s32.yaml --dry-run data.train=...  # one step, nothing written
 
 Any `dotted.key=value` after the options overrides the config file.
 """
@@ -31,8 +32,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true",
                    help="continue from the newest checkpoint (= checkpoint.resume=auto)")
     p.add_argument("--estimate-memory", type=int, metavar="WORLD_SIZE",
-                   help="print the memory estimate (per GPU and per rank's host memory; train.device=cpu: "
-                        "host memory) for WORLD_SIZE ranks and exit")
+                   help="print the memory estimate of this command line's run on WORLD_SIZE ranks and whether "
+                        "it fits, then exit (for the device the run would use: a GPU where one is visible or "
+                        "train.device=cuda, else this host's CPU)")
+    p.add_argument("--gpu-memory-gib", type=float, metavar="GIB",
+                   help="with --estimate-memory for GPUs: the memory of one GPU (default: the visible GPU's, "
+                        "else 80)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="build everything, run one training step on one batch, write nothing; report the memory "
+                        "estimate against the measured peak")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", metavar="key=value")
     return p.parse_args(argv)
@@ -72,10 +80,18 @@ def main(argv: list[str] | None = None) -> int:
     trainer = None
     try:
         if args.estimate_memory:
+            import torch
+
             from pretrain.build import memory_report
-            # For the machines the run is meant for: GPUs unless the config says cpu.
-            device_type = "cpu" if cfg.train.device == "cpu" else "cuda"
-            print(memory_report(cfg, args.estimate_memory, args.config, device_type=device_type))
+            # For the device the run would use: train.device, or (auto) a GPU where one is visible.
+            cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
+            print(memory_report(cfg, args.estimate_memory, args.config, device_type="cuda" if cuda else "cpu",
+                                gpu_memory_gib=args.gpu_memory_gib))
+            return DONE
+        if args.dry_run:
+            from pretrain.dry_run import dry_run
+            for line in dry_run(cfg, args.config, args.local_rank):
+                print(line)
             return DONE
         trainer = Trainer(cfg, config_source=args.config, local_rank=args.local_rank)
         trainer.train()

@@ -1,5 +1,7 @@
-"""The one owner of run metrics: console progress lines and TensorBoard scalars, rank 0 only.
-`ScalarWriter` is the one TensorBoard writer (the evaluation CLI writes through it as well).
+"""The one owner of run metrics: console progress lines, TensorBoard scalars and (monitor.wandb) the same
+scalars in Weights & Biases, rank 0 only. `ScalarWriter` is the one TensorBoard writer (the evaluation CLI
+writes through it as well); `WandbWriter` the optional W&B one. Every scalar goes through `Monitor.scalars`,
+which hands it to each writer: the two never disagree on names or steps.
 
 Per-step values are accumulated as device tensors and read back (one host sync) only when a log
 line is due, so logging never stalls the accelerator between steps.
@@ -10,16 +12,18 @@ import logging
 import math
 import os
 import resource
+import secrets
 import shutil
 import sys
 import tempfile
 import time
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping, Protocol
 
 import fsspec
 import torch
 from fsspec.implementations.local import LocalFileSystem
 
+from .atomic import write_atomic
 from .dist import DistInfo, all_reduce_mean
 
 log = logging.getLogger("pretrain")
@@ -111,6 +115,71 @@ class ScalarWriter:
         self.writer = None
 
 
+def fmt_rate(per_s: float) -> str:
+    """A throughput readable at any size: 1234, 12.3, 0.12 (a slow CPU run is not '0 img/s')."""
+    if per_s >= 100:
+        return f"{per_s:.0f}"
+    return f"{per_s:.1f}" if per_s >= 1 else f"{per_s:.2g}"
+
+
+class Writer(Protocol):
+    def write(self, step: int, values: Mapping[str, float]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+WANDB_ID_FILE = "wandb_run_id"  # in the run dir: the W&B run a resumed training run goes on in
+WANDB_INSTALL = "pip install -c constraints.txt 'mixer-pretrain[wandb]' (or pip install wandb)"
+
+
+class WandbWriter:
+    """monitor.wandb: the scalars TensorBoard gets, with the same names and steps (`step` is their x-axis in
+    W&B, so a resumed run may log a step again), the run's resolved config, and each evaluation record (its
+    metrics into the run summary, its rows into the `eval/records` table). The W&B run id is kept in
+    `<run_dir>/wandb_run_id`: a resumed training run continues the same W&B run. W&B's local files go under
+    WANDB_DIR if set, else into the run dir (when it is local). WANDB_MODE=offline logs without a network."""
+
+    def __init__(self, run_dir: str, config: Mapping[str, Any], project: str = "", entity: str = "",
+                 name: str = "") -> None:
+        import wandb  # optional: build_monitor checks that it is there
+
+        fs, root = fsspec.core.url_to_fs(run_dir)
+        id_path = f"{root.rstrip('/')}/{WANDB_ID_FILE}"
+        if fs.exists(id_path):
+            run_id = fs.cat_file(id_path).decode().strip()
+        else:
+            run_id = secrets.token_hex(6)  # W&B run ids: letters and digits
+            fs.makedirs(root, exist_ok=True)
+            write_atomic(fs, id_path, run_id.encode())
+        local = isinstance(fs, LocalFileSystem)
+        kwargs = {"dir": root} if local and not os.environ.get("WANDB_DIR") else {}
+        self.run = wandb.init(project=project or os.environ.get("WANDB_PROJECT") or "mixer-pretrain",
+                              entity=entity or None, name=name or os.environ.get("WANDB_NAME") or None,
+                              id=run_id, resume="allow", config=dict(config), **kwargs)
+        self.run.define_metric("step")
+        self.run.define_metric("*", step_metric="step")
+        self._table = wandb.Table
+        self.rows: list[list] = []
+        log.info("W&B run %s (%s mode): %s", run_id, self.run.settings.mode, self.run.url or self.run.dir)
+
+    def write(self, step: int, values: Mapping[str, float]) -> None:
+        self.run.log({**values, "step": step})
+
+    def record(self, record: Mapping[str, Any]) -> None:
+        """One evaluation record (pretrain/evaluation/records.py): its metrics are the run's latest in the
+        summary, and its rows join the `eval/records` table (logged whole each time, as W&B tables are)."""
+        for name, results in record["results"].items():
+            self.run.summary.update({f"eval/{name}/{k}": v for k, v in results.items()})
+            self.rows += [[record["step"], record["checkpoint"], name, k, float(v), ""] for k, v in results.items()]
+        self.rows += [[record["step"], record["checkpoint"], name, "", None, error]
+                      for name, error in record.get("errors", {}).items()]
+        table = self._table(columns=["step", "checkpoint", "evaluator", "metric", "value", "error"], data=self.rows)
+        self.run.log({"eval/records": table, "step": record["step"]})
+
+    def close(self) -> None:
+        self.run.finish()
+
+
 def _fmt_duration(seconds: float) -> str:
     if not math.isfinite(seconds):
         return "?"
@@ -120,9 +189,23 @@ def _fmt_duration(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
+def headline(record: Mapping[str, Any]) -> str:
+    """An evaluation record in a few numbers: each evaluator's top-1 (few-shot: its most shots), or its first."""
+    parts = []
+    for name, results in record.get("results", {}).items():
+        shots = sorted((k for k in results if k.endswith("shot") and k[:-4].isdigit()), key=lambda k: int(k[:-4]))
+        key = "top1" if "top1" in results else (shots[-1] if shots else next(iter(results), None))
+        if key is not None:
+            parts.append(f"{name} {key} {results[key]:.4g}")
+    parts += [f"{name} failed" for name in record.get("errors", {})]
+    return ", ".join(parts) or "no results"
+
+
 class Monitor:
     def __init__(self, run_dir: str, dist_info: DistInfo, total_steps: int, log_every: int,
-                 global_batch_size: int, flops_per_image: int | None = None, precision: str = "fp32") -> None:
+                 global_batch_size: int, flops_per_image: int | None = None, precision: str = "fp32",
+                 wandb: Callable[[], WandbWriter] | None = None) -> None:
+        """``wandb``: makes the W&B writer (rank 0 only calls it); None: TensorBoard alone."""
         self.dist = dist_info
         self.total_steps = total_steps
         self.log_every = log_every
@@ -133,7 +216,17 @@ class Monitor:
         self.peak_tflops = peak_tflops(self.device_name, precision)
         self.loss_scale = 1.0
         self.skipped = 0
-        self.writer = ScalarWriter(run_dir) if dist_info.is_main else None
+        self.run_dir = run_dir
+        self.writers: list[Writer] = []
+        self.wandb: WandbWriter | None = None
+        if dist_info.is_main:
+            self.writers.append(ScalarWriter(run_dir))
+            if wandb is not None:
+                self.wandb = wandb()
+                self.writers.append(self.wandb)
+        self.started = time.monotonic()
+        self.last_loss: float | None = None  # the mean loss of the last logged interval
+        self.last_eval: Mapping[str, Any] | None = None
         if dist_info.is_main:
             log.info("device %s: peak %s TFLOP/s for %s (MFU %s)", self.device_name, self.peak_tflops or "unknown",
                      precision, "logged" if self.peak_tflops else "not logged: device not in the peak table")
@@ -170,6 +263,7 @@ class Monitor:
         self.loss_scale = loss_scale() if callable(loss_scale) else loss_scale
         # The only host sync of the interval; the loss is averaged over ranks for an honest figure.
         means = all_reduce_mean(torch.stack([self._loss_sum, self._gnorm_sum]) / self._steps).tolist()
+        self.last_loss = means[0]
         imgs_per_s = self._steps * self.global_batch_size / elapsed
         scalars = {
             "train/loss": means[0],
@@ -198,16 +292,40 @@ class Monitor:
                              f"  mem {scalars['perf/max_mem_gib']:.1f}G" if "perf/max_mem_gib" in scalars else "",
                              f"  rss {scalars['perf/max_rss_gib']:.1f}G",
                              f"  scale {self.loss_scale:g}" if self.loss_scale != 1.0 else ""])
-            log.info("step %d/%d  loss %.4f  lr %.2e  gnorm %.3f  %.0f img/s  data %.0f%%%s  eta %s",
-                     step, self.total_steps, means[0], lr, means[1], imgs_per_s,
+            log.info("step %d/%d  loss %.4f  lr %.2e  gnorm %.3f  %s img/s  data %.0f%%%s  eta %s",
+                     step, self.total_steps, means[0], lr, means[1], fmt_rate(imgs_per_s),
                      100 * scalars["perf/data_wait_frac"], extra, _fmt_duration(eta))
             self.scalars(step, scalars)
         self._reset()
 
     def scalars(self, step: int, values: Mapping[str, float]) -> None:
-        if self.writer is not None:
-            self.writer.write(step, values)
+        for writer in self.writers:
+            writer.write(step, values)
+
+    def eval_record(self, record: Mapping[str, Any]) -> None:
+        """An evaluation's record (rank 0): kept for the run's last lines, and sent to W&B."""
+        self.last_eval = record
+        if self.wandb is not None:
+            self.wandb.record(record)
+
+    def summary(self, step: int, start_step: int) -> list[str]:
+        """The run's last lines: wall time, steps, final loss, the last evaluation and where the records are."""
+        wall = _fmt_duration(time.monotonic() - self.started)
+        loss = f"final loss {self.last_loss:.4f}" if self.last_loss is not None else "no step logged"
+        resumed = f" (this run from step {start_step})" if start_step else ""
+        lines = [f"done: {step} steps{resumed} in {wall}, {loss}"]
+        where = [f"checkpoints {self.run_dir}/checkpoints"]
+        if self.last_eval is not None:
+            lines.append(f"last evaluation (step {self.last_eval['step']}): {headline(self.last_eval)}")
+            where.append(f"evaluations {self.run_dir}/eval/results.jsonl (python -m pretrain.evaluate {self.run_dir} "
+                         "--summary)")
+        where.append(f"TensorBoard: tensorboard --logdir {self.run_dir}/tb")
+        if self.wandb is not None:
+            where.append(f"W&B: {self.wandb.run.url or self.wandb.run.dir}")
+        lines.append("records: " + "; ".join(where))
+        return lines
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        for writer in self.writers:
+            writer.close()
+        self.writers = []

@@ -1,10 +1,15 @@
 """`train.profile`: a torch.profiler trace of chosen optimiser steps, written into the run directory.
 
 Each traced step leaves `<run.dir>/profile/rank<R>_step<S>.<time>.pt.trace.json` (tensorboard_trace_handler's
-format: Chrome trace JSON, opened by TensorBoard's profiler plugin with `--logdir <run.dir>/profile`, by
-https://ui.perfetto.dev or chrome://tracing) and, where CUDA is present, `rank<R>_step<S>.cuda_memory.pickle`
-(a CUDA caching-allocator snapshot with the allocation stacks of that step; https://pytorch.org/memory_viz).
+format: Chrome trace JSON, opened by https://ui.perfetto.dev or chrome://tracing as it is, and by TensorBoard
+with its PyTorch profiler plugin, the optional extra `profile` (torch-tb-profiler): `tensorboard --logdir
+<run.dir>/profile`) and, where CUDA is present, `rank<R>_step<S>.cuda_memory.pickle` (a CUDA caching-allocator
+snapshot with the allocation stacks of that step; https://pytorch.org/memory_viz).
 Steps not listed run without a profiler: no overhead.
+
+Kineto, the profiler's C++ part, prints `USDT ... profiler_start` / `profiler_stop` lines on stderr at its
+highest log level; KINETO_LOG_LEVEL=6 (above every level it has) silences them, unless the environment sets
+KINETO_LOG_LEVEL already (e.g. 4 to see its errors, which that setting silences too).
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ from .dist import DistInfo
 
 log = logging.getLogger("pretrain")
 PROFILE_DIR = "profile"
+VIEW = "https://ui.perfetto.dev, or tensorboard --logdir {url} with pip install 'mixer-pretrain[profile]'"
 
 
 class StepProfiler:
@@ -28,6 +34,8 @@ class StepProfiler:
         self.steps = frozenset(int(s) for s in steps)
         self.url = f"{run_dir.rstrip('/')}/{PROFILE_DIR}"
         self.dist = dist_info
+        if self.steps:  # read by kineto when a profiler starts: set before the first one
+            os.environ.setdefault("KINETO_LOG_LEVEL", "6")
 
     @contextlib.contextmanager
     def step(self, step: int) -> Iterator[None]:
@@ -57,5 +65,4 @@ class StepProfiler:
         if not local:
             for file in os.listdir(out):
                 fs.put_file(os.path.join(out, file), f"{root}/{file}")
-        log.info("profile of step %d written to %s (TensorBoard: --logdir %s; or https://ui.perfetto.dev)", step,
-                 self.url, self.url)
+        log.info("profile of step %d written to %s (view: %s)", step, self.url, VIEW.format(url=self.url))

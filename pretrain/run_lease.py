@@ -40,12 +40,60 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from data_pipeline.storage.claim import create_exclusive, precondition_failed
+
 log = logging.getLogger("pretrain")
 LEASE_FILE = "lease.json"
 
 
 class RunDirBusy(RuntimeError):
     """Another live run owns the run dir; the message names it."""
+
+
+class RunDirUnusable(RuntimeError):
+    """The run dir (or its checkpoint dir) is not a writable directory; the message names the path and why."""
+
+
+PROBE_PREFIX = ".write-probe-"
+
+
+def _file_above(fs: fsspec.AbstractFileSystem, path: str) -> str | None:
+    """`path` itself or the nearest of its parents that exists, when that is a file (None otherwise)."""
+    while path and path not in ("/", "."):
+        if fs.exists(path):
+            return path if fs.isfile(path) else None
+        parent = path.rstrip("/").rsplit("/", 1)[0] if "/" in path.rstrip("/") else ""
+        if parent == path:
+            return None
+        path = parent
+    return None
+
+
+def check_run_dir(run_dir: str) -> None:
+    """`run_dir` is a directory (created if missing) where this process can write, and so is its checkpoint
+    dir when it exists: each tested by writing and removing a probe file through fsspec (local and object
+    storage alike), before anything else is written or generated. RunDirUnusable names the path otherwise
+    (a file, a path below a file, a read-only or foreign directory), instead of a traceback at the first save."""
+    fs, root = fsspec.core.url_to_fs(run_dir)
+    root = root.rstrip("/") or "/"
+    url = run_dir if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(root)
+    above = _file_above(fs, root)
+    if above is not None:
+        where = "is a file" if above == root else f"is below the file {above}"
+        raise RunDirUnusable(f"run.dir {url} {where}, not a directory; choose another run.dir")
+    for path, what in ((root, "run.dir"), (f"{root}/checkpoints", "its checkpoint dir")):
+        if path != root and not fs.exists(path):
+            continue  # created at the first save, in the run dir just probed
+        probe = f"{path}/{PROBE_PREFIX}{secrets.token_hex(4)}"
+        try:
+            fs.makedirs(path, exist_ok=True)
+            fs.pipe_file(probe, b"probe")
+            fs.rm_file(probe)
+        except Exception as e:  # noqa: BLE001 -- PermissionError, EROFS, a bucket that refuses: each is the answer
+            name = url if path == root else f"{url}/checkpoints"
+            why = e.strerror if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {e}"
+            raise RunDirUnusable(f"{what} {name} is not writable ({why}); make it writable or choose another "
+                                 "run.dir") from None
 
 
 @dataclass(frozen=True)
@@ -117,16 +165,7 @@ class _LocalStore(_Store):
             return None
 
     def create(self, data: bytes) -> bool:
-        tmp = f"{self.path}.{secrets.token_hex(4)}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        try:
-            os.link(tmp, self.path)  # atomic, fails if the lease exists; readers never see it half-written
-            return True
-        except FileExistsError:
-            return False
-        finally:
-            os.unlink(tmp)
+        return create_exclusive(self.fs, self.path, data)  # a hard link: atomic, fails if the lease exists
 
     def _same(self, version: Any) -> bool:
         try:
@@ -163,17 +202,7 @@ class _LocalStore(_Store):
 
 
 class _S3Store(_Store):
-    @staticmethod
-    def _precondition_failed(e: BaseException | None) -> bool:
-        """A 412: the If-None-Match / If-Match condition did not hold (s3fs raises it as several types)."""
-        seen = 0
-        while e is not None and seen < 5:
-            response = getattr(e, "response", None)
-            if isinstance(e, FileExistsError) or (isinstance(response, dict) and response.get("Error", {}).get(
-                    "Code") in ("PreconditionFailed", "412")) or "PreconditionFailed" in str(e):
-                return True
-            e, seen = e.__cause__ or e.__context__, seen + 1
-        return False
+    _precondition_failed = staticmethod(precondition_failed)  # a 412: the If-None-Match / If-Match did not hold
 
     def read(self) -> tuple[bytes, Any] | None:
         try:
@@ -187,13 +216,7 @@ class _S3Store(_Store):
         return self.fs.info(self.path, refresh=True).get("ETag")
 
     def create(self, data: bytes) -> bool:
-        try:
-            self.fs.pipe_file(self.path, data, mode="create")
-        except Exception as e:  # noqa: BLE001 -- s3fs maps the 412 to several types
-            if self._precondition_failed(e):
-                return False
-            raise
-        return True
+        return create_exclusive(self.fs, self.path, data)  # a PUT with If-None-Match: *
 
     def replace(self, data: bytes, version: Any) -> tuple[bool, Any]:
         try:
@@ -224,10 +247,7 @@ class _BestEffortStore(_LocalStore):
             return None
 
     def create(self, data: bytes) -> bool:
-        if self.fs.exists(self.path):
-            return False
-        self.fs.pipe_file(self.path, data)
-        return True
+        return create_exclusive(self.fs, self.path, data)  # check, then write
 
     def replace(self, data: bytes, version: Any) -> tuple[bool, Any]:
         self.fs.pipe_file(self.path, data)

@@ -52,12 +52,14 @@ class Trainer:
         if self.dist.distributed:  # multi-node: which node holds which ranks (a lone process: nothing to say)
             log.info("process group: %s", describe_world(self.dist))
         self.run_dir = cfg.run.dir
+        # train.precision auto: bf16 on a GPU that runs it, fp32 on a CPU; the choice is logged once.
+        self.cfg = cfg = build.resolve_precision(cfg, self.dist.device, config_source, announce=self.dist.is_main)
         self.lease = build.build_run_lease(cfg, self.dist)  # before anything is written to the run dir
         self.micro_batch_size, self.accum_steps = build.batch_layout(cfg, self.dist, config_source)
         self.batch_size = self.micro_batch_size * self.accum_steps  # per rank per optimiser step
         build.check_model_config(cfg, config_source)  # a bad model setting is found before any data is touched
         storage = build.build_storage(cfg)  # the one handle every data read goes through
-        build.prepare_data(cfg, self.dist, storage)
+        build.prepare_data(cfg, self.dist, storage, config_source)
         # Every data path (training, val, each evaluator's) fails here, before anything is allocated.
         build.check_data(cfg, storage, config_source)
         self.cfg = cfg = build.resolve_num_classes(cfg, storage, config_source)  # model.num_classes: auto
@@ -82,7 +84,7 @@ class Trainer:
         # eval.mode external/none: no evaluators here; `python -m pretrain.evaluate` does the rest.
         self.eval_inline = cfg.eval.mode == "inline"
         self.evaluate = build.build_eval_runner(cfg, self.dist, self.engine.autocast, self.monitor.scalars,
-                                                  storage)
+                                                  storage, on_record=self.monitor.eval_record)
         self.step = 0  # optimiser steps taken; everything else is owned by the components
         self.last_save = time.monotonic()  # for checkpoint.every_minutes
         self.profiler = build.build_profiler(cfg, self.dist)  # train.profile: traces of chosen steps
@@ -102,7 +104,9 @@ class Trainer:
                  self.micro_batch_size, self.accum_steps, self.engine.kind, self.dist.device, self.run_dir)
 
     def resume(self) -> None:
-        restored = self.checkpointer.restore(self.engine)  # weights + optimiser, in the engine's own layout
+        choice = self.cfg.checkpoint.resume  # auto, or step_N: take that one even if it fails verification
+        pick = int(choice.removeprefix("step_")) if choice.startswith("step_") else None
+        restored = self.checkpointer.restore(self.engine, pick)  # weights + optimiser, in the engine's own layout
         if restored is None:
             return
         self.engine.load_scheduler_state(restored.shared["scheduler"])
@@ -152,8 +156,9 @@ class Trainer:
 
     def train(self) -> None:
         cfg = self.cfg
-        if cfg.checkpoint.resume == "auto":
+        if cfg.checkpoint.resume != "never":
             self.resume()
+        start_step = self.step
         # At the step the run (re)starts from: an elastic restart on fewer nodes shows up as a drop here.
         self.monitor.scalars(self.step, {"dist/world_size": self.dist.world_size})
         if self.step >= cfg.train.steps:
@@ -181,7 +186,8 @@ class Trainer:
             log.warning("%s: evaluation abandoned", e)
             self.stop_for_requeue()
         self.checkpointer.wait()  # the last checkpoint is published before the run says it is done
-        log.info("done: %d steps, run dir %s", self.step, self.run_dir)
+        for line in self.monitor.summary(self.step, start_step):  # wall time, steps, loss, last eval, where
+            log.info("%s", line)
 
     def evaluate_baseline(self) -> None:
         """The random-init row of the evaluation records (step 0), paused out of img/s."""

@@ -33,6 +33,8 @@ _FENCE = re.compile(r"^```(\S*)\s*(.*)$")
 _OPTIONS = re.compile(r"^<!--\s*doctest:(.*)-->\s*$")
 _DOTTED = re.compile(r"^[a-z_]+(\.[a-z_0-9]+)+=")
 _LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+# Keys a shrink may not set: they change how the command runs, not how long (the page must run as written).
+NOT_A_SHRINK = ("train.precision", "data.num_workers")
 
 
 class BlockFailed(AssertionError):
@@ -103,7 +105,10 @@ def _parse_options(block: Block, words: str) -> None:
         block.option_error = f"cannot parse doctest options: {e}"
         return
     for tok in tokens:
-        if _DOTTED.match(tok):
+        if _DOTTED.match(tok) and tok.split("=", 1)[0] in NOT_A_SHRINK:
+            block.option_error = (f"doctest override {tok!r} changes how the commands run, not their size; the "
+                                  "page's commands must run as written (see docs/testing.md, 'Doc tests')")
+        elif _DOTTED.match(tok):
             block.overrides.append(tok)
         elif tok.startswith("expect="):
             block.expect.append(tok[len("expect="):])

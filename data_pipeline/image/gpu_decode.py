@@ -9,15 +9,14 @@ says why and the build falls back to CPU decoding with one warning.
 """
 from __future__ import annotations
 
-import io
 import logging
 from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
+from data_pipeline.image.limits import open_image
 from data_pipeline.image.transforms import TrainTransform, random_resized_crop_params
 
 log = logging.getLogger(__name__)
@@ -37,7 +36,8 @@ def gpu_decode_available(device: torch.device) -> str | None:
 class CropPlanner:
     """``(jpeg bytes, rng) -> (bytes, [top, left, h, w, flip])``: the CPU half of the GPU path.
 
-    Reads only the JPEG header; raises (as a decoder would) when the header is not a readable image.
+    Reads only the JPEG header; raises (as a decoder would) when the header is not a readable image, and
+    ``ImageTooLarge`` when it asks for more than the transform's ``max_pixels``: nvJPEG would allocate them.
     """
 
     def __init__(self, transform: TrainTransform) -> None:
@@ -45,7 +45,7 @@ class CropPlanner:
         self.image_size = transform.image_size
 
     def __call__(self, data: bytes, rng: np.random.Generator) -> tuple[bytes, list[int]]:
-        img = Image.open(io.BytesIO(data))
+        img = open_image(data, self.transform.max_pixels)
         if img.format != "JPEG":
             raise ValueError(f"{img.format} is not JPEG; gpu decode takes JPEG only")
         t = self.transform

@@ -5,7 +5,6 @@ host only moves uint8 pixels.
 """
 from __future__ import annotations
 
-import io
 import math
 
 import numpy as np
@@ -13,6 +12,8 @@ import torch
 from PIL import Image
 
 from data_pipeline.image.augment import RandAugment
+from data_pipeline.image.limits import (DEFAULT_MAX_IMAGE_PIXELS, ImageTooLarge, check_pixels,  # noqa: F401
+                                        open_image)
 
 try:  # libjpeg-turbo with DCT scaling, without PIL's per-call overhead; PIL's draft mode otherwise
     import simplejpeg
@@ -32,6 +33,7 @@ def partial_decode_missing() -> str:
     return (f"the partial JPEG decoder is not built ({_NO_REGION_DECODE}): input costs about 25 % more CPU at "
             "ImageNet sizes; install libjpeg's headers and a C compiler (apt install libjpeg-dev gcc), then "
             "pip install -e . again (docs/decode.md)")
+
 
 _JPEG_MAGIC = b"\xff\xd8"
 
@@ -67,23 +69,25 @@ def _decode_reduced(data: bytes, width: int, height: int, d: int) -> np.ndarray:
     return simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=-(-height // d), min_width=-(-width // d))
 
 
-def decode_region(data: bytes, width: int, height: int, d: int, left: int, top: int, w: int, h: int) -> np.ndarray:
+def decode_region(data: bytes, width: int, height: int, d: int, left: int, top: int, w: int, h: int,
+                  max_pixels: int | None = None) -> np.ndarray:
     """RGB pixels ``[h, w, 3]`` of the region at (``left``, ``top``) of a ``width`` x ``height`` JPEG decoded at
     1/``d`` scale (region coordinates in the scaled image, whose sides are ``ceil(side / d)``).
 
     With the ``_jpeg_region`` extension, rows above the region are skipped (entropy-decoded only), rows below
     it are never read and columns beside it are not transformed: the same pixels as a whole decode, for
     about 80 % of its CPU at the average RandomResizedCrop (docs/decode.md). Raises ValueError where
-    libjpeg refuses the data (corrupt, CMYK)."""
+    libjpeg refuses the data (corrupt, CMYK); ``ImageTooLarge`` above ``max_pixels``, before anything is allocated."""
+    check_pixels(width, height, max_pixels)
     if _jpeg_region is not None:
         out = np.empty((h, w, 3), np.uint8)
-        _jpeg_region.decode_region(data, out, d, left, top)
+        _jpeg_region.decode_region(data, out, d, left, top, max_pixels or 0)  # the header checked again, in C
         return out
     return _decode_reduced(data, width, height, d)[top:top + h, left:left + w]
 
 
 def box_resize(data: bytes, width: int, height: int, d: int, box: tuple[float, float, float, float],
-               size: int) -> Image.Image:
+               size: int, max_pixels: int | None = None) -> Image.Image:
     """``Image.resize((size, size), BILINEAR, box=box)`` of a JPEG decoded at 1/``d`` (``box`` in full-size
     pixels), decoding only the pixels PIL's filter taps reach: the box plus their reach, within the image."""
     x0, y0, x1, y1 = (c / d for c in box)
@@ -98,7 +102,7 @@ def box_resize(data: bytes, width: int, height: int, d: int, box: tuple[float, f
             top, bottom = 0, scaled_h
         else:
             left, right = 0, scaled_w
-    pixels = decode_region(data, width, height, d, left, top, right - left, bottom - top)
+    pixels = decode_region(data, width, height, d, left, top, right - left, bottom - top, max_pixels)
     return Image.fromarray(pixels, "RGB").resize((size, size), Image.Resampling.BILINEAR,
                                                  box=(x0 - left, y0 - top, x1 - left, y1 - top))
 
@@ -109,17 +113,20 @@ def _vertical_first(width: int, height: int, size: int) -> bool:
     return height - size > 0 and height - size > 2 * (width - size)
 
 
-def decode_image(data: bytes, min_size: int | None = None) -> Image.Image:
+def decode_image(data: bytes, min_size: int | None = None,
+                 max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
     """Decode image bytes to RGB; JPEGs at least twice ``min_size`` are DCT-downscaled (1/2, 1/4, 1/8) while
-    decoding, keeping both sides >= ``min_size``."""
+    decoding, keeping both sides >= ``min_size``. ``ImageTooLarge`` when the header's size exceeds
+    ``max_pixels``, before any pixel buffer is allocated."""
     size = jpeg_size(data)
     if size is not None:
+        check_pixels(*size, max_pixels)
         try:
             d = dct_reduction(*size, min_size, min_size) if min_size else 1
             return Image.fromarray(_decode_reduced(data, *size, d), "RGB")
         except ValueError:
             pass  # e.g. CMYK or progressive oddities simplejpeg refuses: let PIL decide
-    img = Image.open(io.BytesIO(data))
+    img = open_image(data, max_pixels)  # the header only
     if min_size is not None:
         # draft() picks the largest 1/2, 1/4, 1/8 DCT scale that keeps both sides >= min_size;
         # it is a no-op for non-JPEG formats and for images smaller than 2 * min_size.
@@ -215,6 +222,7 @@ class TrainTransform:
         ratio: tuple[float, float] = (3 / 4, 4 / 3),
         hflip: bool = True,
         randaugment: RandAugment | None = None,
+        max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
     ) -> None:
         if not 0 < scale[0] <= scale[1] or not 0 < ratio[0] <= ratio[1]:
             raise ValueError(f"need 0 < scale[0] <= scale[1] and 0 < ratio[0] <= ratio[1], got {scale}, {ratio}")
@@ -223,6 +231,7 @@ class TrainTransform:
         self.ratio = (float(ratio[0]), float(ratio[1]))
         self.hflip = bool(hflip)
         self.randaugment = randaugment
+        self.max_pixels = max_pixels
         # Draft only as far as keeps even the smallest possible crop at >= image_size pixels,
         # so reduced-size decoding never costs resolution in the output.
         min_side = math.sqrt(self.scale[0] * min(self.ratio[0], 1 / self.ratio[1]))
@@ -231,7 +240,7 @@ class TrainTransform:
     def __call__(self, data: bytes, rng: np.random.Generator) -> np.ndarray:
         img = self._crop_jpeg(data, rng)
         if img is None:  # not a JPEG simplejpeg reads: decode (PIL draft) first, then crop
-            img = decode_image(data, self.decode_size)
+            img = decode_image(data, self.decode_size, self.max_pixels)
             img = random_resized_crop(img, self.image_size, rng, self.scale, self.ratio)
         if self.hflip and rng.random() < 0.5:
             # torch.flip copies 15x faster than numpy's negative-stride copy of a 3-byte-pixel array
@@ -248,6 +257,7 @@ class TrainTransform:
         if size is None:
             return None
         width, height = size
+        check_pixels(width, height, self.max_pixels)  # before the crop draws: a bomb costs no randomness either
         state = rng.bit_generator.state
         top, left, h, w = random_resized_crop_params(width, height, rng, self.scale, self.ratio)
         d = dct_reduction(w, h, self.image_size, self.image_size)
@@ -255,43 +265,51 @@ class TrainTransform:
             if d == 1:
                 # The crop of full-size pixels, resized as torchvision resizes a cropped tensor: torch's uint8
                 # antialiased bilinear (SIMD), PIL's filter at about a third of PIL's cost (docs/decode.md).
-                return resize_bilinear(decode_region(data, width, height, 1, left, top, w, h), self.image_size)
+                return resize_bilinear(decode_region(data, width, height, 1, left, top, w, h, self.max_pixels),
+                                       self.image_size)
             # DCT-scaled pixels: PIL's resize takes the exact fractional box (DCT scaling maps edges x -> x / d).
-            return box_resize(data, width, height, d, (left, top, left + w, top + h), self.image_size)
+            return box_resize(data, width, height, d, (left, top, left + w, top + h), self.image_size,
+                              self.max_pixels)
         except ValueError:  # libjpeg refuses it (e.g. CMYK): PIL decides, with the same draws
             rng.bit_generator.state = state
             return None
 
     def __repr__(self) -> str:
         return (f"TrainTransform(image_size={self.image_size}, scale={self.scale}, ratio={self.ratio}, "
-                f"hflip={self.hflip}, randaugment={self.randaugment})")
+                f"hflip={self.hflip}, randaugment={self.randaugment}, max_pixels={self.max_pixels})")
 
 
 class EvalTransform:
     """``jpeg_bytes -> uint8 [H, W, 3]``: decode and centre crop."""
 
-    def __init__(self, image_size: int, crop_fraction: float = 0.875) -> None:
+    def __init__(self, image_size: int, crop_fraction: float = 0.875,
+                 max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> None:
         if not 0 < crop_fraction <= 1:
             raise ValueError(f"crop_fraction must be in (0, 1], got {crop_fraction}")
         self.image_size = int(image_size)
         self.crop_fraction = float(crop_fraction)
+        self.max_pixels = max_pixels
         self.decode_size = math.ceil(self.image_size / self.crop_fraction)
 
     def __call__(self, data: bytes) -> np.ndarray:
         size = jpeg_size(data)
         if size is not None:  # decode_image's DCT scale, then only the rows and columns of the centre crop
             width, height = size
+            check_pixels(width, height, self.max_pixels)
             d = dct_reduction(width, height, self.decode_size, self.decode_size)
             # The box decode_image's scaled image would be cropped with, in full-size pixels (exact: d is a
             # power of two), so the pixels are those of center_crop_resize(decode_image(...)).
             scaled = center_crop_box(-(-width // d), -(-height // d), self.crop_fraction)
             box = tuple(c * d for c in scaled)
             try:
-                return np.asarray(box_resize(data, width, height, d, box, self.image_size), dtype=np.uint8)
+                return np.asarray(box_resize(data, width, height, d, box, self.image_size, self.max_pixels),
+                                  dtype=np.uint8)
             except ValueError:  # libjpeg refuses it (e.g. CMYK): PIL decides
                 pass
-        img = center_crop_resize(decode_image(data, self.decode_size), self.image_size, self.crop_fraction)
+        img = center_crop_resize(decode_image(data, self.decode_size, self.max_pixels), self.image_size,
+                                 self.crop_fraction)
         return np.asarray(img, dtype=np.uint8)
 
     def __repr__(self) -> str:
-        return f"EvalTransform(image_size={self.image_size}, crop_fraction={self.crop_fraction})"
+        return (f"EvalTransform(image_size={self.image_size}, crop_fraction={self.crop_fraction}, "
+                f"max_pixels={self.max_pixels})")

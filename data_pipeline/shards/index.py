@@ -28,13 +28,14 @@ from data_pipeline.shards.offsets import OFFSET_DTYPE
 from data_pipeline.shards.spec import expand_urls
 from data_pipeline.shards.tar_read import ShardSamples, members_note
 from data_pipeline.storage import Storage
+from data_pipeline.storage.claim import claim, remove_leftovers
 
 log = logging.getLogger(__name__)
 CLS = LabelSource("cls")
 
 
 def index_shard(url: str, storage: Storage, label: LabelSource = CLS) -> dict[str, Any]:
-    """Manifest entry of one shard: ``{"url", "num_samples", "bytes", "offsets", "max_label", "names"}``;
+    """Manifest entry of one shard: ``{"url", "num_samples", "bytes", "offsets", "min_label", "max_label", "names"}``;
     offsets are each sample's first byte, then the end of the last one (absent for compressed shards,
     which are streamed); ``max_label`` / ``names``: the class indices / class names found in ``label``;
     ``"error"`` says why a damaged shard ends early (the samples before the damage are kept).
@@ -43,7 +44,7 @@ def index_shard(url: str, storage: Storage, label: LabelSource = CLS) -> dict[st
     and the members it has: training it would skip every sample."""
     shard = ShardSamples(url, storage, must_exist=True)
     offsets: list[int | None] = []
-    end, max_label, names, labelled, first = None, -1, set(), 0, None
+    end, min_label, max_label, names, labelled, first = None, -1, -1, set(), 0, None
     while (sample := shard.next()) is not None:
         try:
             value = raw_label(sample, label)
@@ -51,6 +52,7 @@ def index_shard(url: str, storage: Storage, label: LabelSource = CLS) -> dict[st
             value = None  # counted as bad_label in training; the shard is still labelled
             labelled += 1
         if isinstance(value, int):
+            min_label = value if max_label < 0 else min(min_label, value)
             max_label = max(max_label, value)
         elif isinstance(value, str):
             names.add(value)
@@ -62,7 +64,8 @@ def index_shard(url: str, storage: Storage, label: LabelSource = CLS) -> dict[st
         raise DataSpecError(f"shard {url}: sample {first['__key__']!r} has no label in {label} "
                             f"({members_note(first)}), nor has any other sample of the shard; say where the "
                             f"labels are with --label ({LABEL_FORMS})")
-    entry: dict[str, Any] = {"url": url, "num_samples": len(offsets), "max_label": max_label, "names": sorted(names)}
+    entry: dict[str, Any] = {"url": url, "num_samples": len(offsets), "min_label": min_label, "max_label": max_label,
+                             "names": sorted(names)}
     if offsets and None not in offsets and end is not None:
         entry["offsets"] = offsets + [end]
     try:
@@ -137,6 +140,16 @@ def _recorded_name(url: str, out: str) -> str:
 
 def build_index(spec: str, out: str, storage: Storage, threads: int = 32, progress: bool = True,
                 label: str = "cls") -> dict:
+    """:func:`_build_index` while holding ``out``'s claim: a second indexer (or writer) of the same manifest
+    is refused with one line naming the first; the temporary files of a run that was killed are removed."""
+    with claim(out, storage, "indexed into"):
+        fs, path = storage.fs(out, own_retries=True)
+        remove_leftovers(fs, f"{path.removesuffix('.json')}.*.tmp-*")
+        return _build_index(spec, out, storage, threads, progress, label)
+
+
+def _build_index(spec: str, out: str, storage: Storage, threads: int = 32, progress: bool = True,
+                 label: str = "cls") -> dict:
     """Index the shards of ``spec`` into the manifest ``out`` (any fsspec URL); return the manifest (its
     shard entries without offsets: ``read_manifest(out, storage, offsets=True)`` reads them back).
 
@@ -181,10 +194,15 @@ def build_index(spec: str, out: str, storage: Storage, threads: int = 32, progre
                 if f.done() and not f.cancelled() and f.exception() is None and futures[f] not in done:
                     keep(f.result())
             raise
-    shards = [{k: v for k, v in done[u].items() if k not in ("max_label", "names", "error")} for u in urls]
+    shards = [{k: v for k, v in done[u].items() if k not in ("min_label", "max_label", "names", "error")} for u in urls]
     for shard in shards:
         shard["url"] = _recorded_name(shard["url"], out)
     names = sorted({n for u in urls for n in done[u].get("names", ())})
+    index = {n: i for i, n in enumerate(names)}
+    for shard, u in zip(shards, urls):  # each shard's label range, for the table (docs/manifest.md)
+        own = [index[n] for n in done[u].get("names", ())]
+        shard["labels"] = [min(own), max(own)] if own else [done[u].get("min_label", min(0, done[u]["max_label"])),
+                                                             done[u]["max_label"]]
     max_label = max(done[u]["max_label"] for u in urls)
     if names and max_label >= 0:
         raise DataSpecError(f"{spec}: {label} holds class indices in some samples and class names in others "

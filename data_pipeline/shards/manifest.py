@@ -1,6 +1,6 @@
 """The manifest: the one owner of its format, how it is assembled, published and read back.
 
-Format 2 (written since issue 24; docs/manifest.md), three files under one stem, e.g. ``train``::
+Format 2 (what the writer and the indexer write; docs/manifest.md), three files under one stem, e.g. ``train``::
 
     train.json         small JSON header: {"format_version": 2, "num_samples", "num_shards", "classes",
                        "num_classes", "label", "skipped"?, "table": "train.shards.npz",

@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 
 from data_pipeline.shards.table import ShardTable
-from data_pipeline.storage import Storage, read_range
+from data_pipeline.storage import Storage, StorageError, read_range
 
 OFFSET_DTYPE = np.dtype("<i8")
 CACHE_BYTES = 8 << 20  # per worker and source: ~100 shards of 10,000 samples, more than one shuffle window
@@ -58,9 +58,13 @@ class ShardOffsets:
         if isinstance(source, np.ndarray):
             return source[at:at + n]  # a view: format 1 offsets live in one array already
         run = self._read(source, at * OFFSET_DTYPE.itemsize, (at + n) * OFFSET_DTYPE.itemsize, self.tables[t].url(k))
-        offsets = np.frombuffer(run, dtype=OFFSET_DTYPE).astype(np.int64)
-        if len(offsets) != n:
-            offsets = offsets[:0]  # the file is shorter than its table says: the reader reports the shard
+        whole = len(run) - len(run) % OFFSET_DTYPE.itemsize  # a file cut inside an entry: that entry is missing
+        offsets = np.frombuffer(run[:whole], dtype=OFFSET_DTYPE).astype(np.int64)
+        why = _damage(offsets, n)
+        if why is not None:  # the same bytes on every read: no retry heals it, a rebuild does
+            raise StorageError(f"{source}: the offsets of shard {self.tables[t].url(k)} {why}: the offsets file is "
+                               f"damaged or from another write; rebuild the manifest beside it with "
+                               f"python -m data_pipeline.index '<shards>' --out <manifest.json>")
         self._cache[shard] = offsets
         self._cached += offsets.nbytes
         while self._cached > self.cache_bytes and len(self._cache) > 1:
@@ -75,6 +79,18 @@ class ShardOffsets:
                                 what="reading the offsets of")
         self.bytes_read += read
         return data
+
+
+def _damage(offsets: np.ndarray, n: int) -> str | None:
+    """What is wrong with one shard's run of ``n`` offsets read from an offsets file (None: nothing): too few
+    entries (a truncated file), or values that cannot be byte positions of samples: negative, or closer than
+    one 512-byte tar header. (Plausible positions that miss the samples, e.g. shifted ones, are found by
+    the reader: no sample where one should start, a counted skip.)"""
+    if len(offsets) != n:
+        return f"are cut short ({len(offsets)} of {n} entries)"
+    if offsets[0] < 0 or (n > 1 and int(np.diff(offsets).min()) < 512):
+        return "are not increasing byte positions (512 bytes apart at least)"
+    return None
 
 
 class ListOffsets:

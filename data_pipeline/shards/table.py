@@ -11,6 +11,8 @@ as reference counts are touched). Columns, all of length ``n`` (the number of sh
     offsets_at  int64, where the shard's ``counts + 1`` sample offsets start in the offsets file, in
                 entries of 8 bytes (-1: none, the shard is streamed: compressed tars)
     sha256      uint8 (n, 32), optional: present when every shard has one
+    labels      int64 (n, 2), optional: each shard's smallest and largest class index (-1, -1: no label),
+                present when every shard has one (the writer and the indexer record them)
 """
 from __future__ import annotations
 
@@ -42,6 +44,7 @@ class ShardTable:
     offsets_at: np.ndarray
     sha256: np.ndarray | None = None
     base: str = ""
+    labels: np.ndarray | None = None  # (n, 2) int64: each shard's label range
 
     def __len__(self) -> int:
         return len(self.counts)
@@ -59,6 +62,7 @@ class ShardTable:
         """The table of manifest entries ``{"url", "num_samples", "bytes"?, "sha256"?}`` (writer side)."""
         encoded = [s["url"].encode("utf-8") for s in shards]
         sha = [s.get("sha256") for s in shards]
+        ranges = [s.get("labels") for s in shards]
         return cls(
             names=np.frombuffer(b"".join(encoded), dtype=np.uint8).copy(),
             name_ends=np.cumsum([len(e) for e in encoded], dtype=np.int64),
@@ -67,7 +71,9 @@ class ShardTable:
             offsets_at=np.asarray(offsets_at if offsets_at is not None else [-1] * len(shards), dtype=np.int64),
             sha256=np.array([np.frombuffer(bytes.fromhex(h), np.uint8) for h in sha]).reshape(len(sha), 32)
             if sha and all(sha) else None,
-            base=base)
+            base=base,
+            labels=np.array(ranges, dtype=np.int64).reshape(len(ranges), 2)
+            if ranges and all(r is not None for r in ranges) else None)
 
     def save(self) -> bytes:
         """The table as ``.npz`` bytes (uncompressed: a rank loads it with one read and no inflate)."""
@@ -75,6 +81,8 @@ class ShardTable:
         columns = {c: getattr(self, c) for c in _COLUMNS}
         if self.sha256 is not None:
             columns["sha256"] = self.sha256
+        if self.labels is not None:
+            columns["labels"] = self.labels
         np.savez(buf, **columns)
         return buf.getvalue()
 
@@ -87,14 +95,23 @@ class ShardTable:
                 raise ValueError(f"the shard table has no column {', '.join(missing)}")
             cols = {c: z[c] for c in _COLUMNS}
             sha = z["sha256"] if "sha256" in z.files else None
+            labels = z["labels"] if "labels" in z.files else None
         n = len(cols["counts"])
         if any(cols[c].ndim != 1 or len(cols[c]) != n for c in _COLUMNS if c != "names") or \
-                (n and int(cols["name_ends"][-1]) != len(cols["names"])) or (sha is not None and sha.shape != (n, 32)):
+                (n and int(cols["name_ends"][-1]) != len(cols["names"])) or \
+                (sha is not None and sha.shape != (n, 32)) or (labels is not None and labels.shape != (n, 2)):
             raise ValueError("the shard table's columns disagree in length")
         if (cols["counts"] < 0).any():
             raise ValueError("the shard table has negative sample counts")
+        # A sample takes at least one 512-byte tar header: more samples than that in a shard of known size
+        # is a damaged table, whose counts would size the plan and the offsets reads (MemoryError, not data).
+        sizes = cols["sizes"].astype(np.int64, copy=False)
+        if ((sizes >= 0) & (cols["counts"].astype(np.int64, copy=False) > sizes // 512)).any():
+            i = int(np.flatnonzero((sizes >= 0) & (cols["counts"] > sizes // 512))[0])
+            raise ValueError(f"the shard table says shard {i} holds {int(cols['counts'][i])} samples in "
+                             f"{int(sizes[i])} bytes (a sample takes 512 bytes at least)")
         return cls(**{c: cols[c].astype(np.uint8 if c == "names" else np.int64, copy=False) for c in _COLUMNS},
-                   sha256=sha, base=base)
+                   sha256=sha, base=base, labels=None if labels is None else labels.astype(np.int64, copy=False))
 
     def entries(self) -> list[dict]:
         """Manifest entries (Python dicts, one per shard): for small manifests and tools, not for training."""
@@ -105,6 +122,8 @@ class ShardTable:
                 e["bytes"] = int(self.sizes[i])
             if self.sha256 is not None:
                 e["sha256"] = self.sha256[i].tobytes().hex()
+            if self.labels is not None:
+                e["labels"] = [int(x) for x in self.labels[i]]
             out.append(e)
         return out
 
@@ -131,6 +150,17 @@ class ShardUrls(Sequence[str]):
             return [self[k] for k in range(*i.indices(len(self)))]
         t, k = self.locate(int(i))
         return self.tables[t].url(k)
+
+    def size(self, i: int) -> int:
+        """Bytes of shard ``i`` as its manifest gives them (-1: unknown)."""
+        t, k = self.locate(int(i))
+        return int(self.tables[t].sizes[k])
+
+    def sha256(self, i: int) -> str:
+        """The manifest's sha256 of shard ``i`` in hex ("" when its manifest has none)."""
+        t, k = self.locate(int(i))
+        sha = self.tables[t].sha256
+        return sha[k].tobytes().hex() if sha is not None else ""
 
     def __iter__(self) -> Iterator[str]:
         for t in self.tables:

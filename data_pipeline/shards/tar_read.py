@@ -45,6 +45,23 @@ def _read_exact(f, n: int) -> bytes:
     return b"".join(chunks)
 
 
+_warned_names = [0]  # member names not UTF-8 reported so far (the first few are named; a shard may hold millions)
+
+
+def _name(raw: bytes) -> str:
+    """A member name as text. Names that are not UTF-8 are read with the odd bytes escaped (``caf\\xe9``, one
+    warning each for the first ten): the key names the sample, it needs no meaning, and refusing it would
+    end the shard there."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        name = raw.decode("utf-8", errors="backslashreplace")
+        if _warned_names[0] < 10:
+            _warned_names[0] += 1
+            log.warning("tar member name %r is not UTF-8: read as %s (its sample is kept)", raw[:120], name[:120])
+        return name
+
+
 def _number(field: bytes) -> int:
     if field[:1] and field[0] & 0x80:  # GNU base-256 for sizes >= 8 GiB
         return tarfile.nti(field)
@@ -76,19 +93,19 @@ def _fast_tar_members(f) -> Iterator[dict[str, Any]]:
         start = pos if start is None else start
         pos += _BLOCK + size + (-size % _BLOCK)
         if kind == b"L":  # GNU long name for the next member
-            long_name = data.rstrip(b"\0").decode("utf-8")
+            long_name = _name(data.rstrip(b"\0"))
             continue
         if kind == b"x":  # PAX extended header: only the path matters here
-            for record in data.decode("utf-8").split("\n"):
+            for record in _name(data).split("\n"):
                 if " path=" in record:
                     long_name = record.split(" path=", 1)[1]
             continue
         if kind not in (b"0", b"\0", b"7"):
             long_name, start = None, None  # directories, links, global headers: nothing to read
             continue
-        name = header[:100].split(b"\0", 1)[0].decode("utf-8")
+        name = _name(header[:100].split(b"\0", 1)[0])
         if header[257:263] == b"ustar\x00" and header[345:346] != b"\0":  # POSIX prefix field
-            name = header[345:500].split(b"\0", 1)[0].decode("utf-8") + "/" + name
+            name = _name(header[345:500].split(b"\0", 1)[0]) + "/" + name
         fname, long_name, offset, start = long_name or name, None, start, None
         if not _META.match(fname):
             yield {"fname": fname, "data": data, "__offset__": offset, "__end__": pos}

@@ -74,6 +74,7 @@ class ShardWriter:
         self.tmp = f"{self.final}.tmp-{token}"
         self.count = 0
         self.offsets: list[int] = []  # byte offset of each sample, then the end of the last one
+        self.labels = [-1, -1]  # the smallest and largest label written (the manifest table records them)
         self._file = fs.open(self.tmp, "wb")
         self._hasher = _HashingWriter(self._file)
         self._tar = TarWriter(self._hasher, encoder=False, mtime=_MTIME)
@@ -86,6 +87,7 @@ class ShardWriter:
         check_key(key)  # every writer comes through here: the CLI's re-shard path included
         self.offsets.append(self._tar.tarstream.offset)  # where this sample's first header starts
         self._tar.write({"__key__": key, "jpg": bytes(data), "cls": str(label).encode("ascii")})
+        self.labels = [label, label] if self.count == 0 else [min(self.labels[0], label), max(self.labels[1], label)]
         self.count += 1
 
     def publish(self) -> dict:
@@ -94,7 +96,7 @@ class ShardWriter:
         self._file.close()
         self.fs.mv(self.tmp, self.final)
         return {"url": self.name, "num_samples": self.count, "bytes": self._hasher.size,
-                "sha256": self._hasher.sha256.hexdigest(), "offsets": self.offsets}
+                "sha256": self._hasher.sha256.hexdigest(), "offsets": self.offsets, "labels": self.labels}
 
     def abort(self) -> None:
         self._tar.close()  # else tarfile's finaliser later writes to the closed file

@@ -6,10 +6,12 @@ waits (exponential back-off) or stops the run with one line naming the URL. Erro
 - permanent (no credentials, access denied, unknown scheme, bad endpoint, missing bucket): retrying
   cannot help, so the first one raises :class:`StorageError` at once;
 - content (a damaged tar): the reader skips the rest of that shard, the same way on every rank;
-- anything else is transient (connection refused, timeouts, 5xx, throttling, and a missing object that
-  the manifest says exists: a store restoring its objects answers NoSuchKey for a while): retried until
+- anything else is transient (connection refused, resets, timeouts, 5xx, throttling, and a missing object
+  that the manifest says exists: a store restoring its objects answers NoSuchKey for a while): retried until
   ``give_up_after_s`` have passed since the last success, then :class:`StorageError`. A missing *local*
-  file (a plain path or ``file://``) is permanent: no local disk restores its files by waiting.
+  file (a plain path or ``file://``) is permanent: no local disk restores its files by waiting; so are
+  the local errors a wait cannot heal (EINVAL from an offset out of range, ENOTDIR, EACCES, EROFS, ...),
+  and a MemoryError anywhere (a read sized by a damaged index asks the same impossible amount each time).
 
 Two process-wide switches, set by the process that owns the reads (the trainer, the evaluation runner):
 
@@ -21,6 +23,7 @@ Two process-wide switches, set by the process that owns the reads (the trainer, 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import socket
 import time
@@ -45,6 +48,15 @@ _PERMANENT_CODES = {"NoSuchBucket", "AccessDenied", "InvalidAccessKeyId", "Signa
 # botocore exception class names for missing / unusable credentials and malformed endpoints.
 _PERMANENT_NAMES = {"NoCredentialsError", "PartialCredentialsError", "ProfileNotFound", "NoRegionError",
                     "InvalidEndpointError", "UnknownCredentialError", "CredentialRetrievalError"}
+
+# OSError numbers that a local file system gives the same way on every attempt: what went wrong is the
+# path, the permissions or the arguments (an offset out of range from a damaged index), not an outage.
+_LOCAL_PERMANENT_ERRNOS = {
+    errno.EINVAL: "invalid argument: an offset or length out of range, e.g. from a damaged index",
+    errno.ENOTDIR: "a path component is not a directory", errno.EISDIR: "a directory, not a file",
+    errno.EACCES: "access denied", errno.EPERM: "operation not permitted", errno.EROFS: "read-only file system",
+    errno.ENAMETOOLONG: "file name too long", errno.ELOOP: "too many symbolic links",
+    errno.EFBIG: "offset beyond the largest file size", errno.EOVERFLOW: "offset or size too large"}
 
 
 class RetryInterrupted(BaseException):
@@ -100,13 +112,18 @@ def is_outage(exn: BaseException) -> bool:
     return any(isinstance(e, (ConnectionError, TimeoutError)) or "Connect" in type(e).__name__ for e in _chain(exn))
 
 
-def permanent_reason(exn: BaseException) -> str | None:
-    """Why retrying ``exn`` cannot help (configuration or authorisation), or None if it may be transient."""
+def permanent_reason(exn: BaseException, local: bool = False) -> str | None:
+    """Why retrying ``exn`` cannot help (configuration, authorisation, or with ``local`` a local file system's
+    answer that a wait does not change), or None if it may be transient."""
     if any(isinstance(e, socket.gaierror) or "DNS" in type(e).__name__ for e in _chain(exn)):
         return "the endpoint's host name does not resolve"  # a typo in the endpoint, not an outage
     if is_outage(exn):
         return None  # an outage, whatever it was reported as
     for e in _chain(exn):
+        if isinstance(e, MemoryError):
+            return "the read is larger than this process can hold: a damaged index (sample count or offsets)?"
+        if local and isinstance(e, OSError) and e.errno in _LOCAL_PERMANENT_ERRNOS:
+            return _LOCAL_PERMANENT_ERRNOS[e.errno]
         response = getattr(e, "response", None)
         code = response.get("Error", {}).get("Code") if isinstance(response, dict) else None
         if code in _PERMANENT_CODES:
@@ -144,7 +161,7 @@ class RetryBudget:
         self.attempts, self._since = 0, None
 
     def failed(self, exn: BaseException, what: str = "reading") -> None:
-        reason = permanent_reason(exn)
+        reason = permanent_reason(exn, local=is_local(self.url))
         missing = isinstance(exn, FileNotFoundError) and not is_outage(exn)
         if reason is None and missing and (self.missing_is_permanent or is_local(self.url)):
             reason = "not found"
@@ -197,3 +214,21 @@ def read_range(storage: Storage, url: str, start: int, stop: int, *, budget_url:
             budget.failed(exn, what)
             continue
         return (data[start:stop] if len(data) > stop - start else data), len(data)
+
+
+def exists(storage: Storage, url: str) -> bool:
+    """Whether ``url`` is there, through a :class:`RetryBudget`: a store that does not answer (connection
+    refused, reset, timeouts) is retried within the budget and then raises :class:`StorageError`, where a
+    bare ``fs.exists`` would answer False and call an outage a missing file."""
+    budget = RetryBudget(url, storage)
+    while True:
+        try:
+            fs, path = storage.fs(url)
+            fs.info(path)
+            return True
+        except FileNotFoundError as exn:
+            if not is_outage(exn):
+                return False
+            budget.failed(exn, "looking for")
+        except Exception as exn:  # noqa: BLE001 - storage back-ends raise many types
+            budget.failed(exn, "looking for")

@@ -9,11 +9,17 @@ from __future__ import annotations
 
 import bisect
 import logging
+import os
+from collections import OrderedDict
 from typing import Any, Iterable, Sequence
 
 from data_pipeline.shards.offsets import ListOffsets, ShardOffsets
 from data_pipeline.shards.tar_read import ShardSamples, error_marker, parse_sample
+from fsspec.core import split_protocol
+
 from data_pipeline.storage import Storage, read_range
+from data_pipeline.storage.retry import is_local
+from data_pipeline.storage.cache import CachedShard, ShardCache
 from data_pipeline.stream.plan import EpochPlan
 
 log = logging.getLogger(__name__)
@@ -23,19 +29,64 @@ log = logging.getLogger(__name__)
 OFFSETS_MISMATCH = ("the manifest's offsets do not match the shard (no tar sample at a sample's offset); rebuild "
                     "the manifest with python -m data_pipeline.index '<shards>' --out <manifest.json>")
 _MAX_RUN_BYTES = 64 << 20  # one range request reads at most this much (more samples: more requests)
+_OPEN_COPIES = 16  # cached shards a reader keeps open (and share-locked) at once
 
 
 class _Ranges:
-    """Range reads of one source's shards, each read through a retry budget for its shard."""
+    """Range reads of one source's shards: remote ones through a retry budget for the shard, or with a node
+    cache from the node's copy (fetched whole, once per node, on first use); local ones with ``pread`` on a
+    file kept open (an fsspec open per run of samples cost more than the read itself)."""
 
-    def __init__(self, urls: Sequence[str], storage: Storage) -> None:
-        self.urls, self.storage = urls, storage
+    def __init__(self, urls: Sequence[str], storage: Storage, cache: ShardCache | None = None) -> None:
+        self.urls, self.storage, self.cache = urls, storage, cache
         self.bytes_read = 0
+        self._copies: dict[int, CachedShard | None] = {}  # per shard: its open copy, or None: read remotely
+        self._open: OrderedDict[int, None] = OrderedDict()  # shards whose copy is open, least recent first
+
+    def _copy(self, shard: int) -> CachedShard | None:
+        if shard in self._copies:
+            copy = self._copies[shard]
+            if copy is not None:
+                self._open.move_to_end(shard)
+            return copy
+        url, read = self.urls[shard], 0
+        if is_local(url):  # read in place with pread: no fsspec open per run of samples
+            try:
+                copy = CachedShard(os.open(split_protocol(url)[1], os.O_RDONLY), url, in_place=True)
+            except OSError:
+                copy = None  # read_range's retry layer names what is wrong
+        elif self.cache is not None:
+            size = self.urls.size(shard) if hasattr(self.urls, "size") else -1
+            sha = self.urls.sha256(shard) if hasattr(self.urls, "sha256") else ""
+            copy, read = self.cache.open(url, size, self.storage, sha)
+        else:
+            copy = None
+        self.bytes_read += read
+        self._copies[shard] = copy
+        if copy is not None:
+            self._open[shard] = None
+            if len(self._open) > _OPEN_COPIES:  # closed copies may be evicted; reopened if needed again
+                oldest, _ = self._open.popitem(last=False)
+                self._copies.pop(oldest).close()
+        return copy
 
     def read(self, shard: int, start: int, stop: int) -> bytes:
+        copy = self._copy(shard)
+        if copy is not None:
+            data = copy.read(start, stop)
+            if copy.in_place:  # a local shard: its bytes are read from storage
+                self.bytes_read += len(data)
+            return data
         data, read = read_range(self.storage, self.urls[shard], start, stop)
         self.bytes_read += read
         return data
+
+    def close(self) -> None:
+        for copy in self._copies.values():
+            if copy is not None:
+                copy.close()
+        self._copies.clear()
+        self._open.clear()
 
 
 class EpochReader:
@@ -45,11 +96,13 @@ class EpochReader:
     from the manifest), a fetch reads the announced positions contiguous with it in one range request;
     without, the shard is streamed, announced positions are kept when the reader passes them and the
     rest is skipped undecoded (asking for a position behind the reader reopens its shard: correct, only
-    slower). ``bytes_read`` counts what was read from storage by range reads.
+    slower). ``bytes_read`` counts what was read from storage by range reads. With ``cache`` (the node's
+    shard cache), range reads of remote shards come from the node's copies.
     """
 
     def __init__(self, urls: Sequence[str], plan: EpochPlan, storage: Storage,
-                 offsets: ShardOffsets | ListOffsets | Sequence[Sequence[int] | None] | None = None) -> None:
+                 offsets: ShardOffsets | ListOffsets | Sequence[Sequence[int] | None] | None = None,
+                 cache: ShardCache | None = None) -> None:
         self.urls, self.plan, self.storage = urls, plan, storage
         if offsets is None or isinstance(offsets, (list, tuple)):
             offsets = ListOffsets(offsets or [None] * len(urls))
@@ -61,7 +114,7 @@ class EpochReader:
         self._shard: ShardSamples | None = None
         self._shard_j = -1
         self._reported: set[int] = set()
-        self._ranges = _Ranges(urls, storage)
+        self._ranges = _Ranges(urls, storage, cache)
 
     @property
     def bytes_read(self) -> int:
@@ -162,5 +215,6 @@ class EpochReader:
         return sample
 
     def close(self) -> None:
+        self._ranges.close()
         if self._shard is not None:
             self._shard.close()

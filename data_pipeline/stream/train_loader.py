@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 from data_pipeline.errors import DataSpecError, first_line
 from data_pipeline.image.transforms import TrainTransform
 from data_pipeline.storage import Storage, StorageError
+from data_pipeline.storage.cache import ShardCache
 from data_pipeline.stream.batch import Batch, make_batch
 from data_pipeline.stream.decode import SKIP_KINDS
 from data_pipeline.stream.plan import RankSchedule
@@ -57,6 +58,8 @@ class TrainLoader:
         storage: Storage,
         lookahead: int = 0,
         label: str = "cls",
+        cache: ShardCache | None = None,
+        num_classes: int | None = None,
     ) -> None:
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -77,11 +80,13 @@ class TrainLoader:
             specs = [DataSource(list(specs) if len(specs) > 1 else specs[0])]
         if any(s.weight <= 0 for s in specs):
             raise DataSpecError(f"source weights must be > 0, got {[s.weight for s in specs]}")
-        self.storage = storage
+        self.storage, self.cache = storage, cache
+        self.num_classes = num_classes  # the model head's: labels at or above it are bad_label skips
         self.label = str(parse_label_source(label))  # ValueError: one line naming the accepted forms
         self.sources = self._resolve(specs)
-        for s in self.sources:
-            check_label(s, self.label)
+        for i, (spec, s) in enumerate(zip(specs, self.sources)):  # each source's own label, else data.label
+            s.reads = str(parse_label_source(spec.label)) if spec.label else self.label
+            check_label(s, f"data.sources.{i}.label" if spec.label else "data.label")
         self.batch_size, self.transform, self.seed = batch_size, transform, seed
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
         self.window, self.pin_memory = max(1, shuffle_buffer), pin_memory
@@ -139,7 +144,8 @@ class TrainLoader:
     def worker_spec(self) -> WorkerSpec:
         """What the DataLoader workers need, from the current position (``schedule_args``)."""
         return WorkerSpec(self.sources, self.schedule_args(), self.transform, self.seed, self.window,
-                          self.resampled, self.storage, max(1, self.num_workers), self.lookahead, self.label)
+                          self.resampled, self.storage, max(1, self.num_workers), self.lookahead, self.label,
+                          self.cache, self.num_classes)
 
     def __iter__(self) -> Iterator[Batch]:
         while True:  # once per layout: a ``restart`` (new layout, rewound position) rebuilds the workers

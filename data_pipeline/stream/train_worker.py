@@ -6,6 +6,7 @@ own batches; skipped samples are never decoded.
 """
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterator
@@ -18,6 +19,7 @@ from data_pipeline.image.transforms import TrainTransform
 from data_pipeline.shards.labels import LabelReader
 from data_pipeline.shards.tar_write import encode_jpeg
 from data_pipeline.storage import Storage
+from data_pipeline.storage.cache import ShardCache
 from data_pipeline.stream.batch import Batch, make_batch
 from data_pipeline.stream.decode import SKIP_KINDS, decode_sample
 from data_pipeline.stream.epoch_reader import EpochReader
@@ -59,6 +61,14 @@ class WorkerSpec:
     num_workers: int  # >= 1: batch i is built by worker i % num_workers
     lookahead: int  # batches a worker plans ahead
     label: str = "cls"  # where the labels are (data.label): cls, txt, json:FIELD
+    cache: ShardCache | None = None  # the node's shard cache (data.cache), None: off
+    num_classes: int | None = None  # the model head's class count (None: the manifests' alone bound labels)
+
+
+def _bound(*counts: int | None) -> int | None:
+    """The smallest known class count: a label must fit both its manifest and the head."""
+    known = [n for n in counts if n]
+    return min(known) if known else None
 
 
 def _blank(transform: TrainTransform, size: int) -> Any:
@@ -85,14 +95,20 @@ class TrainWorkerStream(IterableDataset):
         spec = self.spec
         schedule = RankSchedule(**spec.schedule_args)
         readers: dict[tuple[int, int], EpochReader] = {}
-        label_of = [LabelReader(spec.label, src.classes) for src in spec.sources]  # per source
+        label_of = [LabelReader(src.reads, src.classes, _bound(spec.num_classes, src.num_classes))
+                    for src in spec.sources]  # per source: its own label, within its manifest and the head
         queue: deque[tuple[int, list]] = deque()  # this worker's upcoming batches, positions announced
         next_index = 0
+        started: dict[tuple[int, int], float] = {}  # when this worker started each (source, epoch)
 
         def reader(s: int, epoch: int) -> EpochReader:
             if (s, epoch) not in readers:
                 plan = EpochPlan(spec.sources[s].counts, spec.seed, s, epoch, spec.window, spec.resampled)
-                readers[(s, epoch)] = EpochReader(spec.sources[s].urls, plan, spec.storage, spec.sources[s].offsets)
+                readers[(s, epoch)] = EpochReader(spec.sources[s].urls, plan, spec.storage, spec.sources[s].offsets,
+                                                  spec.cache)
+                started.setdefault((s, epoch), time.time())
+                if spec.cache is not None:  # what was used this epoch or the one before stays cached
+                    spec.cache.protect_since = min(started.get((k, e - 1), started[(k, e)]) for k, e in readers)
             return readers[(s, epoch)]
 
         def enqueue() -> None:

@@ -118,8 +118,9 @@ class FineTuneEvaluator:
 @register("finetune")
 def build_finetune(section: DictConfig, ctx: EvalContext) -> FineTuneEvaluator:
     """Rank 0 fine-tunes alone, so it reads whole splits."""
+    classes = section.num_classes or ctx.manifest_classes(section.train, "eval.finetune.train")
     return FineTuneEvaluator(
-        ctx.whole(section.train, section.image_size), ctx.whole(section.test, section.image_size), ctx.to_device,
-        ctx.autocast, num_classes=section.num_classes or ctx.manifest_classes(section.train, "eval.finetune.train"),
+        ctx.whole(section.train, section.image_size, classes), ctx.whole(section.test, section.image_size, classes),
+        ctx.to_device, ctx.autocast, num_classes=classes,
         steps=section.steps, batch_size=section.batch_size, lr=section.lr, warmup_steps=section.warmup_steps,
         hflip=section.hflip, dist_info=ctx.dist, seed=ctx.cfg.train.seed, time_budget_s=section.time_budget_s)

@@ -40,16 +40,17 @@ class EvalContext:
     def transform(self, image_size: int = 0) -> EvalTransform:
         """The eval crop at ``image_size`` (0: ``data.image_size``)."""
         d = self.cfg.data
-        return EvalTransform(image_size or d.image_size, crop_fraction=d.crop_fraction)
+        return EvalTransform(image_size or d.image_size, crop_fraction=d.crop_fraction, max_pixels=d.max_image_pixels)
 
-    def rank_share(self, spec: str) -> Batches:
-        """This rank's share of the shards of ``spec``: for data-parallel metrics and features."""
+    def rank_share(self, spec: str, num_classes: int | None = None) -> Batches:
+        """This rank's share of the shards of ``spec``: for data-parallel metrics and features. ``num_classes``:
+        labels at or above it are skipped, as unparseable ones always are (never a crash in the metric)."""
         return partial(self.read, spec, transform=self.transform(), rank=self.dist.rank,
-                       world_size=self.dist.world_size)
+                       world_size=self.dist.world_size, num_classes=num_classes)
 
-    def whole(self, spec: str, image_size: int = 0) -> Batches:
+    def whole(self, spec: str, image_size: int = 0, num_classes: int | None = None) -> Batches:
         """Every shard of ``spec``: for an evaluator that runs on rank 0 alone."""
-        return partial(self.read, spec, transform=self.transform(image_size))
+        return partial(self.read, spec, transform=self.transform(image_size), num_classes=num_classes)
 
 
 # (its eval.<name> section, the context) -> the evaluator, or None when it has nothing to evaluate

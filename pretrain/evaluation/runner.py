@@ -45,8 +45,9 @@ class EvalRunner:
     the checkpoint being evaluated to be published, so that no record names an unpublished one."""
 
     def __init__(self, evaluators: Sequence[Evaluator], run_dir: str, dist_info: DistInfo,
-                 scalars: Callable[[int, Mapping[str, float]], None]) -> None:
-        self.evaluators, self.dist, self.scalars = list(evaluators), dist_info, scalars
+                 scalars: Callable[[int, Mapping[str, float]], None],
+                 on_record: Callable[[dict], None] | None = None) -> None:
+        self.evaluators, self.dist, self.scalars, self.on_record = list(evaluators), dist_info, scalars, on_record
         self.records = EvalRecords(run_dir)
 
     def __call__(self, model: nn.Module, step: int, checkpoint: str,
@@ -82,5 +83,7 @@ class EvalRunner:
             flat = {f"eval/{name}/{k}": v for name, res in record["results"].items() for k, v in res.items()}
             self.scalars(step, flat)
             self.records.write(record)
+            if self.on_record is not None:
+                self.on_record(record)
             log.info("eval step %d: %s", step, "  ".join(f"{k} {v:.4f}" for k, v in flat.items()) or "no results")
         return record

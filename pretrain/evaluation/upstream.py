@@ -52,5 +52,6 @@ def build_upstream(section: DictConfig, ctx: EvalContext) -> UpstreamEvaluator |
     """The held-out shards of ``data.val``, each rank its share; none given: nothing to evaluate."""
     if not ctx.cfg.data.val:
         return None
-    return UpstreamEvaluator(ctx.rank_share(ctx.cfg.data.val), ctx.cfg.model.num_classes, ctx.to_device,
+    classes = ctx.cfg.model.num_classes
+    return UpstreamEvaluator(ctx.rank_share(ctx.cfg.data.val, classes), classes, ctx.to_device,
                              ctx.autocast, ctx.dist.device)

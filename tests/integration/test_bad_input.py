@@ -40,12 +40,14 @@ def test_too_many_corrupt_samples_stop_the_run(tmp_path):
     assert ok.returncode == 0, ok.stderr[-2000:]
 
 
-def test_image_size_mismatch_is_a_config_error(tmp_path):
-    r = run_main(["--config", str(ROOT / "configs/demo.yaml"), f"run.dir={tmp_path}", "data.image_size=64"])
+def test_image_size_mismatch_is_a_config_error_naming_where_each_came_from(tmp_path):
+    config = tmp_path / "mine.yaml"
+    config.write_text(f"include: {ROOT / 'configs/demo.yaml'}\nmodel:\n  img_size: 32\n")
+    r = run_main(["--config", str(config), f"run.dir={tmp_path}", "data.image_size=64"])
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [
-        f"error: {ROOT / 'configs/demo.yaml'}: 'data.image_size' is 64 but mixer_t4_32 takes 32 px; "
-        "set model.img_size=64 or data.image_size"]
+        f"error: 'model.img_size' is 32 (from {config}) but 'data.image_size' is 64 (from the command line): the "
+        "model is built at the data's resolution; set data.image_size alone (model.img_size: null follows it)"]
 
 
 def test_shards_without_manifest_is_one_line_giving_the_index_command(tmp_path):

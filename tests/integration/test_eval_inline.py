@@ -2,6 +2,7 @@
 the random-init baseline is recorded as step 0; features computed data-parallel on two ranks give
 the same few-shot and linear-probe results as one process."""
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -47,6 +48,16 @@ def test_failing_evaluator_leaves_training_running(tmp_path, demo_root):
         assert 0.0 <= rec["results"]["finetune"]["top1"] <= 1.0
         assert rec["seconds"]["linear_probe"] >= 0
     assert r.stderr.count("evaluator linear_probe failed") == 3
+    # The run's last lines: wall time, steps, final loss; the last evaluation's headline; where the records are.
+    done, last_eval, where = [line.split("] ", 1)[1] for line in r.stderr.strip().splitlines()[-3:]]
+    assert re.fullmatch(r"done: 20 steps in [\d:]+, final loss \d+\.\d{4}", done), done
+    top1 = recs[-1]["results"]["upstream"]["top1"]
+    assert last_eval == (f"last evaluation (step 20): upstream top1 {top1:.4g}, fewshot 5shot "
+                         f"{recs[-1]['results']['fewshot']['5shot']:.4g}, finetune top1 "
+                         f"{recs[-1]['results']['finetune']['top1']:.4g}, linear_probe failed"), last_eval
+    assert where == (f"records: checkpoints {run_dir}/checkpoints; evaluations {run_dir}/eval/results.jsonl "
+                     f"(python -m pretrain.evaluate {run_dir} --summary); "
+                     f"TensorBoard: tensorboard --logdir {run_dir}/tb")
 
 
 def test_data_parallel_features_match_one_process(tmp_path, demo_root):

@@ -95,13 +95,13 @@ def test_corrupt_or_missing_checkpoint_is_one_line(run_dir, tmp_path, capsys):
 def _timm_or_skip():
     try:
         import timm
-    except Exception as e:  # the CPU build here cannot import torchvision, which timm needs
+    except Exception as e:  # with a CPU torch the index's torchvision does not load, and timm imports it
         pytest.skip(f"timm not importable: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
     return timm
 
 
 @pytest.mark.parametrize("act", ["gelu", "gelu_tanh"])
-def test_timm_recipe_loads_the_trained_head_for_any_class_count(run_dir, tmp_path, capsys, act):
+def test_timm_recipe_loads_the_trained_head_for_any_class_count(request, tmp_path, capsys, act):
     """The timm recipe the export prints (the README's) gives our logits in real timm, with the trained
     head of any class count: the demo's 64 classes on a variant timm does not register (built from timm's
     MlpMixer class), and a 7-class gelu_tanh Mixer-S/32 through timm.create_model's pretrained path."""
@@ -111,7 +111,7 @@ def test_timm_recipe_loads_the_trained_head_for_any_class_count(run_dir, tmp_pat
     from pretrain.export import timm_recipe
     from pretrain.models.interop import export_timm
     if act == "gelu":  # the CLI on a trained run
-        r = export(run_dir, "--out", tmp_path / "m.pth", capsys=capsys)
+        r = export(request.getfixturevalue("run_dir"), "--out", tmp_path / "m.pth", capsys=capsys)
         assert r.returncode == 0, r.stderr
         recipe = next(line for line in r.stdout.splitlines() if line.startswith("timm: "))[len("timm: "):]
         ours = create_model("mixer_p4_32", num_classes=64)

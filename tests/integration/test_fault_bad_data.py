@@ -80,3 +80,39 @@ def test_missing_local_shard_is_one_line_at_once(tmp_path):
     assert "retry" not in r.stderr
     assert took < 60, took  # the start-up and a few steps; not the 600 s budget
     print(f"missing local shard: stopped {took:.1f}s after start")
+
+
+def test_random_values_in_a_local_offsets_file_are_one_line_with_the_rebuild_command(tmp_path):
+    """Offsets that cannot be byte positions (a damaged file) are not a storage outage: one line naming the
+    offsets file and the rebuild command at the step that reads them, not the retry budget (EINVAL retried)."""
+    spec = write(tmp_path / "shards", good_images(160))
+    offsets = tmp_path / "shards" / "train.offsets"
+    offsets.write_bytes(np.random.default_rng(1).bytes(offsets.stat().st_size))
+    t0 = time.monotonic()
+    r = run_main(args(tmp_path / "run", spec, "data.storage.give_up_after_s=600"))
+    took = time.monotonic() - t0
+    line = one_error_line(r)
+    assert f"{offsets}: the offsets of shard " in line and "python -m data_pipeline.index" in line
+    assert "retry" not in r.stderr and "gave up" not in line
+    print(f"random offsets: stopped {took:.1f}s after start")
+
+
+def test_table_counts_of_10_to_the_12_stop_at_start(tmp_path):
+    from data_pipeline.shards.table import ShardTable
+
+    spec = write(tmp_path / "shards", good_images(160))
+    table_path = tmp_path / "shards" / "train.shards.npz"
+    t = ShardTable.load(table_path.read_bytes(), "")
+    counts = t.counts.copy()
+    counts[0] = 10**12
+    table_path.write_bytes(ShardTable(t.names, t.name_ends, counts, t.sizes, t.offsets_at, t.sha256).save())
+    header = json.loads(open(spec).read())
+    header["num_samples"] = int(counts.sum())
+    open(spec, "w").write(json.dumps(header))
+    t0 = time.monotonic()
+    r = run_main(args(tmp_path / "run", spec, "data.storage.give_up_after_s=600"))
+    took = time.monotonic() - t0
+    line = one_error_line(r)
+    assert f"shard table '{table_path}'" in line and "1000000000000 samples" in line
+    assert "rebuild it with python -m data_pipeline.index" in line and "retry" not in r.stderr
+    print(f"table counts 10^12: stopped {took:.1f}s after start")

@@ -70,7 +70,7 @@ def test_img2dataset_shards_index_with_json_label_and_train_on_every_sample(tmp_
     from data_pipeline.image.transforms import TrainTransform
     from data_pipeline.stream.train_loader import TrainLoader
 
-    with pytest.raises(DataSpecError, match=r"indexed with --label json:label, data.label is cls: set data.label="):
+    with pytest.raises(DataSpecError, match=r"indexed with --label json:label and data.label is cls: set data.label="):
         TrainLoader(manifest, batch_size=4, transform=TrainTransform(32), seed=0, storage=Storage())
 
 
@@ -127,3 +127,82 @@ def test_real_img2dataset_output_indexes_with_json_label(tmp_path, http_server):
     assert m["num_samples"] == 9 and m["classes"] == CLASSES
     shutil.rmtree(tmp_path / "out" / "_tmp", ignore_errors=True)
     assert ROOT.exists()
+
+
+def _keyed_labels(manifest: str) -> dict[str, int]:
+    from data_pipeline.shards.spec import expand_urls
+    from data_pipeline.shards.tar_read import raw_samples
+
+    return {s["__key__"]: int(s["cls"]) for s in raw_samples(expand_urls(manifest, Storage()), Storage())}
+
+
+def test_resharding_img2dataset_shards_takes_label(tmp_path, capsys):
+    from data_pipeline.write import main as write_main
+
+    _img2dataset_shards(tmp_path / "laion")
+    out = tmp_path / "re"
+    # Without --label: one line naming a sample, its members and the option, not a warning per sample.
+    assert write_main(["--shards", str(tmp_path / "laion"), "--out", str(out), "--samples-per-shard", "10",
+                       "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "has no label in cls (members: jpg, json, txt)" in err and "--label" in err, err
+    assert write_main(["--shards", str(tmp_path / "laion"), "--out", str(out), "--samples-per-shard", "10",
+                       "--label", "json:label", "--no-progress"]) == 0
+    m = read_manifest(str(out / "train.json"), Storage())
+    assert m["classes"] == CLASSES and m["num_samples"] == 48
+    labels = _keyed_labels(str(out / "train.json"))
+    assert labels == {f"{s:05d}{i:04d}": (s * 24 + i) % 3 for s in range(2) for i in range(24)}
+
+
+def _two_manifests(tmp_path) -> tuple[str, str]:
+    """img2dataset shards indexed with --label json:label, and the writer's shards (labels in .cls)."""
+    from data_pipeline.shards.tar_write import encode_jpeg, write_shards
+
+    _img2dataset_shards(tmp_path / "laion")
+    json_manifest = str(tmp_path / "laion" / "train.json")
+    assert index_main([str(tmp_path / "laion"), "--out", json_manifest, "--no-progress", "--label", "json:label"]) == 0
+    jpg = encode_jpeg(np.zeros((40, 48, 3), np.uint8))
+    write_shards([(f"c{i}", jpg, i % 3) for i in range(24)], str(tmp_path / "cls"), "train", 12, storage=Storage())
+    return json_manifest, str(tmp_path / "cls" / "train.json")
+
+
+def test_labels_per_source_and_the_start_check_catches_a_mismatch_both_ways(tmp_path, demo_root):
+    from omegaconf import OmegaConf
+
+    from data_pipeline.image.transforms import TrainTransform
+    from data_pipeline.stream.sources import DataSource
+    from data_pipeline.stream.train_loader import TrainLoader
+    from pretrain.build import check_data
+    from pretrain.config import load_config
+
+    json_manifest, cls_manifest = _two_manifests(tmp_path)
+    # A json:label source mixed with a .cls one, each read from where its labels are: no sample skipped.
+    loader = TrainLoader([DataSource(json_manifest, label="json:label"), DataSource(cls_manifest)], batch_size=8,
+                         transform=TrainTransform(32), seed=0, num_workers=0, storage=Storage())
+    batches = [b for _, b in zip(range(6), loader)]
+    assert {s for b in batches for s in b.sources} == {0, 1}
+    assert sum(loader.skipped.values()) == 0 and all(0 <= int(x) < 3 for b in batches for x in b.labels)
+    with pytest.raises(DataSpecError, match=r"indexed with --label cls and data.sources.0.label is json:label"):
+        TrainLoader([DataSource(cls_manifest, label="json:label")], batch_size=8, transform=TrainTransform(32),
+                    seed=0, storage=Storage())
+
+    demo = str(ROOT / "configs/demo.yaml")
+
+    def check(*overrides, sources=None):
+        config = tmp_path / "mixed.yaml"  # data.sources as a config file gives it, each entry's label included
+        config.write_text(f"include: {demo}\n" + OmegaConf.to_yaml({"data": {"train": "", "sources": sources}})
+                          if sources else f"include: {demo}\n")
+        cfg = load_config(str(config), [f"data.root={demo_root}", "eval.mode=none", *overrides])
+        check_data(cfg, Storage(), str(config))
+
+    check(f"data.train={json_manifest}", "data.label=json:label")
+    check(sources=[{"train": json_manifest, "label": "json:label"}, {"train": cls_manifest}])
+    # labels in the JSON read as .cls ...
+    with pytest.raises(DataSpecError) as e:
+        check(f"data.train={json_manifest}")
+    assert str(e.value) == (f"data.train: {json_manifest}: its manifest was indexed with --label json:label and "
+                            "data.label is cls: set data.label=json:label, or index the shards again with --label cls")
+    # ... and .cls labels read from the JSON, which would skip every sample
+    with pytest.raises(DataSpecError, match=r"^data.sources.1.train: .*indexed with --label cls and data.label is "
+                                            r"json:label: set data.label=cls"):
+        check("data.label=json:label", sources=[{"train": json_manifest}, {"train": cls_manifest}])

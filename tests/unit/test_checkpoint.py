@@ -101,7 +101,64 @@ def test_missing_file_or_metadata_is_not_a_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match="missing"):
         ck.verify(2)
     (tmp_path / "checkpoints/step_0000001/metadata.json").unlink()
-    assert ck.restore(make_engine()) is None
+    # Neither verifies: the resume stops (one line naming each and the ways out), it never starts over.
+    with pytest.raises(CheckpointError) as e:
+        ck.restore(make_engine())
+    assert "step_0000001: no metadata.json" in str(e.value) and "step_0000002/rank_00000.pt: missing" in str(e.value)
+    assert "checkpoint.resume=step_0000002" in str(e.value) and "run.dir" in str(e.value) and "\n" not in str(e.value)
+
+
+def _tree(root):
+    return {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _flip_last_byte(path):
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_no_checkpoint_verifies_stops_and_keeps_them_all(tmp_path, caplog):
+    ck = Checkpointer(str(tmp_path), ONE)
+    e = make_engine()
+    for step in (3, 6):
+        train_steps(e, 1)
+        save(ck, e, step)
+    trained = weights(e)
+    for step in (3, 6):
+        _flip_last_byte(tmp_path / f"checkpoints/step_{step:07d}/model.safetensors")
+    before = _tree(tmp_path / "checkpoints")
+    with pytest.raises(CheckpointError, match=r"no checkpoint in .* verifies") as err:
+        ck.restore(make_engine(seed=1))
+    message = str(err.value)
+    for step in (3, 6):
+        assert f"step_{step:07d}/model.safetensors: checksum mismatch" in message
+    assert "checkpoint.resume=step_0000006" in message and "a new run.dir" in message
+    assert _tree(tmp_path / "checkpoints") == before  # nothing deleted, nothing rewritten
+    # The way out the line names: take step 6 anyway (weights-only loading still guards against code).
+    fresh = make_engine(seed=2)
+    restored = ck.restore(fresh, pick=6)
+    assert restored.step == 6 and "although it failed verification" in caplog.text
+    flipped = {k for k, v in trained.items() if not torch.equal(v, fresh.unwrapped.state_dict()[k])}
+    assert len(flipped) <= 1  # the one tensor holding the flipped byte; everything else is the saved state
+    # A run resumed so, once it has saved a verified newer checkpoint, continues from that one (a requeue).
+    train_steps(fresh, 1)
+    save(ck, fresh, 7)
+    assert ck.restore(make_engine(), pick=6).step == 7
+    with pytest.raises(CheckpointError, match=r"checkpoint.resume=step_0000005: no such checkpoint .* step_0000003"):
+        ck.restore(make_engine(), pick=5)
+
+
+def test_retention_never_deletes_what_the_new_save_does_not_supersede(tmp_path):
+    """A run resumed from an older checkpoint saves below later step directories: those stay, and so
+    does the checkpoint just written (keep_last counts only what it supersedes)."""
+    ck = Checkpointer(str(tmp_path), ONE, keep_last=1)
+    e = make_engine()
+    save(ck, e, 9)
+    save(ck, e, 3)
+    assert ck.list_steps() == [3, 9]
+    save(ck, e, 4)
+    assert ck.list_steps() == [4, 9]
 
 
 def test_keep_last_plus_every_mth(tmp_path):
@@ -222,6 +279,14 @@ def test_round_trip_on_s3_with_latest_marker(s3_server, monkeypatch):
     b = make_engine(seed=1)
     restored = Checkpointer(run, ONE).restore(b)
     assert restored.step == 2
+    # Only unpublished saves left (a kill during the first save): not checkpoints, so the run starts at 0;
+    # a published one that fails its checksums stops the resume instead.
+    fs.rm(f"{root}/checkpoints/step_0000002", recursive=True)
+    assert Checkpointer(run, ONE).restore(make_engine()) is None
+    save(ck, a, 4)
+    fs.pipe_file(f"{root}/checkpoints/step_0000004/shared.pt", b"damaged")
+    with pytest.raises(CheckpointError, match="no checkpoint in s3://.* verifies"):
+        Checkpointer(run, ONE).restore(make_engine())
 
 
 def test_async_save_snapshots_the_step_while_training_goes_on(tmp_path):

@@ -44,6 +44,7 @@ BAD_OVERRIDES = [
     ("data.image_size=0", "data.image_size"),
     ("data.num_workers=-1", "data.num_workers"),
     ("data.max_skip_fraction=2", "data.max_skip_fraction"),
+    ("data.max_image_pixels=0", "data.max_image_pixels"),
     ("data.train=s4://bucket/train-{0..3}.tar", "data.train"),
     ("data.storage.s3_endpoint=minio:9000", "data.storage.s3_endpoint"),
     ("data.storage.retries=100000", "data.storage.retries"),

@@ -111,3 +111,28 @@ def test_output_is_read_by_webdataset_and_reshard_with_a_key_in_two_sources_is_a
     r = _cli("--shards", f"{tmp_path}/a/train.json::{tmp_path}/a/train-000000.tar", "--out", tmp_path / "b",
              "--samples-per-shard", 4)
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "both become sample key" in r.stderr, r.stderr
+
+
+def _labels_in_order(manifest_path):
+    return [int(s["cls"]) for s in _read(manifest_path)]
+
+
+def test_shuffles_by_default_seeded_and_no_shuffle_keeps_the_folder_order(folder, tmp_path):
+    for name, extra in (("a", []), ("b", []), ("c", ["--shuffle-seed", 1]), ("d", ["--no-shuffle"])):
+        r = _cli("--folder", folder, "--out", tmp_path / name, "--samples-per-shard", 4, *extra)
+        assert r.returncode == 0, r.stderr
+    in_class_order = [0] * 4 + [1] * 5 + [2] * 6
+    assert _labels_in_order(tmp_path / "d" / "train.json") == in_class_order
+    shuffled = _labels_in_order(tmp_path / "a" / "train.json")
+    assert sorted(shuffled) == in_class_order and shuffled != in_class_order
+    assert _labels_in_order(tmp_path / "b" / "train.json") == shuffled  # seed 0 by default: the same order
+    assert _labels_in_order(tmp_path / "c" / "train.json") != shuffled
+
+
+def test_progress_counts_images_not_shards(folder, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "data_pipeline.write", "--folder", str(folder), "--out",
+                        str(tmp_path / "o"), "--processes", "1"], capture_output=True, text=True, cwd=ROOT,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    # 15 images in one 256 MB shard: the bar ends at 15/15 images, not at 1/1 shard
+    assert "15/15" in r.stderr and "img" in r.stderr, r.stderr

@@ -87,8 +87,9 @@ def test_host_memory_counts_workers_checkpoint_copies_and_the_runtime(tiny):
 def test_h14_estimate_is_printed_from_the_command_line(capsys):
     from pretrain.main import main
     from tests.conftest import ROOT
-    assert main(["--config", str(ROOT / "configs/h14.yaml"), "--estimate-memory", "64"]) == 0
-    line = capsys.readouterr().out.strip()
+    assert main(["--config", str(ROOT / "configs/h14.yaml"), "--estimate-memory", "64", "train.device=cuda"]) == 0
+    line, verdict = capsys.readouterr().out.strip().splitlines()
+    line = line.removeprefix("memory estimate: ")
     assert line.startswith("mixer_h14_224 on deepspeed ZeRO-3, 64 ranks, micro batch 64 x 1, cuda: ")
     # H/14 at 224 px: N = 256 tokens, C = 1280, D_S = 640, D_C = 5120, 32 blocks, checkpointed:
     # 32 * 256 * 1280 block inputs + one block (4*256*1280 + 2*1280*640 + 2*256*5120 = 5,570,560)
@@ -146,3 +147,29 @@ def test_a_run_that_cannot_fit_stops_before_step_1_with_one_line(tmp_path, demo_
     assert "engine.activation_checkpointing=true" in last
     assert last.endswith("or train.memory_check=false to start anyway")
     assert "Traceback" not in r.stderr and not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_estimate_is_for_the_command_lines_run_and_ends_with_a_verdict(capsys):
+    """The overrides of the run (its batch) reach the estimate; train.device auto estimates for the device this
+    machine would train on; the last line says whether it fits against what that device has."""
+    import torch
+
+    from pretrain.main import main
+    from tests.conftest import ROOT
+    s32 = str(ROOT / "configs/s32.yaml")
+    assert main(["--config", s32, "--estimate-memory", "1", "train.global_batch_size=16"]) == 0
+    line, verdict = capsys.readouterr().out.strip().splitlines()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    assert line.startswith(f"memory estimate: mixer_s32_224 on ddp, 1 ranks, micro batch 16 x 1, {device}: "), line
+    if device == "cpu":
+        assert line.endswith("GiB host memory per rank (head counted for 1000 classes: model.num_classes is auto "
+                             "and data.train is not readable)"), line
+        assert verdict.startswith("verdict: fits: ") and "GiB of host memory (1 rank on this host) available" in verdict
+    # For GPUs from a machine that may have none: the visible GPU, else an assumed size, said so.
+    assert main(["--config", s32, "--estimate-memory", "8", "train.device=cuda", "--gpu-memory-gib", "2"]) == 0
+    line, verdict = capsys.readouterr().out.strip().splitlines()
+    assert "micro batch 512 x 1, cuda: " in line  # 4096 over 8 ranks
+    assert "activations 4.58," in line  # bf16 (auto on a GPU with bf16): half of fp32's 9.09
+    assert verdict.startswith("verdict: does not fit: ")
+    assert "GiB per device against a 2 GiB GPU (given; --gpu-memory-gib sets it)" in verdict
+    assert "a smaller train.micro_batch_size" in verdict, verdict
