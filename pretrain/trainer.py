@@ -52,8 +52,6 @@ class Trainer:
         if self.dist.distributed:  # multi-node: which node holds which ranks (a lone process: nothing to say)
             log.info("process group: %s", describe_world(self.dist))
         self.run_dir = cfg.run.dir
-        # train.precision auto: bf16 on a GPU that runs it, fp32 on a CPU; the choice is logged once.
-        self.cfg = cfg = build.resolve_precision(cfg, self.dist.device, config_source, announce=self.dist.is_main)
         self.lease = build.build_run_lease(cfg, self.dist)  # before anything is written to the run dir
         self.micro_batch_size, self.accum_steps = build.batch_layout(cfg, self.dist, config_source)
         self.batch_size = self.micro_batch_size * self.accum_steps  # per rank per optimiser step
@@ -63,6 +61,9 @@ class Trainer:
         # Every data path (training, val, each evaluator's) fails here, before anything is allocated.
         build.check_data(cfg, storage, config_source)
         self.cfg = cfg = build.resolve_num_classes(cfg, storage, config_source)  # model.num_classes: auto
+        # train.precision auto: bf16 on a GPU that runs it, fp32 on a CPU; logged once, after the start
+        # checks, so that a run stopped by one of them says only why.
+        self.cfg = cfg = build.resolve_precision(cfg, self.dist.device, config_source, announce=self.dist.is_main)
         # Before anything large is allocated: a run that cannot fit says so in its first lines, and stops.
         line, estimate = build.memory_estimate(cfg, self.dist.world_size, config_source,
                                                device_type=self.dist.device.type, rank=self.dist.rank)
