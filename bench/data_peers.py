@@ -322,9 +322,13 @@ def _run_child(py: str, contender: str, root: Path, images: int, prepare_only: b
     return json.loads(lines[-1])
 
 
-def _versions(peers_py: str) -> dict:
+PEER_PACKAGES = ("torch", "numpy", "pillow", "simplejpeg", "webdataset", "mosaicml-streaming", "litdata")
+
+
+def versions(peers_py: str, packages: tuple[str, ...] = PEER_PACKAGES) -> dict:
+    """The installed versions of ``packages``, in this interpreter or else the peers' (None: in neither)."""
     code = ("import json, importlib.metadata as m\nout = {}\n"
-            "for d in ['torch', 'numpy', 'pillow', 'simplejpeg', 'webdataset', 'mosaicml-streaming', 'litdata']:\n"
+            f"for d in {list(packages)!r}:\n"
             "    try:\n        out[d] = m.version(d)\n    except m.PackageNotFoundError:\n        out[d] = None\n"
             "print(json.dumps(out))")
     out = {}
@@ -402,7 +406,7 @@ def main() -> None:
               "cpu": platform.processor() or platform.machine(), "os_cpu_count": os.cpu_count(),
               "workers": WORKERS, "batch": BATCH, "output_px": SIZE, "images_timed": a.images, "repeat": a.repeat,
               "loadavg_1m_at_start": load0, "loadavg_1m_at_end": os.getloadavg()[0],
-              "python": platform.python_version(), "versions": _versions(a.peers_python),
+              "python": platform.python_version(), "versions": versions(a.peers_python),
               "ours_partial_decode": not partial_decode_missing(),  # the _jpeg_region extension was built
               "skipped": skipped, "results": results}
     shutil.rmtree(tmp, ignore_errors=True)

@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from data_peers import DEFAULT_PEERS_PY, _stub_torchvision, make_jpegs, pil_crop_flip  # noqa: E402
+from data_peers import DEFAULT_PEERS_PY, _stub_torchvision, make_jpegs, pil_crop_flip, versions  # noqa: E402
 
 BATCH, WORKERS, SIZE = 32, 2, 224
 PER_SHARD = 32
@@ -203,17 +203,7 @@ def child(name: str, root: Path, endpoint: str, cache_bytes: int, n: int) -> dic
 
 # ---------------------------------------------------------------- the driver
 
-def _versions(peers_py: str) -> dict:
-    code = ("import json, importlib.metadata as m\nout = {}\n"
-            "for d in ['torch', 'moto', 's3fs', 'mosaicml-streaming', 'litdata']:\n"
-            "    try:\n        out[d] = m.version(d)\n    except m.PackageNotFoundError:\n        out[d] = None\n"
-            "print(json.dumps(out))")
-    out: dict = {}
-    for py in dict.fromkeys([sys.executable, peers_py]):
-        r = subprocess.run([py, "-c", code], capture_output=True, text=True)
-        for k, v in (json.loads(r.stdout) if r.returncode == 0 else {}).items():
-            out[k] = out.get(k) or v
-    return out
+PACKAGES = ("torch", "moto", "s3fs", "mosaicml-streaming", "litdata")
 
 
 def main() -> None:
@@ -263,7 +253,7 @@ def main() -> None:
     record = {"bench": "shard_cache", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
               "device": f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores",
               "loadavg_at_start": load0, "loadavg_at_end": os.getloadavg(), "python": platform.python_version(),
-              "versions": _versions(a.peers_python), "images": a.images, "set_bytes": total, "batch": BATCH,
+              "versions": versions(a.peers_python, PACKAGES), "images": a.images, "set_bytes": total, "batch": BATCH,
               "workers": WORKERS, "results": results}
     print(json.dumps(record, indent=1))
     print(format_table(record), file=sys.stderr)
