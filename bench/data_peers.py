@@ -410,11 +410,16 @@ def main() -> None:
               "ours_partial_decode": not partial_decode_missing(),  # the _jpeg_region extension was built
               "skipped": skipped, "results": results}
     shutil.rmtree(tmp, ignore_errors=True)
+    publish(record, format_table(record), a.out)
+
+
+def publish(record: dict, table: str, out: str) -> None:
+    """A bench's result: the JSON on stdout (and in ``out``, when given), its table on stderr."""
     print(json.dumps(record, indent=1))
-    print(format_table(record), file=sys.stderr)
-    if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(json.dumps(record, indent=1) + "\n")
+    print(table, file=sys.stderr)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(record, indent=1) + "\n")
 
 
 def format_table(record: dict) -> str:

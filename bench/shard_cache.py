@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from data_peers import DEFAULT_PEERS_PY, _stub_torchvision, make_jpegs, pil_crop_flip, versions  # noqa: E402
+from data_peers import DEFAULT_PEERS_PY, _stub_torchvision, make_jpegs, pil_crop_flip, publish, versions  # noqa: E402
 
 BATCH, WORKERS, SIZE = 32, 2, 224
 PER_SHARD = 32
@@ -255,11 +255,7 @@ def main() -> None:
               "loadavg_at_start": load0, "loadavg_at_end": os.getloadavg(), "python": platform.python_version(),
               "versions": versions(a.peers_python, PACKAGES), "images": a.images, "set_bytes": total, "batch": BATCH,
               "workers": WORKERS, "results": results}
-    print(json.dumps(record, indent=1))
-    print(format_table(record), file=sys.stderr)
-    if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(json.dumps(record, indent=1) + "\n")
+    publish(record, format_table(record), a.out)
 
 
 def format_table(record: dict) -> str:
