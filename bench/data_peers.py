@@ -160,9 +160,14 @@ def cpu_seconds() -> float:
 
 
 def _count(batch) -> int:
+    """Images in one batch: a tensor or array of them, a list whose first item is one (images, labels), a
+    dict of such, or a list of per-image arrays (the decode-only ceiling: not its first image's height)."""
     if isinstance(batch, dict):
         batch = batch["jpg"]
-    return batch[0].shape[0] if isinstance(batch, (list, tuple)) else len(batch)
+    if isinstance(batch, (list, tuple)):
+        first = batch[0]
+        return len(first) if isinstance(first, (list, tuple)) else first.shape[0]
+    return len(batch)
 
 
 def time_loader(loader, n_images: int) -> dict:
@@ -214,7 +219,7 @@ def build_loader(name: str, root: Path):
 
         def decoded():
             for i in itertools.count(0, BATCH):
-                yield [simplejpeg.decode_jpeg(data[(i + k) % len(data)]) for k in range(BATCH)]
+                yield [simplejpeg.decode_jpeg(data[(i + k) % len(data)]) for k in range(BATCH)], None
         return decoded()
     if name == "ours":
         from data_pipeline.image.transforms import TrainTransform
