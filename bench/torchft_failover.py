@@ -35,28 +35,17 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from data_pipeline.shards.tar_write import encode_jpeg, write_shards  # noqa: E402
-from data_pipeline.storage import Storage  # noqa: E402
 from tests.conftest import ROOT, free_port  # noqa: E402
 from tests.drivers.ft_train import account  # noqa: E402
-from tests.integration.test_elastic_node_loss import kill_node  # noqa: E402
+from tests.integration.test_elastic_node_loss import kill_node, write_epoch  # noqa: E402
 
 FT_DRIVER = str(ROOT / "tests/drivers/ft_train.py")
 ELASTIC_DRIVER = str(ROOT / "tests/drivers/elastic_train.py")
 GROUPS, GROUP_BATCH, SAMPLES = 3, 4, 800
 STEP_LINE = re.compile(r"^(\d\d:\d\d:\d\d) \[rank 0\] step (\d+)/\d+  loss ([0-9.]+)", re.M)
-
-
-def write_data(root: Path) -> tuple[str, list[str]]:
-    rng = np.random.default_rng(0)
-    samples = [(f"s{i:04d}", encode_jpeg(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)), i % 10)
-               for i in range(SAMPLES)]
-    write_shards(samples, str(root), "train", 100, storage=Storage())
-    return str(root / "train.json"), [k for k, _, _ in samples]
 
 
 def args_for(run_dir: Path, spec: str, steps: int, every: int, ft: bool) -> list[str]:
@@ -301,7 +290,7 @@ def main() -> None:
     a = p.parse_args()
     root = Path(a.dir)
     subprocess.run(["rm", "-rf", str(root)], check=True)
-    spec, epoch = write_data(root / "data")
+    spec, epoch = write_epoch(root / "data", SAMPLES, 100)
     results = {}
     load_before = os.getloadavg()
     for name in a.only:

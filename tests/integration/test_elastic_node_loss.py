@@ -33,11 +33,13 @@ SAMPLES, BATCH, EVERY = 160, 8, 4
 STEPS = SAMPLES // BATCH  # exactly one epoch
 
 
-def write_epoch(root: Path) -> tuple[str, list[str]]:
+def write_epoch(root: Path, samples: int = SAMPLES, per_shard: int = 40) -> tuple[str, list[str]]:
+    """`samples` random 32x32 images in shards of `per_shard` under `root`: its manifest and the sample keys
+    (the runs that lose a node or a replica group count what they trained on against these keys)."""
     rng = np.random.default_rng(0)
     shard = [(f"s{i:04d}", encode_jpeg(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)), i % 10)
-             for i in range(SAMPLES)]
-    write_shards(shard, str(root), "train", 40, storage=Storage())
+             for i in range(samples)]
+    write_shards(shard, str(root), "train", per_shard, storage=Storage())
     return str(root / "train.json"), [k for k, _, _ in shard]
 
 

@@ -16,28 +16,17 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-from data_pipeline.shards.tar_write import encode_jpeg, write_shards
-from data_pipeline.storage import Storage
 from tests.conftest import ROOT, free_port
 from tests.drivers.ft_train import account
-from tests.integration.test_elastic_node_loss import kill_node, wait_until
+from tests.integration.test_elastic_node_loss import kill_node, wait_until, write_epoch
 
 pytest.importorskip("torchft", reason="torchft is not installed (pip install -e '.[torchft]')")
 pytestmark = pytest.mark.slow
 DRIVER = str(ROOT / "tests" / "drivers" / "ft_train.py")
 SAMPLES = 400
-
-
-def write_data(root: Path) -> tuple[str, list[str]]:
-    rng = np.random.default_rng(0)
-    image = encode_jpeg(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))
-    shard = [(f"s{i:04d}", image, i % 10) for i in range(SAMPLES)]
-    write_shards(shard, str(root), "train", 100, storage=Storage())
-    return str(root / "train.json"), [k for k, _, _ in shard]
 
 
 def train_args(run_dir: Path, spec: str, steps: int, groups: int, group_batch: int, every: int) -> list[str]:
@@ -117,7 +106,7 @@ def env(tmp_path) -> dict[str, str]:
 
 
 def test_group_killed_survivors_go_on_and_a_replacement_recovers_live(tmp_path, env):
-    spec, epoch = write_data(tmp_path / "data")
+    spec, epoch = write_epoch(tmp_path / "data", SAMPLES, 100)
     steps, groups, batch, kill_after = 60, 3, 2, 8  # at most 360 samples: the run stays in the first epoch
     args = train_args(tmp_path / "run", spec, steps, groups, batch, every=10)
     c = Cluster(tmp_path, {**env, "FT_STEP_SLEEP_S": "0.2"})
@@ -174,7 +163,7 @@ def latest_step(run_dir: Path) -> int:
 
 def test_lighthouse_lost_stops_in_one_line_and_the_run_resumes(tmp_path, env):
     """Through `python -m cluster.launch` (lighthouse and groups) running pretrain/main.py itself."""
-    spec, _ = write_data(tmp_path / "data")
+    spec, _ = write_epoch(tmp_path / "data", SAMPLES, 100)
     groups, run_dir = 2, tmp_path / "run"
     args = train_args(run_dir, spec, 1500, groups, 2, every=50)  # long enough to lose the lighthouse mid-run
     c = Cluster(tmp_path, env)
