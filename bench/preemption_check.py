@@ -23,13 +23,12 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from data_pipeline.stream.decode import SKIP_KINDS  # noqa: E402
-from pretrain.faults import FAULTS  # noqa: E402
+from pretrain.faults import FLAGS  # noqa: E402
 
 
 def boundary_values() -> torch.Tensor:
-    """A tensor of the boundary's size: a flag per fault (bad data is judged from the counts), the skip
-    counts per kind, the delivered count."""
-    return torch.zeros(len(FAULTS) - 1 + len(SKIP_KINDS) + 1, dtype=torch.float64)
+    """A tensor of the boundary's size: the stop flags, the skip counts per kind, the delivered count."""
+    return torch.zeros(len(FLAGS) + len(SKIP_KINDS) + 1, dtype=torch.float64)
 
 
 def worker(rank: int, world: int, port: int, calls: int, results) -> None:

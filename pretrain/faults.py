@@ -55,7 +55,7 @@ FAULTS = (
     Fault("lease_lost", STOP, "another run took the run dir's lease over (it thought this one dead)"),
     Fault("bad_data", STOP, "more than data.max_skip_fraction of the samples read were unusable"),
 )
-_FLAGS = [f.flag for f in FAULTS if f.flag != "bad_data"]
+FLAGS = [f.flag for f in FAULTS if f.flag != "bad_data"]  # what each rank sends at the boundary
 
 
 class Preempted(Exception):
@@ -131,12 +131,12 @@ class Faults:
         self.preemption.count_boundary()
         flags = self._flags()
         skipped = self.loader.skipped
-        values = torch.tensor([float(flags[f]) for f in _FLAGS] + [skipped[k] for k in SKIP_KINDS]
+        values = torch.tensor([float(flags[f]) for f in FLAGS] + [skipped[k] for k in SKIP_KINDS]
                               + [self.loader.delivered], dtype=torch.float64)
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(values, group=self._group)  # the one collective
         *raised, delivered = values.tolist()
-        raised, counts = dict(zip(_FLAGS, raised[:len(_FLAGS)])), raised[len(_FLAGS):]
+        raised, counts = dict(zip(FLAGS, raised[:len(FLAGS)])), raised[len(FLAGS):]
         if raised["save_failed"]:
             try:
                 self.checkpointer.wait()  # raises the failed save's one line, the same on every rank
