@@ -210,9 +210,9 @@ def build_train_engine(cfg: DictConfig, model: nn.Module, dist_info: DistInfo, w
     o, e = cfg.optim, cfg.engine
     micro, accum = batch_layout(cfg, dist_info, where)
     if e.fault_tolerance == "torchft":
-        if e.kind not in ("single", "ddp"):
-            raise ConfigError(f"{where}: engine.fault_tolerance=torchft runs engine.kind single or ddp, not "
-                              f"{e.kind!r} (fsdp and DeepSpeed ZeRO are not covered; see docs/faults.md)")
+        if e.kind == "deepspeed":
+            raise ConfigError(f"{where}: engine.fault_tolerance=torchft runs engine.kind single, ddp or fsdp, not "
+                              "deepspeed (DeepSpeed ZeRO is not covered; see docs/faults.md)")
         if cfg.train.precision == "fp16":
             raise ConfigError(f"{where}: engine.fault_tolerance=torchft needs train.precision bf16 or fp32 (fp16's "
                               "loss scale would be decided per replica group)")

@@ -105,6 +105,10 @@ class Trainer:
                  self.micro_batch_size, self.accum_steps, self.engine.kind, self.dist.device, self.run_dir)
 
     def resume(self) -> None:
+        peer_step = self.engine.recover_live()  # fault tolerance: behind live peers, take a peer's state, not a file
+        if peer_step is not None:
+            self.step = peer_step
+            return
         choice = self.cfg.checkpoint.resume  # auto, or step_N: take that one even if it fails verification
         pick = int(choice.removeprefix("step_")) if choice.startswith("step_") else None
         restored = self.checkpointer.restore(self.engine, pick)  # weights + optimiser, in the engine's own layout

@@ -21,8 +21,8 @@ def build_engine(kind: str, model: nn.Module, dist_info: DistInfo, *,
     """common: optimizer_factory, scheduler_factory, precision, grad_clip, accum_steps, activation_checkpointing,
     backend (every engine). ``options``: the typed options of `kind` (config.engine_options; None: defaults);
     ``micro_batch_size``: what DeepSpeed's JSON names (ignored by the engines that do not need it).
-    ``fault_tolerance``: torchft's replica groups around a single or ddp engine (`ft.py`), which lays
-    ``loader`` out over each step's quorum."""
+    ``fault_tolerance``: torchft's replica groups around a single, ddp or fsdp engine (`ft.py`; fsdp: HSDP),
+    which lays ``loader`` out over each step's quorum."""
     if kind == "single" and dist_info.distributed:
         raise ValueError(f"engine.kind 'single' cannot run with world size {dist_info.world_size}; use 'ddp'")
     kind = effective_kind(kind, dist_info)
@@ -31,11 +31,12 @@ def build_engine(kind: str, model: nn.Module, dist_info: DistInfo, *,
         raise TypeError(f"engine {kind!r} takes {wanted.__name__ if wanted else 'no options'}, "
                         f"not {type(options).__name__}")
     if fault_tolerance is not None:
-        if kind not in ("single", "ddp") or loader is None:
-            raise TypeError("torchft fault tolerance wraps the single or ddp engine and needs the training loader")
-        from .ddp import DDPEngine
+        if kind not in ("single", "ddp", "fsdp") or loader is None:
+            raise TypeError("torchft fault tolerance wraps the single, ddp or fsdp engine and needs the training "
+                            "loader")
         from .ft import fault_tolerant
-        engine = fault_tolerant(DDPEngine if kind == "ddp" else Engine)(model, dist_info=dist_info, **common)
+        own = {"options": options or FSDPOptions()} if kind == "fsdp" else {}
+        engine = fault_tolerant(_engine_class(kind))(model, dist_info=dist_info, **own, **common)
         engine._setup_ft(fault_tolerance, loader)
         return engine
     if kind == "ddp":
@@ -51,6 +52,16 @@ def build_engine(kind: str, model: nn.Module, dist_info: DistInfo, *,
         return DeepSpeedEngine(model, dist_info=dist_info, options=options or DeepSpeedOptions(),
                                micro_batch_size=micro_batch_size, **common)
     return Engine(model, dist_info=dist_info, **common)
+
+
+def _engine_class(kind: str) -> type[Engine]:
+    if kind == "ddp":
+        from .ddp import DDPEngine
+        return DDPEngine
+    if kind == "fsdp":
+        from .fsdp import FSDPEngine
+        return FSDPEngine
+    return Engine
 
 
 __all__ = ["Engine", "PRECISION_DTYPES", "build_engine", "effective_kind"]

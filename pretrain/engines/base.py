@@ -1,6 +1,6 @@
 """The engine interface and the single-process engine it is built on.
 
-The training loop sees only these methods (`model`, `autocast`, `begin_step`, `backward`, `step`,
+The training loop sees only these methods (`model`, `autocast`, `recover_live`, `begin_step`, `backward`, `step`,
 `skip_step`, `committed`, `lr`, `loss_scale`, `unwrapped`, `close`, and the checkpoint hooks) and never
 asks which engine it has. A step is `begin_step`, `accum_steps` calls of `backward`, then one `step` (or
 `skip_step`); a step that is not `committed` (fault tolerance: the quorum dropped it) never happened and
@@ -146,6 +146,11 @@ class Engine:
 
     # False after `step`/`skip_step` when the step did not count (ft.py: a replica group failed during it).
     committed = True
+
+    def recover_live(self) -> int | None:
+        """Before a resume reads a checkpoint (fault tolerance: this replica group's first quorum). The step
+        this group recovered live from a peer at, when live peers are ahead of it: then no checkpoint is read."""
+        return None
 
     def begin_step(self, step: int) -> int:
         """Before the step after `step` draws its data; returns the step the run is at (fault tolerance:

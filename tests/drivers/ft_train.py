@@ -4,11 +4,11 @@ tests/integration/test_fault_tolerance.py and bench/torchft_failover.py.
 
 The test sets the pace of the steps (`step_sleep_s`). Each process appends to
 ``$FT_RECORD_DIR/group<G>.<pid>.jsonl``:
-  {"draw": step, "quorum": Q, "slot": S, "n": N, "keys": [...], "t": time}   before the gradients leave
+  {"draw": step, "quorum": Q, "slot": S, "rank": R, "n": N, "keys": [...], "t": time}   before the gradients leave
   {"done": step, "quorum": Q, "committed": bool, "loss": L, "t": time}       after the quorum's decision
-A step's samples count as consumed when some group committed that (step, quorum): then every slot of
-that quorum's draw is in the averaged gradient. The draw line is written before the cross-group
-all-reduce, so a group killed after contributing has still left its line.
+(R: the rank within its group.) A step's samples count as consumed when some group committed that
+(step, quorum): then the draws of every slot's ranks in that quorum are in the averaged gradient. The
+draw line is written before the cross-group all-reduce, so a group killed after contributing has still left its line.
 """
 from __future__ import annotations
 
@@ -53,7 +53,8 @@ class Drawn:
 def reduce(self: FaultTolerance, bad: bool) -> bool:
     m = self.manager
     step, quorum = m.current_step() + 1, m._quorum_id
-    _record({"draw": step, "quorum": quorum, "slot": m.participating_rank(), "n": self.participants,
+    _record({"draw": step, "quorum": quorum, "slot": m.participating_rank(), "rank": self.dist.rank,
+             "n": self.participants,
              "keys": list(getattr(self, "drawn_keys", []))})
     ok = _reduce(self, bad)
     _record({"done": step, "quorum": quorum, "committed": self.committed})
@@ -78,16 +79,16 @@ def train_step(self: Trainer, batches) -> None:
 
 def account(record_dir: Path) -> dict:
     """What the committed steps consumed, from every group's record: per committed (step, quorum), the keys
-    of every slot of that quorum. Returns the keys in step order, the committed steps, and the attempts
-    that were not committed."""
-    draws: dict[tuple[int, int], dict[int, list[str]]] = {}
+    of every slot (each of its ranks) of that quorum. Returns the keys in step order, the committed steps,
+    and the attempts that were not committed."""
+    draws: dict[tuple[int, int], dict[tuple[int, int], list[str]]] = {}
     committed: dict[int, int] = {}  # step -> the quorum that committed it
     failed: set[tuple[int, int]] = set()
     for path in sorted(record_dir.glob("group*.jsonl")):
         for line in path.read_text().splitlines():
             rec = json.loads(line)
             if "draw" in rec:
-                draws.setdefault((rec["draw"], rec["quorum"]), {})[rec["slot"]] = rec["keys"]
+                draws.setdefault((rec["draw"], rec["quorum"]), {})[rec["slot"], rec.get("rank", 0)] = rec["keys"]
             elif rec["committed"]:
                 if committed.setdefault(rec["done"], rec["quorum"]) != rec["quorum"]:
                     raise AssertionError(f"step {rec['done']} committed by two quorums")

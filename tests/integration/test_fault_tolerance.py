@@ -3,8 +3,9 @@ torchrun (gloo), voting a quorum at every step through torchft's lighthouse (`py
 --torchft-lighthouse`).
 
 - One group SIGKILLed mid-run: the survivors go on in the same processes, without a restart or a checkpoint
-  read; a replacement started afterwards recovers live from a peer and trains with them; over the run no
-  sample is lost or consumed twice (tests/drivers/ft_train.py records every step each group tried).
+  read; a replacement started afterwards recovers live from a peer, without reading its group's checkpoint,
+  and trains with them; over the run no sample is lost or consumed twice (tests/drivers/ft_train.py records
+  every step each group tried). Groups of one rank (ddp) and of two (ddp, and fsdp as HSDP).
 - The lighthouse SIGKILLed: every group stops with one line, and a restart resumes from the checkpoints.
 """
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from tests.conftest import ROOT, free_port
 from tests.drivers.ft_train import account
@@ -29,12 +31,13 @@ DRIVER = str(ROOT / "tests" / "drivers" / "ft_train.py")
 SAMPLES = 400
 
 
-def train_args(run_dir: Path, spec: str, steps: int, groups: int, group_batch: int, every: int) -> list[str]:
+def train_args(run_dir: Path, spec: str, steps: int, groups: int, group_batch: int, every: int,
+               kind: str = "ddp") -> list[str]:
     return ["--config", str(ROOT / "configs/demo.yaml"), f"run.dir={run_dir}", "data.prepare=none",
             f"data.train={spec}", "data.val=''", "model.name=mixer_p4_32", f"train.steps={steps}",
             f"train.global_batch_size={groups * group_batch}", f"checkpoint.every_steps={every}",
             "checkpoint.keep_last=20", "train.log_every=1", "optim.warmup_steps=2", "eval.mode=none",
-            "data.num_workers=1", "data.shuffle_buffer=50", "train.device=cpu", "engine.kind=ddp",
+            "data.num_workers=1", "data.shuffle_buffer=50", "train.device=cpu", f"engine.kind={kind}",
             "engine.fault_tolerance=torchft", f"engine.torchft.replica_groups={groups}",
             "engine.torchft.quorum_timeout_s=5"]
 
@@ -54,15 +57,15 @@ class Cluster:
         self.procs[name] = (proc, log)
         return log
 
-    def lighthouse(self, name: str = "lighthouse") -> Path:
+    def lighthouse(self, name: str = "lighthouse", min_replicas: int = 1) -> Path:
         log = self.start(name, [sys.executable, "-m", "cluster.launch", "--torchft-lighthouse",
-                                "--lighthouse-port", str(self.port)])
+                                "--lighthouse-port", str(self.port), "--min-replicas", str(min_replicas)])
         wait_until(lambda: "torchft lighthouse at" in log.read_text(), 60, "lighthouse", [log], [self.procs[name][0]])
         return log
 
-    def group_torchrun(self, name: str, group: int, args: list[str]) -> Path:
-        """A replica group started by torchrun directly, running the recording driver."""
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "1",
+    def group_torchrun(self, name: str, group: int, args: list[str], ranks: int = 1) -> Path:
+        """A replica group of `ranks` processes started by torchrun directly (gloo), running the recording driver."""
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(ranks),
                "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{free_port()}", "--rdzv_id", name,
                DRIVER, *args]
         return self.start(name, cmd, REPLICA_GROUP_ID=str(group), TORCHFT_LIGHTHOUSE=f"http://127.0.0.1:{self.port}")
@@ -140,10 +143,7 @@ def test_group_killed_survivors_go_on_and_a_replacement_recovers_live(tmp_path, 
         assert "replica groups in the quorum: 2 (was 3)" in out and "replica groups in the quorum: 3 (was 2)" in out
         done = committed_steps(log)
         assert done == sorted(set(done)) and done[-1] == steps, "a survivor redid or skipped a step"
-    out = new.read_text()
-    m = re.search(r"recovered live from a peer at step (\d+)", out)
-    assert m and int(m.group(1)) > kill_after, out[-3000:]
-    assert f"done: {steps} steps" in out
+    recovered_without_checkpoint(new, kill_after, steps)
 
     # Exactness: what the committed steps consumed, each sample once, is what the data position says.
     record = account(Path(env["FT_RECORD_DIR"]))
@@ -155,6 +155,73 @@ def test_group_killed_survivors_go_on_and_a_replacement_recovers_live(tmp_path, 
     assert final == [len(keys)] * groups, (final, len(keys))  # none lost, and every group's position agrees
     print(f"{len(keys)} samples consumed over {steps} steps, 0 twice, 0 lost; "
           f"attempts not committed: {len(record['not_committed'])}")
+
+
+def recovered_without_checkpoint(log: Path, kill_after: int, steps: int) -> None:
+    """A replacement group's log: it took a peer's state at a step past the kill, read no checkpoint (its
+    group's directory holds some), and its first step is the one after the peer's."""
+    out = log.read_text()
+    m = re.search(r"recovered live from a peer at step (\d+): no checkpoint read", out)
+    assert m and int(m.group(1)) > kill_after, out[-3000:]
+    assert "resumed from" not in out and "RNG state" not in out, out[-3000:]  # the checkpoint read's own lines
+    assert committed_steps(log)[0] == int(m.group(1)) + 1, out[-3000:]
+    assert f"done: {steps} steps" in out
+
+
+@pytest.mark.parametrize("kind", ["ddp", "fsdp"])
+def test_groups_of_two_ranks_lose_one_and_a_replacement_recovers_live(tmp_path, env, kind):
+    """2 groups x 2 ranks (fsdp: HSDP, the shards of each rank averaged across groups, live recovery rank by
+    rank); then, for fsdp, a full restart resumes every group from its own DCP checkpoint."""
+    spec, epoch = write_epoch(tmp_path / "data", SAMPLES, 100)
+    steps, groups, batch, kill_after = 30, 2, 4, 6  # at most 240 samples: the run stays in the first epoch
+    args = train_args(tmp_path / "run", spec, steps, groups, batch, every=5, kind=kind)
+    c = Cluster(tmp_path, {**env, "FT_STEP_SLEEP_S": "0.1"})
+    try:
+        c.lighthouse()
+        logs = [c.group_torchrun(f"g{g}", g, args, ranks=2) for g in range(groups)]
+        saved = tmp_path / "run/replica_1/checkpoints/step_0000005"
+        wait_until(lambda: max(committed_steps(logs[0]), default=0) >= kill_after and saved.exists(), 180,
+                   f"step {kill_after}", logs, [p for p, _ in c.procs.values()])
+        pace = Path(env["FT_RECORD_DIR"]) / "step_sleep_s"
+        pace.write_text("1")  # the survivor's run lasts until the replacement has joined
+        c.kill("g1")
+        last = max(committed_steps(logs[0]))
+        wait_until(lambda: max(committed_steps(logs[0])) > last + 1, 60, "a step after the kill", logs[:1],
+                   [c.procs["g0"][0]])
+        new = c.group_torchrun("g1_new", 1, args, ranks=2)
+        wait_until(lambda: "recovered live from a peer" in new.read_text(), 120, "live recovery", [new, logs[0]],
+                   [c.procs["g0"][0], c.procs["g1_new"][0]])
+        pace.write_text("0")
+        for name in ("g0", "g1_new"):
+            proc, log = c.procs[name]
+            assert proc.wait(timeout=180) == 0, log.read_text()[-3000:]
+        out = logs[0].read_text()
+        assert "resumed from" not in out and f"done: {steps} steps" in out
+        assert "replica groups in the quorum: 1 (was 2)" in out and "replica groups in the quorum: 2 (was 1)" in out
+        done = committed_steps(logs[0])
+        assert done == list(range(1, steps + 1)), "the survivor redid or skipped a step"
+        recovered_without_checkpoint(new, kill_after, steps)
+        record = account(Path(env["FT_RECORD_DIR"]))
+        keys = record["keys"]
+        assert record["steps"] == list(range(1, steps + 1))
+        assert len(keys) == len(set(keys)) and set(keys) <= set(epoch), "a sample consumed twice"
+        final = [consumed(tmp_path / f"run/replica_{g}/checkpoints/step_{steps:07d}") for g in range(groups)]
+        assert final == [len(keys)] * groups, (final, len(keys))  # none lost, and both groups' positions agree
+        weights = [load_file(tmp_path / f"run/replica_{g}/checkpoints/step_{steps:07d}/model.safetensors")
+                   for g in range(groups)]
+        assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0]), "the replicas' weights differ"
+        if kind == "fsdp":  # a full restart: no live peer ahead, each group resumes from its own checkpoint
+            c.kill("lighthouse")  # its port is the new one's; a quorum there needs both groups
+            c.lighthouse("lighthouse2", min_replicas=groups)
+            args = train_args(tmp_path / "run", spec, steps + 2, groups, batch, every=5, kind=kind)
+            again = [c.group_torchrun(f"g{g}_again", g, args, ranks=2) for g in range(groups)]
+            for g, log in enumerate(again):
+                assert c.procs[f"g{g}_again"][0].wait(timeout=180) == 0, log.read_text()[-3000:]
+                out = log.read_text()
+                assert re.search(rf"resumed from \S+step_{steps:07d} \(step {steps}\)", out), out[-3000:]
+                assert "recovered live" not in out and committed_steps(log) == [steps + 1, steps + 2], out[-3000:]
+    finally:
+        c.stop()
 
 
 def latest_step(run_dir: Path) -> int:
