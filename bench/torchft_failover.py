@@ -1,6 +1,8 @@
 """A replica group lost mid-run: torchft (engine.fault_tolerance=torchft) against an elastic torchrun restart.
 
   python bench/torchft_failover.py [--steps 60] [--kill-at 30] [--out bench/results/torchft_failover_cpu.json]
+  python bench/torchft_failover.py --only hsdp_clean fsdp_clean hsdp_kill --repeat 3 \
+      --out bench/results/torchft_hsdp_cpu.json
 
 CPU, gloo, loopback, the test model (mixer_p4_32), 3 replica groups of one rank (torchft) or 3 elastic
 torchrun "nodes" of one rank (`--nnodes 1:3`, today's restart). Runs, one after the other:
@@ -16,6 +18,14 @@ torchrun "nodes" of one rank (`--nnodes 1:3`, today's restart). Runs, one after 
 * `elastic_kill`: the same kill under elastic torchrun (checkpoint every `every` steps): the survivors'
   ranks restart on 2 nodes and resume from the newest checkpoint (the steps since then are recomputed);
   a replacement node joining makes every rank restart again, from the newest checkpoint.
+
+HSDP (engine.kind=fsdp under torchft), 2 replica groups of 2 ranks against plain fsdp on the same 4 ranks:
+
+* `hsdp_clean` / `fsdp_clean`: no failure, the per-step cost of fault tolerance (the quorum, the commit vote
+  and the cross-group all-reduce of each rank's gradient shards on top of FSDP's own collectives inside
+  the group); with `--repeat N` the two alternate N times and the medians are reported.
+* `hsdp_kill`: group 1 (both ranks) SIGKILLed at `kill_at`, a replacement group started at once, which
+  recovers its shards live from group 0.
 
 While a killed group's replacement starts (torchft), and through the whole elastic_kill run, the steps are
 slowed by 0.5 s so that the run is still going when the replacement is ready (its start-up, not the step
@@ -40,7 +50,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tests.conftest import ROOT, free_port  # noqa: E402
 from tests.drivers.ft_train import account  # noqa: E402
-from tests.integration.test_elastic_node_loss import kill_node, write_epoch  # noqa: E402
+from tests.integration.test_elastic_node_loss import write_epoch  # noqa: E402
+from tests.procs import Procs, kill_node, wait_until  # noqa: E402
 
 FT_DRIVER = str(ROOT / "tests/drivers/ft_train.py")
 ELASTIC_DRIVER = str(ROOT / "tests/drivers/elastic_train.py")
@@ -48,46 +59,19 @@ GROUPS, GROUP_BATCH, SAMPLES = 3, 4, 800
 STEP_LINE = re.compile(r"^(\d\d:\d\d:\d\d) \[rank 0\] step (\d+)/\d+  loss ([0-9.]+)", re.M)
 
 
-def args_for(run_dir: Path, spec: str, steps: int, every: int, ft: bool) -> list[str]:
+# The scenarios: (engine.kind, replica groups, ranks per group); a plain run has the same ranks in one world.
+SETUPS = {"torchft": ("ddp", GROUPS, 1), "ddp": ("ddp", GROUPS, 1), "elastic": ("ddp", GROUPS, 1),
+          "hsdp": ("fsdp", 2, 2), "fsdp": ("fsdp", 2, 2)}
+
+
+def args_for(run_dir: Path, spec: str, steps: int, every: int, ft: bool, kind: str = "ddp",
+             groups: int = GROUPS, ranks: int = 1) -> list[str]:
     return ["--config", str(ROOT / "configs/demo.yaml"), f"run.dir={run_dir}", "data.prepare=none",
             f"data.train={spec}", "data.val=''", "model.name=mixer_p4_32", f"train.steps={steps}",
-            f"train.global_batch_size={GROUPS * GROUP_BATCH}", f"checkpoint.every_steps={every}",
+            f"train.global_batch_size={groups * GROUP_BATCH}", f"checkpoint.every_steps={every}",
             "checkpoint.keep_last=20", "train.log_every=1", "optim.warmup_steps=5", "eval.mode=none",
-            "data.num_workers=1", "data.shuffle_buffer=100", "train.device=cpu", "engine.kind=ddp",
-            *(["engine.fault_tolerance=torchft", f"engine.torchft.replica_groups={GROUPS}"] if ft else [])]
-
-
-class Procs:
-    def __init__(self, tmp: Path, env: dict[str, str]) -> None:
-        self.tmp, self.env, self.procs = tmp, env, {}
-
-    def start(self, name: str, cmd: list[str], **env: str) -> Path:
-        log = self.tmp / f"{name}.log"
-        with log.open("w") as f:
-            self.procs[name] = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env={**self.env, **env},
-                                                cwd=ROOT, start_new_session=True)
-        return log
-
-    def torchrun(self, name: str, script: str, args: list[str], *, nproc: int = 1, nnodes: str = "1",
-                 endpoint: str | None = None, extra: tuple[str, ...] = (), **env: str) -> Path:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", nnodes, "--nproc_per_node", str(nproc),
-               "--rdzv_backend", "c10d", "--rdzv_endpoint", endpoint or f"127.0.0.1:{free_port()}", "--rdzv_id",
-               name if endpoint is None else "bench", *extra, script, *args]
-        return self.start(name, cmd, **env)
-
-    def stop(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                kill_node(proc.pid)
-            proc.wait()
-
-
-def wait(cond, timeout: float, what: str) -> None:
-    deadline = time.time() + timeout
-    while not cond():
-        if time.time() > deadline:
-            raise RuntimeError(f"no {what} after {timeout}s")
-        time.sleep(0.05)
+            "data.num_workers=1", "data.shuffle_buffer=100", "train.device=cpu", f"engine.kind={kind}",
+            *(["engine.fault_tolerance=torchft", f"engine.torchft.replica_groups={groups}"] if ft else [])]
 
 
 def records(rec: Path) -> list[dict]:
@@ -96,7 +80,9 @@ def records(rec: Path) -> list[dict]:
 
 
 def committed(rec: Path, group: str) -> list[dict]:
-    return [r for r in records(rec) if r["file"].startswith(group) and r.get("committed")]
+    """The committed steps of `group`, from its rank 0's records."""
+    return [r for r in records(rec) if r["file"].startswith(f"{group}.") and r.get("committed")
+            and r.get("rank", 0) == 0]
 
 
 def losses(log: Path) -> dict[int, float]:
@@ -118,39 +104,44 @@ def consumed_count(checkpoint: Path) -> int:
     return sum(c[i + 1] - c[i] for i in range(0, len(c), 2))
 
 
-def run_torchft(tmp: Path, spec: str, epoch: list[str], steps: int, kill_at: int | None) -> dict:
+def run_torchft(tmp: Path, spec: str, epoch: list[str], steps: int, kill_at: int | None, kind: str = "ddp",
+                groups: int = GROUPS, ranks: int = 1) -> dict:
     rec = tmp / "rec"
     rec.mkdir(parents=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "FT_RECORD_DIR": str(rec),
            "PYTHONPATH": str(ROOT)}
     port = free_port()
     p = Procs(tmp, env)
-    args = args_for(tmp / "run", spec, steps, 20, ft=True)
+    args = args_for(tmp / "run", spec, steps, 20, ft=True, kind=kind, groups=groups, ranks=ranks)
+    last = f"g{groups - 1}"  # the group killed
     out: dict = {}
     try:
         lh = p.start("lighthouse", [sys.executable, "-m", "cluster.launch", "--torchft-lighthouse",
                                     "--lighthouse-port", str(port)])
-        wait(lambda: "torchft lighthouse at" in lh.read_text(), 60, "lighthouse")
+        wait_until(lambda: "torchft lighthouse at" in lh.read_text(), 60, "lighthouse")
         ft_env = {"TORCHFT_LIGHTHOUSE": f"http://127.0.0.1:{port}"}
-        logs = [p.torchrun(f"g{g}", FT_DRIVER, args, REPLICA_GROUP_ID=str(g), **ft_env) for g in range(GROUPS)]
+        logs = [p.torchrun(f"g{g}", FT_DRIVER, args, nproc=ranks, REPLICA_GROUP_ID=str(g), **ft_env)
+                for g in range(groups)]
         if kill_at:
-            wait(lambda: any(r["done"] >= kill_at for r in committed(rec, "group0")), 300, f"step {kill_at}")
+            wait_until(lambda: any(r["done"] >= kill_at for r in committed(rec, "group0")), 300, f"step {kill_at}")
             (rec / "step_sleep_s").write_text("0.5")
-            kill_node(p.procs["g2"].pid)
+            kill_node(p.procs[last].pid)
             killed = time.time()
             pids_before = {r["file"] for r in records(rec)}
-            p.torchrun("g2_new", FT_DRIVER, args, REPLICA_GROUP_ID="2", **ft_env)
+            p.torchrun(f"{last}_new", FT_DRIVER, args, nproc=ranks, REPLICA_GROUP_ID=str(groups - 1), **ft_env)
             started = time.time()
-            wait(lambda: any(r["t"] > killed for r in committed(rec, "group0")), 120, "a survivor's step")
+            wait_until(lambda: any(r["t"] > killed for r in committed(rec, "group0")), 120, "a survivor's step")
             out["kill_to_survivor_step_s"] = min(r["t"] for r in committed(rec, "group0") if r["t"] > killed) - killed
-            new = lambda: [r for r in committed(rec, "group2") if r["file"] not in pids_before]  # noqa: E731
-            wait(lambda: bool(new()), 180, "a replacement step")
+            new = lambda: [r for r in committed(rec, f"group{groups - 1}")  # noqa: E731
+                           if r["file"] not in pids_before]
+            wait_until(lambda: bool(new()), 180, "a replacement step")
             out["replacement_start_to_first_step_s"] = min(r["t"] for r in new()) - started
             (rec / "step_sleep_s").write_text("0")
-            recovered = re.search(r"recovered live from a peer at step (\d+)", (tmp / "g2_new.log").read_text())
+            text = (tmp / f"{last}_new.log").read_text()
+            recovered = re.search(r"recovered live from a peer at step (\d+)", text)
             out["replacement_recovered_live_at_step"] = int(recovered.group(1)) if recovered else None
-            out["replacement_read_checkpoint"] = "resumed from" in (tmp / "g2_new.log").read_text()
-        for name in [n for n in p.procs if n.startswith("g") and n != "g2" or (n == "g2" and not kill_at)]:
+            out["replacement_read_checkpoint"] = "resumed from" in text
+        for name in [n for n in p.procs if n.startswith("g") and (n != last or not kill_at)]:
             if p.procs[name].wait(timeout=600) != 0:
                 raise RuntimeError(f"{name} failed: {(tmp / f'{name}.log').read_text()[-2000:]}")
     finally:
@@ -173,6 +164,21 @@ def run_torchft(tmp: Path, spec: str, epoch: list[str], steps: int, kill_at: int
     return out
 
 
+def run_plain(tmp: Path, spec: str, steps: int, kind: str, groups: int, ranks: int) -> dict:
+    """The same ranks in one torchrun world, no fault tolerance: the per-step baseline."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "FT_RECORD_DIR": str(tmp),
+           "PYTHONPATH": str(ROOT)}
+    p = Procs(tmp, env)
+    try:
+        log = p.torchrun(kind, FT_DRIVER, args_for(tmp / "run", spec, steps, 20, ft=False, kind=kind, groups=groups),
+                         nproc=groups * ranks)
+        if p.procs[kind].wait(timeout=600) != 0:
+            raise RuntimeError(log.read_text()[-2000:])
+    finally:
+        p.stop()
+    return {"median_step_s": log_step_time_s(log), "final_loss": final_loss(log, steps)}
+
+
 def run_elastic(tmp: Path, spec: str, epoch: list[str], steps: int, kill_at: int | None, every: int) -> dict:
     rec = tmp / "rec"
     rec.mkdir(parents=True)
@@ -184,13 +190,6 @@ def run_elastic(tmp: Path, spec: str, epoch: list[str], steps: int, kill_at: int
     args = args_for(tmp / "run", spec, steps, every, ft=False)
     out: dict = {}
     try:
-        if not kill_at:  # plain DDP, 3 ranks: the per-step baseline
-            log = p.torchrun("ddp", FT_DRIVER, args, nproc=GROUPS)
-            if p.procs["ddp"].wait(timeout=600) != 0:
-                raise RuntimeError(log.read_text()[-2000:])
-            out["median_step_s"] = log_step_time_s(log)
-            out["final_loss"] = final_loss(log, steps)
-            return out
         endpoint = f"127.0.0.1:{free_port()}"
         nodes = []
         for n in (1, 2, 0):  # the host of the rendezvous store (node 0) last, as the elastic test does
@@ -200,22 +199,23 @@ def run_elastic(tmp: Path, spec: str, epoch: list[str], steps: int, kill_at: int
                                     ELASTIC_STEP_SLEEP_S="0.5"))
         logs = {n: tmp / f"node{n}.log" for n in range(GROUPS)}
         rank0 = lambda: next((n for n, log in logs.items() if "[rank 0] step" in log.read_text()), None)  # noqa: E731
-        wait(lambda: rank0() is not None, 300, "a first step")
+        wait_until(lambda: rank0() is not None, 300, "a first step")
         keep = rank0()  # ranks are numbered in rendezvous order: kill a node that does not log as rank 0
         victim = next(n for n in (2, 1) if n != keep)  # node 0 hosts the rendezvous store: it must survive
         log0 = logs[keep]
-        wait(lambda: max(losses(log0), default=0) >= kill_at, 300, f"step {kill_at}")
+        wait_until(lambda: max(losses(log0), default=0) >= kill_at, 300, f"step {kill_at}")
         kill_node(p.procs[f"node{victim}"].pid)
         killed = time.time()
         survivors = [logs[n] for n in range(GROUPS) if n != victim]
-        wait(lambda: any("with world size 2" in log.read_text() for log in survivors), 180, "resume on 2 nodes")
+        wait_until(lambda: any("with world size 2" in log.read_text() for log in survivors), 180, "resume on 2 nodes")
         resumed_at = time.time()
         log0 = next(log for log in survivors if "with world size 2" in log.read_text())
         text = logs[keep].read_text()
         last_before = max(int(s) for s in re.findall(r"\[rank 0\] step (\d+)/", text))
         resumed = int(re.findall(r"resumed from \S+ \(step (\d+)\) with world size 2", log0.read_text())[-1])
         seen = len(re.findall(r"\[rank 0\] step \d+/", log0.read_text()))
-        wait(lambda: len(re.findall(r"\[rank 0\] step \d+/", log0.read_text())) > seen, 120, "a step after resume")
+        wait_until(lambda: len(re.findall(r"\[rank 0\] step \d+/", log0.read_text())) > seen, 120,
+                   "a step after resume")
         out["kill_to_survivor_step_s"] = time.time() - killed
         out["kill_to_resume_s"] = resumed_at - killed
         out["steps_recomputed_by_survivors"] = last_before - resumed
@@ -227,18 +227,19 @@ def run_elastic(tmp: Path, spec: str, epoch: list[str], steps: int, kill_at: int
         try:
             every_log = [*survivors, new_log]
             with3 = lambda: next((log for log in every_log if "with world size 3" in log.read_text()), None)  # noqa: E731
-            wait(lambda: with3() is not None, 120, "the replacement node in the world")
+            wait_until(lambda: with3() is not None, 120, "the replacement node in the world")
             step_re = re.compile(r"\[rank 0\] step (\d+)/")
             last = max(int(x) for log in survivors
                        for x in step_re.findall(log.read_text().split("with world size 3")[0]))
             log3 = with3()
             after = len(re.findall(r"\[rank 0\] step \d+/", log3.read_text()))
-            wait(lambda: len(re.findall(r"\[rank 0\] step \d+/", log3.read_text())) > after, 120, "a step on 3 nodes")
+            wait_until(lambda: len(re.findall(r"\[rank 0\] step \d+/", log3.read_text())) > after, 120,
+                       "a step on 3 nodes")
             out["replacement_start_to_first_step_s"] = time.time() - started
             rejoin = int(re.findall(r"resumed from \S+ \(step (\d+)\) with world size 3", log3.read_text())[-1])
             out["steps_recomputed_at_rejoin"] = last - rejoin
             log0 = log3
-        except RuntimeError as e:  # the run ended before the node joined: say so
+        except AssertionError as e:  # the run ended before the node joined: say so
             out["replacement_start_to_first_step_s"] = None
             out["replacement_note"] = str(e)
         for name in [f"node{n}" for n in range(GROUPS) if n != victim] + ["node_new"]:
@@ -285,28 +286,46 @@ def main() -> None:
     p.add_argument("--kill-at", type=int, default=30)
     p.add_argument("--every", type=int, default=20, help="checkpoint.every_steps (elastic restart resumes from it)")
     p.add_argument("--dir", default="/tmp/torchft-failover-bench")
-    p.add_argument("--only", nargs="*", default=["torchft_clean", "ddp_clean", "torchft_kill", "elastic_kill"])
+    p.add_argument("--only", nargs="*", default=["torchft_clean", "ddp_clean", "torchft_kill", "elastic_kill"],
+                   help="scenarios, in order: torchft_clean ddp_clean torchft_kill elastic_kill hsdp_clean "
+                        "fsdp_clean hsdp_kill")
+    p.add_argument("--repeat", type=int, default=1, help="run the clean scenarios this often, interleaved")
     p.add_argument("--out", default=str(ROOT / "bench/results/torchft_failover_cpu.json"))
     a = p.parse_args()
     root = Path(a.dir)
     subprocess.run(["rm", "-rf", str(root)], check=True)
     spec, epoch = write_epoch(root / "data", SAMPLES, 100)
-    results = {}
+    results: dict = {}
     load_before = os.getloadavg()
-    for name in a.only:
+    clean = [n for n in a.only if n.endswith("_clean")]
+    order = clean * a.repeat + [n for n in a.only if not n.endswith("_clean")]  # clean runs interleaved
+    for i, name in enumerate(order):
         t0 = time.time()
-        tmp = root / name
+        tmp = root / f"{name}_{i}"
         tmp.mkdir(parents=True)
         kill = a.kill_at if name.endswith("kill") else None
+        prefix = name.split("_")[0]
+        kind, groups, ranks = SETUPS[prefix]
         try:
-            if name.startswith("torchft"):
-                results[name] = run_torchft(tmp, spec, epoch, a.steps, kill)
+            if prefix in ("torchft", "hsdp"):
+                run = run_torchft(tmp, spec, epoch, a.steps, kill, kind, groups, ranks)
+            elif prefix == "elastic":
+                run = run_elastic(tmp, spec, epoch, a.steps, kill, a.every)
             else:
-                results[name] = run_elastic(tmp, spec, epoch, a.steps, kill, a.every)
-        except RuntimeError as e:  # recorded, not hidden: the other scenarios still run
-            results[name] = {"failed": str(e)[:500]}
-        results[name]["wall_s"] = time.time() - t0
-        print(name, json.dumps(results[name]), flush=True)
+                run = run_plain(tmp, spec, a.steps, kind, groups, ranks)
+        except (RuntimeError, AssertionError) as e:  # recorded, not hidden: the other scenarios still run
+            run = {"failed": str(e)[:500]}
+        run["wall_s"] = time.time() - t0
+        run["load_average"] = os.getloadavg()
+        print(name, json.dumps(run), flush=True)
+        results.setdefault(name, []).append(run)
+    for name, runs in results.items():
+        steps_s = [r["median_step_s"] for r in runs if "median_step_s" in r]
+        results[name] = runs[0] if len(runs) == 1 else {
+            "median_step_s": statistics.median(steps_s) if steps_s else None, "runs": runs}
+    for ft, plain in (("torchft_clean", "ddp_clean"), ("hsdp_clean", "fsdp_clean")):
+        if results.get(ft, {}).get("median_step_s") and results.get(plain, {}).get("median_step_s"):
+            results[f"{ft}_over_{plain}"] = results[ft]["median_step_s"] / results[plain]["median_step_s"]
     import torchft
 
     report = {
@@ -316,8 +335,10 @@ def main() -> None:
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "torchft": torchft.__version__
                      if hasattr(torchft, "__version__") else "0.2.0"},
         "load_average": {"before": load_before, "after": os.getloadavg()},
-        "setup": {"groups": GROUPS, "ranks_per_group": 1, "group_batch": GROUP_BATCH, "steps": a.steps,
-                  "kill_at": a.kill_at, "checkpoint_every": a.every, "model": "mixer_p4_32"},
+        "setup": {"scenarios": {n: dict(zip(("engine", "groups", "ranks_per_group"), SETUPS[n.split("_")[0]]))
+                                for n in a.only},
+                  "group_batch": GROUP_BATCH, "steps": a.steps, "kill_at": a.kill_at, "checkpoint_every": a.every,
+                  "repeat": a.repeat, "model": "mixer_p4_32", "command": " ".join(sys.argv)},
         "goals": {"survivors_step_again_s": "<= 5", "steps_recomputed_by_survivors": 0,
                   "samples_lost_or_duplicated": 0, "replacement_joins_s": "<= 30"},
         "results": results,

@@ -5,7 +5,7 @@ tests/integration/test_fault_tolerance.py and bench/torchft_failover.py.
 The test sets the pace of the steps (`step_sleep_s`). Each process appends to
 ``$FT_RECORD_DIR/group<G>.<pid>.jsonl``:
   {"draw": step, "quorum": Q, "slot": S, "rank": R, "n": N, "keys": [...], "t": time}   before the gradients leave
-  {"done": step, "quorum": Q, "committed": bool, "loss": L, "t": time}       after the quorum's decision
+  {"done": step, "quorum": Q, "rank": R, "committed": bool, "t": time}   after the quorum's decision
 (R: the rank within its group.) A step's samples count as consumed when some group committed that
 (step, quorum): then the draws of every slot's ranks in that quorum are in the averaged gradient. The
 draw line is written before the cross-group all-reduce, so a group killed after contributing has still left its line.
@@ -57,7 +57,7 @@ def reduce(self: FaultTolerance, bad: bool) -> bool:
              "n": self.participants,
              "keys": list(getattr(self, "drawn_keys", []))})
     ok = _reduce(self, bad)
-    _record({"done": step, "quorum": quorum, "committed": self.committed})
+    _record({"done": step, "quorum": quorum, "rank": self.dist.rank, "committed": self.committed})
     return ok
 
 

@@ -12,20 +12,19 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-import psutil
 import pytest
 
 from data_pipeline.shards.tar_write import encode_jpeg, write_shards
 from data_pipeline.storage import Storage
 from cluster.launch import ELASTIC_RDZV_CONF
 from tests.conftest import ROOT, free_port
+from tests.procs import kill_node, wait_until
 
 pytestmark = pytest.mark.slow
 DRIVER = str(ROOT / "tests" / "drivers" / "elastic_train.py")
@@ -41,26 +40,6 @@ def write_epoch(root: Path, samples: int = SAMPLES, per_shard: int = 40) -> tupl
              for i in range(samples)]
     write_shards(shard, str(root), "train", per_shard, storage=Storage())
     return str(root / "train.json"), [k for k, _, _ in shard]
-
-
-def wait_until(cond, timeout: float, what: str, logs: list[Path], procs: list[subprocess.Popen]) -> None:
-    deadline = time.time() + timeout
-    while not cond():
-        if time.time() > deadline or any(p.poll() is not None for p in procs):
-            raise AssertionError(f"no {what} after {timeout}s\n" + "\n".join(p.read_text()[-3000:] for p in logs))
-        time.sleep(0.05)
-
-
-def kill_node(agent_pid: int) -> None:
-    """SIGKILL an agent and everything under it at once: its rank (torchrun starts each worker in a
-    session of its own, so the agent's process group alone would leave the rank running) and the
-    rank's data-loader workers. This is what the survivors see when a node dies."""
-    agent = psutil.Process(agent_pid)
-    for proc in [agent, *agent.children(recursive=True)]:
-        try:
-            proc.send_signal(signal.SIGKILL)
-        except psutil.NoSuchProcess:
-            pass
 
 
 def consumed(record_dir: Path) -> tuple[list[str], list[dict]]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -23,7 +22,8 @@ from safetensors.torch import load_file
 
 from tests.conftest import ROOT, free_port
 from tests.drivers.ft_train import account
-from tests.integration.test_elastic_node_loss import kill_node, wait_until, write_epoch
+from tests.integration.test_elastic_node_loss import write_epoch
+from tests.procs import Procs, wait_until
 
 pytest.importorskip("torchft", reason="torchft is not installed (pip install -e '.[torchft]')")
 pytestmark = pytest.mark.slow
@@ -42,33 +42,23 @@ def train_args(run_dir: Path, spec: str, steps: int, groups: int, group_batch: i
             "engine.torchft.quorum_timeout_s=5"]
 
 
-class Cluster:
+class Cluster(Procs):
     """A lighthouse and replica groups on loopback, each a process tree of its own with its own log."""
 
     def __init__(self, tmp: Path, env: dict[str, str]) -> None:
-        self.tmp, self.env, self.port = tmp, env, free_port()
-        self.procs: dict[str, tuple[subprocess.Popen, Path]] = {}
-
-    def start(self, name: str, cmd: list[str], **env: str) -> Path:
-        log = self.tmp / f"{name}.log"
-        with log.open("w") as f:
-            proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env={**self.env, **env}, cwd=ROOT,
-                                    start_new_session=True)
-        self.procs[name] = (proc, log)
-        return log
+        super().__init__(tmp, env)
+        self.port = free_port()
 
     def lighthouse(self, name: str = "lighthouse", min_replicas: int = 1) -> Path:
         log = self.start(name, [sys.executable, "-m", "cluster.launch", "--torchft-lighthouse",
                                 "--lighthouse-port", str(self.port), "--min-replicas", str(min_replicas)])
-        wait_until(lambda: "torchft lighthouse at" in log.read_text(), 60, "lighthouse", [log], [self.procs[name][0]])
+        wait_until(lambda: "torchft lighthouse at" in log.read_text(), 60, "lighthouse", [log], [self.procs[name]])
         return log
 
     def group_torchrun(self, name: str, group: int, args: list[str], ranks: int = 1) -> Path:
         """A replica group of `ranks` processes started by torchrun directly (gloo), running the recording driver."""
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(ranks),
-               "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{free_port()}", "--rdzv_id", name,
-               DRIVER, *args]
-        return self.start(name, cmd, REPLICA_GROUP_ID=str(group), TORCHFT_LIGHTHOUSE=f"http://127.0.0.1:{self.port}")
+        return self.torchrun(name, DRIVER, args, nproc=ranks, REPLICA_GROUP_ID=str(group),
+                             TORCHFT_LIGHTHOUSE=f"http://127.0.0.1:{self.port}")
 
     def group_launch(self, name: str, group: int, args: list[str]) -> Path:
         """A replica group started the way a user starts one: python -m cluster.launch --replica-group N."""
@@ -76,16 +66,6 @@ class Cluster:
                f"http://127.0.0.1:{self.port}", "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
                "--", *args]
         return self.start(name, cmd)
-
-    def kill(self, name: str) -> None:
-        kill_node(self.procs[name][0].pid)
-        self.procs[name][0].wait()
-
-    def stop(self) -> None:
-        for proc, _ in self.procs.values():
-            if proc.poll() is None:
-                kill_node(proc.pid)
-            proc.wait()
 
 
 def committed_steps(log: Path) -> list[int]:
@@ -116,9 +96,9 @@ def test_group_killed_survivors_go_on_and_a_replacement_recovers_live(tmp_path, 
     try:
         c.lighthouse()
         logs = [c.group_torchrun(f"g{g}", g, args) for g in range(groups)]
-        survivors = [c.procs["g0"][0], c.procs["g1"][0]]
+        survivors = [c.procs["g0"], c.procs["g1"]]
         wait_until(lambda: max(committed_steps(logs[0]), default=0) >= kill_after, 180, f"step {kill_after}",
-                   logs, [p for p, _ in c.procs.values()])
+                   logs, list(c.procs.values()))
         pace = Path(env["FT_RECORD_DIR"]) / "step_sleep_s"
         pace.write_text("0.5")  # the survivors' run lasts until the replacement has joined
         c.kill("g2")
@@ -129,11 +109,11 @@ def test_group_killed_survivors_go_on_and_a_replacement_recovers_live(tmp_path, 
         started = time.time()
         new = c.group_torchrun("g2_new", 2, args)
         wait_until(lambda: "recovered live from a peer" in new.read_text(), 120, "live recovery", [new, logs[0]],
-                   [*survivors, c.procs["g2_new"][0]])
+                   [*survivors, c.procs["g2_new"]])
         print(f"replacement started -> recovered live: {time.time() - started:.1f}s")
         pace.write_text("0.05")
         for name in ("g0", "g1", "g2_new"):
-            proc, log = c.procs[name]
+            proc, log = c.procs[name], c.logs[name]
             assert proc.wait(timeout=180) == 0, log.read_text()[-3000:]
     finally:
         c.stop()
@@ -181,19 +161,19 @@ def test_groups_of_two_ranks_lose_one_and_a_replacement_recovers_live(tmp_path, 
         logs = [c.group_torchrun(f"g{g}", g, args, ranks=2) for g in range(groups)]
         saved = tmp_path / "run/replica_1/checkpoints/step_0000005"
         wait_until(lambda: max(committed_steps(logs[0]), default=0) >= kill_after and saved.exists(), 180,
-                   f"step {kill_after}", logs, [p for p, _ in c.procs.values()])
+                   f"step {kill_after}", logs, list(c.procs.values()))
         pace = Path(env["FT_RECORD_DIR"]) / "step_sleep_s"
         pace.write_text("1")  # the survivor's run lasts until the replacement has joined
         c.kill("g1")
         last = max(committed_steps(logs[0]))
         wait_until(lambda: max(committed_steps(logs[0])) > last + 1, 60, "a step after the kill", logs[:1],
-                   [c.procs["g0"][0]])
+                   [c.procs["g0"]])
         new = c.group_torchrun("g1_new", 1, args, ranks=2)
         wait_until(lambda: "recovered live from a peer" in new.read_text(), 120, "live recovery", [new, logs[0]],
-                   [c.procs["g0"][0], c.procs["g1_new"][0]])
+                   [c.procs["g0"], c.procs["g1_new"]])
         pace.write_text("0")
         for name in ("g0", "g1_new"):
-            proc, log = c.procs[name]
+            proc, log = c.procs[name], c.logs[name]
             assert proc.wait(timeout=180) == 0, log.read_text()[-3000:]
         out = logs[0].read_text()
         assert "resumed from" not in out and f"done: {steps} steps" in out
@@ -216,7 +196,7 @@ def test_groups_of_two_ranks_lose_one_and_a_replacement_recovers_live(tmp_path, 
             args = train_args(tmp_path / "run", spec, steps + 2, groups, batch, every=5, kind=kind)
             again = [c.group_torchrun(f"g{g}_again", g, args, ranks=2) for g in range(groups)]
             for g, log in enumerate(again):
-                assert c.procs[f"g{g}_again"][0].wait(timeout=180) == 0, log.read_text()[-3000:]
+                assert c.procs[f"g{g}_again"].wait(timeout=180) == 0, log.read_text()[-3000:]
                 out = log.read_text()
                 assert re.search(rf"resumed from \S+step_{steps:07d} \(step {steps}\)", out), out[-3000:]
                 assert "recovered live" not in out and committed_steps(log) == [steps + 1, steps + 2], out[-3000:]
@@ -238,10 +218,10 @@ def test_lighthouse_lost_stops_in_one_line_and_the_run_resumes(tmp_path, env):
         c.lighthouse()
         logs = [c.group_launch(f"g{g}", g, args) for g in range(groups)]
         saved = [run_dir / f"replica_{g}/checkpoints/step_0000050" for g in range(groups)]
-        wait_until(lambda: all(p.exists() for p in saved), 180, "a checkpoint", logs, [p for p, _ in c.procs.values()])
+        wait_until(lambda: all(p.exists() for p in saved), 180, "a checkpoint", logs, list(c.procs.values()))
         c.kill("lighthouse")
         killed = time.time()
-        codes = [c.procs[f"g{g}"][0].wait(timeout=120) for g in range(groups)]
+        codes = [c.procs[f"g{g}"].wait(timeout=120) for g in range(groups)]
         print(f"lighthouse killed -> groups stopped: {time.time() - killed:.1f}s")
         for code, log in zip(codes, logs):
             out = log.read_text()
@@ -250,11 +230,11 @@ def test_lighthouse_lost_stops_in_one_line_and_the_run_resumes(tmp_path, env):
             assert "torchft quorum failed" in errors[0] and "lighthouse" in errors[0], errors
             assert "Traceback" not in out, out[-3000:]
         steps = latest_step(run_dir) + 6  # a few steps past the newest checkpoint
-        c.lighthouse("lighthouse2")
+        c.lighthouse("lighthouse2", min_replicas=groups)  # the first quorum waits for both: neither is ahead
         args = train_args(run_dir, spec, steps, groups, 2, every=50)
         logs = [c.group_launch(f"g{g}_again", g, args) for g in range(groups)]
         for g in range(groups):
-            proc, log = c.procs[f"g{g}_again"]
+            proc, log = c.procs[f"g{g}_again"], c.logs[f"g{g}_again"]
             assert proc.wait(timeout=180) == 0, log.read_text()[-3000:]
             out = log.read_text()
             assert re.search(r"resumed from \S+step_\d+ \(step [1-9]\d*\)", out), out[-3000:]
