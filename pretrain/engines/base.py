@@ -1,8 +1,8 @@
 """The engine interface and the single-process engine it is built on.
 
-The training loop sees only these methods (`model`, `autocast`, `recover_live`, `begin_step`, `backward`, `step`,
-`skip_step`, `committed`, `lr`, `loss_scale`, `unwrapped`, `close`, and the checkpoint hooks) and never
-asks which engine it has. A step is `begin_step`, `accum_steps` calls of `backward`, then one `step` (or
+The training loop sees only these methods (`model`, `autocast`, `recover_live`, `begin_step`, `backward`,
+`step`, `skip_step`, `committed`, `lr`, `loss_scale`, `unwrapped`, `close`, and the checkpoint hooks) and
+never asks which engine it has. A step is `begin_step`, `accum_steps` calls of `backward`, then one `step` (or
 `skip_step`); a step that is not `committed` (fault tolerance: the quorum dropped it) never happened and
 is done again with the same samples.
 

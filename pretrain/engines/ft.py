@@ -34,7 +34,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-
 from torch.distributed.tensor import DTensor
 
 from ..config import ConfigError, TorchFTOptions
@@ -181,7 +180,9 @@ class FaultTolerance:
         if self.manager.current_step() != step:  # a resumed checkpoint: the quorum starts from its step
             self.manager.load_state_dict({"step": step, "batches_committed": self.manager.batches_committed()})
         try:
-            self.manager.start_quorum()
+            self.manager.start_quorum()  # a live recovery's state is loaded in here
+        except ConfigError:  # a peer's state that does not fit this group: its own line
+            raise
         except Exception as e:  # noqa: BLE001 -- the RPC's error text is long: keep its first line
             text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise LighthouseLost(f"torchft quorum failed at step {step + 1} (lighthouse "
