@@ -214,7 +214,7 @@ class EngineConfig:
     deepspeed: DeepSpeedOptions = field(default_factory=DeepSpeedOptions)
     fsdp: FSDPOptions = field(default_factory=FSDPOptions)
     # none | torchft: replica groups that vote a quorum each step; a failed group is dropped for the step
-    # and the others go on, a new one recovers live from a peer (engine.kind single/ddp).
+    # and the others go on, a new one recovers live from a peer (engine.kind single, ddp or fsdp = HSDP).
     fault_tolerance: str = "none"
     torchft: TorchFTOptions = field(default_factory=TorchFTOptions)
 

@@ -6,6 +6,7 @@ The test sets the pace of the steps (`step_sleep_s`). Each process appends to
 ``$FT_RECORD_DIR/group<G>.<pid>.jsonl``:
   {"draw": step, "quorum": Q, "slot": S, "rank": R, "n": N, "keys": [...], "t": time}   before the gradients leave
   {"done": step, "quorum": Q, "rank": R, "committed": bool, "t": time}   after the quorum's decision
+  {"stepped": step, "rank": R, "t": time}   after each train_step (with or without torchft), before the pace
 (R: the rank within its group.) A step's samples count as consumed when some group committed that
 (step, quorum): then the draws of every slot's ranks in that quorum are in the averaged gradient. The
 draw line is written before the cross-group all-reduce, so a group killed after contributing has still left its line.
@@ -74,6 +75,7 @@ def step_sleep_s() -> float:
 def train_step(self: Trainer, batches) -> None:
     self.engine.drawn_keys = []
     _train_step(self, Drawn(batches, self.engine))
+    _record({"stepped": self.step, "rank": self.dist.rank})  # every run, with or without torchft: step times
     time.sleep(step_sleep_s())
 
 
@@ -89,6 +91,8 @@ def account(record_dir: Path) -> dict:
             rec = json.loads(line)
             if "draw" in rec:
                 draws.setdefault((rec["draw"], rec["quorum"]), {})[rec["slot"], rec.get("rank", 0)] = rec["keys"]
+            elif "done" not in rec:
+                continue
             elif rec["committed"]:
                 if committed.setdefault(rec["done"], rec["quorum"]) != rec["quorum"]:
                     raise AssertionError(f"step {rec['done']} committed by two quorums")
