@@ -105,10 +105,16 @@ class Trainer:
                  self.micro_batch_size, self.accum_steps, self.engine.kind, self.dist.device, self.run_dir)
 
     def resume(self) -> None:
-        peer_step = self.engine.recover_live()  # fault tolerance: behind live peers, take a peer's state, not a file
+        # Fault tolerance: a group that live peers are ahead of takes a peer's state instead of a file, unless
+        # its own checkpoint is newer still (the peers then fail the step they expected it in, and recover from it).
+        peer_step = self.engine.recover_live()
         if peer_step is not None:
-            self.step = peer_step
-            return
+            own = max(self.checkpointer.list_steps(), default=0)
+            if peer_step >= own:
+                self.step = peer_step
+                log.warning("recovered live from a peer at step %d: no checkpoint read", peer_step)
+                return
+            log.warning("peers are at step %d, this group's checkpoint at step %d: resuming from it", peer_step, own)
         choice = self.cfg.checkpoint.resume  # auto, or step_N: take that one even if it fails verification
         pick = int(choice.removeprefix("step_")) if choice.startswith("step_") else None
         restored = self.checkpointer.restore(self.engine, pick)  # weights + optimiser, in the engine's own layout

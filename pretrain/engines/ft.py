@@ -139,18 +139,15 @@ class FaultTolerance:
 
     def recover_live(self) -> int | None:
         """Before any checkpoint is read: vote this group's first quorum at step 0. Live peers ahead of it
-        make it heal from one of them (returns their step, and no checkpoint is to be read); otherwise
-        (None) it resumes from its own checkpoint, and the quorum just voted serves its first step if that
-        is still step 0. (A group without a checkpoint in the same first quorum as one with a checkpoint
-        fails that first step on its collective timeout, then recovers from the other: a rare start-up race.)"""
+        make it heal from one of them: returns their step (the caller reads no checkpoint, unless its own
+        is newer still). Otherwise None: it resumes from its own checkpoint, and the quorum just voted
+        serves its first step if that is still step 0. (A group without a checkpoint in the same first
+        quorum as one with a checkpoint fails that first step on its collective timeout, then recovers from
+        the other: a rare start-up race.)"""
         self._vote(0)
         self._voted = self.manager.current_step()
         healed, self.healed_step = self.healed_step, None
-        if healed:
-            log.warning("replica group %d recovered live from a peer at step %d: no checkpoint read", self.group,
-                        healed)
-            return healed
-        return None
+        return healed or None
 
     # ---- the step ----------------------------------------------------------------------------
     def begin_step(self, step: int) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -151,7 +152,7 @@ def recovered_without_checkpoint(log: Path, kill_after: int, steps: int) -> None
 @pytest.mark.parametrize("kind", ["ddp", "fsdp"])
 def test_groups_of_two_ranks_lose_one_and_a_replacement_recovers_live(tmp_path, env, kind):
     """2 groups x 2 ranks (fsdp: HSDP, the shards of each rank averaged across groups, live recovery rank by
-    rank); then, for fsdp, a full restart resumes every group from its own DCP checkpoint."""
+    rank); then, for fsdp, a full restart in which each group resumes from its own DCP checkpoint."""
     spec, epoch = write_epoch(tmp_path / "data", SAMPLES, 100)
     steps, groups, batch, kill_after = 30, 2, 4, 6  # at most 240 samples: the run stays in the first epoch
     args = train_args(tmp_path / "run", spec, steps, groups, batch, every=5, kind=kind)
@@ -178,8 +179,8 @@ def test_groups_of_two_ranks_lose_one_and_a_replacement_recovers_live(tmp_path, 
         out = logs[0].read_text()
         assert "resumed from" not in out and f"done: {steps} steps" in out
         assert "replica groups in the quorum: 1 (was 2)" in out and "replica groups in the quorum: 2 (was 1)" in out
-        done = committed_steps(logs[0])
-        assert done == list(range(1, steps + 1)), "the survivor redid or skipped a step"
+        done = committed_steps(logs[0])  # from step 1, or 2 when group 1 started first and did step 1 alone
+        assert done == list(range(done[0], steps + 1)) and done[0] <= 2, "the survivor redid or skipped a step"
         recovered_without_checkpoint(new, kill_after, steps)
         record = account(Path(env["FT_RECORD_DIR"]))
         keys = record["keys"]
@@ -190,18 +191,38 @@ def test_groups_of_two_ranks_lose_one_and_a_replacement_recovers_live(tmp_path, 
         weights = [load_file(tmp_path / f"run/replica_{g}/checkpoints/step_{steps:07d}/model.safetensors")
                    for g in range(groups)]
         assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0]), "the replicas' weights differ"
-        if kind == "fsdp":  # a full restart: no live peer ahead, each group resumes from its own checkpoint
-            c.kill("lighthouse")  # its port is the new one's; a quorum there needs both groups
-            c.lighthouse("lighthouse2", min_replicas=groups)
-            args = train_args(tmp_path / "run", spec, steps + 2, groups, batch, every=5, kind=kind)
-            again = [c.group_torchrun(f"g{g}_again", g, args, ranks=2) for g in range(groups)]
-            for g, log in enumerate(again):
-                assert c.procs[f"g{g}_again"].wait(timeout=180) == 0, log.read_text()[-3000:]
-                out = log.read_text()
-                assert re.search(rf"resumed from \S+step_{steps:07d} \(step {steps}\)", out), out[-3000:]
-                assert "recovered live" not in out and committed_steps(log) == [steps + 1, steps + 2], out[-3000:]
+        if kind == "fsdp":
+            full_restart_resumes_each_group_from_its_own_checkpoint(c, tmp_path, spec, steps, batch, pace)
     finally:
         c.stop()
+
+
+def full_restart_resumes_each_group_from_its_own_checkpoint(c: Cluster, tmp: Path, spec: str, steps: int,
+                                                             batch: int, pace: Path) -> None:
+    """Both groups stopped, group 0's newer checkpoints removed, then restarted, group 1 once group 0 trains:
+    each resumes from its own (DCP) checkpoint; group 1, whose checkpoint is newer than group 0's live step,
+    keeps it, and group 0 then recovers from group 1 (its step in flight fails on the cross-group timeout)."""
+    for step in (20, 25, 30):
+        shutil.rmtree(tmp / f"run/replica_0/checkpoints/step_{step:07d}")
+    c.kill("lighthouse")  # the new one takes its port
+    c.lighthouse("lighthouse2")
+    pace.write_text("1.5")  # group 0 is still behind step 30 when group 1 joins
+    args = train_args(tmp / "run", spec, steps + 10, 2, batch, every=5, kind="fsdp") + [
+        "engine.torchft.timeout_s=5", "engine.torchft.quorum_timeout_s=30"]
+    g0 = c.group_torchrun("g0_again", 0, args, ranks=2)
+    wait_until(lambda: max(committed_steps(g0), default=0) >= 16, 120, "group 0 training", [g0], [c.procs["g0_again"]])
+    g1 = c.group_torchrun("g1_again", 1, args, ranks=2)
+    wait_until(lambda: "resumed from" in g1.read_text(), 120, "group 1 resumed", [g1, g0],
+               [c.procs["g0_again"], c.procs["g1_again"]])
+    pace.write_text("0")
+    for name, log in (("g0_again", g0), ("g1_again", g1)):
+        assert c.procs[name].wait(timeout=180) == 0, log.read_text()[-3000:]
+    out0, out1 = g0.read_text(), g1.read_text()
+    assert re.search(r"resumed from \S+step_0000015 \(step 15\)", out0), out0[-3000:]
+    assert "recovered live from a peer at step 30" in out0, out0[-3000:]
+    assert re.search(r"peers are at step (1[6-9]|2\d), this group's checkpoint at step 30", out1), out1[-3000:]
+    assert re.search(r"resumed from \S+step_0000030 \(step 30\)", out1), out1[-3000:]
+    assert committed_steps(g1) == list(range(31, steps + 11)) == committed_steps(g0)[-10:]
 
 
 def latest_step(run_dir: Path) -> int:
