@@ -69,6 +69,7 @@ class BatchToDevice:
         else:
             images = batch.images.to(self.device, non_blocking=True)
         images, labels = normalize(images, self.mean, self.std), labels.to(self.device, non_blocking=True)
+        batch.release()  # the pixels are copied out: the worker may reuse their buffer
         if self.mix is not None:
             images, labels = self.mix(images, labels, keys)
         return images, labels

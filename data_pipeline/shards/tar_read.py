@@ -11,11 +11,11 @@ and a budget run out raise ``StorageError``; content errors end the shard (the s
 """
 from __future__ import annotations
 
-import io
 import logging
 import re
 import tarfile
 from typing import Any, Iterable, Iterator
+from zlib import adler32
 
 from webdataset.tariterators import tar_file_iterator
 
@@ -69,6 +69,27 @@ def _number(field: bytes) -> int:
     return int(field, 8) if field else 0
 
 
+def _header_sum(header: bytes) -> int:
+    """The tar checksum of ``header`` (its bytes summed, the checksum field counted as spaces). Adler-32's low
+    half is 1 + the sum of its bytes while that sum stays below 65521 (257 bytes): three C calls instead of
+    summing 512 bytes in Python, which was most of the parsing time of a range read."""
+    return (adler32(header[:148]) & 0xFFFF) + (adler32(header[156:356]) & 0xFFFF) + (adler32(header[356:]) & 0xFFFF) \
+        - 3 + 256
+
+
+class _BufferReader:
+    """``read(n)`` over ``data[start:end]`` without copying the range first (one sample of a run read at once)."""
+
+    def __init__(self, data: bytes, start: int, end: int) -> None:
+        self.data, self.pos, self.end = data, start, end
+
+    def read(self, n: int) -> bytes:
+        n = max(0, min(n, self.end - self.pos))
+        out = self.data[self.pos:self.pos + n]
+        self.pos += n
+        return out
+
+
 def _fast_tar_members(f) -> Iterator[dict[str, Any]]:
     """Regular members of an uncompressed tar as ``{"fname", "data", "__offset__", "__end__"}``.
 
@@ -84,7 +105,7 @@ def _fast_tar_members(f) -> Iterator[dict[str, Any]]:
             return  # end of archive (a missing end-of-archive marker is tolerated, as tarfile does)
         if len(header) < _BLOCK:
             raise tarfile.ReadError("unexpected end of data")
-        if _number(header[148:156]) != sum(header[:148]) + 256 + sum(header[156:]):
+        if _number(header[148:156]) != _header_sum(header):
             raise tarfile.ReadError("bad checksum in a tar header")
         size, kind = _number(header[124:136]), header[156:157]
         data = _read_exact(f, size)
@@ -231,9 +252,12 @@ def raw_samples(urls: Iterable[str], storage: Storage) -> Iterator[dict[str, Any
             yield error_marker(url, shard.error)
 
 
-def parse_sample(data: bytes, url: str) -> dict[str, Any] | None:
-    """The sample held by one sample's byte range, or None when those bytes are not a whole sample."""
-    members = ({**m, "__url__": url} for m in _fast_tar_members(io.BytesIO(data)))
+def parse_sample(data: bytes, url: str, start: int = 0, end: int | None = None) -> dict[str, Any] | None:
+    """The sample held by one sample's byte range, ``data[start:end]``, or None when those bytes are not a
+    whole sample. A range read of several samples is parsed in place, sample by sample, without copying
+    each one's range out first."""
+    reader = _BufferReader(data, start, len(data) if end is None else min(end, len(data)))
+    members = ({**m, "__url__": url} for m in _fast_tar_members(reader))
     try:
         samples = list(group_samples(members))
     except CONTENT_ERRORS:

@@ -161,11 +161,11 @@ class EpochReader:
         base = offsets[lo]
         for k in range(lo, hi):
             self._forget(first + k)
-            chunk = data[offsets[k] - base:offsets[k + 1] - base]
-            sample = parse_sample(chunk, url) if len(chunk) == offsets[k + 1] - offsets[k] else None
+            start, end = offsets[k] - base, offsets[k + 1] - base
+            short = end > len(data)
+            sample = None if short else parse_sample(data, url, start, end)
             if sample is None:
-                why = "the shard is shorter than its manifest says" if len(chunk) < offsets[k + 1] - offsets[k] \
-                    else OFFSETS_MISMATCH
+                why = "the shard is shorter than its manifest says" if short else OFFSETS_MISMATCH
                 sample = self._missing(j, url, k, why)
             if k != idx:
                 self._cache[first + k] = sample

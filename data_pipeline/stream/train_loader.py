@@ -19,10 +19,12 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from data_pipeline.errors import DataSpecError, first_line
+from data_pipeline.image.gpu_decode import CropPlanner
 from data_pipeline.image.transforms import TrainTransform
 from data_pipeline.storage import Storage, StorageError
 from data_pipeline.storage.cache import ShardCache
 from data_pipeline.stream.batch import Batch, make_batch
+from data_pipeline.stream.batch_buffers import BatchBuffers
 from data_pipeline.stream.decode import SKIP_KINDS
 from data_pipeline.stream.plan import RankSchedule
 from data_pipeline.shards.labels import parse_label_source
@@ -32,6 +34,9 @@ from data_pipeline.stream.workers import as_is, outlive_preemption_signals
 
 _STATE_VERSION = 2
 EPOCH_MODES = ("exact", "resampled")
+_PREFETCH = 2  # batches each DataLoader worker has in flight (its prefetch_factor)
+# Shared buffers per worker: its batches in flight, the one the rank trains on and one spare.
+_SLOTS_PER_WORKER = _PREFETCH + 2
 
 
 def _is_distributed() -> bool:
@@ -141,11 +146,11 @@ class TrainLoader:
                 out[f"data/{s.name}/observed_share"] = n / total
         return out
 
-    def worker_spec(self) -> WorkerSpec:
+    def worker_spec(self, buffers: BatchBuffers | None = None) -> WorkerSpec:
         """What the DataLoader workers need, from the current position (``schedule_args``)."""
         return WorkerSpec(self.sources, self.schedule_args(), self.transform, self.seed, self.window,
                           self.resampled, self.storage, max(1, self.num_workers), self.lookahead, self.label,
-                          self.cache, self.num_classes)
+                          self.cache, self.num_classes, buffers)
 
     def __iter__(self) -> Iterator[Batch]:
         while True:  # once per layout: a ``restart`` (new layout, rewound position) rebuilds the workers
@@ -153,10 +158,14 @@ class TrainLoader:
             yield from self._iter_layout()
 
     def _iter_layout(self) -> Iterator[Batch]:
-        dataset = TrainWorkerStream(self.worker_spec())
+        buffers = None
+        if self.num_workers > 0 and not isinstance(self.transform, CropPlanner):  # pixels cross processes
+            buffers = BatchBuffers(self.num_workers, _SLOTS_PER_WORKER, self.batch_size, self.transform.image_size)
+        dataset = TrainWorkerStream(self.worker_spec(buffers))
         self._schedule = RankSchedule(**self.schedule_args())
         loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers, collate_fn=as_is,
-                            pin_memory=self.pin_memory, worker_init_fn=outlive_preemption_signals)
+                            pin_memory=self.pin_memory, worker_init_fn=outlive_preemption_signals,
+                            prefetch_factor=_PREFETCH if self.num_workers > 0 else None)
         workers = max(1, self.num_workers)
         worker_bytes = [0] * workers
         items = iter(loader)

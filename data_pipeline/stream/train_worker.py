@@ -21,6 +21,7 @@ from data_pipeline.shards.tar_write import encode_jpeg
 from data_pipeline.storage import Storage
 from data_pipeline.storage.cache import ShardCache
 from data_pipeline.stream.batch import Batch, make_batch
+from data_pipeline.stream.batch_buffers import BatchBuffers
 from data_pipeline.stream.decode import SKIP_KINDS, decode_sample
 from data_pipeline.stream.epoch_reader import EpochReader
 from data_pipeline.stream.plan import TAG_AUGMENT, EpochPlan, RankSchedule
@@ -63,6 +64,7 @@ class WorkerSpec:
     label: str = "cls"  # where the labels are (data.label): cls, txt, json:FIELD
     cache: ShardCache | None = None  # the node's shard cache (data.cache), None: off
     num_classes: int | None = None  # the model head's class count (None: the manifests' alone bound labels)
+    buffers: BatchBuffers | None = None  # the rank's shared batch buffers (None: each batch in fresh memory)
 
 
 def _bound(*counts: int | None) -> int | None:
@@ -171,5 +173,9 @@ class TrainWorkerStream(IterableDataset):
                 done = readers.pop(key)  # an epoch of that source this worker has finished
                 bytes_done += done.bytes_read
                 done.close()
-            yield WorkerBatch(make_batch(images, labels, keys, spec.transform.image_size, srcs), index, skipped,
-                               replaced, bytes_done + sum(r.bytes_read for r in readers.values()), causes)
+            into = None
+            if spec.buffers is not None and images and isinstance(images[0], np.ndarray):
+                free = spec.buffers.take(worker, (len(images), *images[0].shape))
+                into = (spec.buffers, *free) if free is not None else None
+            yield WorkerBatch(make_batch(images, labels, keys, spec.transform.image_size, srcs, into), index,
+                              skipped, replaced, bytes_done + sum(r.bytes_read for r in readers.values()), causes)
