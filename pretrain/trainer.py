@@ -109,7 +109,9 @@ class Trainer:
         # its own checkpoint is newer still (the peers then fail the step they expected it in, and recover from it).
         peer_step = self.engine.recover_live()
         if peer_step is not None:
-            own = max(self.checkpointer.list_steps(), default=0)
+            own = torch.tensor([float(max(self.checkpointer.list_steps(), default=0) if self.dist.is_main else 0)])
+            broadcast(own)  # rank 0's listing decides for the group, as it does in `restore`
+            own = int(own.item())
             if peer_step >= own:
                 self.step = peer_step
                 log.warning("recovered live from a peer at step %d: no checkpoint read", peer_step)
