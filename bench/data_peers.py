@@ -11,6 +11,14 @@ parameters), horizontal flip with p=0.5, uint8 HWC pixels, batches of 128 from 2
     litdata            litdata (optimize()'d chunks), PIL decode
     decode_only        the ceiling: simplejpeg full decode of the same files in one process, nothing else
                        (no crop, no batches, no loader); ``x_ceiling`` = a row's img/CPU-s over this one
+    ours_transform     our per-sample work alone in one process: partial decode, crop, resize, flip of the same
+                       files (no reading, batching or workers): the floor under the ``ours`` row
+
+``--baseline DIR`` adds ``ours_baseline``: the ``ours`` row run from another checkout (e.g. a worktree of the
+previous commit), interleaved with the rest, for a before/after within one run.
+
+A consumer hands each batch back once counted (``Batch.release``), as training does once the pixels are on
+the device: our workers then reuse their shared buffers. Other loaders' batches need no handing back.
 
 Image sets, generated (smooth 1/f^1.5 fields + 1/f^0.8 texture + soft-edged shapes, quality 90, 4:2:0):
 ``imagenet`` 500x375 (~110 KB), ``laion`` 1024x768 (~360 KB), ``small`` 256x256.
@@ -44,7 +52,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 SIZE, BATCH, WORKERS = 224, 128, 2
 SETS = {"imagenet": (500, 375, 42.0), "laion": (1024, 768, 24.0), "small": (256, 256, 12.0)}
-CONTENDERS = ("torchvision_files", "ours", "webdataset", "mds", "litdata", "decode_only")
+CONTENDERS = ("torchvision_files", "ours", "webdataset", "mds", "litdata", "decode_only", "ours_transform")
 PEERS = {"webdataset": "webdataset", "mds": "streaming", "litdata": "litdata"}
 DEFAULT_PEERS_PY = "/work/venv-peers/bin/python"
 
@@ -176,7 +184,10 @@ def time_loader(loader, n_images: int) -> dict:
         next(it)  # start-up (worker fork, first shard open) is not throughput
     t0, c0, seen = time.perf_counter(), cpu_seconds(), 0
     while seen < n_images:
-        seen += _count(next(it))
+        batch = next(it)
+        seen += _count(batch)
+        if hasattr(batch, "release"):
+            batch.release()  # training hands a batch back once its pixels are on the device
     wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
     return {"img_s": seen / wall, "img_per_cpu_s": seen / cpu}
 
@@ -221,6 +232,16 @@ def build_loader(name: str, root: Path):
             for i in itertools.count(0, BATCH):
                 yield [simplejpeg.decode_jpeg(data[(i + k) % len(data)]) for k in range(BATCH)], None
         return decoded()
+    if name == "ours_transform":
+        from data_pipeline.image.transforms import TrainTransform
+        from data_pipeline.stream.train_worker import augment_rng
+
+        transform, data = TrainTransform(SIZE), [p.read_bytes() for p in sorted((root / "files").glob("*.jpg"))]
+
+        def transformed():
+            for i in itertools.count(0, BATCH):
+                yield [transform(data[(i + k) % len(data)], augment_rng(0, 0, 0, i + k)) for k in range(BATCH)], None
+        return transformed()
     if name == "ours":
         from data_pipeline.image.transforms import TrainTransform
         from data_pipeline.storage import Storage
@@ -314,11 +335,14 @@ def child(args: argparse.Namespace) -> None:
 
 # ---------------------------------------------------------------- the driver
 
-def _run_child(py: str, contender: str, root: Path, images: int, prepare_only: bool = False) -> dict:
-    cmd = [py, str(Path(__file__).resolve()), "--child", contender, "--dir", str(root), "--images", str(images)]
+def _run_child(py: str, contender: str, root: Path, images: int, prepare_only: bool = False,
+               tree: Path = ROOT) -> dict:
+    """One measurement in its own process; ``tree``: the checkout whose code (and copy of this script) runs."""
+    cmd = [py, str(tree / "bench" / "data_peers.py"), "--child", contender, "--dir", str(root), "--images",
+           str(images)]
     if prepare_only:
         cmd.append("--prepare")
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = dict(os.environ, PYTHONPATH=str(tree))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
@@ -353,6 +377,7 @@ def main() -> None:
     p.add_argument("--peers-python", default=DEFAULT_PEERS_PY if Path(DEFAULT_PEERS_PY).exists() else sys.executable)
     p.add_argument("--quick", action="store_true", help="smoke run: small set, few images, one repetition")
     p.add_argument("--out", default="")
+    p.add_argument("--baseline", default="", help="another checkout whose `ours` row is measured too (ours_baseline)")
     p.add_argument("--child", choices=list(CONTENDERS), dest="contender", help=argparse.SUPPRESS)
     p.add_argument("--dir", help=argparse.SUPPRESS)
     p.add_argument("--prepare", action="store_true", help=argparse.SUPPRESS)
@@ -375,11 +400,15 @@ def main() -> None:
             if "skipped" in r:
                 skipped[name] = r["skipped"]
     runs: dict[str, dict[str, list[dict]]] = {k: {} for k in a.sets}
+    names = [*a.contenders, *(["ours_baseline"] if a.baseline else [])]
     for _ in range(a.repeat):  # interleaved, so load from other jobs hits every contender alike
         for kind in a.sets:
-            for name in [c for c in a.contenders if c not in skipped]:
+            for name in [c for c in names if c not in skipped]:
                 py = a.peers_python if name in ("mds", "litdata") else sys.executable
-                r = _run_child(py, name, tmp / kind, a.images)
+                if name == "ours_baseline":
+                    r = _run_child(py, "ours", tmp / kind, a.images, tree=Path(a.baseline).resolve())
+                else:
+                    r = _run_child(py, name, tmp / kind, a.images)
                 if "skipped" in r:
                     skipped[name] = r["skipped"]
                 else:
@@ -413,7 +442,7 @@ def main() -> None:
               "loadavg_1m_at_start": load0, "loadavg_1m_at_end": os.getloadavg()[0],
               "python": platform.python_version(), "versions": versions(a.peers_python),
               "ours_partial_decode": not partial_decode_missing(),  # the _jpeg_region extension was built
-              "skipped": skipped, "results": results}
+              "baseline": a.baseline, "skipped": skipped, "results": results}
     shutil.rmtree(tmp, ignore_errors=True)
     publish(record, format_table(record), a.out)
 
@@ -433,7 +462,9 @@ def format_table(record: dict) -> str:
     lines = ["| pipeline | " + " | ".join(f"{k} {record['results'][k]['image_px'][0]}x"
                                           f"{record['results'][k]['image_px'][1]}" for k in kinds) + " |",
              "|---" * (len(kinds) + 1) + "|"]
-    for name in CONTENDERS:
+    for name in [*CONTENDERS, "ours_baseline"]:
+        if not any(name in record["results"][k] for k in kinds):
+            continue
         cells = []
         for k in kinds:
             row = record["results"][k].get(name)

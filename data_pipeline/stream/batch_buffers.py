@@ -41,7 +41,6 @@ class BatchBuffers:
         self.returned = _shared((workers * slots,), torch.int64)  # written by the rank only
         self.returned.zero_()
         self._written = [0] * (workers * slots)  # worker side: batches written into each slot by this process
-        self._next = [0] * workers  # worker side: the slot each worker tries first
         _POOLS[self.name] = self
 
     # ---- worker side
@@ -51,12 +50,9 @@ class BatchBuffers:
         if tuple(shape) != self.shape:
             return None
         returned = self.returned.numpy()
-        for k in range(self.slots):
-            local = (self._next[worker] + k) % self.slots
-            slot = worker * self.slots + local
-            if self._written[slot] == returned[slot]:
+        for slot in range(worker * self.slots, (worker + 1) * self.slots):  # the lowest free one: a spare slot
+            if self._written[slot] == returned[slot]:  # is only ever touched (and its pages used) when needed
                 self._written[slot] += 1
-                self._next[worker] = (local + 1) % self.slots
                 return slot, self.images[slot].numpy()
         return None
 

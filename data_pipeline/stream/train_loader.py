@@ -35,7 +35,8 @@ from data_pipeline.stream.workers import as_is, outlive_preemption_signals
 _STATE_VERSION = 2
 EPOCH_MODES = ("exact", "resampled")
 _PREFETCH = 2  # batches each DataLoader worker has in flight (its prefetch_factor)
-# Shared buffers per worker: its batches in flight, the one the rank trains on and one spare.
+# Shared buffers per worker: its batches in flight, the one the rank trains on, and a spare for a consumer that
+# holds one more (touched only then).
 _SLOTS_PER_WORKER = _PREFETCH + 2
 
 

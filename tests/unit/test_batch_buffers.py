@@ -30,8 +30,9 @@ def test_released_slots_are_reused_and_pixels_stay_exact(dataset):  # noqa: F811
     assert all(_same(g, want) for (_, _, g), want in zip(got, reference))
     in_slots = [s for s, _, _ in got]
     assert all(in_slots), "with every batch handed back, every batch comes from a worker's shared slot"
-    # 2 workers x 4 slots: 30 batches reuse at most 8 distinct buffers.
-    assert len({ptr for _, ptr, _ in got}) <= 8
+    # A consumer that hands each batch back before taking the next needs 3 slots per worker (2 in flight, 1 held):
+    # the spare's pages are never touched.
+    assert len({ptr for _, ptr, _ in got}) <= 6
 
 
 def test_batches_kept_by_the_consumer_are_never_overwritten(dataset):  # noqa: F811
