@@ -11,7 +11,8 @@ def test_data_peers_quick_runs_and_skips_absent_peers(tmp_path):
     out = tmp_path / "peers.json"
     # The project's own interpreter as the peers' one: mosaicml-streaming is never installed there.
     r = subprocess.run([sys.executable, "bench/data_peers.py", "--quick", "--contenders", "torchvision_files",
-                        "ours", "mds", "decode_only", "ours_transform", "--peers-python", sys.executable, "--out", str(out)],
+                        "ours", "mds", "decode_only", "ours_transform", "--peers-python", sys.executable,
+                        "--out", str(out)],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     record = json.loads(out.read_text())
