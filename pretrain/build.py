@@ -460,26 +460,32 @@ def build_checkpointer(cfg: DictConfig, dist_info: DistInfo) -> Checkpointer:
 
 
 def build_monitor(cfg: DictConfig, dist_info: DistInfo, model: nn.Module) -> Monitor:
-    """Progress lines and TensorBoard; with monitor.wandb also W&B (rank 0). Without the wandb package a
-    monitor.wandb run says so in one line, with the install command, and logs to TensorBoard alone."""
-    t, m = cfg.train, cfg.monitor
-    wandb = None
-    if m.wandb and dist_info.is_main:
-        try:
-            import wandb as _  # noqa: F401
-        except ImportError:
-            log.warning("monitor.wandb is true but the wandb package is not installed: %s; logging to "
-                        "TensorBoard only", WANDB_INSTALL)
-        else:
-            config = OmegaConf.to_container(cfg, resolve=True)
-            wandb = partial(_wandb_writer, cfg.run.dir, config, m.wandb_project, m.wandb_entity, m.wandb_name)
+    """Progress lines and TensorBoard; with monitor.wandb also W&B (rank 0)."""
+    t = cfg.train
     return Monitor(cfg.run.dir, dist_info, t.steps, t.log_every, t.global_batch_size, model.flops_per_image(),
-                   t.precision, wandb=wandb)
+                   t.precision, wandb=wandb_factory(cfg) if dist_info.is_main else None)
 
 
-def _wandb_writer(run_dir: str, config: dict, project: str, entity: str, name: str) -> WandbWriter:
+def wandb_factory(cfg: DictConfig, job: str = "train") -> Callable[[], WandbWriter] | None:
+    """What makes the W&B writer of a `job` (train, or eval: `python -m pretrain.evaluate`) when monitor.wandb is
+    set; None otherwise. Without the wandb package a monitor.wandb run says so in one line, with the install
+    command, and logs to TensorBoard alone."""
+    m = cfg.monitor
+    if not m.wandb:
+        return None
     try:
-        return WandbWriter(run_dir, config, project, entity, name)
+        import wandb as _  # noqa: F401
+    except ImportError:
+        log.warning("monitor.wandb is true but the wandb package is not installed: %s; logging to "
+                    "TensorBoard only", WANDB_INSTALL)
+        return None
+    config = OmegaConf.to_container(cfg, resolve=True)
+    return partial(_wandb_writer, cfg.run.dir, config, m.wandb_project, m.wandb_entity, m.wandb_name, job)
+
+
+def _wandb_writer(run_dir: str, config: dict, project: str, entity: str, name: str, job: str) -> WandbWriter:
+    try:
+        return WandbWriter(run_dir, config, project, entity, name, job)
     except Exception as e:  # noqa: BLE001 -- W&B's own errors (login, network, settings) have no common base
         raise ConfigError(f"monitor.wandb: W&B did not start ({first_line(e)}); run `wandb login` or set "
                           "WANDB_API_KEY, or WANDB_MODE=offline to log locally, or monitor.wandb=false") from None

@@ -82,11 +82,16 @@ class CheckpointEvaluation:
         # Evaluations are minutes apart: each one's scalars go up to object storage at once.
         self.writer = ScalarWriter(self.run_dir, upload_every_s=0.0)
         autocast = functools.partial(precision_autocast, device, self.cfg.train.precision)
+        make_wandb = build.wandb_factory(self.cfg, job="eval")  # monitor.wandb: a W&B run in the training's group
+        self.wandb = make_wandb() if make_wandb else None
         self.runner = build.build_eval_runner(self.cfg, self.dist, autocast, self._scalars,
-                                              build.build_storage(self.cfg), in_training=False)
+                                              build.build_storage(self.cfg), in_training=False,
+                                              on_record=self.wandb.record if self.wandb else None)
         self._build_model = lambda: build.build_model(self.cfg, f"{self.run_dir}/config.yaml")
 
     def _scalars(self, step: int, values: dict) -> None:
+        if self.wandb is not None:
+            self.wandb.write(step, values)
         try:
             self.writer.write(step, values)
         except OSError as e:  # storage the event files cannot reach: the JSON records are still written
@@ -116,6 +121,8 @@ class CheckpointEvaluation:
         return self.runner(model.to(self.dist.device), step, source)
 
     def close(self) -> None:
+        if self.wandb is not None:
+            self.wandb.close()
         try:
             self.writer.close()
         except OSError as e:

@@ -129,6 +129,7 @@ class Writer(Protocol):
 
 
 WANDB_ID_FILE = "wandb_run_id"  # in the run dir: the W&B run a resumed training run goes on in
+WANDB_ID_FILES = {"train": WANDB_ID_FILE, "eval": "wandb_eval_run_id"}  # python -m pretrain.evaluate: its own run
 WANDB_INSTALL = "pip install -c constraints.txt 'mixer-pretrain[wandb]' (or pip install wandb)"
 
 
@@ -136,31 +137,45 @@ class WandbWriter:
     """monitor.wandb: the scalars TensorBoard gets, with the same names and steps (`step` is their x-axis in
     W&B, so a resumed run may log a step again), the run's resolved config, and each evaluation record (its
     metrics into the run summary, its rows into the `eval/records` table). The W&B run id is kept in
-    `<run_dir>/wandb_run_id`: a resumed training run continues the same W&B run. W&B's local files go under
+    `<run_dir>/wandb_run_id`: a resumed training run continues the same W&B run. `python -m pretrain.evaluate`
+    (``job="eval"``) logs the same way into a run of its own (`<run_dir>/wandb_eval_run_id`), in the training
+    run's group: W&B takes one writer per run, and the evaluator may run beside training. W&B's local files go under
     WANDB_DIR if set, else into the run dir (when it is local). WANDB_MODE=offline logs without a network."""
 
     def __init__(self, run_dir: str, config: Mapping[str, Any], project: str = "", entity: str = "",
-                 name: str = "") -> None:
+                 name: str = "", job: str = "train") -> None:
         import wandb  # optional: build_monitor checks that it is there
 
         fs, root = fsspec.core.url_to_fs(run_dir)
-        id_path = f"{root.rstrip('/')}/{WANDB_ID_FILE}"
-        if fs.exists(id_path):
-            run_id = fs.cat_file(id_path).decode().strip()
-        else:
-            run_id = secrets.token_hex(6)  # W&B run ids: letters and digits
-            fs.makedirs(root, exist_ok=True)
-            write_atomic(fs, id_path, run_id.encode())
+        root = root.rstrip("/")
+        run_id = self._run_id(fs, root, WANDB_ID_FILES[job])
+        # Training and `python -m pretrain.evaluate` are separate W&B runs (W&B takes one writer per run, and the
+        # two may run at once), grouped under the training run's id.
+        group = run_id if job == "train" else self._run_id(fs, root, WANDB_ID_FILES["train"])
+        name = name or os.environ.get("WANDB_NAME") or ""
+        if name and job != "train":
+            name = f"{name}-{job}"
         local = isinstance(fs, LocalFileSystem)
         kwargs = {"dir": root} if local and not os.environ.get("WANDB_DIR") else {}
         self.run = wandb.init(project=project or os.environ.get("WANDB_PROJECT") or "mixer-pretrain",
-                              entity=entity or None, name=name or os.environ.get("WANDB_NAME") or None,
-                              id=run_id, resume="allow", config=dict(config), **kwargs)
+                              entity=entity or None, name=name or None, id=run_id, resume="allow", group=group,
+                              job_type=job, config=dict(config), **kwargs)
         self.run.define_metric("step")
         self.run.define_metric("*", step_metric="step")
         self._table = wandb.Table
         self.rows: list[list] = []
-        log.info("W&B run %s (%s mode): %s", run_id, self.run.settings.mode, self.run.url or self.run.dir)
+        log.info("W&B run %s (%s, %s mode): %s", run_id, job, self.run.settings.mode, self.run.url or self.run.dir)
+
+    @staticmethod
+    def _run_id(fs: Any, root: str, file: str) -> str:
+        """The W&B run id kept in ``<run_dir>/<file>``, made on first use: a resumed process goes on in its run."""
+        path = f"{root}/{file}"
+        if fs.exists(path):
+            return fs.cat_file(path).decode().strip()
+        run_id = secrets.token_hex(6)  # W&B run ids: letters and digits
+        fs.makedirs(root, exist_ok=True)
+        write_atomic(fs, path, run_id.encode())
+        return run_id
 
     def write(self, step: int, values: Mapping[str, float]) -> None:
         self.run.log({**values, "step": step})

@@ -121,3 +121,33 @@ def test_monitor_wandb_without_the_package_is_one_line_and_tensorboard_goes_on(t
     lines = [line for line in r.stderr.splitlines() if "monitor.wandb" in line or "W&B" in line]
     assert len(lines) == 1 and "monitor.wandb is true but the wandb package is not installed: pip install" in lines[0]
     assert list((tmp_path / "run/tb").glob("events.out.tfevents.*")) and not (tmp_path / "run/wandb_run_id").exists()
+
+
+def test_external_evaluation_logs_to_its_own_run_in_the_training_runs_group(tmp_path, demo_root):
+    pytest.importorskip("wandb", reason="the optional extra wandb is not installed (pip install '.[wandb]')")
+    run_dir, wandb_dir = tmp_path / "run", tmp_path / "wandb"
+    wandb_dir.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline", "WANDB_DIR": str(wandb_dir),
+           "WANDB_SILENT": "true", "WANDB_PROJECT": "mixer-test", "OMP_NUM_THREADS": "1"}
+    r = run_main(tiny_args(run_dir, demo_root, 4, 4, "monitor.wandb=true", "monitor.wandb_name=tiny",
+                           "eval.mode=external", "eval.fewshot.enabled=false"), env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = subprocess.run([sys.executable, "-m", "pretrain.evaluate", str(run_dir), "--watch", "--once"],
+                       capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    train_id = (run_dir / "wandb_run_id").read_text().strip()
+    eval_id = (run_dir / "wandb_eval_run_id").read_text().strip()
+    assert eval_id != train_id
+    (path,) = wandb_dir.glob(f"wandb/offline-run-*-{eval_id}/run-{eval_id}.wandb")
+    records = wandb_records(path)
+    run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
+    assert (run.run_group, run.job_type, run.display_name) == (train_id, "eval", "tiny-eval")
+    logged = {(step, k): v for step, row in history(records) for k, v in row.items() if k != "eval/records"}
+    tb = tensorboard_scalars(run_dir / "tb")  # the evaluator's TensorBoard scalars: the same names and steps
+    assert {(4, "eval/upstream/top1")} <= set(logged) and set(logged) <= set(tb)
+    assert all(logged[k] == pytest.approx(tb[k], rel=1e-6) for k in logged)
+    assert any("eval/records" in row for _, row in history(records))
+    # The training run is in the same group under its own id.
+    (train_path,) = wandb_dir.glob(f"wandb/offline-run-*-{train_id}/run-{train_id}.wandb")
+    train_run = next(r.run for r in wandb_records(train_path) if r.WhichOneof("record_type") == "run")
+    assert (train_run.run_group, train_run.job_type) == (train_id, "train")
