@@ -62,7 +62,16 @@ def peak_tflops(device_name: str, precision: str) -> float | None:
 
 def max_rss_gib() -> float:
     """Peak resident memory of this process so far (GiB): host memory on every device, CPU runs included.
-    Data-loader workers are processes of their own and are not counted."""
+    Data-loader workers are processes of their own and are not counted. On Linux this is the address space's
+    own high-water mark (``VmHWM``): ``ru_maxrss`` survives ``exec`` and so reports the parent's peak when the
+    parent was larger (a launcher, a test runner) than this process will ever be."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**20  # kB
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (2**30 if sys.platform == "darwin" else 2**20)  # bytes on macOS, KiB on Linux
 

@@ -173,3 +173,23 @@ def test_estimate_is_for_the_command_lines_run_and_ends_with_a_verdict(capsys):
     assert verdict.startswith("verdict: does not fit: ")
     assert "GiB per device against a 2 GiB GPU (given; --gpu-memory-gib sets it)" in verdict
     assert "a smaller train.micro_batch_size" in verdict, verdict
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/status"), reason="VmHWM is Linux's /proc")
+def test_peak_rss_is_this_processes_not_its_parents():
+    """ru_maxrss survives exec: a child of a large parent (a launcher, a test runner) would report the parent's
+    peak as its own, as `--dry-run` once did (1.21 GiB measured against a 0.34 GiB estimate)."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    big = bytearray(600 << 20)
+    big[::4096] = b"\1" * len(big[::4096])  # touched: resident in this process
+    code = ("import resource; from pretrain.monitor import max_rss_gib; "
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, max_rss_gib())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True).stdout
+    inherited, own = map(float, out.split())
+    del big
+    assert inherited > 0.55, "the premise: ru_maxrss carries the parent's peak over exec"
+    assert own < inherited - 0.3
