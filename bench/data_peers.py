@@ -183,7 +183,8 @@ def time_loader(loader, n_images: int) -> dict:
     for _ in range(2):
         next(it)  # start-up (worker fork, first shard open) is not throughput
     t0, c0, seen = time.perf_counter(), cpu_seconds(), 0
-    while seen < n_images:
+    # At least 5 clock ticks of CPU: a few images may all be prefetched already, and 0 CPU seconds is no rate.
+    while seen < n_images or cpu_seconds() - c0 < 0.05:
         batch = next(it)
         seen += _count(batch)
         if hasattr(batch, "release"):

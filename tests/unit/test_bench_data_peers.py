@@ -17,6 +17,7 @@ def test_data_peers_quick_runs_and_skips_absent_peers(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     record = json.loads(out.read_text())
     rows = record["results"]["small"]
+    assert {"torchvision_files", "ours"} <= set(rows), record["skipped"]
     assert rows["torchvision_files"]["img_per_cpu_s"] > 0 and rows["ours"]["img_per_cpu_s"] > 0
     assert rows["ours"]["x_torchvision_cpu"] > 0 and record["versions"]["torch"]
     assert rows["decode_only"]["img_per_cpu_s"] > 0 and rows["ours"]["x_ceiling"] > 0  # the ceiling row
