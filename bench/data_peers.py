@@ -227,22 +227,13 @@ def build_loader(name: str, root: Path):
     if name == "decode_only":
         import simplejpeg
 
-        data = [p.read_bytes() for p in sorted((root / "files").glob("*.jpg"))]
-
-        def decoded():
-            for i in itertools.count(0, BATCH):
-                yield [simplejpeg.decode_jpeg(data[(i + k) % len(data)]) for k in range(BATCH)], None
-        return decoded()
+        return _per_image(root, lambda i, data: simplejpeg.decode_jpeg(data))
     if name == "ours_transform":
         from data_pipeline.image.transforms import TrainTransform
         from data_pipeline.stream.train_worker import augment_rng
 
-        transform, data = TrainTransform(SIZE), [p.read_bytes() for p in sorted((root / "files").glob("*.jpg"))]
-
-        def transformed():
-            for i in itertools.count(0, BATCH):
-                yield [transform(data[(i + k) % len(data)], augment_rng(0, 0, 0, i + k)) for k in range(BATCH)], None
-        return transformed()
+        transform = TrainTransform(SIZE)
+        return _per_image(root, lambda i, data: transform(data, augment_rng(0, 0, 0, i)))
     if name == "ours":
         from data_pipeline.image.transforms import TrainTransform
         from data_pipeline.storage import Storage
@@ -280,6 +271,13 @@ def build_loader(name: str, root: Path):
         return _Looping(lambda: StreamingDataLoader(LitImages(str(root / "litdata")), batch_size=BATCH,
                                                     num_workers=WORKERS, persistent_workers=True))
     raise ValueError(f"unknown contender {name!r}")
+
+
+def _per_image(root: Path, fn):
+    """One process, no loader: batches of ``fn(i, jpeg bytes)`` over the set's files, round and round."""
+    data = [p.read_bytes() for p in sorted((root / "files").glob("*.jpg"))]
+    for i in itertools.count(0, BATCH):
+        yield [fn(i + k, data[(i + k) % len(data)]) for k in range(BATCH)], None
 
 
 class _Looping:

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from torch.utils.data import get_worker_info
 
-from data_pipeline.stream.batch_buffers import BatchBuffers
+from data_pipeline.stream.batch_buffers import BatchBuffers, shared_tensor
 
 
 @dataclass
@@ -89,10 +89,6 @@ def _stack(images: list[np.ndarray]) -> torch.Tensor:
     """The images as one uint8 tensor. In a DataLoader worker it is written straight into shared memory, as
     torch's default_collate does: sending a tensor that is not there yet costs one more copy of the batch."""
     shape = (len(images), *np.shape(images[0]))
-    if get_worker_info() is None:
-        out = torch.empty(shape, dtype=torch.uint8)
-    else:
-        elem = torch.empty(0, dtype=torch.uint8)
-        out = elem.new(elem._typed_storage()._new_shared(int(np.prod(shape)), device=elem.device)).resize_(shape)
+    out = torch.empty(shape, dtype=torch.uint8) if get_worker_info() is None else shared_tensor(shape, torch.uint8)
     np.stack(images, out=out.numpy())
     return out

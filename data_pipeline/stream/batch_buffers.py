@@ -24,7 +24,7 @@ _POOLS: weakref.WeakValueDictionary[str, BatchBuffers] = weakref.WeakValueDictio
 _names = itertools.count()
 
 
-def _shared(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+def shared_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """An uninitialised tensor in shared memory: pages are only committed where they are written."""
     elem = torch.empty(0, dtype=dtype)
     numel = int(np.prod(shape))
@@ -37,8 +37,8 @@ class BatchBuffers:
     def __init__(self, workers: int, slots: int, batch: int, size: int) -> None:
         self.name = f"{os.getpid()}-{next(_names)}"
         self.workers, self.slots, self.shape = workers, slots, (batch, size, size, 3)
-        self.images = _shared((workers * slots, *self.shape), torch.uint8)
-        self.returned = _shared((workers * slots,), torch.int64)  # written by the rank only
+        self.images = shared_tensor((workers * slots, *self.shape), torch.uint8)
+        self.returned = shared_tensor((workers * slots,), torch.int64)  # written by the rank only
         self.returned.zero_()
         self._written = [0] * (workers * slots)  # worker side: batches written into each slot by this process
         _POOLS[self.name] = self

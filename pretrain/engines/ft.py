@@ -154,10 +154,8 @@ class FaultTolerance:
         """Vote the quorum for the step after `step` (recovering from a peer if this group is behind)
         and lay the data out over the groups in it. Returns the step the run is at (a peer's, after
         a live recovery)."""
-        if self._voted is not None and self._voted == step == self.manager.current_step():
-            self._voted = None  # `recover_live` voted this step's quorum already
-        else:
-            self._voted = None
+        voted, self._voted = self._voted, None
+        if not voted == step == self.manager.current_step():  # else `recover_live` voted this step's quorum
             self._vote(step)
         if self.healed_step is not None:
             log.warning("replica group %d recovered live from a peer at step %d", self.group, self.healed_step)
